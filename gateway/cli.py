@@ -1,0 +1,122 @@
+"""The ``repairy-gateway`` command line: ``serve``, ``sandbox``, ``demo``, ``check``.
+
+Parses arguments, turns a bad setting into one line on stderr and exit status 2, and runs the
+chosen command's coroutine with SIGTERM/SIGINT wired to a clean stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from gateway import __version__
+from gateway.sandbox.server import (
+    ACCESS_TTL,
+    DEFAULT_APP_SECRET,
+    REFRESH_TTL,
+    SandboxConfig,
+    serve_forever,
+)
+from gateway.settings import SettingsError, parse_duration
+
+EXIT_CONFIG = 2
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
+    defaults = SandboxConfig()
+    p.add_argument("--app-key", default=defaults.app_key, help="accepted App Key")
+    p.add_argument("--app-secret", default=defaults.app_secret, help="accepted App Secret")
+    p.add_argument("--partner-id", default=defaults.partner_id, help="accepted Partner ID")
+    p.add_argument("--access-ttl", type=_duration_arg, default=ACCESS_TTL, metavar="DURATION",
+                   help="access-token lifetime (seconds or 30s/5m/48h; default 48h)")
+    p.add_argument("--refresh-ttl", type=_duration_arg, default=REFRESH_TTL, metavar="DURATION",
+                   help="refresh-token lifetime (default 14d)")
+    p.add_argument("--rotate-refresh", action=argparse.BooleanOptionalAction, default=True,
+                   help="issue a new refresh token on every refresh (default on)")
+    p.add_argument("--single-token", action=argparse.BooleanOptionalAction, default=False,
+                   help="one live access token per credential (default off)")
+
+
+def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
+    return SandboxConfig(app_key=args.app_key, app_secret=args.app_secret,
+                         partner_id=args.partner_id, access_ttl=args.access_ttl,
+                         refresh_ttl=args.refresh_ttl, rotate_refresh=args.rotate_refresh,
+                         single_token=args.single_token)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repairy-gateway",
+        description="Credential-injecting gateway for the Repairy Partner API.")
+    parser.add_argument("--version", action="version", version=f"repairy-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sb = sub.add_parser("sandbox", help="run the built-in Repairy sandbox (a fake Repairy API)")
+    sb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sb.add_argument("--port", type=int, default=8090, help="port; 0 picks a free one")
+    _add_sandbox_options(sb)
+    return parser
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _announce_sandbox(config: SandboxConfig) -> Callable[[str], None]:
+    def announce(url: str) -> None:
+        secret = config.app_secret if config.app_secret == DEFAULT_APP_SECRET else "(as given)"
+        _print(f"repairy sandbox listening on {url}")
+        _print(f"  app key: {config.app_key}  app secret: {secret}  "
+               f"partner id: {config.partner_id}")
+        _print(f"  access ttl: {config.access_ttl:.10g}s  refresh ttl: {config.refresh_ttl:.10g}s  "
+               f"rotation: {config.rotate_refresh}  single token: {config.single_token}")
+
+    return announce
+
+
+def run_until_signalled(coro: Coroutine[Any, Any, int | None]) -> int:
+    """Run ``coro``; SIGINT/SIGTERM cancel it unless it installs its own handlers."""
+
+    async def runner() -> int | None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            return 0
+
+    return asyncio.run(runner()) or 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "sandbox":
+            config = _sandbox_config(args)
+
+            async def sandbox() -> int:
+                await serve_forever(config, args.host, args.port, _announce_sandbox(config))
+                return 0
+
+            return run_until_signalled(sandbox())
+    except SettingsError as exc:
+        print(f"repairy-gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"repairy-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0

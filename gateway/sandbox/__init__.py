@@ -1,0 +1,9 @@
+"""A runnable stand-in for the Repairy Partner API (``repairy-gateway sandbox``).
+
+Faithful to what Repairy documents (token rules included) and observable through a control
+API under ``/__sandbox/``. Use it from code as ``async with Sandbox(SandboxConfig()) as sb``.
+"""
+
+from gateway.sandbox.server import Sandbox, SandboxConfig, create_app, pattern_bytes
+
+__all__ = ["Sandbox", "SandboxConfig", "create_app", "pattern_bytes"]

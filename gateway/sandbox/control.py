@@ -1,0 +1,140 @@
+"""Sandbox control state: counters, injected faults and the log of received requests.
+
+These back the ``/__sandbox/`` control API that tests, demos and benchmarks use to observe and
+disturb the sandbox. Nothing here touches tokens or data; ``sandbox.server`` wires it in.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from multidict import CIMultiDictProxy
+
+from gateway.redact import fingerprint
+
+Kind = Literal["token", "refresh", "api"]
+Scope = Literal["any", "auth", "api"]
+_SCOPES = ("any", "auth", "api")
+
+
+class ControlError(ValueError):
+    """A control request the sandbox cannot apply (bad fault spec)."""
+
+
+@dataclass
+class Fault:
+    """One injected fault: applied to the next ``remaining`` matching requests."""
+
+    remaining: int = 1
+    status: int | None = None
+    retry_after: float | None = None
+    latency: float = 0.0
+    drop: bool = False
+    path: str | None = None
+    scope: Scope = "any"
+
+    @classmethod
+    def from_json(cls, spec: object) -> Fault:
+        if not isinstance(spec, dict):
+            raise ControlError("a fault is a JSON object")
+        unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
+                               "scope"}
+        if unknown:
+            raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
+        count = spec.get("count", 1)
+        status = spec.get("status")
+        retry_after = spec.get("retry_after")
+        latency = spec.get("latency", 0.0)
+        drop = spec.get("drop", False)
+        path = spec.get("path")
+        scope = spec.get("scope", "any")
+        if not isinstance(count, int) or count < 1:
+            raise ControlError("count must be a positive integer")
+        if status is not None and (not isinstance(status, int) or not 100 <= status <= 599):
+            raise ControlError("status must be an HTTP status code")
+        if retry_after is not None and not isinstance(retry_after, int | float):
+            raise ControlError("retry_after must be a number of seconds")
+        if not isinstance(latency, int | float) or latency < 0:
+            raise ControlError("latency must be a non-negative number of seconds")
+        if not isinstance(drop, bool):
+            raise ControlError("drop must be true or false")
+        if path is not None and not isinstance(path, str):
+            raise ControlError("path must be a glob pattern such as /bookings/*")
+        if scope not in _SCOPES:
+            raise ControlError(f"scope must be one of {', '.join(_SCOPES)}")
+        if status is None and not drop and not latency:
+            raise ControlError("a fault needs at least one of status, latency, drop")
+        return cls(count, status, retry_after, float(latency), drop, path, scope)
+
+    def matches(self, path: str, kind: Kind) -> bool:
+        if self.scope == "auth" and kind == "api":
+            return False
+        if self.scope == "api" and kind != "api":
+            return False
+        return self.path is None or fnmatch.fnmatchcase(path, self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ControlState:
+    """Counters, faults and the request log of one sandbox."""
+
+    def __init__(self, request_log_size: int = 1000) -> None:
+        self.faults: list[Fault] = []
+        self.requests: deque[dict[str, Any]] = deque(maxlen=request_log_size)
+        self.counters: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()
+
+    def reset(self) -> None:
+        self.faults.clear()
+        self.requests.clear()
+        self.counters.clear()
+        self.statuses.clear()
+
+    def count_received(self, kind: Kind) -> None:
+        key = {"token": "token_requests", "refresh": "refresh_requests", "api": "api_requests"}
+        self.counters[key[kind]] += 1
+
+    def count_status(self, status: int) -> None:
+        self.statuses[status] += 1
+
+    def take_fault(self, path: str, kind: Kind) -> Fault | None:
+        """Consume one use of the first fault matching this request."""
+        for fault in self.faults:
+            if fault.matches(path, kind):
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self.faults.remove(fault)
+                self.counters["faults_applied"] += 1
+                return fault
+        return None
+
+    def record(self, method: str, raw_path: str, headers: CIMultiDictProxy[str]) -> None:
+        path, _, query = raw_path.partition("?")
+        self.requests.append({"method": method, "path": path, "query": query,
+                              "headers": redacted_headers(headers)})
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            name: self.counters[name]
+            for name in ("token_requests", "refresh_requests", "api_requests",
+                         "rejected_requests", "faults_applied", "logins_succeeded",
+                         "refreshes_succeeded")
+        }
+        out["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
+        return out
+
+
+def redacted_headers(headers: CIMultiDictProxy[str]) -> list[list[str]]:
+    """Headers as ``[name, value]`` pairs, ``Authorization`` shown only as a fingerprint."""
+    shown: list[list[str]] = []
+    for name, value in headers.items():
+        if name.lower() == "authorization":
+            scheme, _, cred = value.partition(" ")
+            value = f"{scheme} fp:{fingerprint(cred)}" if cred else f"fp:{fingerprint(value)}"
+        shown.append([name, value])
+    return shown

@@ -1,0 +1,171 @@
+"""The sandbox control API: stats, faults, reset, request log, diagnostics."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import aiohttp
+import pytest
+
+from gateway.redact import fingerprint
+from gateway.sandbox import Sandbox, pattern_bytes
+from tests.sandbox_helpers import api_headers, faults, login, stats
+
+SERVICES = "/workshops/5f1a2b3c4d5e6f7a8b9c0d01/services"
+
+
+async def test_sandbox_stats_count_requests_by_kind_and_status(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """token/refresh/api/rejected counters and per-status counts add up."""
+    data = await login(http, sandbox)
+    async with http.post(f"{sandbox.url}/auth/refresh", json={"refreshToken": data["refreshToken"]},
+                         headers={"Authorization": f"Bearer {data['accessToken']}"}):
+        pass
+    async with http.get(sandbox.url + SERVICES):
+        pass
+    s = await stats(http, sandbox)
+    assert (s["token_requests"], s["refresh_requests"], s["api_requests"]) == (1, 1, 1)
+    assert s["rejected_requests"] == 1
+    assert s["statuses"] == {"200": 2, "401": 1}
+
+
+async def test_sandbox_fault_status_with_retry_after_applies_n_times(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A status fault answers the next N matching requests, with Retry-After, then stops."""
+    data = await login(http, sandbox)
+    await faults(http, sandbox, {"status": 503, "count": 2, "retry_after": 3,
+                                 "path": "/workshops/*"})
+    seen = []
+    for _ in range(3):
+        async with http.get(sandbox.url + SERVICES,
+                            headers=api_headers(sandbox, data["accessToken"])) as resp:
+            seen.append((resp.status, resp.headers.get("Retry-After")))
+    assert seen == [(503, "3"), (503, "3"), (200, None)]
+    assert (await stats(http, sandbox))["faults_applied"] == 2
+
+
+async def test_sandbox_fault_scope_and_path_filter(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """An auth-scoped fault hits only auth calls; a path glob hits only matching paths."""
+    await faults(http, sandbox, {"faults": [{"status": 500, "scope": "auth"},
+                                            {"status": 429, "path": "/bookings/*"}]})
+    data_url = sandbox.url + SERVICES
+    async with http.get(data_url) as resp:
+        assert resp.status == 401  # an API call: auth fault not consumed
+    cfg = sandbox.state.config
+    async with http.post(f"{sandbox.url}/auth/token",
+                         json={"appKey": cfg.app_key, "appSecret": cfg.app_secret}) as resp:
+        assert resp.status == 500
+    data = await login(http, sandbox)
+    headers = api_headers(sandbox, data["accessToken"])
+    async with http.get(data_url, headers=headers) as resp:
+        assert resp.status == 200
+    async with http.get(f"{sandbox.url}/bookings/abc", headers=headers) as resp:
+        assert resp.status == 429
+
+
+async def test_sandbox_fault_latency_delays_response(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A latency fault delays the response by about that long."""
+    data = await login(http, sandbox)
+    await faults(http, sandbox, {"latency": 0.3})
+    t0 = time.monotonic()
+    async with http.get(sandbox.url + SERVICES,
+                        headers=api_headers(sandbox, data["accessToken"])) as resp:
+        assert resp.status == 200
+    assert time.monotonic() - t0 >= 0.3
+
+
+async def test_sandbox_fault_drop_cuts_connection_mid_response(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A drop fault sends headers and part of the body, then the client sees a broken body."""
+    data = await login(http, sandbox)
+    await faults(http, sandbox, {"drop": True})
+    async with http.get(sandbox.url + SERVICES,
+                        headers=api_headers(sandbox, data["accessToken"])) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def test_sandbox_fault_spec_is_validated(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A nonsense fault spec is 400 with a reason."""
+    for spec in ({"status": 99}, {"count": 0, "status": 500}, {"colour": "red"}, {},
+                 {"status": 500, "scope": "elsewhere"}):
+        async with http.post(f"{sandbox.url}/__sandbox/faults", json=spec) as resp:
+            assert resp.status == 400, spec
+            assert (await resp.json())["error"]["code"] == "invalid_fault"
+
+
+async def test_sandbox_revoke_tokens_invalidates_live_tokens(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """revoke_tokens makes every issued token fail with 401."""
+    data = await login(http, sandbox)
+    await faults(http, sandbox, {"revoke_tokens": True})
+    async with http.get(sandbox.url + SERVICES,
+                        headers=api_headers(sandbox, data["accessToken"])) as resp:
+        assert resp.status == 401
+
+
+async def test_sandbox_reset_clears_counters_faults_and_data(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Reset zeroes counters, drops faults and forgets created bookings."""
+    data = await login(http, sandbox)
+    await faults(http, sandbox, {"status": 500, "count": 5})
+    sandbox.state.data.bookings["x"] = {"id": "x"}
+    async with http.post(f"{sandbox.url}/__sandbox/reset") as resp:
+        assert resp.status == 200
+    s = await stats(http, sandbox)
+    assert s["token_requests"] == 0 and s["active_faults"] == 0
+    assert sandbox.state.data.bookings == {}
+    async with http.get(sandbox.url + SERVICES,
+                        headers=api_headers(sandbox, data["accessToken"])) as resp:
+        assert resp.status == 200  # tokens survive a reset
+
+
+async def test_sandbox_request_log_shows_fingerprint_not_token(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """The request log keeps method, raw path, query and headers; the token only as a print."""
+    data = await login(http, sandbox)
+    token = data["accessToken"]
+    async with http.get(f"{sandbox.url}/workshops/a%2Fb/services?x=1&y=%20",
+                        headers={**api_headers(sandbox, token), "X-Extra": "1"}):
+        pass
+    async with http.get(f"{sandbox.url}/__sandbox/requests?limit=1") as resp:
+        (entry,) = (await resp.json())["requests"]
+    assert entry["method"] == "GET"
+    assert entry["path"] == "/workshops/a%2Fb/services"
+    assert entry["query"] == "x=1&y=%20"
+    headers = dict(entry["headers"])
+    assert headers["Authorization"] == f"Bearer fp:{fingerprint(token)}"
+    assert headers["X-Extra"] == "1"
+    assert token not in str(entry)
+
+
+async def test_sandbox_echo_and_bytes_stream_bodies(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """/__sandbox/echo hashes a streamed body; /__sandbox/bytes sends a known pattern."""
+    data = await login(http, sandbox)
+    headers = api_headers(sandbox, data["accessToken"])
+    payload = b"x" * 300_000
+    async with http.put(f"{sandbox.url}/__sandbox/echo", data=payload, headers=headers) as resp:
+        body = (await resp.json())["data"]
+    assert body["size"] == len(payload)
+    assert body["sha256"] == hashlib.sha256(payload).hexdigest()
+    for query in ("", "?chunked=1"):
+        async with http.get(f"{sandbox.url}/__sandbox/bytes/100000{query}",
+                            headers=headers) as resp:
+            assert await resp.read() == pattern_bytes(100_000)
+            assert (resp.headers.get("Content-Length") is None) == bool(query)
+    async with http.get(f"{sandbox.url}/__sandbox/bytes/10") as resp:
+        assert resp.status == 401  # diagnostics are authenticated like the API
+
+
+async def test_sandbox_many_concurrent_logins_are_served(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Fifty logins at once all succeed with distinct tokens."""
+    results = await asyncio.gather(*(login(http, sandbox) for _ in range(50)))
+    assert len({r["accessToken"] for r in results}) == 50
