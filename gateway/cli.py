@@ -21,7 +21,7 @@ from gateway.sandbox.server import (
     SandboxConfig,
     serve_forever,
 )
-from gateway.settings import SettingsError, parse_duration
+from gateway.settings import SettingsError, load_settings, parse_duration
 
 EXIT_CONFIG = 2
 
@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sb.add_argument("--port", type=int, default=8090, help="port; 0 picks a free one")
     _add_sandbox_options(sb)
+
+    serve = sub.add_parser("serve", help="run the gateway (settings from the environment)")
+    serve.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")
+
+    check = sub.add_parser("check", help="validate settings and log in once; print the expiry")
+    check.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")
+
+    demo = sub.add_parser("demo", help="run the sandbox and the gateway together on loopback")
+    demo.add_argument("--listen", default="127.0.0.1:8080",
+                      help="gateway proxy listener (default 127.0.0.1:8080; port 0 = any)")
+    demo.add_argument("--admin-listen", default="127.0.0.1:9091",
+                      help="gateway admin listener (default 127.0.0.1:9091; port 0 = any)")
+    demo.add_argument("--sandbox-port", type=int, default=0,
+                      help="sandbox port (default: any free port)")
+    demo.add_argument("--once", action="store_true",
+                      help="make the sample request, print it, and exit")
+    _add_sandbox_options(demo)
     return parser
 
 
@@ -102,6 +119,12 @@ def run_until_signalled(coro: Coroutine[Any, Any, int | None]) -> int:
     return asyncio.run(runner()) or 0
 
 
+def _setup_logging(level: str, fmt: str) -> None:
+    from gateway.logs import setup_logging
+
+    setup_logging(level, fmt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -113,6 +136,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
 
             return run_until_signalled(sandbox())
+        if args.command == "serve":
+            from gateway.app import serve
+
+            settings = load_settings(config_file=args.config)
+            _setup_logging(settings.log_level, settings.log_format)
+            return asyncio.run(serve(settings))
+        if args.command == "check":
+            from gateway.commands import check
+
+            settings = load_settings(config_file=args.config)
+            _setup_logging("warning", settings.log_format)
+            return asyncio.run(check(settings, _print))
+        if args.command == "demo":
+            from gateway.commands import demo
+
+            _setup_logging("info", "text")
+            return asyncio.run(demo(_sandbox_config(args), args.listen, args.admin_listen,
+                                    args.sandbox_port, args.once, _print))
     except SettingsError as exc:
         print(f"repairy-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG

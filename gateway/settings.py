@@ -123,7 +123,7 @@ def _parse_base_url(value: object) -> URL:
         raise ValueError("must be an absolute http:// or https:// URL")
     if url.query_string or url.fragment or url.user or url.password:
         raise ValueError("must not carry a query, fragment or user info")
-    return url.with_path(url.raw_path.rstrip("/"), encoded=True)
+    return url
 
 
 def _parse_path(value: object) -> str:
@@ -264,6 +264,8 @@ SPECS: tuple[Spec, ...] = (
           "Largest request body accepted (413 above it; 0 = no limit).", P),
     _spec("admin_listen", "GATEWAY_ADMIN_LISTEN", _parse_admin_listen, "127.0.0.1:9091",
           "Admin listener (health, readiness; metrics later): host:port.", S),
+    _spec("shutdown_delay", "GATEWAY_SHUTDOWN_DELAY", parse_duration, "0s",
+          "On SIGTERM, keep serving (not ready) this long so load balancers notice first.", S),
     _spec("shutdown_grace", "GATEWAY_SHUTDOWN_GRACE", parse_duration, "20s",
           "On SIGTERM, how long in-flight requests get to finish.", S),
     _spec("log_level", "GATEWAY_LOG_LEVEL", _choice("debug", "info", "warning", "error"),
@@ -309,6 +311,7 @@ class Settings:
     replay_body_limit: int
     max_body_size: int
     admin_listen: TcpAddress
+    shutdown_delay: float
     shutdown_grace: float
     log_level: str
     log_format: str

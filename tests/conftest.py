@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox, SandboxConfig
+from tests.gateway_helpers import settings_for, wait_until
 
 
 @pytest.fixture
@@ -20,3 +22,11 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def gateway(sandbox: Sandbox) -> AsyncIterator[GatewayServer]:
+    """The gateway in-process, pointed at the default sandbox, ready (holding a token)."""
+    async with GatewayServer(settings_for(sandbox)) as gw:
+        await wait_until(gw.state.tokens.ready)
+        yield gw

@@ -270,7 +270,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     if request.query.get("chunked") not in ("1", "true"):
         resp.content_length = size
     await resp.prepare(request)
-    left = size
+    left = size if request.method != "HEAD" else 0
     while left:
         chunk = _PATTERN[: min(left, len(_PATTERN))]
         await resp.write(chunk)

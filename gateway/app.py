@@ -1,0 +1,142 @@
+"""Wiring and lifecycle: build the proxy and admin applications, start, drain, stop.
+
+Start-up, top to bottom: upstream session → auth client → token manager (first login runs in
+the background; readiness waits for it) → proxy listener → admin listener. Shutdown runs in
+reverse: readiness goes false, an optional delay lets load balancers notice, the proxy listener
+stops accepting and in-flight requests get ``shutdown_grace`` to finish, then the token manager
+and the session close, and the admin listener last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Self
+
+from aiohttp import web
+
+from gateway import proxy
+from gateway.admin import build_admin_app
+from gateway.auth_client import AuthClient
+from gateway.clock import Clock, SystemClock
+from gateway.settings import Settings, TcpAddress, UnixAddress
+from gateway.state import GATEWAY, GatewayState
+from gateway.token_manager import TokenEvents, TokenManager
+from gateway.upstream import Upstream, create_session
+
+log = logging.getLogger("gateway.app")
+
+
+def build_proxy_app(state: GatewayState) -> web.Application:
+    app = web.Application(handler_args={"max_field_size": 16384})
+    app[GATEWAY] = state
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def _site(runner: web.AppRunner, address: TcpAddress | UnixAddress) -> web.BaseSite:
+    if isinstance(address, UnixAddress):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.path)  # a stale socket from an earlier run
+        return web.UnixSite(runner, address.path)
+    return web.TCPSite(runner, address.host, address.port, reuse_address=True)
+
+
+def _url_of(runner: web.AppRunner, address: TcpAddress | UnixAddress) -> str:
+    if isinstance(address, UnixAddress):
+        return f"unix:{address.path}"
+    host, port = runner.addresses[0][:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+class GatewayServer:
+    """The gateway with both listeners: ``async with GatewayServer(settings) as gw: gw.url``."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None,
+                 events: TokenEvents | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.events = events
+        self.url = ""
+        self.admin_url = ""
+        self._state: GatewayState | None = None
+        self._proxy_runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+
+    @property
+    def state(self) -> GatewayState:
+        assert self._state is not None, "not started"
+        return self._state
+
+    async def start(self) -> None:
+        s = self.settings
+        session = create_session(s)
+        tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.events)
+        self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session))
+        await tokens.start()
+        proxy_app = build_proxy_app(self._state)
+        self._proxy_runner = web.AppRunner(proxy_app, handle_signals=False, access_log=None,
+                                           shutdown_timeout=s.shutdown_grace)
+        await self._proxy_runner.setup()
+        await _site(self._proxy_runner, s.listen).start()
+        self.url = _url_of(self._proxy_runner, s.listen)
+        self._admin_runner = web.AppRunner(build_admin_app(proxy_app), handle_signals=False,
+                                           access_log=None, shutdown_timeout=1.0)
+        await self._admin_runner.setup()
+        await _site(self._admin_runner, s.admin_listen).start()
+        self.admin_url = _url_of(self._admin_runner, s.admin_listen)
+        log.info("gateway listening", extra={"fields": {
+            "event": "started", "proxy": self.url, "admin": self.admin_url,
+            "upstream": str(s.base_url), "partner_id": s.partner_id,
+            "app_key_fp": s.app_key.fingerprint}})
+
+    async def stop(self) -> None:
+        if self._state is None:
+            return
+        self._state.draining = True
+        log.info("draining", extra={"fields": {"event": "draining",
+                                               "grace_s": self.settings.shutdown_grace}})
+        if self.settings.shutdown_delay:
+            await asyncio.sleep(self.settings.shutdown_delay)
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()  # stop accepting, let in-flight requests finish
+        await self._state.tokens.stop()
+        await self._state.upstream.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if isinstance(self.settings.listen, UnixAddress):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.settings.listen.path)
+        self._state = None
+        log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def serve(settings: Settings) -> int:
+    """``repairy-gateway serve``: run until SIGTERM/SIGINT, drain, exit 0."""
+    async with GatewayServer(settings):
+        await wait_for_signal()
+    return 0

@@ -1,0 +1,85 @@
+"""The ``check`` and ``demo`` commands (``serve`` lives in ``app``, ``sandbox`` in ``sandbox``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import aiohttp
+
+from gateway.app import GatewayServer, wait_for_signal
+from gateway.auth_client import AuthClient, token_from_exchange
+from gateway.clock import SystemClock
+from gateway.errors import AuthError
+from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.settings import Settings, load_settings
+from gateway.upstream import create_session
+
+Print = Callable[[str], None]
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+async def check(settings: Settings, out: Print) -> int:
+    """Log in once against the configured upstream; print the expiry, never the token."""
+    clock = SystemClock()
+    async with create_session(settings) as session:
+        try:
+            ex = await AuthClient(session, settings, clock).login()
+        except AuthError as exc:
+            out(f"check failed: login to {settings.base_url} {exc.reason}: {exc.message}")
+            return 1
+    tok = token_from_exchange(ex, generation=1, via="login", previous=None,
+                              default_ttl=settings.access_token_default_ttl,
+                              default_refresh_ttl=settings.refresh_token_default_ttl)
+    stated = "stated" if ex.grant.expires_in is not None else "assumed (not in the response)"
+    out(f"ok: logged in to {settings.base_url} as partner {settings.partner_id}")
+    out(f"  access token fp:{tok.fingerprint} expires {_iso(tok.wall(tok.expires_at))} "
+        f"(in {tok.lifetime:.0f}s, {stated})")
+    if tok.refresh_expires_at is not None:
+        out(f"  refresh token expires {_iso(tok.wall(tok.refresh_expires_at))} "
+            f"(in {tok.refresh_expires_at - tok.obtained_at:.0f}s)")
+    else:
+        out("  no refresh token: the gateway will log in again before expiry")
+    return 0
+
+
+async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_port: int,
+               once: bool, out: Print) -> int:
+    """Sandbox + gateway on loopback, a sample call through the gateway, then serve."""
+    async with Sandbox(config, port=sandbox_port) as sb:
+        settings = load_settings(overrides={
+            "base_url": sb.url, "app_key": config.app_key, "app_secret": config.app_secret,
+            "partner_id": config.partner_id, "listen": listen, "admin_listen": admin_listen,
+            "log_format": "text"})
+        async with GatewayServer(settings) as gw:
+            workshop = next(iter(sb.state.data.workshops))
+            path = f"/workshops/{workshop}/services"
+            out(f"sandbox (fake Repairy): {sb.url}")
+            out(f"gateway proxy:          {gw.url}")
+            out(f"gateway admin:          {gw.admin_url}/readyz")
+            out("try:")
+            out(f"  curl -s {gw.url}{path}")
+            out(f"  curl -s {sb.url}/__sandbox/requests?limit=1   # what the sandbox received")
+            started = time.monotonic()
+            async with aiohttp.ClientSession() as http, http.get(gw.url + path) as resp:
+                body = await resp.read()
+            ms = (time.monotonic() - started) * 1000
+            try:
+                items = json.loads(body)["data"]
+                summary = f"{len(items)} services, first: {items[0]['name']!r}"
+            except (ValueError, KeyError, IndexError, TypeError):
+                summary = body[:200].decode(errors="replace")
+            out(f"sample: GET {path} -> {resp.status} in {ms:.0f} ms ({summary})")
+            if resp.status != 200:
+                return 1
+            if once:
+                return 0
+            out("serving; Ctrl-C to stop")
+            await wait_for_signal()
+    return 0

@@ -1,0 +1,119 @@
+"""The gateway's error tree, and the one place errors become HTTP responses.
+
+::
+
+    GatewayError                    (status, stable ``code``)
+    ├── BadRequest                  400 bad_request / invalid_path
+    ├── RouteForbidden              403 route_forbidden
+    ├── BodyTooLarge                413 body_too_large
+    ├── TokenUnavailable            503 token_unavailable   (+ Retry-After)
+    │   └── CredentialsRejected     503 credentials_rejected
+    └── UpstreamError               502 upstream_unreachable
+        ├── UpstreamInvalidResponse 502 upstream_invalid_response
+        ├── UpstreamTLSError        502 upstream_tls_error
+        └── UpstreamTimeout         504 upstream_timeout
+
+    AuthError                       a login/refresh call failed; ``reason`` is a fixed label
+
+Every response the gateway makes itself carries :data:`GATEWAY_ERROR_HEADER` so callers can
+tell it from an upstream answer. Messages never contain tokens or secrets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Final, Literal
+
+from aiohttp import web
+
+GATEWAY_ERROR_HEADER: Final = "X-Repairy-Gateway-Error"
+
+AuthReason = Literal["invalid_credentials", "refresh_rejected", "timeout", "connect_error",
+                     "server_error", "rate_limited", "malformed_response"]
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself; ``code`` is stable, ``message`` is for humans."""
+
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+
+
+class BadRequest(GatewayError):
+    status = 400
+    default_code = "bad_request"
+
+
+class RouteForbidden(GatewayError):
+    status = 403
+    default_code = "route_forbidden"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    default_code = "body_too_large"
+
+
+class TokenUnavailable(GatewayError):
+    status = 503
+    default_code = "token_unavailable"
+
+
+class CredentialsRejected(TokenUnavailable):
+    default_code = "credentials_rejected"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    default_code = "upstream_unreachable"
+
+
+class UpstreamInvalidResponse(UpstreamError):
+    default_code = "upstream_invalid_response"
+
+
+class UpstreamTLSError(UpstreamError):
+    default_code = "upstream_tls_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class AuthError(Exception):
+    """A login or refresh call failed.
+
+    ``ambiguous`` means the call may have reached Repairy (a timeout, a dropped connection):
+    a refresh token sent in such a call must not be sent again.
+    """
+
+    def __init__(self, reason: AuthReason, message: str, *, status: int | None = None,
+                 ambiguous: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason: AuthReason = reason
+        self.message = message
+        self.status = status
+        self.ambiguous = ambiguous
+        self.retry_after = retry_after
+
+
+def error_response(exc: GatewayError, request_id: str | None = None) -> web.Response:
+    """The JSON response for a gateway-made error: ``{"error": {"code", "message"}}``."""
+    body: dict[str, object] = {"code": exc.code, "message": exc.message}
+    if request_id:
+        body["request_id"] = request_id
+    resp = web.json_response({"error": body}, status=exc.status)
+    resp.headers[GATEWAY_ERROR_HEADER] = exc.code
+    if exc.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if request_id:
+        resp.headers["X-Request-ID"] = request_id
+    return resp

@@ -1,0 +1,253 @@
+"""The proxy path: headers, targets, bodies, gateway-made errors — over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yarl
+
+from gateway.app import GatewayServer
+from gateway.errors import GATEWAY_ERROR_HEADER
+from gateway.redact import fingerprint
+from gateway.sandbox import Sandbox, pattern_bytes
+from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.sandbox_helpers import faults, stats
+
+
+async def last_request(http: aiohttp.ClientSession, sb: Sandbox) -> dict[str, object]:
+    async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
+        (entry,) = (await resp.json())["requests"]
+    return dict(entry)
+
+
+async def test_proxy_strips_caller_credentials_and_injects_ours(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Caller Authorization/X-Partner-ID/Proxy-Authorization never reach Repairy; ours do."""
+    async with http.get(gateway.url + SERVICES, headers={
+            "Authorization": "Bearer caller-token", "X-Partner-ID": "someone-else",
+            "Proxy-Authorization": "Basic Zm9vOmJhcg==", "X-Custom": "kept"}) as resp:
+        assert resp.status == 200
+    entry = await last_request(http, sandbox)
+    headers = entry["headers"]
+    assert isinstance(headers, list)
+    names = [h[0].lower() for h in headers]
+    assert names.count("authorization") == 1 and names.count("x-partner-id") == 1
+    got = {h[0].lower(): h[1] for h in headers}
+    token = gateway.state.tokens.current
+    assert token is not None
+    assert got["authorization"] == f"Bearer fp:{fingerprint(token.access)}"
+    assert got["x-partner-id"] == sandbox.state.config.partner_id
+    assert "proxy-authorization" not in got
+    assert got["x-custom"] == "kept"
+    assert got["host"] == sandbox.url.removeprefix("http://")
+
+
+async def test_proxy_preserves_query_and_encoded_path_bytes(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Percent-encoding, odd query strings and repeated keys arrive byte for byte."""
+    raw = "/__sandbox/echo/a%2Fb%20c/%C3%A9?x=1&x=2&y=%2F%3D&empty=&flag"
+    async with http.get(yarl.URL(gateway.url + raw, encoded=True)) as resp:
+        assert resp.status == 200
+    entry = await last_request(http, sandbox)
+    assert entry["path"] == "/__sandbox/echo/a%2Fb%20c/%C3%A9"
+    assert entry["query"] == "x=1&x=2&y=%2F%3D&empty=&flag"
+
+
+async def test_proxy_passes_upstream_status_headers_and_body_unchanged(
+        gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """An upstream 404 comes back as is: same JSON, no gateway error header."""
+    async with http.get(gateway.url + "/bookings/000000000000000000000000") as resp:
+        assert resp.status == 404
+        assert GATEWAY_ERROR_HEADER not in resp.headers
+        assert (await resp.json())["error"]["code"] == "booking_not_found"
+
+
+async def test_proxy_request_id_passed_on_or_generated(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A caller's X-Request-ID reaches Repairy and comes back; without one, one is made."""
+    async with http.get(gateway.url + SERVICES, headers={"X-Request-ID": "abc-123"}) as resp:
+        assert resp.headers["X-Request-ID"] == "abc-123"
+    assert dict((await last_request(http, sandbox))["headers"])["X-Request-ID"] == "abc-123"
+    async with http.get(gateway.url + SERVICES) as resp:
+        made = resp.headers["X-Request-ID"]
+    assert len(made) == 32
+    assert dict((await last_request(http, sandbox))["headers"])["X-Request-ID"] == made
+
+
+async def test_proxy_drops_hop_by_hop_headers(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Headers named in Connection, and hop-by-hop ones, are not forwarded."""
+    async with http.get(gateway.url + SERVICES, headers={
+            "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "TE": "trailers",
+            "Upgrade": "h2c", "Keep-Alive": "timeout=5"}) as resp:
+        assert resp.status == 200
+    got = {h[0].lower() for h in (await last_request(http, sandbox))["headers"]}  # type: ignore[union-attr]
+    assert not got & {"x-secret-hop", "te", "upgrade", "keep-alive"}
+
+
+@pytest.mark.parametrize("path", ["/auth/token", "/auth/refresh", "/AUTH/token", "/auth",
+                                  "/auth%2Ftoken", "/x/../auth/token"])
+async def test_proxy_refuses_auth_routes(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession,
+        path: str) -> None:
+    """/auth/* is the gateway's own business: 4xx JSON, nothing forwarded."""
+    before = await stats(http, sandbox)
+    async with http.post(yarl.URL(gateway.url + path, encoded=True), json={}) as resp:
+        assert resp.status in (400, 403)
+        body = await resp.json()
+        assert resp.headers[GATEWAY_ERROR_HEADER] == body["error"]["code"]
+        assert body["error"]["code"] in ("auth_route_forbidden", "invalid_path")
+    after = await stats(http, sandbox)
+    assert after["token_requests"] == before["token_requests"]
+    assert after["api_requests"] == before["api_requests"]
+
+
+async def test_proxy_upstream_unreachable_is_502(http: aiohttp.ClientSession) -> None:
+    """A closed upstream port gives 502 upstream_unreachable (and 503 while no token)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with GatewayServer(settings_for(f"http://127.0.0.1:{port}")) as gw:
+        async with http.get(gw.url + SERVICES) as resp:
+            assert resp.status == 503
+            body = await resp.json()
+            assert body["error"]["code"] == "token_unavailable"
+            assert "Retry-After" in resp.headers
+
+
+async def test_proxy_upstream_errors_after_login(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """With a token held: slow upstream → 504, dropped connection → 502; each JSON-coded."""
+    async with GatewayServer(settings_for(sandbox, read_timeout="0.3s")) as gw:
+        await wait_until(gw.state.tokens.ready)
+        await faults(http, sandbox, {"latency": 1.0, "path": "/workshops/*"})
+        async with http.get(gw.url + SERVICES) as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error"]["code"] == "upstream_timeout"
+        await faults(http, sandbox, {"status": 502, "path": "/workshops/*"})
+        async with http.get(gw.url + SERVICES) as resp:
+            assert resp.status == 502  # the upstream's own 502 passes through as is
+            assert GATEWAY_ERROR_HEADER not in resp.headers
+
+
+async def test_proxy_body_over_limit_is_413_and_not_forwarded(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A declared body over max_body_size → 413 before anything is sent upstream."""
+    async with GatewayServer(settings_for(sandbox, max_body_size="100KiB",
+                                          replay_body_limit="10KiB")) as gw:
+        await wait_until(gw.state.tokens.ready)
+        before = await stats(http, sandbox)
+        async with http.post(gw.url + "/__sandbox/echo", data=b"x" * 200_000) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "body_too_large"
+        assert (await stats(http, sandbox))["api_requests"] == before["api_requests"]
+
+
+async def _body_chunks(total: int, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+    block = b"\xab" * chunk
+    sent = 0
+    while sent < total:
+        piece = block[: min(chunk, total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+async def test_proxy_streams_50mb_upload_and_download_with_bounded_memory(
+        gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """50 MB each way pass through intact while Python's peak heap grows by under 16 MB."""
+    size = 50 * 1024 * 1024
+    up_sha = hashlib.sha256(b"\xab" * size).hexdigest()
+    down_sha = hashlib.sha256(pattern_bytes(size)).hexdigest()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        async with http.put(gateway.url + "/__sandbox/echo", data=_body_chunks(size)) as resp:
+            assert resp.status == 200
+            echoed = (await resp.json())["data"]
+        assert echoed["size"] == size
+        assert echoed["sha256"] == up_sha
+        digest, got = hashlib.sha256(), 0
+        async with http.get(gateway.url + f"/__sandbox/bytes/{size}") as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                digest.update(chunk)
+                got += len(chunk)
+        assert got == size
+        assert digest.hexdigest() == down_sha
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - base < 16 * 1024 * 1024, f"peak grew by {(peak - base) >> 20} MiB"
+
+
+async def test_proxy_chunked_request_and_response_pass_through(
+        gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """A chunked upload (unknown length) and a chunked download arrive whole."""
+    async with http.post(gateway.url + "/__sandbox/echo",
+                         data=_body_chunks(3 * 1024 * 1024, 100_000)) as resp:
+        assert (await resp.json())["data"]["size"] == 3 * 1024 * 1024
+    async with http.get(gateway.url + "/__sandbox/bytes/500000?chunked=1") as resp:
+        assert resp.headers.get("Content-Length") is None
+        assert await resp.read() == pattern_bytes(500_000)
+
+
+async def test_proxy_head_and_no_body_methods(
+        gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """HEAD returns headers only; DELETE/OPTIONS/PATCH are forwarded like any method."""
+    async with http.head(gateway.url + "/__sandbox/bytes/1234") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == "1234"
+    for method in ("DELETE", "OPTIONS", "PATCH"):
+        async with http.request(method, gateway.url + "/__sandbox/echo") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["data"]["method"] == method
+
+
+async def test_proxy_listens_on_unix_socket(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """GATEWAY_LISTEN=unix:/path serves the proxy on a unix socket."""
+    sock = tmp_path / "gw.sock"
+    async with GatewayServer(settings_for(sandbox, listen=f"unix:{sock}")) as gw:
+        assert gw.url == f"unix:{sock}"
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as h:
+            async with h.get("http://gateway" + SERVICES) as resp:
+                assert resp.status == 200
+    assert not sock.exists()
+
+
+async def test_proxy_admin_health_and_readiness(
+        gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """/healthz is 200; /readyz is 200 with a token, 503 with reasons while draining."""
+    async with http.get(gateway.admin_url + "/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(gateway.admin_url + "/readyz") as resp:
+        assert resp.status == 200
+    gateway.state.draining = True
+    async with http.get(gateway.admin_url + "/readyz") as resp:
+        assert resp.status == 503
+        assert "draining" in (await resp.json())["reasons"][0]
+    gateway.state.draining = False
+    async with http.get(gateway.url + "/healthz") as resp:
+        # The proxy port only proxies: /healthz there is Repairy's (unknown) path.
+        assert resp.status == 404
+        assert GATEWAY_ERROR_HEADER not in resp.headers
+
+
+async def test_proxy_keeps_upstream_connections_alive(
+        gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """Sequential requests reuse pooled upstream connections."""
+    for _ in range(20):
+        async with http.get(gateway.url + SERVICES) as resp:
+            assert resp.status == 200
+    connector = gateway.state.upstream.session.connector
+    assert connector is not None
+    # One connection was enough for twenty sequential requests.
+    assert sum(len(v) for v in connector._conns.values()) == 1
+    await asyncio.sleep(0)
