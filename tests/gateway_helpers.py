@@ -36,9 +36,9 @@ def settings_for(sb: Sandbox | str, **overrides: Any) -> Settings:
     return load_settings({}, overrides=values)
 
 
-async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
-    """Poll ``predicate`` (sync or async) until true, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_until(predicate: Any, within: float = 5.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` (sync or async) until true, or fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         result = predicate()
         if asyncio.iscoroutine(result):

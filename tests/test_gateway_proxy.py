@@ -8,6 +8,7 @@ import socket
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,7 +22,7 @@ from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 
 
-async def last_request(http: aiohttp.ClientSession, sb: Sandbox) -> dict[str, object]:
+async def last_request(http: aiohttp.ClientSession, sb: Sandbox) -> dict[str, Any]:
     async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
         (entry,) = (await resp.json())["requests"]
     return dict(entry)
@@ -88,7 +89,7 @@ async def test_proxy_drops_hop_by_hop_headers(
             "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "TE": "trailers",
             "Upgrade": "h2c", "Keep-Alive": "timeout=5"}) as resp:
         assert resp.status == 200
-    got = {h[0].lower() for h in (await last_request(http, sandbox))["headers"]}  # type: ignore[union-attr]
+    got = {h[0].lower() for h in (await last_request(http, sandbox))["headers"]}
     assert not got & {"x-secret-hop", "te", "upgrade", "keep-alive"}
 
 
@@ -114,12 +115,12 @@ async def test_proxy_upstream_unreachable_is_502(http: aiohttp.ClientSession) ->
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with GatewayServer(settings_for(f"http://127.0.0.1:{port}")) as gw:
-        async with http.get(gw.url + SERVICES) as resp:
-            assert resp.status == 503
-            body = await resp.json()
-            assert body["error"]["code"] == "token_unavailable"
-            assert "Retry-After" in resp.headers
+    async with GatewayServer(settings_for(f"http://127.0.0.1:{port}")) as gw, \
+            http.get(gw.url + SERVICES) as resp:
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["error"]["code"] == "token_unavailable"
+        assert "Retry-After" in resp.headers
 
 
 async def test_proxy_upstream_errors_after_login(
@@ -216,9 +217,10 @@ async def test_proxy_listens_on_unix_socket(
     sock = tmp_path / "gw.sock"
     async with GatewayServer(settings_for(sandbox, listen=f"unix:{sock}")) as gw:
         assert gw.url == f"unix:{sock}"
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as h:
-            async with h.get("http://gateway" + SERVICES) as resp:
-                assert resp.status == 200
+        connector = aiohttp.UnixConnector(path=str(sock))
+        async with aiohttp.ClientSession(connector=connector) as h, \
+                h.get("http://gateway" + SERVICES) as resp:
+            assert resp.status == 200
     assert not sock.exists()
 
 

@@ -344,6 +344,26 @@ async def control_requests(request: web.Request) -> web.StreamResponse:
     return web.json_response({"requests": items[-limit:] if limit > 0 else []})
 
 
+async def control_credentials(request: web.Request) -> web.StreamResponse:
+    """Replace the accepted credentials (as when Repairy support issues new ones).
+
+    Tokens already issued stay valid until they expire or are revoked.
+    """
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "invalid_json", "the body is not valid JSON")
+    fields = ("app_key", "app_secret", "partner_id")
+    if not isinstance(body, dict) or not all(isinstance(body.get(f), str) and body[f]
+                                             for f in fields):
+        return _error(400, "invalid_credentials_spec",
+                      "app_key, app_secret and partner_id are required strings")
+    state.tokens.credentials = [Credential(body["app_key"], body["app_secret"],
+                                           body["partner_id"])]
+    return web.json_response({"app_key": body["app_key"], "partner_id": body["partner_id"]})
+
+
 async def control_config(request: web.Request) -> web.StreamResponse:
     """What a client needs to talk to this sandbox (its own made-up credentials included)."""
     cfg = request.app[STATE].config
@@ -391,6 +411,7 @@ def create_app(config: SandboxConfig | None = None,
     r.add_post("/__sandbox/reset", control_reset)
     r.add_get("/__sandbox/requests", control_requests)
     r.add_get("/__sandbox/config", control_config)
+    r.add_post("/__sandbox/credentials", control_credentials)
     return app
 
 

@@ -1,0 +1,158 @@
+"""The command line as real processes: serve, check, demo, bad settings, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from gateway.sandbox import Sandbox
+from tests.gateway_helpers import SERVICES, wait_until
+from tests.sandbox_helpers import faults, stats
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("REPAIRY_", "GATEWAY_"))}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def sandbox_env(sb: Sandbox, **extra: str) -> dict[str, str]:
+    cfg = sb.state.config
+    return clean_env(REPAIRY_BASE_URL=sb.url, REPAIRY_APP_KEY=cfg.app_key,
+                     REPAIRY_APP_SECRET=cfg.app_secret, REPAIRY_PARTNER_ID=cfg.partner_id,
+                     **extra)
+
+
+async def run(*args: str, env: dict[str, str], within: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), within)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({}, "REPAIRY_BASE_URL"),
+    ({"REPAIRY_BASE_URL": "https://x.test", "REPAIRY_APP_KEY": "k",
+      "REPAIRY_APP_SECRET": "s", "REPAIRY_PARTNER_ID": "p", "GATEWAY_LISTEN": "nowhere"},
+     "GATEWAY_LISTEN"),
+    ({"REPAIRY_BASE_URL": "https://x.test", "REPAIRY_APP_KEY": "k",
+      "REPAIRY_APP_SECRET": "top-secret-value", "REPAIRY_PARTNER_ID": "p",
+      "GATEWAY_SHUTDOWN_GRACE": "-1"}, "GATEWAY_SHUTDOWN_GRACE"),
+])
+async def test_cli_bad_settings_exit_2_naming_the_setting(env: dict[str, str],
+                                                           named: str) -> None:
+    """serve with a bad setting: exit status 2, one stderr line naming it, no traceback."""
+    code, _, err = await run("serve", env=clean_env(**env))
+    assert code == 2
+    assert named in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "top-secret-value" not in err
+
+
+async def test_cli_check_logs_in_and_prints_expiry_not_token(sandbox: Sandbox) -> None:
+    """check: exit 0, the expiry and a fingerprint are printed, the token is not."""
+    code, out, err = await run("check", env=sandbox_env(sandbox))
+    assert code == 0, err
+    assert "ok: logged in" in out
+    assert "expires" in out and "fp:" in out
+    assert "sbx_at_" not in out + err and "sbx_rt_" not in out + err
+    assert sandbox.state.control.counters["token_requests"] == 1
+
+
+async def test_cli_check_fails_on_rejected_credentials(sandbox: Sandbox) -> None:
+    """check with a wrong secret exits 1 and says why, without echoing the secret."""
+    code, out, err = await run("check", env=sandbox_env(sandbox)
+                               | {"REPAIRY_APP_SECRET": "wrong-secret-xyz"})
+    assert code == 1
+    assert "invalid_credentials" in out
+    assert "wrong-secret-xyz" not in out + err
+
+
+async def test_cli_demo_once_serves_a_sample_request() -> None:
+    """demo --once starts sandbox and gateway, proxies a sample call (200), exits 0."""
+    code, out, err = await run("demo", "--once", "--listen", "127.0.0.1:0",
+                               "--admin-listen", "127.0.0.1:0", env=clean_env())
+    assert code == 0, out + err
+    assert "curl -s http://127.0.0.1:" in out
+    assert "-> 200" in out
+
+
+async def test_cli_help_and_version() -> None:
+    """--help names every subcommand; --version prints the version."""
+    code, out, _ = await run("--help", env=clean_env())
+    assert code == 0
+    for cmd in ("serve", "sandbox", "demo", "check"):
+        assert cmd in out
+    code, out, _ = await run("--version", env=clean_env())
+    assert code == 0 and out.startswith("repairy-gateway ")
+
+
+@pytest.fixture
+async def served(sandbox: Sandbox) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    port, admin = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve",
+        env=sandbox_env(sandbox, GATEWAY_LISTEN=f"127.0.0.1:{port}",
+                        GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+                        GATEWAY_SHUTDOWN_GRACE="10s"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_cli_sigterm_lets_in_flight_requests_finish(
+        served: tuple[asyncio.subprocess.Process, str, str], sandbox: Sandbox,
+        http: aiohttp.ClientSession) -> None:
+    """SIGTERM during five slow requests: all five complete with 200, then exit 0."""
+    proc, url, admin = served
+
+    async def ready() -> bool:
+        try:
+            async with http.get(admin + "/readyz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(ready, within=15)
+    await faults(http, sandbox, {"latency": 1.0, "path": "/workshops/*", "count": 5})
+
+    async def slow() -> int:
+        async with http.get(url + SERVICES) as resp:
+            await resp.read()
+            return resp.status
+
+    tasks = [asyncio.create_task(slow()) for _ in range(5)]
+    await wait_until(lambda: sandbox.state.control.counters["api_requests"] == 5)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.gather(*tasks) == [200] * 5
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert proc.stderr is not None
+    logs = (await proc.stderr.read()).decode()
+    assert '"event": "draining"' in logs
+    assert "sbx_at_" not in logs and sandbox.state.config.app_secret not in logs
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with http.get(url + SERVICES):
+            pass
+    assert (await stats(http, sandbox))["statuses"]["200"] == 6  # login + five requests

@@ -1,0 +1,133 @@
+"""Settings: sources, precedence, *_FILE secrets, validation naming the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import (
+    SPECS,
+    SettingsError,
+    TcpAddress,
+    UnixAddress,
+    load_settings,
+    render_example_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {"REPAIRY_BASE_URL": "https://api.example.test/v1/", "REPAIRY_APP_KEY": "key-1",
+        "REPAIRY_APP_SECRET": "secret-1", "REPAIRY_PARTNER_ID": "partner-1"}
+
+
+def test_settings_defaults_match_documentation() -> None:
+    """With only the required values, every other setting takes its documented default."""
+    s = load_settings(BASE)
+    assert str(s.base_url) == "https://api.example.test/v1/"
+    assert s.listen == TcpAddress("127.0.0.1", 8080)
+    assert s.admin_listen == TcpAddress("127.0.0.1", 9091)
+    assert (s.auth_token_path, s.auth_refresh_path) == ("/auth/token", "/auth/refresh")
+    assert (s.auth_app_key_field, s.auth_refresh_token_field) == ("appKey", "refreshToken")
+    assert s.access_token_default_ttl == 48 * 3600
+    assert s.refresh_token_default_ttl == 14 * 86400
+    assert s.replay_body_limit == 64 * 1024
+
+
+def test_settings_environment_overrides_file(tmp_path: Path) -> None:
+    """GATEWAY_CONFIG's TOML is read; the environment wins over it."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nread_timeout = "5s"\nlog_format = "text"\n'
+                   'listen = "unix:/run/gw.sock"\n')
+    s = load_settings({**BASE, "GATEWAY_CONFIG": str(cfg), "GATEWAY_LOG_FORMAT": "json"})
+    assert s.read_timeout == 5.0
+    assert s.log_format == "json"
+    assert s.listen == UnixAddress("/run/gw.sock")
+
+
+def test_settings_secrets_from_files_strip_trailing_newline(tmp_path: Path) -> None:
+    """REPAIRY_*_FILE read a mounted secret; the trailing newline is dropped."""
+    env = {"REPAIRY_BASE_URL": "https://x.test"}
+    for name, value in (("APP_KEY", "k"), ("APP_SECRET", "s3cret"), ("PARTNER_ID", "p")):
+        f = tmp_path / name
+        f.write_text(value + "\n")
+        env[f"REPAIRY_{name}_FILE"] = str(f)
+    s = load_settings(env)
+    assert s.app_secret.reveal() == "s3cret"
+    assert s.partner_id == "p"
+
+
+def test_settings_repr_never_shows_secrets() -> None:
+    """repr(Settings) shows fingerprints, not the App Key or Secret."""
+    text = repr(load_settings(BASE))
+    assert "secret-1" not in text and "key-1" not in text
+    assert "Secret(fp=" in text
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"REPAIRY_BASE_URL": ""}, "REPAIRY_BASE_URL"),
+    ({"REPAIRY_BASE_URL": "ftp://x"}, "REPAIRY_BASE_URL"),
+    ({"REPAIRY_BASE_URL": "https://x/?q=1"}, "REPAIRY_BASE_URL"),
+    ({"REPAIRY_APP_SECRET": ""}, "REPAIRY_APP_SECRET"),
+    ({"GATEWAY_LISTEN": "localhost"}, "GATEWAY_LISTEN"),
+    ({"GATEWAY_LISTEN": "127.0.0.1:99999"}, "GATEWAY_LISTEN"),
+    ({"GATEWAY_ADMIN_LISTEN": "unix:/x"}, "GATEWAY_ADMIN_LISTEN"),
+    ({"GATEWAY_READ_TIMEOUT": "soon"}, "GATEWAY_READ_TIMEOUT"),
+    ({"GATEWAY_MAX_BODY_SIZE": "lots"}, "GATEWAY_MAX_BODY_SIZE"),
+    ({"GATEWAY_RENEW_AT_FRACTION": "1.5"}, "GATEWAY_RENEW_AT_FRACTION"),
+    ({"GATEWAY_LOG_LEVEL": "chatty"}, "GATEWAY_LOG_LEVEL"),
+    ({"REPAIRY_AUTH_TOKEN_PATH": "auth/token"}, "REPAIRY_AUTH_TOKEN_PATH"),
+    ({"REPAIRY_AUTH_REFRESH_BEARER": "maybe"}, "REPAIRY_AUTH_REFRESH_BEARER"),
+    ({"GATEWAY_RENEW_RETRY_MIN": "2m", "GATEWAY_RENEW_RETRY_MAX": "1m"},
+     "GATEWAY_RENEW_RETRY_MIN"),
+    ({"GATEWAY_REPLAY_BODY_LIMIT": "2MiB", "GATEWAY_MAX_BODY_SIZE": "1MiB"},
+     "GATEWAY_REPLAY_BODY_LIMIT"),
+    ({"REPAIRY_APP_SECRET_FILE": "/nonexistent/secret"}, "REPAIRY_APP_SECRET_FILE"),
+])
+def test_settings_invalid_value_names_the_setting(env: dict[str, str], named: str) -> None:
+    """A bad value fails with one line naming the setting (and no secret in it)."""
+    merged = {**BASE, **env}
+    if "REPAIRY_APP_SECRET_FILE" in env:
+        del merged["REPAIRY_APP_SECRET"]
+    with pytest.raises(SettingsError) as info:
+        load_settings(merged)
+    assert info.value.setting == named
+    assert "\n" not in str(info.value)
+    assert "secret-1" not in str(info.value)
+
+
+def test_settings_missing_required_and_conflicting_sources() -> None:
+    """Missing credentials name the variable; setting both X and X_FILE is refused."""
+    with pytest.raises(SettingsError, match="REPAIRY_PARTNER_ID"):
+        load_settings({k: v for k, v in BASE.items() if k != "REPAIRY_PARTNER_ID"})
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings({**BASE, "REPAIRY_APP_KEY_FILE": "/x"})
+
+
+def test_settings_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    """Unknown keys and bad values in the file are named with the file path."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nread_timout = "5s"\n')
+    with pytest.raises(SettingsError, match="read_timout"):
+        load_settings({**BASE, "GATEWAY_CONFIG": str(cfg)})
+    cfg.write_text('[gateway]\nread_timeout = "forever"\n')
+    with pytest.raises(SettingsError, match=r"read_timeout \(in .*gw.toml\)"):
+        load_settings({**BASE, "GATEWAY_CONFIG": str(cfg)})
+    cfg.write_text("not = [toml")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings({**BASE, "GATEWAY_CONFIG": str(cfg)})
+
+
+def test_settings_example_config_lists_every_setting_and_loads() -> None:
+    """config/repairy-gateway.toml is current, names every setting, and parses as TOML."""
+    example = ROOT / "config" / "repairy-gateway.toml"
+    assert example.read_text() == render_example_config()
+    for spec in SPECS:
+        assert f"# {spec.key} = " in example.read_text()
+    load_settings({**BASE, "GATEWAY_CONFIG": str(example)})  # all commented: still valid
+
+
+def test_settings_readme_table_lists_every_setting() -> None:
+    """The README's settings table documents every environment variable."""
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.env for s in SPECS if f"`{s.env}`" not in readme]
+    assert missing == []
