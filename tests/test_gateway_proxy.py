@@ -253,3 +253,38 @@ async def test_proxy_keeps_upstream_connections_alive(
     # One connection was enough for twenty sequential requests.
     assert sum(len(v) for v in connector._conns.values()) == 1
     await asyncio.sleep(0)
+
+
+async def _raw_exchange(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("target", [b"http://evil.example/workshops", b"//evil.example/x",
+                                    b"https://evil.example:443/"])
+async def test_proxy_never_contacts_another_host(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession,
+        target: bytes) -> None:
+    """Absolute-form and scheme-relative targets are refused with 400; nothing goes out."""
+    before = await stats(http, sandbox)
+    answer = await _raw_exchange(gateway.url, b"GET " + target + b" HTTP/1.1\r\n"
+                                 b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b'"invalid_target"' in answer
+    assert (await stats(http, sandbox))["api_requests"] == before["api_requests"]
+
+
+async def test_proxy_caller_host_header_is_replaced(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A caller Host naming another host still goes to the configured upstream, Host fixed."""
+    answer = await _raw_exchange(gateway.url, b"GET " + SERVICES.encode() + b" HTTP/1.1\r\n"
+                                 b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    got = dict((await last_request(http, sandbox))["headers"])
+    assert got["Host"] == sandbox.url.removeprefix("http://")
