@@ -1,14 +1,28 @@
-"""The admin listener: liveness and readiness (metrics arrive with observability).
+"""The admin listener: liveness, readiness, token status and Prometheus metrics.
 
 ``/healthz`` answers while the process and its event loop do. ``/readyz`` is 200 only while a
 usable token is held and the gateway is not draining; otherwise 503 with the reasons.
+``/tokenz`` describes the managed token (times, generation, last renewal, a fingerprint) and
+never the token itself. ``/metrics`` is the Prometheus exposition.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from datetime import UTC, datetime
+from typing import Any
 
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.redact import fingerprint
 from gateway.state import GATEWAY
+
+
+def _iso(unix: float | None) -> str | None:
+    if unix is None:
+        return None
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -26,6 +40,8 @@ async def readyz(request: web.Request) -> web.Response:
             reasons.append("no usable token: Repairy rejected the credentials")
         elif status.last_error:
             reasons.append(f"no usable token: last renewal failed ({status.last_error})")
+        elif status.stale:
+            reasons.append("no usable token: the upstream rejected it; renewing")
         else:
             reasons.append("no usable token yet")
     if reasons:
@@ -33,9 +49,50 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True})
 
 
+async def tokenz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    st = gw.tokens.status()
+    now = gw.tokens.clock.monotonic()
+    body: dict[str, Any] = {
+        "usable": st.usable,
+        "stale": st.stale,
+        "credentials_rejected": st.credentials_rejected,
+        "consecutive_failures": st.consecutive_failures,
+        "last_renewal": {"at": _iso(st.last_renewal_wall), "outcome": st.last_outcome,
+                         "error": st.last_error},
+        "token": None,
+    }
+    tok = st.token
+    if tok is not None:
+        body["token"] = {
+            "generation": tok.generation,
+            "obtained_via": tok.via,
+            "fingerprint": tok.fingerprint,
+            "issued_at": _iso(tok.obtained_wall),
+            "expires_at": _iso(tok.wall(tok.expires_at)),
+            "expires_in_seconds": round(tok.expires_at - now, 3),
+            "renewal_due_at": _iso(tok.wall(st.renewal_due_at)),
+            "refresh_token": None if tok.refresh is None else {
+                "fingerprint": fingerprint(tok.refresh),
+                "expires_at": _iso(tok.wall(tok.refresh_expires_at))
+                if tok.refresh_expires_at is not None else None,
+            },
+        }
+    return web.json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload = request.app[GATEWAY].metrics.render()
+    resp = web.Response(body=payload)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
 def build_admin_app(gateway_app: web.Application) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway_app[GATEWAY]
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/tokenz", tokenz)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -17,14 +17,16 @@ import signal
 from typing import Self
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway import proxy
 from gateway.admin import build_admin_app
 from gateway.auth_client import AuthClient
 from gateway.clock import Clock, SystemClock
+from gateway.metrics import Metrics
 from gateway.settings import Settings, TcpAddress, UnixAddress
 from gateway.state import GATEWAY, GatewayState
-from gateway.token_manager import TokenEvents, TokenManager
+from gateway.token_manager import TokenManager
 from gateway.upstream import Upstream, create_session
 
 log = logging.getLogger("gateway.app")
@@ -57,10 +59,11 @@ class GatewayServer:
     """The gateway with both listeners: ``async with GatewayServer(settings) as gw: gw.url``."""
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
-                 events: TokenEvents | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 process_metrics: bool = False) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.events = events
+        self.metrics = Metrics(registry, process=process_metrics)
         self.url = ""
         self.admin_url = ""
         self._state: GatewayState | None = None
@@ -75,8 +78,10 @@ class GatewayServer:
     async def start(self) -> None:
         s = self.settings
         session = create_session(s)
-        tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.events)
-        self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session))
+        tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.metrics)
+        self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
+                                   metrics=self.metrics)
+        self.metrics.bind_ready(self._state.ready)
         await tokens.start()
         proxy_app = build_proxy_app(self._state)
         self._proxy_runner = web.AppRunner(proxy_app, handle_signals=False, access_log=None,
@@ -137,6 +142,6 @@ async def wait_for_signal() -> None:
 
 async def serve(settings: Settings) -> int:
     """``repairy-gateway serve``: run until SIGTERM/SIGINT, drain, exit 0."""
-    async with GatewayServer(settings):
+    async with GatewayServer(settings, process_metrics=True):
         await wait_for_signal()
     return 0

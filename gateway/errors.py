@@ -73,19 +73,23 @@ class CredentialsRejected(TokenUnavailable):
 class UpstreamError(GatewayError):
     status = 502
     default_code = "upstream_unreachable"
+    kind: ClassVar[str] = "connect"  # the upstream_errors_total{kind} label
 
 
 class UpstreamInvalidResponse(UpstreamError):
     default_code = "upstream_invalid_response"
+    kind = "protocol"
 
 
 class UpstreamTLSError(UpstreamError):
     default_code = "upstream_tls_error"
+    kind = "tls"
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     default_code = "upstream_timeout"
+    kind = "timeout"
 
 
 class AuthError(Exception):

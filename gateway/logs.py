@@ -47,8 +47,8 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str, fmt: str, stream: Any = None) -> None:
-    """Configure the root logger once (idempotent: replaces our previous handler)."""
+def setup_logging(level: str, fmt: str, stream: Any = None) -> logging.Handler:
+    """Configure the root logger (idempotent: replaces our previous handler); returns it."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -58,3 +58,4 @@ def setup_logging(level: str, fmt: str, stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler

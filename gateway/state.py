@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.token_manager import TokenManager
 from gateway.upstream import Upstream
@@ -16,7 +17,11 @@ class GatewayState:
     settings: Settings
     tokens: TokenManager
     upstream: Upstream
+    metrics: Metrics
     draining: bool = False
+
+    def ready(self) -> bool:
+        return not self.draining and self.tokens.ready()
 
 
 GATEWAY = web.AppKey("gateway", GatewayState)

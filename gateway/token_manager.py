@@ -67,6 +67,7 @@ class TokenStatus:
     token: Token | None
     usable: bool
     stale: bool
+    renewal_due_at: float
     last_outcome: str | None
     last_error: str | None
     last_renewal_wall: float | None
@@ -136,13 +137,18 @@ class TokenManager:
                                              self._s.token_expiry_margin)
 
     def status(self) -> TokenStatus:
-        return TokenStatus(self._token, self.ready(), self._stale, self._last_outcome,
+        return TokenStatus(self._token, self.ready(), self._stale, self._due_at,
+                           self._last_outcome,
                            self._last_error, self._last_renewal_wall, self._failures,
                            self._blocked_until is not None)
 
     @property
     def current(self) -> Token | None:
         return self._token
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -1,13 +1,16 @@
-"""Shared fixtures: a real sandbox on a free loopback port, and a client session."""
+"""Shared fixtures: a real sandbox on a free loopback port, a client session, a gateway, and
+a log capture that fails any test whose logs carry a token or a secret."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 
 from gateway.app import GatewayServer
+from gateway.logs import JsonFormatter, TextFormatter
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import settings_for, wait_until
 
@@ -30,3 +33,39 @@ async def gateway(sandbox: Sandbox) -> AsyncIterator[GatewayServer]:
     async with GatewayServer(settings_for(sandbox)) as gw:
         await wait_until(gw.state.tokens.ready)
         yield gw
+
+
+#: Substrings that must never reach a log line: sandbox tokens carry these prefixes, and these
+#: are the App Keys/Secrets the tests use.
+LEAK_MARKERS = ("sbx_at_", "sbx_rt_", "sandbox-app-secret", "sandbox-app-key",
+                "rotated-secret")
+
+
+class LogCapture(logging.Handler):
+    """Every record, formatted both as JSON and as text (what operators would see)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._json, self._text = JsonFormatter(), TextFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self._json.format(record))
+        self.lines.append(self._text.format(record))
+
+
+@pytest.fixture(autouse=True)
+def log_capture() -> Iterator[LogCapture]:
+    """Capture all logging at DEBUG during a test; afterwards, no line may leak a secret."""
+    cap = LogCapture()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(cap)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield cap
+    finally:
+        root.removeHandler(cap)
+        root.setLevel(old_level)
+    leaked = sorted({m for line in cap.lines for m in LEAK_MARKERS if m in line})
+    assert not leaked, f"log lines carry secret material: {leaked}"

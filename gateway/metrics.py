@@ -1,0 +1,128 @@
+"""Prometheus metrics: every family the gateway exports, on an injected registry.
+
+:class:`Metrics` is also the token manager's event sink (``TokenEvents``). Label values come
+from fixed sets (renewal reasons, error kinds, route templates, standard methods, HTTP status
+codes): never a raw path, a token or a secret.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+
+from gateway import __version__
+from gateway.token import RenewalKind, Token
+
+NS = "repairy_gateway"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_RENEWAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 process: bool = False) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:  # process_*, python_gc_*, python_info: for the real server, not tests
+            process_collector.ProcessCollector(registry=r)
+            platform_collector.PlatformCollector(registry=r)
+            gc_collector.GCCollector(registry=r)
+        self.renewals = Counter(f"{NS}_token_renewals", "Token logins and refreshes by outcome.",
+                                ["kind", "outcome", "reason"], registry=r)
+        self.renewal_duration = Histogram(
+            f"{NS}_token_renewal_duration_seconds", "Duration of login and refresh calls.",
+            ["kind"], buckets=_RENEWAL_BUCKETS, registry=r)
+        self.token_expiry = Gauge(f"{NS}_token_expiry_timestamp_seconds",
+                                  "Unix time the current access token expires (0: none).",
+                                  registry=r)
+        self.refresh_expiry = Gauge(
+            f"{NS}_refresh_token_expiry_timestamp_seconds",
+            "Unix time the current refresh token expires (0: none held).", registry=r)
+        self.token_generation = Gauge(f"{NS}_token_generation",
+                                      "Generation number of the current token.", registry=r)
+        self.last_renewal_success = Gauge(
+            f"{NS}_token_last_renewal_success_timestamp_seconds",
+            "Unix time of the last successful login or refresh.", registry=r)
+        self.invalidations = Counter(f"{NS}_token_invalidations",
+                                     "Tokens dropped before expiry, by reason.", ["reason"],
+                                     registry=r)
+        self.upstream_requests = Counter(
+            f"{NS}_upstream_requests", "Upstream responses received (replays included).",
+            ["method", "route", "status"], registry=r)
+        self.upstream_duration = Histogram(
+            f"{NS}_upstream_request_duration_seconds",
+            "Time from sending a request upstream to receiving its response headers.",
+            ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            f"{NS}_upstream_errors",
+            "Upstream failures: connect, timeout, tls, protocol, status_5xx, status_429, "
+            "status_401.", ["kind"], registry=r)
+        self.replayed = Counter(f"{NS}_requests_replayed",
+                                "Requests sent again upstream, by reason.", ["reason"],
+                                registry=r)
+        self.retries = Counter(f"{NS}_retries", "Upstream retries, by reason.", ["reason"],
+                               registry=r)
+        self.responses = Counter(
+            f"{NS}_responses", "Responses to callers: source=upstream (passed through) or "
+            "gateway (made by the gateway, with its error code).",
+            ["source", "status", "code"], registry=r)
+        self.inflight = Gauge(f"{NS}_inflight_requests", "Proxied requests in progress.",
+                              registry=r)
+        self.ready = Gauge(f"{NS}_ready", "1 while ready to serve (usable token, not draining).",
+                           registry=r)
+        build = Gauge(f"{NS}_build_info", "Build information.", ["version", "python_version"],
+                      registry=r)
+        build.labels(__version__, platform.python_version()).set(1)
+        self.token_expiry.set(0)
+        self.refresh_expiry.set(0)
+
+    def bind_ready(self, is_ready: Callable[[], bool]) -> None:
+        self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- TokenEvents ---------------------------------------------------------------------------
+    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
+        self.renewals.labels(kind, "success" if ok else "failure", reason).inc()
+        self.renewal_duration.labels(kind).observe(seconds)
+
+    def token_changed(self, token: Token | None) -> None:
+        if token is None:
+            self.token_expiry.set(0)
+            self.refresh_expiry.set(0)
+            return
+        self.token_expiry.set(token.wall(token.expires_at))
+        self.refresh_expiry.set(token.wall(token.refresh_expires_at)
+                                if token.refresh_expires_at is not None else 0)
+        self.token_generation.set(token.generation)
+        self.last_renewal_success.set(token.obtained_wall)
+
+    def invalidated(self, reason: str) -> None:
+        self.invalidations.labels(reason).inc()
+
+    # -- proxy ---------------------------------------------------------------------------------
+    def upstream_response(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.upstream_requests.labels(method, route, str(status)).inc()
+        self.upstream_duration.labels(method, route).observe(seconds)
+        if status >= 500:
+            self.upstream_errors.labels("status_5xx").inc()
+        elif status in (401, 429):
+            self.upstream_errors.labels(f"status_{status}").inc()
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors.labels(kind).inc()
+
+    def response(self, source: str, status: int, code: str) -> None:
+        self.responses.labels(source, str(status), code).inc()

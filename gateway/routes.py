@@ -1,0 +1,40 @@
+"""Route templates for metric labels: known Repairy paths become ``/bookings/{id}`` and the
+like; anything else is ``other``. Label values never hold raw ids or caller-chosen text."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Known Repairy routes (relative to the base URL), from the partner documentation.
+TEMPLATES: Final = (
+    "/auth/token",
+    "/auth/refresh",
+    "/workshops/{id}/services",
+    "/workshops/{id}/availabilities",
+    "/bookings",
+    "/bookings/{id}",
+    "/bookings/{id}/{status}",
+    "/quotes",
+    "/reminders/services",
+    "/reminders/services/{id}",
+)
+OTHER: Final = "other"
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_SPLIT: Final = tuple((t, t.strip("/").split("/")) for t in TEMPLATES)
+
+
+def route_template(path: str) -> str:
+    """The template a decoded request path matches, else ``other``."""
+    segments = path.strip("/").split("/")
+    for template, parts in _SPLIT:
+        if len(parts) != len(segments):
+            continue
+        if all(p.startswith("{") or p == s for p, s in zip(parts, segments, strict=True)) and all(
+                s for s in segments):
+            return template
+    return OTHER
+
+
+def method_label(method: str) -> str:
+    """Standard methods as themselves; anything else ``OTHER`` (bounded label values)."""
+    return method if method in _METHODS else "OTHER"
