@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.redact import fingerprint
-from gateway.state import GATEWAY
+from gateway.state import GATEWAY, GatewayState
 
 
 def _iso(unix: float | None) -> str | None:
@@ -88,9 +88,9 @@ async def metrics(request: web.Request) -> web.Response:
     return resp
 
 
-def build_admin_app(gateway_app: web.Application) -> web.Application:
+def build_admin_app(state: GatewayState) -> web.Application:
     app = web.Application()
-    app[GATEWAY] = gateway_app[GATEWAY]
+    app[GATEWAY] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/tokenz", tokenz)

@@ -19,27 +19,40 @@ from typing import Self
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import proxy
+from gateway.access import AccessPolicy
 from gateway.admin import build_admin_app
 from gateway.auth_client import AuthClient
 from gateway.clock import Clock, SystemClock
+from gateway.config_values import TcpAddress, UnixAddress
+from gateway.inbound import ProxyServer
 from gateway.metrics import Metrics
-from gateway.settings import Settings, TcpAddress, UnixAddress
-from gateway.state import GATEWAY, GatewayState
+from gateway.proxy import Proxy
+from gateway.settings import Settings
+from gateway.state import GatewayState
 from gateway.token_manager import TokenManager
 from gateway.upstream import Upstream, create_session
 
 log = logging.getLogger("gateway.app")
 
 
-def build_proxy_app(state: GatewayState) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})
-    app[GATEWAY] = state
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
-    return app
+def build_proxy_server(state: GatewayState) -> ProxyServer:
+    """The proxy listener: a low-level server (one handler, no router) with strict limits."""
+    s = state.settings
+
+    def on_reject(status: int, code: str) -> None:
+        state.metrics.response("gateway", status, code)
+
+    return ProxyServer(Proxy(state), header_timeout=s.header_timeout, on_reject=on_reject,
+                       max_line_size=s.max_header_size, max_field_size=s.max_header_size,
+                       max_headers=s.max_headers, keepalive_timeout=s.client_keepalive_timeout,
+                       access_log=None)
 
 
-def _site(runner: web.AppRunner, address: TcpAddress | UnixAddress) -> web.BaseSite:
+def build_access_policy(s: Settings) -> AccessPolicy:
+    return AccessPolicy(s.client_keys, s.allowed_cidrs, s.allowed_routes, s.client_key_header)
+
+
+def _site(runner: web.BaseRunner, address: TcpAddress | UnixAddress) -> web.BaseSite:
     if isinstance(address, UnixAddress):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.path)  # a stale socket from an earlier run
@@ -47,7 +60,7 @@ def _site(runner: web.AppRunner, address: TcpAddress | UnixAddress) -> web.BaseS
     return web.TCPSite(runner, address.host, address.port, reuse_address=True)
 
 
-def _url_of(runner: web.AppRunner, address: TcpAddress | UnixAddress) -> str:
+def _url_of(runner: web.BaseRunner, address: TcpAddress | UnixAddress) -> str:
     if isinstance(address, UnixAddress):
         return f"unix:{address.path}"
     host, port = runner.addresses[0][:2]
@@ -67,7 +80,7 @@ class GatewayServer:
         self.url = ""
         self.admin_url = ""
         self._state: GatewayState | None = None
-        self._proxy_runner: web.AppRunner | None = None
+        self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
 
     @property
@@ -80,16 +93,15 @@ class GatewayServer:
         session = create_session(s)
         tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.metrics)
         self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, access=build_access_policy(s))
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
-        proxy_app = build_proxy_app(self._state)
-        self._proxy_runner = web.AppRunner(proxy_app, handle_signals=False, access_log=None,
-                                           shutdown_timeout=s.shutdown_grace)
+        self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
+                                              shutdown_timeout=s.shutdown_grace)
         await self._proxy_runner.setup()
         await _site(self._proxy_runner, s.listen).start()
         self.url = _url_of(self._proxy_runner, s.listen)
-        self._admin_runner = web.AppRunner(build_admin_app(proxy_app), handle_signals=False,
+        self._admin_runner = web.AppRunner(build_admin_app(self._state), handle_signals=False,
                                            access_log=None, shutdown_timeout=1.0)
         await self._admin_runner.setup()
         await _site(self._admin_runner, s.admin_listen).start()

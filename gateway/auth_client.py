@@ -33,6 +33,7 @@ class Exchange:
     grant: Grant
     sent_mono: float
     sent_wall: float
+    partner_id: str
 
 
 class AuthClient:
@@ -98,7 +99,7 @@ class AuthClient:
                 grant = parse_auth_response(raw, sent_wall)
             except MalformedAuthResponse as exc:
                 raise AuthError("malformed_response", f"{kind}: {exc}", status=status) from None
-            return Exchange(grant, sent_mono, sent_wall)
+            return Exchange(grant, sent_mono, sent_wall, s.partner_id)
         reason: AuthReason
         if status == 429:
             reason = "rate_limited"
@@ -132,7 +133,8 @@ def token_from_exchange(ex: Exchange, *, generation: int, via: RenewalKind,
         refresh, refresh_expires_at = previous.refresh, previous.refresh_expires_at
     return Token(access=g.access, refresh=refresh, generation=generation, via=via,
                  obtained_at=ex.sent_mono, expires_at=ex.sent_mono + expires_in,
-                 refresh_expires_at=refresh_expires_at, obtained_wall=ex.sent_wall)
+                 refresh_expires_at=refresh_expires_at, obtained_wall=ex.sent_wall,
+                 partner_id=ex.partner_id)
 
 
 def _retry_after(value: str | None) -> float | None:

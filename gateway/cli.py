@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from gateway import __version__
+from gateway.config_values import parse_duration
 from gateway.sandbox.server import (
     ACCESS_TTL,
     DEFAULT_APP_SECRET,
@@ -21,7 +22,7 @@ from gateway.sandbox.server import (
     SandboxConfig,
     serve_forever,
 )
-from gateway.settings import SettingsError, load_settings, parse_duration
+from gateway.settings import SettingsError, load_settings
 
 EXIT_CONFIG = 2
 

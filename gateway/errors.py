@@ -3,9 +3,15 @@
 ::
 
     GatewayError                    (status, stable ``code``)
-    ├── BadRequest                  400 bad_request / invalid_path
-    ├── RouteForbidden              403 route_forbidden
+    ├── BadRequest                  400 bad_request / invalid_target / invalid_path / …
+    ├── ClientUnauthenticated       401 client_unauthenticated
+    ├── ClientForbidden             403 client_forbidden
+    ├── RouteForbidden              403 auth_route_forbidden
+    ├── RouteNotAllowed             403 route_not_allowed
+    ├── MethodNotAllowed            405 method_not_allowed
+    ├── RequestTimeout              408 request_timeout
     ├── BodyTooLarge                413 body_too_large
+    ├── HeaderTooLarge              431 header_too_large / 414 request_line_too_long
     ├── TokenUnavailable            503 token_unavailable   (+ Retry-After)
     │   └── CredentialsRejected     503 credentials_rejected
     └── UpstreamError               502 upstream_unreachable
@@ -51,9 +57,39 @@ class BadRequest(GatewayError):
     default_code = "bad_request"
 
 
+class ClientUnauthenticated(GatewayError):
+    status = 401
+    default_code = "client_unauthenticated"
+
+
+class ClientForbidden(GatewayError):
+    status = 403
+    default_code = "client_forbidden"
+
+
 class RouteForbidden(GatewayError):
     status = 403
-    default_code = "route_forbidden"
+    default_code = "auth_route_forbidden"
+
+
+class RouteNotAllowed(GatewayError):
+    status = 403
+    default_code = "route_not_allowed"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    default_code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    default_code = "request_timeout"
+
+
+class HeaderTooLarge(GatewayError):
+    status = 431
+    default_code = "header_too_large"
 
 
 class BodyTooLarge(GatewayError):

@@ -20,6 +20,9 @@ HOP_BY_HOP: Final = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
 CALLER_CREDENTIALS: Final = frozenset({"authorization", "x-partner-id", "proxy-authorization"})
+#: Client-address claims a caller could forge; set by us only when configured.
+FORWARDING: Final = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host",
+                               "x-forwarded-proto", "x-forwarded-port", "x-real-ip"})
 _REQUEST_FRAMING: Final = frozenset({"host", "content-length", "expect"})
 _RESPONSE_FRAMING: Final = frozenset({"content-length"})
 REQUEST_ID: Final = "X-Request-ID"
@@ -39,14 +42,24 @@ def request_id_of(headers: CIMultiDictProxy[str]) -> str:
     return given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
 
 
-def upstream_request_headers(incoming: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    """The caller's headers as they may go upstream, without any credentials yet."""
-    drop = HOP_BY_HOP | CALLER_CREDENTIALS | _REQUEST_FRAMING | _connection_named(incoming)
+def upstream_request_headers(incoming: CIMultiDictProxy[str], request_id: str,
+                             internal: frozenset[str] = frozenset(),
+                             forwarded_for: str | None = None) -> CIMultiDict[str]:
+    """The caller's headers as they may go upstream, without any credentials yet.
+
+    ``internal`` names (lower-case) are never forwarded (the client-key header, configured
+    internal headers); ``forwarded_for`` adds X-Forwarded-For/-Proto when configured.
+    """
+    drop = (HOP_BY_HOP | CALLER_CREDENTIALS | FORWARDING | _REQUEST_FRAMING | internal
+            | _connection_named(incoming))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop and name.lower() != "x-request-id":
             out.add(name, value)
     out[REQUEST_ID] = request_id
+    if forwarded_for is not None:
+        out["X-Forwarded-For"] = forwarded_for
+        out["X-Forwarded-Proto"] = "http"
     return out
 
 

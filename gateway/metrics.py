@@ -77,6 +77,9 @@ class Metrics:
             f"{NS}_responses", "Responses to callers: source=upstream (passed through) or "
             "gateway (made by the gateway, with its error code).",
             ["source", "status", "code"], registry=r)
+        self.client_requests = Counter(
+            f"{NS}_client_requests", "Admitted requests by client name (from the client key; "
+            "'anonymous' when no keys are configured).", ["client"], registry=r)
         self.inflight = Gauge(f"{NS}_inflight_requests", "Proxied requests in progress.",
                               registry=r)
         self.ready = Gauge(f"{NS}_ready", "1 while ready to serve (usable token, not draining).",

@@ -9,9 +9,7 @@ This is the only module that reads the environment.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +18,33 @@ from typing import Any
 
 from yarl import URL
 
+from gateway.access import (
+    ClientKey,
+    IPNetwork,
+    RouteRule,
+    is_loopback,
+    parse_cidrs,
+    parse_client_keys,
+    parse_header_names,
+    parse_routes,
+)
+from gateway.config_values import (
+    ListenAddress,
+    TcpAddress,
+    choice,
+    parse_admin_listen,
+    parse_base_url,
+    parse_bool,
+    parse_duration,
+    parse_fraction,
+    parse_listen,
+    parse_name,
+    parse_optional_file,
+    parse_path,
+    parse_positive_int,
+    parse_secret,
+    parse_size,
+)
 from gateway.redact import Secret
 
 
@@ -30,157 +55,6 @@ class SettingsError(Exception):
         super().__init__(f"invalid setting {setting}: {problem}")
         self.setting = setting
         self.problem = problem
-
-
-@dataclass(frozen=True)
-class TcpAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class UnixAddress:
-    path: str
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}"
-
-
-ListenAddress = TcpAddress | UnixAddress
-
-# -- parsers: each takes the raw text (or a TOML value) and returns the typed value -----------
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20,
-               "mb": 1000**2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``1.5``, ``250ms``, ``30s``, ``5m``, ``48h`` or ``14d``."""
-    if isinstance(value, bool):
-        raise ValueError("a duration such as 30s, 5m, 48h")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION_RE.match(str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a duration (e.g. 30s, 5m, 48h, 1.5)")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if seconds < 0:
-        raise ValueError("must not be negative")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Bytes from ``65536``, ``64KiB``, ``100MiB``, ``1GiB``."""
-    if isinstance(value, bool):
-        raise ValueError("a size such as 64KiB")
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a size (e.g. 65536, 64KiB, 100MiB)")
-        unit = m.group(2).lower() if m.group(2) else None
-        size = int(m.group(1)) * _SIZE_UNITS[unit]
-    if size < 0:
-        raise ValueError("must not be negative")
-    return size
-
-
-def _parse_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean (true/false)")
-
-
-def _parse_fraction(value: object) -> float:
-    number = float(str(value))
-    if not 0.0 <= number < 1.0:
-        raise ValueError("must be a fraction from 0 up to (not including) 1")
-    return number
-
-
-def _parse_positive_int(value: object) -> int:
-    number = int(str(value))
-    if number < 1:
-        raise ValueError("must be a positive integer")
-    return number
-
-
-def _parse_base_url(value: object) -> URL:
-    url = URL(str(value).strip())
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("must be an absolute http:// or https:// URL")
-    if url.query_string or url.fragment or url.user or url.password:
-        raise ValueError("must not carry a query, fragment or user info")
-    return url
-
-
-def _parse_path(value: object) -> str:
-    text = str(value).strip()
-    if not text.startswith("/") or text.startswith("//") or "?" in text or "#" in text:
-        raise ValueError("must be an absolute path such as /auth/token")
-    return text
-
-
-def _parse_name(value: object) -> str:
-    text = str(value).strip()
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _choice(*options: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        text = str(value).strip().lower()
-        if text not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
-        return text
-
-    return parse
-
-
-def _parse_host_port(text: str) -> TcpAddress:
-    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
-    if not m:
-        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:8080)")
-    host, port = m.group(1) or "0.0.0.0", int(m.group(2))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} out of range")
-    if ":" in host:
-        ipaddress.IPv6Address(host)
-    return TcpAddress(host, port)
-
-
-def _parse_listen(value: object) -> ListenAddress:
-    text = str(value).strip()
-    if text.startswith("unix:"):
-        path = text[len("unix:"):]
-        if not path:
-            raise ValueError("unix: needs a socket path")
-        return UnixAddress(path)
-    return _parse_host_port(text)
-
-
-def _parse_admin_listen(value: object) -> TcpAddress:
-    return _parse_host_port(str(value).strip())
-
-
-def _parse_secret(value: object) -> Secret:
-    text = str(value)
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return Secret(text)
 
 
 @dataclass(frozen=True)
@@ -201,16 +75,16 @@ def _spec(key: str, env: str, parse: Callable[[object], Any], default: str | Non
     return Spec(key, env, parse, default, doc, section, file_variant)
 
 
-U, A, T, P, S, L = "upstream", "auth", "token", "proxy", "server", "logging"
+U, A, T, P, IN, S, L = "upstream", "auth", "token", "proxy", "inbound", "server", "logging"
 #: Every setting, in documentation order. ``default=None`` means required (for ``serve``).
 SPECS: tuple[Spec, ...] = (
-    _spec("base_url", "REPAIRY_BASE_URL", _parse_base_url, None,
+    _spec("base_url", "REPAIRY_BASE_URL", parse_base_url, None,
           "Upstream base URL, may carry a path prefix (https://host/prefix).", U),
-    _spec("app_key", "REPAIRY_APP_KEY", _parse_secret, None,
+    _spec("app_key", "REPAIRY_APP_KEY", parse_secret, None,
           "Partner App Key (or REPAIRY_APP_KEY_FILE).", U, True),
-    _spec("app_secret", "REPAIRY_APP_SECRET", _parse_secret, None,
+    _spec("app_secret", "REPAIRY_APP_SECRET", parse_secret, None,
           "Partner App Secret (or REPAIRY_APP_SECRET_FILE).", U, True),
-    _spec("partner_id", "REPAIRY_PARTNER_ID", _parse_name, None,
+    _spec("partner_id", "REPAIRY_PARTNER_ID", parse_name, None,
           "Partner ID sent as X-Partner-ID (or REPAIRY_PARTNER_ID_FILE).", U, True),
     _spec("connect_timeout", "GATEWAY_CONNECT_TIMEOUT", parse_duration, "5s",
           "Time allowed to open a connection to the upstream.", U),
@@ -218,23 +92,31 @@ SPECS: tuple[Spec, ...] = (
           "Longest silence allowed while reading an upstream response.", U),
     _spec("total_timeout", "GATEWAY_TOTAL_TIMEOUT", parse_duration, "300s",
           "Longest an upstream exchange may take in all (0 = no limit).", U),
-    _spec("pool_size", "GATEWAY_POOL_SIZE", _parse_positive_int, "100",
+    _spec("pool_size", "GATEWAY_POOL_SIZE", parse_positive_int, "100",
           "Most simultaneous upstream connections (keep-alive pool).", U),
     _spec("keepalive_timeout", "GATEWAY_KEEPALIVE_TIMEOUT", parse_duration, "30s",
           "How long an idle upstream connection is kept for reuse.", U),
-    _spec("auth_token_path", "REPAIRY_AUTH_TOKEN_PATH", _parse_path, "/auth/token",
+    _spec("upstream_ca_file", "GATEWAY_UPSTREAM_CA_FILE", parse_optional_file, "",
+          "PEM CA bundle to verify the upstream's TLS certificate (empty: system CAs).", U),
+    _spec("allow_insecure_upstream", "GATEWAY_ALLOW_INSECURE_UPSTREAM", parse_bool, "false",
+          "Allow an http:// base URL that is not loopback (tokens would travel in clear).", U),
+    _spec("strip_headers", "GATEWAY_STRIP_HEADERS", parse_header_names, "",
+          "Comma-separated internal headers never forwarded upstream.", U),
+    _spec("forwarded_headers", "GATEWAY_FORWARDED_HEADERS", parse_bool, "false",
+          "Add X-Forwarded-For/-Proto upstream (callers' X-Forwarded-* are always dropped).", U),
+    _spec("auth_token_path", "REPAIRY_AUTH_TOKEN_PATH", parse_path, "/auth/token",
           "Login endpoint, relative to the base URL.", A),
-    _spec("auth_refresh_path", "REPAIRY_AUTH_REFRESH_PATH", _parse_path, "/auth/refresh",
+    _spec("auth_refresh_path", "REPAIRY_AUTH_REFRESH_PATH", parse_path, "/auth/refresh",
           "Refresh endpoint, relative to the base URL.", A),
-    _spec("auth_app_key_field", "REPAIRY_AUTH_APP_KEY_FIELD", _parse_name, "appKey",
+    _spec("auth_app_key_field", "REPAIRY_AUTH_APP_KEY_FIELD", parse_name, "appKey",
           "Login body field carrying the App Key.", A),
-    _spec("auth_app_secret_field", "REPAIRY_AUTH_APP_SECRET_FIELD", _parse_name, "appSecret",
+    _spec("auth_app_secret_field", "REPAIRY_AUTH_APP_SECRET_FIELD", parse_name, "appSecret",
           "Login body field carrying the App Secret.", A),
-    _spec("auth_refresh_token_field", "REPAIRY_AUTH_REFRESH_TOKEN_FIELD", _parse_name,
+    _spec("auth_refresh_token_field", "REPAIRY_AUTH_REFRESH_TOKEN_FIELD", parse_name,
           "refreshToken", "Refresh body field carrying the refresh token.", A),
-    _spec("auth_body_format", "REPAIRY_AUTH_BODY_FORMAT", _choice("json", "form"), "json",
+    _spec("auth_body_format", "REPAIRY_AUTH_BODY_FORMAT", choice("json", "form"), "json",
           "Encoding of auth request bodies: json or form (urlencoded).", A),
-    _spec("auth_refresh_bearer", "REPAIRY_AUTH_REFRESH_BEARER", _parse_bool, "true",
+    _spec("auth_refresh_bearer", "REPAIRY_AUTH_REFRESH_BEARER", parse_bool, "true",
           "Send the current access token as Bearer on refresh.", A),
     _spec("auth_timeout", "GATEWAY_AUTH_TIMEOUT", parse_duration, "10s",
           "Time allowed for one login or refresh call.", A),
@@ -242,9 +124,9 @@ SPECS: tuple[Spec, ...] = (
           "Access-token lifetime assumed when the auth response states none.", A),
     _spec("refresh_token_default_ttl", "REPAIRY_REFRESH_TOKEN_TTL", parse_duration, "14d",
           "Refresh-token lifetime assumed when the auth response states none.", A),
-    _spec("renew_at_fraction", "GATEWAY_RENEW_AT_FRACTION", _parse_fraction, "0.8",
+    _spec("renew_at_fraction", "GATEWAY_RENEW_AT_FRACTION", parse_fraction, "0.8",
           "Renew in the background once this share of the token lifetime has passed.", T),
-    _spec("renew_jitter_fraction", "GATEWAY_RENEW_JITTER_FRACTION", _parse_fraction, "0.1",
+    _spec("renew_jitter_fraction", "GATEWAY_RENEW_JITTER_FRACTION", parse_fraction, "0.1",
           "Renew up to this share of the lifetime earlier, at random, so replicas spread.", T),
     _spec("token_expiry_margin", "GATEWAY_TOKEN_EXPIRY_MARGIN", parse_duration, "60s",
           "Stop using a token this long before it expires (capped at 10% of its lifetime).", T),
@@ -256,21 +138,41 @@ SPECS: tuple[Spec, ...] = (
           "Longest back-off between failed renewals.", T),
     _spec("login_retry_interval", "GATEWAY_LOGIN_RETRY_INTERVAL", parse_duration, "30s",
           "Wait between logins while the credentials are rejected.", T),
-    _spec("listen", "GATEWAY_LISTEN", _parse_listen, "127.0.0.1:8080",
+    _spec("listen", "GATEWAY_LISTEN", parse_listen, "127.0.0.1:8080",
           "Proxy listener: host:port, [v6]:port or unix:/path.", P),
     _spec("replay_body_limit", "GATEWAY_REPLAY_BODY_LIMIT", parse_size, "64KiB",
           "Request bodies up to this size are kept so a request can be replayed after a 401.", P),
     _spec("max_body_size", "GATEWAY_MAX_BODY_SIZE", parse_size, "100MiB",
           "Largest request body accepted (413 above it; 0 = no limit).", P),
-    _spec("admin_listen", "GATEWAY_ADMIN_LISTEN", _parse_admin_listen, "127.0.0.1:9091",
+    _spec("client_keys", "GATEWAY_CLIENT_KEYS", parse_client_keys, "",
+          "Inbound client keys, name=key comma- or newline-separated (or _FILE).", IN, True),
+    _spec("client_key_header", "GATEWAY_CLIENT_KEY_HEADER", parse_name, "X-Gateway-Key",
+          "Header in which callers present their client key (never forwarded).", IN),
+    _spec("allowed_cidrs", "GATEWAY_ALLOWED_CIDRS", parse_cidrs, "",
+          "Comma-separated CIDRs allowed to call the proxy (empty: any that can connect).", IN),
+    _spec("allowed_routes", "GATEWAY_ALLOWED_ROUTES", parse_routes, "*",
+          "Comma-separated 'METHOD /glob' or '/glob' allow-list; /auth/* is always refused.", IN),
+    _spec("header_timeout", "GATEWAY_HEADER_TIMEOUT", parse_duration, "10s",
+          "A client must send complete request headers within this time.", IN),
+    _spec("client_body_timeout", "GATEWAY_CLIENT_BODY_TIMEOUT", parse_duration, "30s",
+          "Longest pause allowed while a client sends its request body (then 408).", IN),
+    _spec("client_keepalive_timeout", "GATEWAY_CLIENT_KEEPALIVE_TIMEOUT", parse_duration,
+          "75s", "Idle time after which a client keep-alive connection is closed.", IN),
+    _spec("max_header_size", "GATEWAY_MAX_HEADER_SIZE", parse_size, "8KiB",
+          "Longest request line or single header accepted (414/431 above).", IN),
+    _spec("max_headers", "GATEWAY_MAX_HEADERS", parse_positive_int, "100",
+          "Most request headers accepted.", IN),
+    _spec("secrets_poll_interval", "GATEWAY_SECRETS_POLL_INTERVAL", parse_duration, "10s",
+          "How often *_FILE credentials are checked for changes (0: only on SIGHUP).", IN),
+    _spec("admin_listen", "GATEWAY_ADMIN_LISTEN", parse_admin_listen, "127.0.0.1:9091",
           "Admin listener (health, readiness; metrics later): host:port.", S),
     _spec("shutdown_delay", "GATEWAY_SHUTDOWN_DELAY", parse_duration, "0s",
           "On SIGTERM, keep serving (not ready) this long so load balancers notice first.", S),
     _spec("shutdown_grace", "GATEWAY_SHUTDOWN_GRACE", parse_duration, "20s",
           "On SIGTERM, how long in-flight requests get to finish.", S),
-    _spec("log_level", "GATEWAY_LOG_LEVEL", _choice("debug", "info", "warning", "error"),
+    _spec("log_level", "GATEWAY_LOG_LEVEL", choice("debug", "info", "warning", "error"),
           "info", "Log level: debug, info, warning or error.", L),
-    _spec("log_format", "GATEWAY_LOG_FORMAT", _choice("json", "text"), "json",
+    _spec("log_format", "GATEWAY_LOG_FORMAT", choice("json", "text"), "json",
           "Log format: json (one object a line) or text (for terminals).", L),
 )
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -290,6 +192,10 @@ class Settings:
     total_timeout: float
     pool_size: int
     keepalive_timeout: float
+    upstream_ca_file: str
+    allow_insecure_upstream: bool
+    strip_headers: tuple[str, ...]
+    forwarded_headers: bool
     auth_token_path: str
     auth_refresh_path: str
     auth_app_key_field: str
@@ -310,12 +216,24 @@ class Settings:
     listen: ListenAddress
     replay_body_limit: int
     max_body_size: int
+    client_keys: tuple[ClientKey, ...]
+    client_key_header: str
+    allowed_cidrs: tuple[IPNetwork, ...]
+    allowed_routes: tuple[RouteRule, ...]
+    header_timeout: float
+    client_body_timeout: float
+    client_keepalive_timeout: float
+    max_header_size: int
+    max_headers: int
+    secrets_poll_interval: float
     admin_listen: TcpAddress
     shutdown_delay: float
     shutdown_grace: float
     log_level: str
     log_format: str
     config_file: str | None = field(default=None)
+    #: (setting key, path) for every setting read from a ``*_FILE`` (watched for rotation).
+    secret_files: tuple[tuple[str, str], ...] = field(default=())
 
 
 def _read_file_setting(spec: Spec, path: str) -> str:
@@ -352,6 +270,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
     config_file = config_file or env.get(CONFIG_ENV) or None
     from_file = _load_file(config_file) if config_file else {}
     values: dict[str, Any] = {}
+    secret_files: list[tuple[str, str]] = []
     for spec in SPECS:
         raw: object | None = spec.default
         origin = spec.env
@@ -362,6 +281,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
             if env.get(spec.env):
                 raise SettingsError(spec.env, f"set either {spec.env} or {file_var}, not both")
             raw, origin = _read_file_setting(spec, env[file_var]), file_var
+            secret_files.append((spec.key, env[file_var]))
         elif env.get(spec.env, "") != "":
             raw, origin = env[spec.env], spec.env
         if overrides and spec.key in overrides:
@@ -373,7 +293,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
             values[spec.key] = spec.parse(raw)
         except (ValueError, TypeError) as exc:
             raise SettingsError(origin, str(exc) or "invalid value") from None
-    settings = Settings(**values, config_file=config_file)
+    settings = Settings(**values, config_file=config_file, secret_files=tuple(secret_files))
     _check_consistency(settings)
     return settings
 
@@ -388,6 +308,18 @@ def _check_consistency(s: Settings) -> None:
         raise SettingsError("GATEWAY_REPLAY_BODY_LIMIT", "must not exceed GATEWAY_MAX_BODY_SIZE")
     if s.auth_token_path == s.auth_refresh_path:
         raise SettingsError("REPAIRY_AUTH_REFRESH_PATH", "must differ from the login path")
+    if not is_loopback(s.listen) and not s.client_keys and not s.allowed_cidrs:
+        raise SettingsError("GATEWAY_LISTEN", f"{s.listen} is not loopback: set "
+                            "GATEWAY_CLIENT_KEYS and/or GATEWAY_ALLOWED_CIDRS so that not "
+                            "everyone who can reach it acts as the partner")
+    if s.base_url.scheme == "http" and not s.allow_insecure_upstream and not _loopback_host(
+            s.base_url.host or ""):
+        raise SettingsError("REPAIRY_BASE_URL", "http:// would send the token in clear: use "
+                            "https://, or set GATEWAY_ALLOW_INSECURE_UPSTREAM=true")
+
+
+def _loopback_host(host: str) -> bool:
+    return is_loopback(TcpAddress(host, 0))
 
 
 def render_example_config() -> str:
@@ -411,3 +343,15 @@ def render_example_config() -> str:
         else:
             lines.append(f'# {spec.key} = "{spec.default}"')
     return "\n".join(lines) + "\n"
+
+
+def render_settings_table() -> str:
+    """The README's settings table (Markdown), from :data:`SPECS`."""
+    rows = ["| Variable | File key | Default | Meaning |", "|---|---|---|---|",
+            f"| `{CONFIG_ENV}` | - | none | Optional TOML config file ([gateway] table of the "
+            "file keys below). |"]
+    for spec in SPECS:
+        default = "required" if spec.default is None else (
+            f"`{spec.default}`" if spec.default else "empty")
+        rows.append(f"| `{spec.env}` | `{spec.key}` | {default} | {spec.doc} |")
+    return "\n".join(rows) + "\n"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.access import AccessPolicy
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.token_manager import TokenManager
@@ -18,6 +19,7 @@ class GatewayState:
     tokens: TokenManager
     upstream: Upstream
     metrics: Metrics
+    access: AccessPolicy
     draining: bool = False
 
     def ready(self) -> bool:

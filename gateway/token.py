@@ -33,6 +33,7 @@ class Token:
     expires_at: float
     refresh_expires_at: float | None
     obtained_wall: float
+    partner_id: str  # the X-Partner-ID this token belongs to (switches with it on rotation)
 
     @property
     def lifetime(self) -> float:

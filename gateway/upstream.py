@@ -8,6 +8,7 @@ become :mod:`gateway.errors` types here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterable
 
 import aiohttp
@@ -30,7 +31,10 @@ _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
     """The one upstream session of an application (create inside the running loop)."""
-    connector = aiohttp.TCPConnector(limit=settings.pool_size,
+    ssl_context: ssl.SSLContext | bool = True  # verify with the system CAs
+    if settings.upstream_ca_file:
+        ssl_context = ssl.create_default_context(cafile=settings.upstream_ca_file)
+    connector = aiohttp.TCPConnector(limit=settings.pool_size, ssl=ssl_context,
                                      keepalive_timeout=settings.keepalive_timeout)
     timeout = aiohttp.ClientTimeout(total=settings.total_timeout or None,
                                     connect=settings.connect_timeout,

@@ -21,7 +21,7 @@ def tok(lifetime: float = 100.0, refresh_life: float | None = 1000.0,
     return Token(access="a", refresh=refresh, generation=1, via="login", obtained_at=50.0,
                  expires_at=50.0 + lifetime,
                  refresh_expires_at=None if refresh_life is None else 50.0 + refresh_life,
-                 obtained_wall=1_700_000_000.0)
+                 obtained_wall=1_700_000_000.0, partner_id="p")
 
 
 def test_policy_usable_until_margin_before_expiry() -> None:
@@ -71,7 +71,7 @@ def test_policy_backoff_doubles_with_jitter_and_caps() -> None:
 
 def test_policy_expiry_counts_from_when_the_call_was_sent() -> None:
     """Lifetimes start at the send time, so a slow answer only makes us renew earlier."""
-    ex = Exchange(Grant("a", "r", 100.0, 1000.0), sent_mono=10.0, sent_wall=1e9)
+    ex = Exchange(Grant("a", "r", 100.0, 1000.0), sent_mono=10.0, sent_wall=1e9, partner_id="p")
     t = token_from_exchange(ex, generation=3, via="login", previous=None,
                             default_ttl=5, default_refresh_ttl=6)
     assert (t.obtained_at, t.expires_at, t.refresh_expires_at) == (10.0, 110.0, 1010.0)
@@ -80,7 +80,7 @@ def test_policy_expiry_counts_from_when_the_call_was_sent() -> None:
 
 def test_policy_defaults_apply_when_response_states_no_lifetime() -> None:
     """No expiry in the response: the documented defaults (settings) apply."""
-    ex = Exchange(Grant("a", "r", None, None), sent_mono=0.0, sent_wall=0.0)
+    ex = Exchange(Grant("a", "r", None, None), sent_mono=0.0, sent_wall=0.0, partner_id="p")
     t = token_from_exchange(ex, generation=1, via="login", previous=None,
                             default_ttl=48 * 3600, default_refresh_ttl=14 * 86400)
     assert t.expires_at == 48 * 3600
@@ -90,7 +90,7 @@ def test_policy_defaults_apply_when_response_states_no_lifetime() -> None:
 def test_policy_refresh_without_new_refresh_token_keeps_old_one() -> None:
     """A refresh answer with no refresh token keeps the previous one and its expiry."""
     prev = tok()
-    ex = Exchange(Grant("a2", None, 100.0, None), sent_mono=80.0, sent_wall=0.0)
+    ex = Exchange(Grant("a2", None, 100.0, None), sent_mono=80.0, sent_wall=0.0, partner_id="p")
     t = token_from_exchange(ex, generation=2, via="refresh", previous=prev,
                             default_ttl=1, default_refresh_ttl=1)
     assert t.refresh == "r"
@@ -100,5 +100,6 @@ def test_policy_refresh_without_new_refresh_token_keeps_old_one() -> None:
 def test_policy_token_repr_hides_tokens() -> None:
     """repr(Token) shows neither the access nor the refresh token."""
     t = Token(access="sekrit-access", refresh="sekrit-refresh", generation=1, via="login",
-              obtained_at=0, expires_at=1, refresh_expires_at=None, obtained_wall=0)
+              obtained_at=0, expires_at=1, refresh_expires_at=None, obtained_wall=0,
+              partner_id="p")
     assert "sekrit" not in repr(t)

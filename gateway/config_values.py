@@ -1,0 +1,176 @@
+"""Value parsers for settings: durations, sizes, booleans, listen addresses, URLs, paths.
+
+Each parser takes raw text (or a TOML value) and returns a typed value or raises ValueError
+with a message fit to follow the setting's name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from yarl import URL
+
+from gateway.redact import Secret
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+ListenAddress = TcpAddress | UnixAddress
+
+# -- parsers: each takes the raw text (or a TOML value) and returns the typed value -----------
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20,
+               "mb": 1000**2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``90``, ``1.5``, ``250ms``, ``30s``, ``5m``, ``48h`` or ``14d``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 30s, 5m, 48h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (e.g. 30s, 5m, 48h, 1.5)")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``65536``, ``64KiB``, ``100MiB``, ``1GiB``."""
+    if isinstance(value, bool):
+        raise ValueError("a size such as 64KiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a size (e.g. 65536, 64KiB, 100MiB)")
+        unit = m.group(2).lower() if m.group(2) else None
+        size = int(m.group(1)) * _SIZE_UNITS[unit]
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false)")
+
+
+def parse_fraction(value: object) -> float:
+    number = float(str(value))
+    if not 0.0 <= number < 1.0:
+        raise ValueError("must be a fraction from 0 up to (not including) 1")
+    return number
+
+
+def parse_positive_int(value: object) -> int:
+    number = int(str(value))
+    if number < 1:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def parse_base_url(value: object) -> URL:
+    url = URL(str(value).strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if url.query_string or url.fragment or url.user or url.password:
+        raise ValueError("must not carry a query, fragment or user info")
+    return url
+
+
+def parse_path(value: object) -> str:
+    text = str(value).strip()
+    if not text.startswith("/") or text.startswith("//") or "?" in text or "#" in text:
+        raise ValueError("must be an absolute path such as /auth/token")
+    return text
+
+
+def parse_name(value: object) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def choice(*options: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def parse_host_port(text: str) -> TcpAddress:
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
+    if not m:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:8080)")
+    host, port = m.group(1) or "0.0.0.0", int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    if ":" in host:
+        ipaddress.IPv6Address(host)
+    return TcpAddress(host, port)
+
+
+def parse_listen(value: object) -> ListenAddress:
+    text = str(value).strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise ValueError("unix: needs a socket path")
+        return UnixAddress(path)
+    return parse_host_port(text)
+
+
+def parse_admin_listen(value: object) -> TcpAddress:
+    return parse_host_port(str(value).strip())
+
+
+def parse_secret(value: object) -> Secret:
+    text = str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def parse_optional_file(value: object) -> str:
+    """A readable file path, or empty for none."""
+    path = str(value).strip()
+    if path and not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}")
+    return path

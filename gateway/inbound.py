@@ -1,0 +1,184 @@
+"""The proxy listener's HTTP protocol: strict limits, JSON errors, slow clients cut off.
+
+aiohttp's parser already refuses most malformed requests (conflicting or duplicate
+``Content-Length``/``Transfer-Encoding``, obsolete line folding, CR/LF/NUL in values, bad header
+names, oversized lines, too many headers). This module makes those refusals look like every
+other gateway error (JSON, stable code, ``X-Repairy-Gateway-Error``), counts them, logs them
+without echoing the offending bytes, and closes connections whose headers trickle in slower
+than ``header_timeout`` (slowloris). :func:`check_request` adds the checks the parser leaves to
+the application: HTTP version, transfer coding, methods, and the request target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
+
+from gateway.errors import (
+    GATEWAY_ERROR_HEADER,
+    BadRequest,
+    GatewayError,
+    HeaderTooLarge,
+    MethodNotAllowed,
+    RouteForbidden,
+    error_response,
+)
+
+log = logging.getLogger("gateway.inbound")
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+OnReject = Callable[[int, str], None]
+ALLOWED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                    "OPTIONS"})
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f#\\]")
+_METHOD_PREFIX = re.compile(rb"^[A-Z]{3,10} ")
+
+
+def check_request(request: web.BaseRequest, auth_paths: tuple[str, ...]) -> str:
+    """Refuse what the parser lets through; return the decoded path for routing."""
+    if request.version not in ((1, 0), (1, 1)):
+        raise BadRequest("only HTTP/1.0 and HTTP/1.1 are accepted",
+                         code="unsupported_http_version")
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if codings and (request.version != (1, 1) or len(codings) != 1
+                    or codings[0].strip().lower() != "chunked"):
+        raise BadRequest("Transfer-Encoding must be exactly 'chunked' on HTTP/1.1",
+                         code="invalid_transfer_encoding")
+    if request.method not in ALLOWED_METHODS:
+        raise MethodNotAllowed(f"method {request.method[:16]!r} is not proxied")
+    return check_target(request.raw_path, auth_paths)
+
+
+def check_target(raw: str, auth_paths: tuple[str, ...]) -> str:
+    """Refuse targets that are not plain origin-form paths, escape the base URL's path prefix,
+    carry invalid encoding, or reach ``/auth``. Returns the decoded path."""
+    if not raw.startswith("/") or raw.startswith("//"):
+        raise BadRequest("the request target must be a path starting with a single /",
+                         code="invalid_target")
+    path, _, query = raw.partition("?")
+    if _BAD_PERCENT.search(raw):
+        raise BadRequest("the request target has invalid percent-encoding",
+                         code="invalid_encoding")
+    try:
+        decoded = unquote_to_bytes(path).decode("utf-8")
+        unquote_to_bytes(query.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the request target is not valid UTF-8",
+                         code="invalid_encoding") from None
+    if _CONTROL.search(decoded) or _CONTROL.search(path):
+        raise BadRequest("the request path may not hold control characters, '#' or '\\'",
+                         code="invalid_path")
+    if any(seg in (".", "..") for seg in decoded.split("/")):
+        raise BadRequest("the request path may not contain dot segments", code="invalid_path")
+    lowered = decoded.lower().rstrip("/")
+    forbidden = {"/auth", *(p.lower().rstrip("/") for p in auth_paths)}
+    if lowered in forbidden or lowered.startswith("/auth/"):
+        raise RouteForbidden("authentication belongs to the gateway; /auth/* is not proxied")
+    return decoded
+
+
+def _parse_error(exc: BaseException | None, status: int) -> GatewayError:
+    """Translate a parser exception; its text (which quotes the request) is never used."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytes) and _METHOD_PREFIX.match(line):
+            return HeaderTooLarge("the request line is too long", code="request_line_too_long")
+        return HeaderTooLarge("a request header is too long")
+    if exc is not None and "Too many headers" in str(exc):
+        return HeaderTooLarge("too many request headers")
+    if isinstance(exc, BadHttpMethod):
+        return BadRequest("the request method is invalid", code="invalid_method")
+    if status >= 500:
+        return GatewayError("the gateway failed to handle the request")
+    return BadRequest("the request is not valid HTTP/1.1", code="malformed_request")
+
+
+class GatewayRequestHandler(web.RequestHandler):
+    """aiohttp's connection protocol, plus a header deadline and JSON parse errors."""
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, on_reject: OnReject,
+                 **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._on_reject = on_reject
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._in_request = False
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._in_request and self._header_timer is None:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self._header_timeout, self._headers_too_slow)
+        super().data_received(data)
+
+    def begin_request(self) -> None:
+        """The handler has the request: its headers arrived in time."""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._in_request = True
+
+    def end_request(self) -> None:
+        self._in_request = False
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if self._in_request or transport is None or transport.is_closing():
+            return
+        body = json.dumps({"error": {"code": "request_timeout",
+                                     "message": "request headers took too long"}}).encode()
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                        + f"{GATEWAY_ERROR_HEADER}: request_timeout\r\n".encode()
+                        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                        + body)
+        transport.close()
+        self._on_reject(408, "request_timeout")
+        log.info("client too slow sending headers: connection closed", extra={"fields": {
+            "event": "rejected", "status": 408, "error": "request_timeout"}})
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        error = _parse_error(exc, status)
+        if error.status >= 500:
+            log.error("unhandled error", exc_info=exc, extra={"fields": {"event": "error"}})
+        else:
+            log.info("rejected malformed request", extra={"fields": {
+                "event": "rejected", "status": error.status, "error": error.code,
+                "detail": type(exc).__name__ if exc else None}})
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        resp = error_response(error)
+        resp.force_close()
+        self._on_reject(error.status, error.code)
+        return resp
+
+
+class ProxyServer(web.Server):
+    """A low-level aiohttp server whose connections use :class:`GatewayRequestHandler`."""
+
+    def __init__(self, handler: Handler, *, header_timeout: float, on_reject: OnReject,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._protocol_kwargs = kwargs
+        self._header_timeout = header_timeout
+        self._on_reject = on_reject
+
+    def __call__(self) -> web.RequestHandler:
+        return GatewayRequestHandler(self, loop=asyncio.get_running_loop(),
+                                     header_timeout=self._header_timeout,
+                                     on_reject=self._on_reject, **self._protocol_kwargs)
