@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Self
 
 from aiohttp import web
@@ -24,10 +26,11 @@ from gateway.admin import build_admin_app
 from gateway.auth_client import AuthClient
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
+from gateway.credentials import CredentialReloader
 from gateway.inbound import ProxyServer
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
-from gateway.settings import Settings
+from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.token_manager import TokenManager
 from gateway.upstream import Upstream, create_session
@@ -73,8 +76,12 @@ class GatewayServer:
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
                  registry: CollectorRegistry | None = None,
-                 process_metrics: bool = False) -> None:
+                 process_metrics: bool = False,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._reload_settings = reload_settings or functools.partial(
+            load_settings, config_file=settings.config_file)
+        self.reloader: CredentialReloader | None = None
         self.clock = clock or SystemClock()
         self.metrics = Metrics(registry, process=process_metrics)
         self.url = ""
@@ -96,6 +103,9 @@ class GatewayServer:
                                    metrics=self.metrics, access=build_access_policy(s))
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
+        self.reloader = CredentialReloader(self._state, session, self.clock,
+                                           self._reload_settings)
+        await self.reloader.start()
         self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
                                               shutdown_timeout=s.shutdown_grace)
         await self._proxy_runner.setup()
@@ -121,6 +131,8 @@ class GatewayServer:
             await asyncio.sleep(self.settings.shutdown_delay)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()  # stop accepting, let in-flight requests finish
+        if self.reloader is not None:
+            await self.reloader.stop()
         await self._state.tokens.stop()
         await self._state.upstream.close()
         if self._admin_runner is not None:
@@ -139,21 +151,27 @@ class GatewayServer:
         await self.stop()
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGTERM or SIGINT."""
+async def wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
+    """Return on the first SIGTERM or SIGINT; call ``on_hangup`` on each SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        signals.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
 
 
 async def serve(settings: Settings) -> int:
-    """``repairy-gateway serve``: run until SIGTERM/SIGINT, drain, exit 0."""
-    async with GatewayServer(settings, process_metrics=True):
-        await wait_for_signal()
+    """``repairy-gateway serve``: run until SIGTERM/SIGINT (SIGHUP re-reads credentials),
+    drain, exit 0."""
+    async with GatewayServer(settings, process_metrics=True) as server:
+        assert server.reloader is not None
+        await wait_for_signal(on_hangup=server.reloader.trigger)
     return 0

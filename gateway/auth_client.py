@@ -44,9 +44,6 @@ class AuthClient:
         self._settings = settings
         self._clock = clock
 
-    def replace_settings(self, settings: Settings) -> None:
-        self._settings = settings
-
     async def login(self) -> Exchange:
         s = self._settings
         body = {s.auth_app_key_field: s.app_key.reveal(),

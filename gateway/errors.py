@@ -11,7 +11,8 @@
     ├── MethodNotAllowed            405 method_not_allowed
     ├── RequestTimeout              408 request_timeout
     ├── BodyTooLarge                413 body_too_large
-    ├── HeaderTooLarge              431 header_too_large / 414 request_line_too_long
+    ├── TargetTooLong               414 request_line_too_long
+    ├── HeaderTooLarge              431 header_too_large
     ├── TokenUnavailable            503 token_unavailable   (+ Retry-After)
     │   └── CredentialsRejected     503 credentials_rejected
     └── UpstreamError               502 upstream_unreachable
@@ -90,6 +91,11 @@ class RequestTimeout(GatewayError):
 class HeaderTooLarge(GatewayError):
     status = 431
     default_code = "header_too_large"
+
+
+class TargetTooLong(GatewayError):
+    status = 414
+    default_code = "request_line_too_long"
 
 
 class BodyTooLarge(GatewayError):

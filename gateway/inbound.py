@@ -29,6 +29,7 @@ from gateway.errors import (
     HeaderTooLarge,
     MethodNotAllowed,
     RouteForbidden,
+    TargetTooLong,
     error_response,
 )
 
@@ -39,7 +40,7 @@ ALLOWED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELE
                                     "OPTIONS"})
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f#\\]")
-_METHOD_PREFIX = re.compile(rb"^[A-Z]{3,10} ")
+_TARGET_PREFIX = re.compile(rb"^(/|\*|[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def check_request(request: web.BaseRequest, auth_paths: tuple[str, ...]) -> str:
@@ -89,8 +90,9 @@ def _parse_error(exc: BaseException | None, status: int) -> GatewayError:
     """Translate a parser exception; its text (which quotes the request) is never used."""
     if isinstance(exc, LineTooLong):
         line = exc.args[0] if exc.args else b""
-        if isinstance(line, bytes) and _METHOD_PREFIX.match(line):
-            return HeaderTooLarge("the request line is too long", code="request_line_too_long")
+        # The parser quotes the overlong part: a request target (414) or a header (431).
+        if isinstance(line, bytes | bytearray) and _TARGET_PREFIX.match(line):
+            return TargetTooLong("the request line is too long")
         return HeaderTooLarge("a request header is too long")
     if exc is not None and "Too many headers" in str(exc):
         return HeaderTooLarge("too many request headers")

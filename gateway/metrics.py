@@ -57,6 +57,9 @@ class Metrics:
         self.invalidations = Counter(f"{NS}_token_invalidations",
                                      "Tokens dropped before expiry, by reason.", ["reason"],
                                      registry=r)
+        self.credential_reloads = Counter(
+            f"{NS}_credential_reloads", "Credential file checks that found a change, by "
+            "outcome (success: switched; failure: kept the old ones).", ["outcome"], registry=r)
         self.upstream_requests = Counter(
             f"{NS}_upstream_requests", "Upstream responses received (replays included).",
             ["method", "route", "status"], registry=r)

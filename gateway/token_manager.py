@@ -163,8 +163,15 @@ class TokenManager:
                     await task
         self._loop_task = None
 
-    def replace_settings(self, settings: Settings) -> None:
-        self._s = settings
+    async def switch_credentials(self, settings: Settings, auth: AuthClient) -> Token:
+        """Log in with new credentials while the current token keeps serving; switch to the
+        new credentials and token together only once that login worked."""
+        exchange = await self._timed("login", auth.login())
+        while self._inflight is not None and not self._inflight.done():
+            with contextlib.suppress(AuthError):
+                await asyncio.shield(self._inflight)  # let an old-credential renewal land first
+        self._auth, self._s = auth, settings
+        return self._accept(exchange, "login", None)
 
     # -- renewal -------------------------------------------------------------------------------
     def _raise_if_backing_off(self, now: float) -> None:

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.app import GatewayServer
+from gateway.errors import GATEWAY_ERROR_HEADER
 from gateway.logs import JsonFormatter, TextFormatter
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import settings_for, wait_until
@@ -21,9 +22,22 @@ async def sandbox() -> AsyncIterator[Sandbox]:
         yield sb
 
 
+#: Bodies of gateway-made responses seen by the ``http`` fixture in the current test.
+GATEWAY_BODIES: list[str] = []
+
+
+async def _collect_gateway_bodies(req: aiohttp.ClientRequest,
+                                  handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    resp = await handler(req)
+    if GATEWAY_ERROR_HEADER in resp.headers:
+        GATEWAY_BODIES.append((await resp.read()).decode(errors="replace"))
+    return resp
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    """A client session; gateway-made response bodies are kept for the leak check."""
+    async with aiohttp.ClientSession(middlewares=(_collect_gateway_bodies,)) as session:
         yield session
 
 
@@ -38,7 +52,7 @@ async def gateway(sandbox: Sandbox) -> AsyncIterator[GatewayServer]:
 #: Substrings that must never reach a log line: sandbox tokens carry these prefixes, and these
 #: are the App Keys/Secrets the tests use.
 LEAK_MARKERS = ("sbx_at_", "sbx_rt_", "sandbox-app-secret", "sandbox-app-key",
-                "rotated-secret")
+                "rotated-secret", "old-app-secret", "new-app-secret", "client-key-")
 
 
 class LogCapture(logging.Handler):
@@ -56,8 +70,10 @@ class LogCapture(logging.Handler):
 
 @pytest.fixture(autouse=True)
 def log_capture() -> Iterator[LogCapture]:
-    """Capture all logging at DEBUG during a test; afterwards, no line may leak a secret."""
+    """Capture all logging at DEBUG during a test; afterwards, no log line and no
+    gateway-made response body may carry a token or a secret."""
     cap = LogCapture()
+    GATEWAY_BODIES.clear()
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(cap)
@@ -69,3 +85,5 @@ def log_capture() -> Iterator[LogCapture]:
         root.setLevel(old_level)
     leaked = sorted({m for line in cap.lines for m in LEAK_MARKERS if m in line})
     assert not leaked, f"log lines carry secret material: {leaked}"
+    leaked = sorted({m for body in GATEWAY_BODIES for m in LEAK_MARKERS if m in body})
+    assert not leaked, f"gateway responses carry secret material: {leaked}"

@@ -14,8 +14,13 @@ from gateway.settings import Settings, load_settings
 SERVICES = "/workshops/5f1a2b3c4d5e6f7a8b9c0d01/services"
 
 
-def settings_for(sb: Sandbox | str, **overrides: Any) -> Settings:
-    """Settings pointing at a sandbox (or any URL), listeners on free loopback ports."""
+def settings_for(sb: Sandbox | str, env: dict[str, str] | None = None,
+                 **overrides: Any) -> Settings:
+    """Settings pointing at a sandbox (or any URL), listeners on free loopback ports.
+
+    ``env`` is the environment to load from (default: none); ``overrides`` win over it,
+    except that credentials given in ``env`` (as *_FILE) are not overridden.
+    """
     url = sb if isinstance(sb, str) else sb.url
     cfg = None if isinstance(sb, str) else sb.state.config
     values: dict[str, object] = {
@@ -32,8 +37,12 @@ def settings_for(sb: Sandbox | str, **overrides: Any) -> Settings:
         "token_wait_timeout": "3s",
         "shutdown_grace": "5s",
     }
+    env = env or {}
+    for key in ("app_key", "app_secret", "partner_id"):
+        if f"REPAIRY_{key.upper()}_FILE" in env:
+            values.pop(key)
     values.update(overrides)
-    return load_settings({}, overrides=values)
+    return load_settings(env, overrides=values)
 
 
 async def wait_until(predicate: Any, within: float = 5.0, interval: float = 0.02) -> None:

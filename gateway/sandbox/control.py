@@ -35,13 +35,14 @@ class Fault:
     drop: bool = False
     path: str | None = None
     scope: Scope = "any"
+    body: str | None = None  # verbatim response body (JSON) instead of the standard error
 
     @classmethod
     def from_json(cls, spec: object) -> Fault:
         if not isinstance(spec, dict):
             raise ControlError("a fault is a JSON object")
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
-                               "scope"}
+                               "scope", "body"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -51,6 +52,9 @@ class Fault:
         drop = spec.get("drop", False)
         path = spec.get("path")
         scope = spec.get("scope", "any")
+        body = spec.get("body")
+        if body is not None and not isinstance(body, str):
+            raise ControlError("body must be a string")
         if not isinstance(count, int) or count < 1:
             raise ControlError("count must be a positive integer")
         if status is not None and (not isinstance(status, int) or not 100 <= status <= 599):
@@ -67,7 +71,7 @@ class Fault:
             raise ControlError(f"scope must be one of {', '.join(_SCOPES)}")
         if status is None and not drop and not latency:
             raise ControlError("a fault needs at least one of status, latency, drop")
-        return cls(count, status, retry_after, float(latency), drop, path, scope)
+        return cls(count, status, retry_after, float(latency), drop, path, scope, body)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":

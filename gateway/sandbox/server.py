@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -120,7 +121,11 @@ async def _faulted_or_handled(request: web.Request, handler: Handler, state: San
         if fault.drop:
             return await _drop_connection(request)
         if fault.status is not None:
-            resp = _error(fault.status, "injected_fault", "fault injected by the sandbox")
+            if fault.body is not None:
+                resp = web.Response(status=fault.status, text=fault.body,
+                                    content_type="application/json")
+            else:
+                resp = _error(fault.status, "injected_fault", "fault injected by the sandbox")
             if fault.retry_after is not None:
                 resp.headers["Retry-After"] = f"{fault.retry_after:g}"
             return resp
@@ -419,10 +424,12 @@ class Sandbox:
     """The sandbox running in-process: ``async with Sandbox(cfg) as sb: ... sb.url``."""
 
     def __init__(self, config: SandboxConfig | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 port: int = 0, clock: Callable[[], float] = time.monotonic,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = create_app(config, clock)
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -433,12 +440,13 @@ class Sandbox:
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         sockets = self._runner.addresses
         host, port = sockets[0][0], sockets[0][1]
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://{shown}:{port}"
         return self.url
 
     async def stop(self) -> None:

@@ -1,0 +1,125 @@
+"""Hot credential rotation: re-read ``*_FILE`` credentials and switch over safely.
+
+Kubernetes updates mounted secrets in place. Every ``secrets_poll_interval`` (and on SIGHUP)
+the files are compared with what was last applied; when the App Key, App Secret or Partner ID
+changed, the gateway logs in with the new values *in the background* while the old token keeps
+serving, and only once that login works does it switch settings and token over, atomically.
+A login that fails leaves everything as it was, and is retried after ``login_retry_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from gateway.auth_client import AuthClient
+from gateway.clock import Clock
+from gateway.errors import AuthError
+from gateway.settings import Settings, SettingsError
+from gateway.state import GatewayState
+
+log = logging.getLogger("gateway.credentials")
+CREDENTIAL_KEYS = ("app_key", "app_secret", "partner_id")
+
+
+def _files_digest(settings: Settings) -> str:
+    digest = hashlib.sha256()
+    for key, path in settings.secret_files:
+        digest.update(key.encode())
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError:
+            digest.update(b"\0unreadable")
+    return digest.hexdigest()
+
+
+def _same_credentials(a: Settings, b: Settings) -> bool:
+    return all(getattr(a, k) == getattr(b, k) for k in CREDENTIAL_KEYS)
+
+
+class CredentialReloader:
+    def __init__(self, state: GatewayState, session: aiohttp.ClientSession, clock: Clock,
+                 load: Callable[[], Settings]) -> None:
+        self._state = state
+        self._session = session
+        self._clock = clock
+        self._load = load
+        self._applied = _files_digest(state.settings)
+        self._retry_at: float | None = None
+        self._force = False
+        self._trigger = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def trigger(self) -> None:
+        """Re-read now (SIGHUP)."""
+        self._retry_at = None
+        self._force = True
+        self._trigger.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="credential-reloader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        interval = self._state.settings.secrets_poll_interval or None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trigger.wait(), interval)
+            self._trigger.clear()
+            try:
+                await self.check()
+            except Exception:  # never let a bug stop rotation for good
+                log.exception("credential reload crashed")
+
+    async def check(self) -> str:
+        """Apply changed credentials; returns the outcome (also a metric label)."""
+        force, self._force = self._force, False
+        current = self._state.settings
+        digest = _files_digest(current)
+        retry_due = self._retry_at is not None and self._clock.monotonic() >= self._retry_at
+        if digest == self._applied and not force and not retry_due:
+            return "unchanged"
+        try:
+            loaded = self._load()
+        except SettingsError as exc:
+            return self._outcome("failure", f"settings invalid: {exc}", digest)
+        if _same_credentials(loaded, current):
+            self._applied, self._retry_at = digest, None
+            return self._outcome("unchanged", None, None)
+        new = dataclasses.replace(current, app_key=loaded.app_key,
+                                  app_secret=loaded.app_secret, partner_id=loaded.partner_id)
+        try:
+            token = await self._state.tokens.switch_credentials(
+                new, AuthClient(self._session, new, self._clock))
+        except AuthError as exc:
+            self._retry_at = self._clock.monotonic() + current.login_retry_interval
+            return self._outcome("failure", f"login with the new credentials failed: "
+                                 f"{exc.reason}", digest)
+        self._state.settings = new
+        self._applied, self._retry_at = digest, None
+        log.info("credentials rotated", extra={"fields": {
+            "event": "credentials_rotated", "app_key_fp": new.app_key.fingerprint,
+            "partner_id": new.partner_id, "generation": token.generation,
+            "token_fp": token.fingerprint}})
+        return self._outcome("success", None, None)
+
+    def _outcome(self, outcome: str, problem: str | None, digest: str | None) -> str:
+        self._state.metrics.credential_reloads.labels(outcome).inc()
+        if problem:
+            log.warning("credential reload failed; keeping the current credentials",
+                        extra={"fields": {"event": "credentials_reload_failed",
+                                          "problem": problem}})
+        return outcome

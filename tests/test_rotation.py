@@ -1,0 +1,160 @@
+"""Hot credential rotation from mounted secret files (poll and SIGHUP)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.app import GatewayServer
+from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.settings import Settings
+from tests.gateway_helpers import SERVICES, settings_for, wait_until
+
+OLD = {"app-key": "sandbox-app-key", "app-secret": "old-app-secret", "partner-id": "partner-1"}
+NEW = {"app-key": "sandbox-app-key", "app-secret": "new-app-secret", "partner-id": "partner-2"}
+
+
+class SecretMount:
+    """A directory laid out like a Kubernetes secret volume: files are symlinks into a
+    ``..data`` symlink that is swapped atomically on update."""
+
+    def __init__(self, root: Path, values: dict[str, str]) -> None:
+        self.root = root
+        self._n = 0
+        self.update(values)
+        for name in values:
+            (root / name).symlink_to(Path("..data") / name)
+
+    def update(self, values: dict[str, str]) -> None:
+        self._n += 1
+        version = self.root / f"..v{self._n}"
+        version.mkdir()
+        for name, value in values.items():
+            (version / name).write_text(value + "\n")
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(version.name)
+        os.replace(tmp, self.root / "..data")
+
+    def env(self, sb: Sandbox) -> dict[str, str]:
+        return {"REPAIRY_BASE_URL": sb.url,
+                "REPAIRY_APP_KEY_FILE": str(self.root / "app-key"),
+                "REPAIRY_APP_SECRET_FILE": str(self.root / "app-secret"),
+                "REPAIRY_PARTNER_ID_FILE": str(self.root / "partner-id")}
+
+
+async def accept(http: aiohttp.ClientSession, sb: Sandbox, values: dict[str, str]) -> None:
+    async with http.post(f"{sb.url}/__sandbox/credentials", json={
+            "app_key": values["app-key"], "app_secret": values["app-secret"],
+            "partner_id": values["partner-id"]}) as resp:
+        assert resp.status == 200
+
+
+async def last_partner(http: aiohttp.ClientSession, sb: Sandbox) -> str:
+    async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
+        (entry,) = (await resp.json())["requests"]
+    return str(dict(entry["headers"])["X-Partner-ID"])
+
+
+def generation(gw: GatewayServer) -> int:
+    tok = gw.state.tokens.current
+    return tok.generation if tok else 0
+
+
+async def test_rotation_switches_only_after_new_login_works_without_failed_requests(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """New secret files: the gateway logs in with them in the background, then switches
+    credentials, partner id and token together; requests never fail meanwhile."""
+    mount = SecretMount(tmp_path, OLD)
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+
+        def load() -> Settings:
+            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0.1s")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            statuses: list[int] = []
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                while not stop.is_set():
+                    async with http.get(gw.url + SERVICES) as resp:
+                        statuses.append(resp.status)
+
+            load_task = asyncio.create_task(traffic())
+            await accept(http, sb, NEW)  # Repairy issues new credentials...
+            mount.update(NEW)  # ...and Kubernetes updates the mounted secret
+            await wait_until(lambda: generation(gw) == 2, within=5)
+            await asyncio.sleep(0.2)
+            stop.set()
+            await load_task
+            assert set(statuses) == {200}
+            assert await last_partner(http, sb) == "partner-2"
+            assert gw.state.settings.partner_id == "partner-2"
+            assert gw.metrics.registry.get_sample_value(
+                "repairy_gateway_credential_reloads_total", {"outcome": "success"}) == 1
+
+
+async def test_rotation_failed_login_keeps_old_credentials_then_retries(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Files changed to credentials Repairy does not accept yet: the old token keeps
+    serving; once Repairy accepts them, a retry switches over."""
+    mount = SecretMount(tmp_path, OLD)
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+
+        def load() -> Settings:
+            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0.1s",
+                                login_retry_interval="0.3s")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            mount.update(NEW)
+            await wait_until(lambda: (gw.metrics.registry.get_sample_value(
+                "repairy_gateway_credential_reloads_total", {"outcome": "failure"}) or 0) >= 1)
+            assert generation(gw) == 1
+            assert gw.state.tokens.ready()
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+            assert await last_partner(http, sb) == "partner-1"
+            await accept(http, sb, NEW)
+            await wait_until(lambda: generation(gw) == 2, within=5)
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+            assert await last_partner(http, sb) == "partner-2"
+
+
+async def test_rotation_on_sighup(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """serve with polling off: SIGHUP re-reads the files and switches over."""
+    mount = SecretMount(tmp_path, OLD)
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+        env: dict[str, Any] = {k: v for k, v in os.environ.items()
+                               if not k.startswith(("REPAIRY_", "GATEWAY_"))}
+        env.update(mount.env(sb), GATEWAY_LISTEN="127.0.0.1:0", GATEWAY_ADMIN_LISTEN=
+                   "127.0.0.1:0", GATEWAY_SECRETS_POLL_INTERVAL="0")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", env=env,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            counters = sb.state.control.counters
+            await wait_until(lambda: counters["logins_succeeded"] == 1, within=15)
+            await accept(http, sb, NEW)
+            mount.update(NEW)
+            await asyncio.sleep(0.3)
+            assert counters["token_requests"] == 1  # polling is off: nothing yet
+            proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: counters["logins_succeeded"] == 2, within=10)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert proc.stderr is not None
+        logs = (await proc.stderr.read()).decode()
+        assert '"event": "credentials_rotated"' in logs
+        assert "new-app-secret" not in logs and "old-app-secret" not in logs
