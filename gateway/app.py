@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Self
 
 from aiohttp import web
@@ -32,6 +33,8 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
+from gateway.token import Token
+from gateway.token_file import load_token, save_token
 from gateway.token_manager import TokenManager
 from gateway.upstream import Upstream, create_session
 
@@ -98,7 +101,16 @@ class GatewayServer:
     async def start(self) -> None:
         s = self.settings
         session = create_session(s)
-        tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.metrics)
+        initial, persist = None, None
+        if s.token_file:
+            path = Path(s.token_file)
+            initial = load_token(path, s, self.clock)
+
+            def persist(token: Token, current: Settings) -> None:
+                save_token(path, token, current)
+
+        tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.metrics,
+                              initial=initial, persist=persist)
         self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
                                    metrics=self.metrics, access=build_access_policy(s))
         self.metrics.bind_ready(self._state.ready)

@@ -174,3 +174,13 @@ def parse_optional_file(value: object) -> str:
     if path and not os.access(path, os.R_OK):
         raise ValueError(f"cannot read {path}")
     return path
+
+
+def parse_optional_path(value: object) -> str:
+    """A file path in an existing, writable directory, or empty for none."""
+    path = str(value).strip()
+    if path:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"directory {parent} does not exist or is not writable")
+    return path

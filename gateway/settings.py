@@ -40,6 +40,7 @@ from gateway.config_values import (
     parse_listen,
     parse_name,
     parse_optional_file,
+    parse_optional_path,
     parse_path,
     parse_positive_int,
     parse_secret,
@@ -138,6 +139,8 @@ SPECS: tuple[Spec, ...] = (
           "Longest back-off between failed renewals.", T),
     _spec("login_retry_interval", "GATEWAY_LOGIN_RETRY_INTERVAL", parse_duration, "30s",
           "Wait between logins while the credentials are rejected.", T),
+    _spec("token_file", "GATEWAY_TOKEN_FILE", parse_optional_path, "",
+          "Keep the token in this file (0600) so a restart reuses it (empty: memory only).", T),
     _spec("listen", "GATEWAY_LISTEN", parse_listen, "127.0.0.1:8080",
           "Proxy listener: host:port, [v6]:port or unix:/path.", P),
     _spec("replay_body_limit", "GATEWAY_REPLAY_BODY_LIMIT", parse_size, "64KiB",
@@ -213,6 +216,7 @@ class Settings:
     renew_retry_min: float
     renew_retry_max: float
     login_retry_interval: float
+    token_file: str
     listen: ListenAddress
     replay_body_limit: int
     max_body_size: int

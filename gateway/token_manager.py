@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,7 +77,9 @@ class TokenStatus:
 
 class TokenManager:
     def __init__(self, auth: AuthClient, settings: Settings, clock: Clock,
-                 events: TokenEvents | None = None, rng: random.Random | None = None) -> None:
+                 events: TokenEvents | None = None, rng: random.Random | None = None,
+                 initial: Token | None = None,
+                 persist: Callable[[Token, Settings], None] | None = None) -> None:
         self._auth = auth
         self._s = settings
         self._clock = clock
@@ -97,6 +99,9 @@ class TokenManager:
         self._last_renewal_wall: float | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._persist = persist
+        if initial is not None:  # a stored token from an earlier run
+            self._install(initial)
 
     # -- the request path ----------------------------------------------------------------------
     async def get(self) -> Token:
@@ -239,28 +244,33 @@ class TokenManager:
         return result
 
     def _accept(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
-        self._generation += 1
         token = token_from_exchange(
-            exchange, generation=self._generation, via=kind, previous=prev,
+            exchange, generation=self._generation + 1, via=kind, previous=prev,
             default_ttl=self._s.access_token_default_ttl,
             default_refresh_ttl=self._s.refresh_token_default_ttl)
-        self._token = token
-        self._stale = False
-        self._refresh_banned = False
-        self._failures = 0
-        self._retry_at = self._blocked_until = None
+        self._install(token)
         self._last_outcome, self._last_error = f"{kind}:ok", None
         self._last_renewal_wall = self._clock.time()
-        self._due_at = renewal_due_at(token, self._s.renew_at_fraction,
-                                      self._s.renew_jitter_fraction, self._rng.random())
+        if self._persist is not None:
+            self._persist(token, self._s)
         log.info("token %s ok", kind, extra={"fields": {
             "event": "token_renewal", "kind": kind, "outcome": "success",
             "generation": token.generation, "token_fp": token.fingerprint,
             "expires_in": round(token.lifetime, 3),
             "renew_in": round(self._due_at - token.obtained_at, 3)}})
-        self._events.token_changed(token)
         self._wake.set()
         return token
+
+    def _install(self, token: Token) -> None:
+        self._generation = token.generation
+        self._token = token
+        self._stale = False
+        self._refresh_banned = False
+        self._failures = 0
+        self._retry_at = self._blocked_until = None
+        self._due_at = renewal_due_at(token, self._s.renew_at_fraction,
+                                      self._s.renew_jitter_fraction, self._rng.random())
+        self._events.token_changed(token)
 
     def _failed(self, exc: AuthError) -> None:
         now = self._clock.monotonic()

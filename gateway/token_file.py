@@ -1,0 +1,115 @@
+"""The optional token file: the managed token kept on disk so a restart reuses it.
+
+Written atomically (a private temporary file in the same directory, fsync, rename) with mode
+0600 from the moment it exists. A stored token is reused only for the same upstream, App Key
+and Partner ID, and only while it is still usable; anything else is ignored with a warning.
+Expiries are stored as Unix times and turned back into monotonic ones on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import Clock
+from gateway.settings import Settings
+from gateway.token import Token, is_usable
+
+log = logging.getLogger("gateway.token_file")
+FORMAT_VERSION = 1
+
+
+def _owner(settings: Settings) -> dict[str, str]:
+    return {"upstream": str(settings.base_url), "app_key_fp": settings.app_key.fingerprint,
+            "partner_id": settings.partner_id}
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data``, readable by the owner only (0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)  # mkstemp already uses 0600; keep it explicit
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_token(path: Path, token: Token, settings: Settings) -> None:
+    doc: dict[str, Any] = {
+        "version": FORMAT_VERSION, **_owner(settings),
+        "access_token": token.access, "refresh_token": token.refresh,
+        "generation": token.generation, "obtained_via": token.via,
+        "obtained_at": token.obtained_wall, "expires_at": token.wall(token.expires_at),
+        "refresh_expires_at": (token.wall(token.refresh_expires_at)
+                               if token.refresh_expires_at is not None else None),
+    }
+    try:
+        write_private_file(path, json.dumps(doc).encode())
+    except OSError as exc:
+        log.warning("cannot write the token file", extra={"fields": {
+            "event": "token_file_error", "path": str(path), "error": exc.strerror}})
+
+
+def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
+    """The stored token if it belongs to these settings and is still usable, else None."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring an unreadable token file", extra={"fields": {
+            "event": "token_file_ignored", "path": str(path), "reason": type(exc).__name__}})
+        return None
+    reason = _unusable_reason(doc, settings)
+    if reason is None:
+        now_mono, now_wall = clock.monotonic(), clock.time()
+
+        def mono(unix: float) -> float:
+            return now_mono + (unix - now_wall)
+
+        refresh_at = doc.get("refresh_expires_at")
+        token = Token(access=doc["access_token"], refresh=doc.get("refresh_token"),
+                      generation=int(doc.get("generation", 0)), via="login",
+                      obtained_at=mono(float(doc["obtained_at"])),
+                      expires_at=mono(float(doc["expires_at"])),
+                      refresh_expires_at=mono(float(refresh_at)) if refresh_at else None,
+                      obtained_wall=float(doc["obtained_at"]), partner_id=settings.partner_id)
+        if is_usable(token, now_mono, settings.token_expiry_margin):
+            log.info("reusing the stored token", extra={"fields": {
+                "event": "token_file_loaded", "token_fp": token.fingerprint,
+                "generation": token.generation}})
+            return token
+        reason = "expired"
+    log.info("not reusing the stored token", extra={"fields": {
+        "event": "token_file_ignored", "path": str(path), "reason": reason}})
+    return None
+
+
+def _unusable_reason(doc: object, settings: Settings) -> str | None:
+    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+        return "unknown format"
+    if any(doc.get(k) != v for k, v in _owner(settings).items()):
+        return "stored for another upstream, App Key or Partner ID"
+    if not isinstance(doc.get("access_token"), str) or not doc["access_token"]:
+        return "no access token"
+    try:
+        float(doc["obtained_at"]), float(doc["expires_at"])
+    except (KeyError, TypeError, ValueError):
+        return "no expiry"
+    return None
