@@ -16,6 +16,7 @@ import pytest
 
 from gateway.healthcheck import admin_url
 from gateway.sandbox import Sandbox
+from tests import container
 from tests.gateway_helpers import wait_until
 from tests.test_cli import free_port
 
@@ -112,3 +113,43 @@ async def test_image_install_steps_work_in_a_clean_virtualenv(
         assert await server.wait() == 0
     check = await asyncio.create_subprocess_exec(*health, env=env)
     assert await check.wait() == 1
+
+
+@pytest.fixture(scope="module")
+def built_image() -> str:
+    """The Dockerfile built for real with podman (on a stand-in base; see tests/container.py)."""
+    tag = "localhost/repairy-gateway:test"
+    result = container.build(ROOT, tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tag
+
+
+def _podman_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``podman run`` with this machine's flags; ``args`` = [options…] image [command…]."""
+    return subprocess.run([*container.podman(), "run", *container.run_flags(), "--network",
+                           "host", "--read-only", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_image_builds_and_runs_version_with_podman(built_image: str) -> None:
+    """The image builds; its entrypoint prints the version; it runs as UID 10001 with a
+    read-only root filesystem and has no compiler."""
+    result = _podman_run(built_image, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("repairy-gateway ")
+    result = _podman_run("--entrypoint", "sh", built_image, "-c",
+                         "id -u; command -v gcc cc make || echo no-compiler")
+    assert result.stdout.split() == ["10001", "no-compiler"]
+    inspect = subprocess.run([*container.podman(), "image", "inspect", built_image, "--format",
+                              "{{.Config.User}} {{.Config.Entrypoint}} {{.Config.Cmd}}"],
+                             capture_output=True, text=True, check=True)
+    assert inspect.stdout.split() == ["10001:10001", "[/opt/venv/bin/repairy-gateway]",
+                                      "[serve]"]
+
+
+def test_image_demo_serves_through_the_container(built_image: str) -> None:
+    """Inside the container (read-only root), the demo proxies a sample call: 200."""
+    result = _podman_run(built_image, "demo", "--once", "--listen", "127.0.0.1:0",
+                         "--admin-listen", "127.0.0.1:0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "-> 200" in result.stdout
