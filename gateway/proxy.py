@@ -27,6 +27,7 @@ from gateway.errors import (
     GatewayError,
     RequestTimeout,
     UpstreamError,
+    UpstreamInvalidResponse,
     error_response,
 )
 from gateway.headers import (
@@ -223,9 +224,24 @@ class Proxy:
                                      headers=downstream_response_headers(resp.headers))
             if REQUEST_ID not in out.headers:
                 out.headers[REQUEST_ID] = rid
-            if resp.content_length is not None and "chunked" not in resp.headers.get(
+            length = resp.content_length
+            if length is not None and "chunked" not in resp.headers.get(
                     "Transfer-Encoding", "").lower():
-                out.content_length = resp.content_length
+                out.content_length = length
+                if length <= CHUNK and request.method != "HEAD":
+                    # Small answer (the common case): read it whole before replying, so a
+                    # broken upstream body is still a clean 502 and it goes out in one write.
+                    try:
+                        body = await resp.read()
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        timed_out = isinstance(exc, TimeoutError)
+                        self.state.metrics.upstream_error("timeout" if timed_out else "protocol")
+                        raise UpstreamInvalidResponse(
+                            "the upstream response body broke") from exc
+                    await out.prepare(request)
+                    await out.write_eof(body)
+                    outcome.bytes_out = len(body)
+                    return out
             await out.prepare(request)
             try:
                 async for chunk in resp.content.iter_chunked(CHUNK):

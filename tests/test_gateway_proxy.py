@@ -288,3 +288,15 @@ async def test_proxy_caller_host_header_is_replaced(
     assert answer.startswith(b"HTTP/1.1 200 ")
     got = dict((await last_request(http, sandbox))["headers"])
     assert got["Host"] == sandbox.url.removeprefix("http://")
+
+
+async def test_proxy_small_body_broken_upstream_is_a_clean_502(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A small upstream answer whose body breaks becomes a JSON 502, not a truncated 200."""
+    # small: the gateway reads it whole before answering
+    await faults(http, sandbox, {"drop": True, "path": "/bookings/*", "length": 1000})
+    async with http.get(gateway.url + "/bookings/abc") as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "upstream_invalid_response"
+    assert gateway.metrics.registry.get_sample_value(
+        "repairy_gateway_upstream_errors_total", {"kind": "protocol"}) == 1

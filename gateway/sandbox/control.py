@@ -36,13 +36,14 @@ class Fault:
     path: str | None = None
     scope: Scope = "any"
     body: str | None = None  # verbatim response body (JSON) instead of the standard error
+    length: int = 1 << 20  # the Content-Length a dropped response claims before it is cut
 
     @classmethod
     def from_json(cls, spec: object) -> Fault:
         if not isinstance(spec, dict):
             raise ControlError("a fault is a JSON object")
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
-                               "scope", "body"}
+                               "scope", "body", "length"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -53,6 +54,9 @@ class Fault:
         path = spec.get("path")
         scope = spec.get("scope", "any")
         body = spec.get("body")
+        length = spec.get("length", 1 << 20)
+        if not isinstance(length, int) or length < 64:
+            raise ControlError("length must be an integer of at least 64 bytes")
         if body is not None and not isinstance(body, str):
             raise ControlError("body must be a string")
         if not isinstance(count, int) or count < 1:
@@ -71,7 +75,7 @@ class Fault:
             raise ControlError(f"scope must be one of {', '.join(_SCOPES)}")
         if status is None and not drop and not latency:
             raise ControlError("a fault needs at least one of status, latency, drop")
-        return cls(count, status, retry_after, float(latency), drop, path, scope, body)
+        return cls(count, status, retry_after, float(latency), drop, path, scope, body, length)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":

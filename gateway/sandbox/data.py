@@ -261,13 +261,18 @@ class SandboxData:
         return b
 
     # -- quotes and reminders ------------------------------------------------------------------
-    def create_quote(self, partner_id: str, body: object) -> JSON:
+    def _for_workshop(self, body: object) -> tuple[JSON, dict[str, str]]:
+        """Start validating a JSON object that names a workshop: (body, field errors)."""
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_body", "the body must be a JSON object")
         errors: dict[str, str] = {}
-        wid = body.get("workshopId")
-        if wid not in self.workshops:
+        if body.get("workshopId") not in self.workshops:
             errors["workshopId"] = "required, a known workshop"
+        return body, errors
+
+    def create_quote(self, partner_id: str, raw: object) -> JSON:
+        body, errors = self._for_workshop(raw)
+        wid = body.get("workshopId")
         if not isinstance(body.get("description"), str) or not body.get("description"):
             errors["description"] = "required"
         _check_customer(body.get("customer"), errors, required=True)
@@ -282,13 +287,9 @@ class SandboxData:
         self.quotes[quote["id"]] = quote
         return quote
 
-    def send_reminder(self, partner_id: str, body: object) -> JSON:
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_body", "the body must be a JSON object")
-        errors: dict[str, str] = {}
+    def send_reminder(self, partner_id: str, raw: object) -> JSON:
+        body, errors = self._for_workshop(raw)
         wid = body.get("workshopId")
-        if wid not in self.workshops:
-            errors["workshopId"] = "required, a known workshop"
         cid, phone = body.get("customerId"), body.get("customerPhone")
         if cid is None and phone is None:
             errors["customerId"] = "customerId or customerPhone is required"

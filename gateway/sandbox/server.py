@@ -87,10 +87,10 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-async def _drop_connection(request: web.Request) -> web.StreamResponse:
-    """Start a response, send part of it, then cut the connection."""
+async def _drop_connection(request: web.Request, length: int) -> web.StreamResponse:
+    """Start a response claiming ``length`` bytes, send part of it, then cut the connection."""
     resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-    resp.content_length = 1 << 20
+    resp.content_length = length
     await resp.prepare(request)
     await resp.write(b'{"success": true, "data": [')
     if request.transport is not None:
@@ -119,7 +119,7 @@ async def _faulted_or_handled(request: web.Request, handler: Handler, state: San
         if fault.latency:
             await asyncio.sleep(fault.latency)
         if fault.drop:
-            return await _drop_connection(request)
+            return await _drop_connection(request, fault.length)
         if fault.status is not None:
             if fault.body is not None:
                 resp = web.Response(status=fault.status, text=fault.body,
