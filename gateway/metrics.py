@@ -16,6 +16,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     gc_collector,
+    disable_created_metrics,
     generate_latest,
     platform_collector,
     process_collector,
@@ -25,6 +26,9 @@ from gateway import __version__
 from gateway.token import RenewalKind, Token
 
 NS = "repairy_gateway"
+# The *_created series double the exposition for no alerting value; this process owns the
+# client library, so switch them off for all registries.
+disable_created_metrics()
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RENEWAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
