@@ -15,13 +15,8 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config_values import parse_duration
-from gateway.sandbox.server import (
-    ACCESS_TTL,
-    DEFAULT_APP_SECRET,
-    REFRESH_TTL,
-    SandboxConfig,
-    serve_forever,
-)
+from gateway.sandbox.server import serve_forever
+from gateway.sandbox.state import ACCESS_TTL, DEFAULT_APP_SECRET, REFRESH_TTL, SandboxConfig
 from gateway.settings import SettingsError, load_settings
 
 EXIT_CONFIG = 2

@@ -15,8 +15,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    gc_collector,
     disable_created_metrics,
+    gc_collector,
     generate_latest,
     platform_collector,
     process_collector,
@@ -28,7 +28,7 @@ from gateway.token import RenewalKind, Token
 NS = "repairy_gateway"
 # The *_created series double the exposition for no alerting value; this process owns the
 # client library, so switch them off for all registries.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RENEWAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

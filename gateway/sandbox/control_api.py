@@ -1,0 +1,100 @@
+"""The sandbox control API under ``/__sandbox/`` (no auth): stats, faults, reset, the
+request log, the accepted credentials and the sandbox's own configuration."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.redact import fingerprint
+from gateway.sandbox.control import ControlError, Fault
+from gateway.sandbox.state import STATE, error
+from gateway.sandbox.tokens import Credential
+
+
+async def control_stats(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    stats = state.control.stats()
+    stats["live_access_tokens"] = state.tokens.live_access_tokens
+    stats["active_faults"] = len(state.control.faults)
+    return web.json_response(stats)
+
+
+async def control_add_faults(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "invalid_json", "the body is not valid JSON")
+    revoked = None
+    specs: list[object]
+    if isinstance(body, dict) and "faults" in body:
+        specs = body["faults"] if isinstance(body["faults"], list) else [body["faults"]]
+    elif isinstance(body, dict) and set(body) == {"revoke_tokens"}:
+        specs = []
+    else:
+        specs = [body]
+    if isinstance(body, dict) and body.get("revoke_tokens") is True:
+        revoked = state.tokens.revoke_all()
+    try:
+        faults = [Fault.from_json(s) for s in specs]
+    except ControlError as exc:
+        return error(400, "invalid_fault", str(exc))
+    state.control.faults.extend(faults)
+    return web.json_response({"active": [f.to_json() for f in state.control.faults],
+                              "revoked_tokens": revoked})
+
+
+async def control_list_faults(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"active": [f.to_json() for f in request.app[STATE].control.faults]})
+
+
+async def control_clear_faults(request: web.Request) -> web.StreamResponse:
+    request.app[STATE].control.faults.clear()
+    return web.json_response({"active": []})
+
+
+async def control_reset(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.control.reset()
+    state.data.reset()
+    return web.json_response({"reset": True})
+
+
+async def control_requests(request: web.Request) -> web.StreamResponse:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return error(400, "invalid_limit", "limit must be an integer")
+    items = list(request.app[STATE].control.requests)
+    return web.json_response({"requests": items[-limit:] if limit > 0 else []})
+
+
+async def control_credentials(request: web.Request) -> web.StreamResponse:
+    """Replace the accepted credentials (as when Repairy support issues new ones).
+
+    Tokens already issued stay valid until they expire or are revoked.
+    """
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "invalid_json", "the body is not valid JSON")
+    fields = ("app_key", "app_secret", "partner_id")
+    if not isinstance(body, dict) or not all(isinstance(body.get(f), str) and body[f]
+                                             for f in fields):
+        return error(400, "invalid_credentials_spec",
+                      "app_key, app_secret and partner_id are required strings")
+    state.tokens.credentials = [Credential(body["app_key"], body["app_secret"],
+                                           body["partner_id"])]
+    return web.json_response({"app_key": body["app_key"], "partner_id": body["partner_id"]})
+
+
+async def control_config(request: web.Request) -> web.StreamResponse:
+    """What a client needs to talk to this sandbox (its own made-up credentials included)."""
+    cfg = request.app[STATE].config
+    return web.json_response({
+        "app_key": cfg.app_key, "app_secret_fingerprint": fingerprint(cfg.app_secret),
+        "partner_id": cfg.partner_id, "access_ttl": cfg.access_ttl,
+        "refresh_ttl": cfg.refresh_ttl, "rotate_refresh": cfg.rotate_refresh,
+        "single_token": cfg.single_token,
+        "workshops": list(request.app[STATE].data.workshops)})
