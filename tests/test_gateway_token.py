@@ -59,21 +59,27 @@ async def test_token_continuous_load_across_renewals_has_no_failures(
     assert s["token_requests"] == 1
 
 
+async def assert_fell_back_to_login(http: aiohttp.ClientSession, sb: Sandbox,
+                                    gw: GatewayServer, within: float) -> None:
+    """After one failed refresh: a second token obtained by login, and traffic flows."""
+    await wait_until(lambda: (tok := gw.state.tokens.current) is not None
+                     and tok.generation >= 2, within=within)
+    tok = gw.state.tokens.current
+    assert tok is not None
+    assert tok.via == "login"
+    s = await stats(http, sb)
+    assert (s["refresh_requests"], s["token_requests"]) == (1, 2)
+    async with http.get(gw.url + SERVICES) as resp:
+        assert resp.status == 200
+
+
 async def test_token_rejected_refresh_falls_back_to_login(http: aiohttp.ClientSession) -> None:
     """A refresh answered 401 is followed at once by a login, and traffic keeps flowing."""
     async with Sandbox(SandboxConfig(access_ttl=1.0)) as sb, \
             GatewayServer(settings_for(sb, renew_at_fraction=0.5)) as gw:
         await wait_until(gw.state.tokens.ready)
         await faults(http, sb, {"status": 401, "path": "/auth/refresh"})
-        await wait_until(lambda: (tok := gw.state.tokens.current) is not None
-                         and tok.generation >= 2, within=3)
-        tok = gw.state.tokens.current
-        assert tok is not None
-        assert tok.via == "login"
-        s = await stats(http, sb)
-        assert (s["refresh_requests"], s["token_requests"]) == (1, 2)
-        async with http.get(gw.url + SERVICES) as resp:
-            assert resp.status == 200
+        await assert_fell_back_to_login(http, sb, gw, within=3)
 
 
 async def test_token_expired_refresh_token_means_login(http: aiohttp.ClientSession) -> None:
@@ -94,15 +100,7 @@ async def test_token_refresh_timeout_logs_in_and_does_not_resend_refresh_token(
             GatewayServer(settings_for(sb, renew_at_fraction=0.5, auth_timeout="0.3s")) as gw:
         await wait_until(gw.state.tokens.ready)
         await faults(http, sb, {"latency": 1.0, "path": "/auth/refresh"})
-        await wait_until(lambda: (tok := gw.state.tokens.current) is not None
-                         and tok.generation >= 2, within=4)
-        tok = gw.state.tokens.current
-        assert tok is not None
-        assert tok.via == "login"
-        s = await stats(http, sb)
-        assert (s["refresh_requests"], s["token_requests"]) == (1, 2)
-        async with http.get(gw.url + SERVICES) as resp:
-            assert resp.status == 200
+        await assert_fell_back_to_login(http, sb, gw, within=4)
 
 
 async def test_token_rejected_login_is_503_not_ready_then_recovers(
