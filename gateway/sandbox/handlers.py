@@ -4,6 +4,7 @@ endpoints (authenticated like the API) that proxy tests stream bodies through.""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,34 +25,33 @@ def _auth_payload(issued: Issued) -> dict[str, Any]:
 
 
 # -- auth ------------------------------------------------------------------------------------
-async def auth_token(request: web.Request) -> web.StreamResponse:
+IssueFn = Callable[[web.Request, dict[str, Any]], Issued]
+
+
+async def _grant(request: web.Request, issue: IssueFn, success_counter: str) -> web.Response:
+    """Shared shape of both auth calls: JSON object in; 400/401 JSON error or a grant out."""
     state = request.app[STATE]
     body = await json_body(request)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     try:
-        issued = state.tokens.login(body.get("appKey"), body.get("appSecret"))
+        issued = issue(request, body)
     except TokenRejected as exc:
         state.control.counters["rejected_requests"] += 1
         status = 400 if exc.code == "invalid_request" else 401
         return error(status, exc.code, exc.message)
-    state.control.counters["logins_succeeded"] += 1
+    state.control.counters[success_counter] += 1
     return ok(_auth_payload(issued))
+
+
+async def auth_token(request: web.Request) -> web.StreamResponse:
+    return await _grant(request, lambda r, body: r.app[STATE].tokens.login(
+        body.get("appKey"), body.get("appSecret")), "logins_succeeded")
 
 
 async def auth_refresh(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the body must be a JSON object")
-    try:
-        issued = state.tokens.refresh(bearer(request), body.get("refreshToken"))
-    except TokenRejected as exc:
-        state.control.counters["rejected_requests"] += 1
-        status = 400 if exc.code == "invalid_request" else 401
-        return error(status, exc.code, exc.message)
-    state.control.counters["refreshes_succeeded"] += 1
-    return ok(_auth_payload(issued))
+    return await _grant(request, lambda r, body: r.app[STATE].tokens.refresh(
+        bearer(r), body.get("refreshToken")), "refreshes_succeeded")
 
 
 # -- resources -------------------------------------------------------------------------------
