@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access import AccessPolicy
 from gateway.admin import build_admin_app
-from gateway.auth_client import AuthClient
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
 from gateway.credentials import CredentialReloader
@@ -33,9 +32,10 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
-from gateway.token import Token
-from gateway.token_file import load_token, save_token
-from gateway.token_manager import TokenManager
+from gateway.token.auth_client import AuthClient
+from gateway.token.file import load_token, save_token
+from gateway.token.manager import TokenManager
+from gateway.token.value import Token
 from gateway.upstream import Upstream, create_session
 
 log = logging.getLogger("gateway.app")

@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 import aiohttp
 
 from gateway.app import GatewayServer, wait_for_signal
-from gateway.auth_client import AuthClient, token_from_exchange
 from gateway.clock import SystemClock
 from gateway.errors import AuthError
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, load_settings
+from gateway.token.auth_client import AuthClient, token_from_exchange
 from gateway.upstream import create_session
 
 Print = Callable[[str], None]

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.auth_client import AuthClient
 from gateway.clock import Clock
 from gateway.errors import AuthError
 from gateway.settings import Settings, SettingsError
 from gateway.state import GatewayState
+from gateway.token.auth_client import AuthClient
 
 log = logging.getLogger("gateway.credentials")
 CREDENTIAL_KEYS = ("app_key", "app_secret", "partner_id")

@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 
 from gateway import __version__
-from gateway.token import RenewalKind, Token
+from gateway.token.value import RenewalKind, Token
 
 NS = "repairy_gateway"
 # The *_created series double the exposition for no alerting value; this process owns the

@@ -40,8 +40,9 @@ from gateway.headers import (
 from gateway.inbound import GatewayRequestHandler, check_request
 from gateway.routes import method_label, route_template
 from gateway.state import GatewayState
-from gateway.token import Token
-from gateway.upstream import Body, target_url
+from gateway.token.value import Token
+from gateway.upstream import Body
+from gateway.urls import target_url
 
 log = logging.getLogger("gateway.proxy")
 CHUNK = 64 * 1024

@@ -9,7 +9,7 @@ from aiohttp import web
 from gateway.access import AccessPolicy
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.token_manager import TokenManager
+from gateway.token.manager import TokenManager
 from gateway.upstream import Upstream
 
 

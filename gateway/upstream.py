@@ -23,6 +23,9 @@ from gateway.errors import (
     UpstreamTLSError,
 )
 from gateway.settings import Settings
+from gateway.urls import target_url
+
+__all__ = ["Body", "Upstream", "create_session", "target_url", "translate"]
 
 Body = bytes | AsyncIterable[bytes] | None
 #: Headers aiohttp would add on its own; the caller's are forwarded instead.
@@ -42,11 +45,6 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                  cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
                                  raise_for_status=False)
-
-
-def target_url(base: URL, raw_path_and_query: str) -> URL:
-    """``base`` (with its path prefix) + the caller's path and query, bytes unchanged."""
-    return URL(str(base).rstrip("/") + raw_path_and_query, encoded=True)
 
 
 class Upstream:

@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from gateway.auth_parse import Grant, MalformedAuthResponse, parse_auth_response
+from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 
 SENT = 1_800_000_000.0  # Unix time the auth call was sent
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth_client import Exchange, token_from_exchange
-from gateway.auth_parse import Grant
-from gateway.token import (
+from gateway.token.auth_client import Exchange, token_from_exchange
+from gateway.token.parse import Grant
+from gateway.token.value import (
     Token,
     backoff,
     can_refresh,

@@ -18,7 +18,7 @@ from typing import Any
 
 from gateway.clock import Clock
 from gateway.settings import Settings
-from gateway.token import Token, is_usable
+from gateway.token.value import Token, is_usable
 
 log = logging.getLogger("gateway.token_file")
 FORMAT_VERSION = 1

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.auth_client import AuthClient, Exchange, token_from_exchange
 from gateway.clock import Clock
 from gateway.errors import AuthError, CredentialsRejected, TokenUnavailable
 from gateway.settings import Settings
-from gateway.token import (
+from gateway.token.auth_client import AuthClient, Exchange, token_from_exchange
+from gateway.token.value import (
     RenewalKind,
     Token,
     backoff,

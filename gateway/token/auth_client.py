@@ -15,12 +15,12 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from gateway.auth_parse import Grant, MalformedAuthResponse, parse_auth_response
 from gateway.clock import Clock
 from gateway.errors import AuthError, AuthReason
 from gateway.settings import Settings
-from gateway.token import RenewalKind, Token
-from gateway.upstream import target_url
+from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
+from gateway.token.value import RenewalKind, Token
+from gateway.urls import target_url
 
 MAX_AUTH_BODY = 64 * 1024
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
