@@ -38,6 +38,9 @@ async def readyz(request: web.Request) -> web.Response:
     if not status.usable:
         if status.credentials_rejected:
             reasons.append("no usable token: Repairy rejected the credentials")
+        elif status.blocked is not None:
+            reasons.append(f"no usable token: Repairy refused the auth request "
+                           f"({status.blocked}); check the auth settings")
         elif status.last_error:
             reasons.append(f"no usable token: last renewal failed ({status.last_error})")
         elif status.stale:
@@ -57,7 +60,11 @@ async def tokenz(request: web.Request) -> web.Response:
         "usable": st.usable,
         "stale": st.stale,
         "credentials_rejected": st.credentials_rejected,
+        "blocked": st.blocked,
         "consecutive_failures": st.consecutive_failures,
+        "next_attempt_in_seconds": None if st.next_attempt_at is None
+        else round(max(0.0, st.next_attempt_at - now), 3),
+        "persistent_401_routes": gw.route_401.marked(),
         "last_renewal": {"at": _iso(st.last_renewal_wall), "outcome": st.last_outcome,
                          "error": st.last_error},
         "token": None,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -32,9 +33,10 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
-from gateway.token.auth_client import AuthClient
+from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.file import load_token, save_token
 from gateway.token.manager import TokenManager
+from gateway.token.route_401 import Persistent401
 from gateway.token.value import Token
 from gateway.upstream import Upstream, create_session
 
@@ -91,6 +93,7 @@ class GatewayServer:
         self.admin_url = ""
         self._state: GatewayState | None = None
         self._proxy_runner: web.ServerRunner | None = None
+        self._auth_session: aiohttp.ClientSession
         self._admin_runner: web.AppRunner | None = None
 
     @property
@@ -109,13 +112,15 @@ class GatewayServer:
             def persist(token: Token, current: Settings) -> None:
                 save_token(path, token, current)
 
-        tokens = TokenManager(AuthClient(session, s, self.clock), s, self.clock, self.metrics,
-                              initial=initial, persist=persist)
+        self._auth_session = create_auth_session(s)
+        tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
+                              self.metrics, initial=initial, persist=persist)
         self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
-                                   metrics=self.metrics, access=build_access_policy(s))
+                                   metrics=self.metrics, access=build_access_policy(s),
+                                   route_401=self._route_401(s))
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
-        self.reloader = CredentialReloader(self._state, session, self.clock,
+        self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
                                            self._reload_settings)
         await self.reloader.start()
         self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
@@ -133,9 +138,22 @@ class GatewayServer:
             "upstream": str(s.base_url), "partner_id": s.partner_id,
             "app_key_fp": s.app_key.fingerprint}})
 
+    def _route_401(self, s: Settings) -> Persistent401:
+        def on_mark(route: str, cooldown: float) -> None:
+            self.metrics.persistent_401.labels(route).inc()
+            log.warning("route %s refuses a brand-new token too: passing its 401s back without "
+                        "renewing for %gs", route, cooldown, extra={"fields": {
+                            "event": "persistent_401", "route": route,
+                            "cooldown_s": cooldown}})
+
+        return Persistent401(self.clock, s.persistent_401_cooldown,
+                             s.persistent_401_cooldown_max, on_mark)
+
     async def stop(self) -> None:
         if self._state is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_delay + self.settings.shutdown_grace
         self._state.draining = True
         log.info("draining", extra={"fields": {"event": "draining",
                                                "grace_s": self.settings.shutdown_grace}})
@@ -145,8 +163,12 @@ class GatewayServer:
             await self._proxy_runner.cleanup()  # stop accepting, let in-flight requests finish
         if self.reloader is not None:
             await self.reloader.stop()
-        await self._state.tokens.stop()
+        # A renewal under way may finish (Repairy may already have rotated the refresh token
+        # it used), within the auth timeout and what is left of the shutdown deadline.
+        grace = min(self.settings.auth_timeout, max(0.0, deadline - loop.time()))
+        await self._state.tokens.stop(grace)
         await self._state.upstream.close()
+        await self._auth_session.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if isinstance(self.settings.listen, UnixAddress):

@@ -1,7 +1,13 @@
-"""Time, injectable: a monotonic clock for expiry and scheduling, a wall clock for display."""
+"""Time, injectable: a clock for expiry and scheduling, a wall clock for display, and sleeping.
+
+The scheduling clock is ``CLOCK_BOOTTIME`` where the platform has it: unlike
+``CLOCK_MONOTONIC`` it keeps counting while the host is suspended, so a token's expiry is
+measured in real elapsed time. Callers cap their sleeps and decide again when they wake.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -11,12 +17,21 @@ class Clock(Protocol):
 
     def time(self) -> float: ...
 
+    async def sleep(self, seconds: float) -> None: ...
+
+
+#: The clock id expiry is measured on: BOOTTIME (Linux) counts suspended time too.
+SCHEDULING_CLOCK: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
 
 class SystemClock:
     """The real clocks."""
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.clock_gettime(SCHEDULING_CLOCK)
 
     def time(self) -> float:
         return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))

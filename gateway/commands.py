@@ -14,8 +14,7 @@ from gateway.clock import SystemClock
 from gateway.errors import AuthError
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, load_settings
-from gateway.token.auth_client import AuthClient, token_from_exchange
-from gateway.upstream import create_session
+from gateway.token.auth_client import AuthClient, create_auth_session, token_from_exchange
 
 Print = Callable[[str], None]
 
@@ -28,7 +27,7 @@ def _iso(unix: float) -> str:
 async def check(settings: Settings, out: Print) -> int:
     """Log in once against the configured upstream; print the expiry, never the token."""
     clock = SystemClock()
-    async with create_session(settings) as session:
+    async with create_auth_session(settings) as session:
         try:
             ex = await AuthClient(session, settings, clock).login()
         except AuthError as exc:

@@ -60,6 +60,14 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def parse_positive_duration(value: object) -> float:
+    """A duration that must be above zero (a timeout, a retry interval, a lifetime)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be above zero (e.g. 250ms, 2s, 1m)")
+    return seconds
+
+
 def parse_size(value: object) -> int:
     """Bytes from ``65536``, ``64KiB``, ``100MiB``, ``1GiB``."""
     if isinstance(value, bool):
@@ -88,10 +96,29 @@ def parse_bool(value: object) -> bool:
     raise ValueError(f"{value!r} is not a boolean (true/false)")
 
 
+def _number(value: object) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number such as 0.8") from None
+    if number != number:
+        raise ValueError("must be a number such as 0.8")
+    return number
+
+
 def parse_fraction(value: object) -> float:
-    number = float(str(value))
-    if not 0.0 <= number < 1.0:
-        raise ValueError("must be a fraction from 0 up to (not including) 1")
+    number = _number(value)
+    if not 0.0 <= number <= 0.95:
+        raise ValueError("must be a fraction from 0 to 0.95")
+    return number
+
+
+def parse_renew_fraction(value: object) -> float:
+    """The share of a token's lifetime after which renewal starts."""
+    number = _number(value)
+    if not 0.1 <= number <= 0.95:
+        raise ValueError("must be a fraction from 0.1 to 0.95 (0.8: renew at 80% of the "
+                         "lifetime)")
     return number
 
 

@@ -1,10 +1,16 @@
-"""Hot credential rotation: re-read ``*_FILE`` credentials and switch over safely.
+"""Hot credential rotation: re-read ``*_FILE`` credentials and client keys, switch safely.
 
 Kubernetes updates mounted secrets in place. Every ``secrets_poll_interval`` (and on SIGHUP)
-the files are compared with what was last applied; when the App Key, App Secret or Partner ID
-changed, the gateway logs in with the new values *in the background* while the old token keeps
-serving, and only once that login works does it switch settings and token over, atomically.
-A login that fails leaves everything as it was, and is retried after ``login_retry_interval``.
+the files are compared with what was last applied:
+
+* when the App Key, App Secret or Partner ID changed, the gateway logs in with the new values
+  *in the background* while the old token keeps serving, and only once that login works does
+  it switch settings and token over, atomically. A login that fails leaves everything as it
+  was; the same files are tried again after ``login_retry_interval`` (or on SIGHUP), new
+  files at once. Rotation logins count in ``credential_reloads_total`` only, never as renewals.
+* a changed ``GATEWAY_CLIENT_KEYS_FILE`` is applied on its own, without any login (a revoked
+  client key must stop working promptly). An unreadable, invalid or empty file keeps the
+  previous keys and logs an error: it never falls back to "no keys".
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.access import AccessPolicy, parse_client_keys
 from gateway.clock import Clock
 from gateway.errors import AuthError
 from gateway.settings import Settings, SettingsError
@@ -30,8 +37,11 @@ CREDENTIAL_KEYS = ("app_key", "app_secret", "partner_id")
 
 
 def _files_digest(settings: Settings) -> str:
+    """A digest of the credential files (client keys are watched apart)."""
     digest = hashlib.sha256()
     for key, path in settings.secret_files:
+        if key not in CREDENTIAL_KEYS:
+            continue
         digest.update(key.encode())
         try:
             digest.update(Path(path).read_bytes())
@@ -52,14 +62,15 @@ class CredentialReloader:
         self._clock = clock
         self._load = load
         self._applied = _files_digest(state.settings)
+        self._failed: str | None = None  # the digest whose login failed
         self._retry_at: float | None = None
+        self._keys_seen = self._client_keys_digest()
         self._force = False
         self._trigger = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def trigger(self) -> None:
         """Re-read now (SIGHUP)."""
-        self._retry_at = None
         self._force = True
         self._trigger.set()
 
@@ -87,17 +98,20 @@ class CredentialReloader:
     async def check(self) -> str:
         """Apply changed credentials; returns the outcome (also a metric label)."""
         force, self._force = self._force, False
+        self.check_client_keys(force)
         current = self._state.settings
         digest = _files_digest(current)
-        retry_due = self._retry_at is not None and self._clock.monotonic() >= self._retry_at
-        if digest == self._applied and not force and not retry_due:
+        if digest == self._applied and not force:
             return "unchanged"
+        retry_due = self._retry_at is None or self._clock.monotonic() >= self._retry_at
+        if digest == self._failed and not force and not retry_due:
+            return "waiting"  # these files failed; try them again after the interval
         try:
             loaded = self._load()
         except SettingsError as exc:
             return self._outcome("failure", f"settings invalid: {exc}", digest)
         if _same_credentials(loaded, current):
-            self._applied, self._retry_at = digest, None
+            self._applied, self._failed, self._retry_at = digest, None, None
             return self._outcome("unchanged", None, None)
         new = dataclasses.replace(current, app_key=loaded.app_key,
                                   app_secret=loaded.app_secret, partner_id=loaded.partner_id)
@@ -105,16 +119,62 @@ class CredentialReloader:
             token = await self._state.tokens.switch_credentials(
                 new, AuthClient(self._session, new, self._clock))
         except AuthError as exc:
+            self._failed = digest
             self._retry_at = self._clock.monotonic() + current.login_retry_interval
             return self._outcome("failure", f"login with the new credentials failed: "
                                  f"{exc.reason}", digest)
-        self._state.settings = new
-        self._applied, self._retry_at = digest, None
+        self._state.settings = dataclasses.replace(
+            new, client_keys=self._state.settings.client_keys)
+        self._applied, self._failed, self._retry_at = digest, None, None
         log.info("credentials rotated", extra={"fields": {
             "event": "credentials_rotated", "app_key_fp": new.app_key.fingerprint,
             "partner_id": new.partner_id, "generation": token.generation,
             "token_fp": token.fingerprint}})
         return self._outcome("success", None, None)
+
+    def _client_keys_path(self) -> str | None:
+        return dict(self._state.settings.secret_files).get("client_keys")
+
+    def _client_keys_digest(self) -> str | None:
+        path = self._client_keys_path()
+        if path is None:
+            return None
+        try:
+            return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}"
+
+    def check_client_keys(self, force: bool = False) -> str:
+        """Apply a changed client keys file at once; keep the previous keys if it is bad."""
+        path = self._client_keys_path()
+        if path is None:
+            return "unchanged"
+        seen = self._client_keys_digest()
+        if seen == self._keys_seen and not force:
+            return "unchanged"
+        self._keys_seen = seen
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            keys = parse_client_keys(text)
+            if not keys:
+                raise ValueError("the file lists no client key")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self._state.metrics.credential_reloads.labels("failure").inc()
+            log.error("client keys file not applied; keeping the previous keys",
+                      extra={"fields": {"event": "client_keys_reload_failed", "path": path,
+                                        "problem": problem}})
+            return "failure"
+        current = self._state.settings
+        if keys == current.client_keys:
+            return "unchanged"
+        self._state.settings = dataclasses.replace(current, client_keys=keys)
+        self._state.access = AccessPolicy(keys, current.allowed_cidrs, current.allowed_routes,
+                                          current.client_key_header)
+        self._state.metrics.credential_reloads.labels("success").inc()
+        log.info("client keys reloaded", extra={"fields": {
+            "event": "client_keys_reloaded", "clients": sorted(k.name for k in keys)}})
+        return "success"
 
     def _outcome(self, outcome: str, problem: str | None, digest: str | None) -> str:
         self._state.metrics.credential_reloads.labels(outcome).inc()

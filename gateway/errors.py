@@ -35,8 +35,9 @@ from aiohttp import web
 
 GATEWAY_ERROR_HEADER: Final = "X-Repairy-Gateway-Error"
 
-AuthReason = Literal["invalid_credentials", "refresh_rejected", "timeout", "connect_error",
-                     "server_error", "rate_limited", "malformed_response"]
+AuthReason = Literal["invalid_credentials", "refresh_rejected", "endpoint_misconfigured",
+                     "request_rejected", "timeout", "connect_error", "server_error",
+                     "rate_limited", "malformed_response"]
 
 
 class GatewayError(Exception):

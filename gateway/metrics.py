@@ -61,6 +61,10 @@ class Metrics:
         self.invalidations = Counter(f"{NS}_token_invalidations",
                                      "Tokens dropped before expiry, by reason.", ["reason"],
                                      registry=r)
+        self.persistent_401 = Counter(
+            f"{NS}_persistent_401", "Times a route was marked persistent 401 (it refused a "
+            "brand-new token too; its 401s then pass back without renewing), by route template.",
+            ["route"], registry=r)
         self.credential_reloads = Counter(
             f"{NS}_credential_reloads", "Credential file checks that found a change, by "
             "outcome (success: switched; failure: kept the old ones).", ["outcome"], registry=r)

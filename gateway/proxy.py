@@ -189,16 +189,21 @@ class Proxy:
         token = await gw.tokens.get()
         resp = await self._exchange(request.method, url, headers, body.data, token, outcome)
         if resp.status == 401:
-            gw.tokens.invalidate(token.generation, "upstream_401")
-            if body.replayable:
-                resp.release()
-                token = await gw.tokens.get()
-                outcome.replayed = True
-                gw.metrics.replayed.labels("upstream_401").inc()
-                resp = await self._exchange(request.method, url, headers, body.data, token,
-                                            outcome)
-                if resp.status == 401:  # no second replay: pass it back
-                    gw.tokens.invalidate(token.generation, "upstream_401")
+            if gw.route_401.unauthorized(outcome.route, token.generation):
+                gw.tokens.invalidate(token.generation, "upstream_401")
+                if body.replayable:
+                    resp.release()
+                    token = await gw.tokens.get(newer_than=token.generation)
+                    outcome.replayed = True
+                    gw.metrics.replayed.labels("upstream_401").inc()
+                    resp = await self._exchange(request.method, url, headers, body.data, token,
+                                                outcome)
+                    if resp.status == 401:  # no second replay: pass it back (and judge)
+                        gw.route_401.unauthorized(outcome.route, token.generation)
+                    else:
+                        gw.route_401.answered(outcome.route, token.generation)
+        else:
+            gw.route_401.answered(outcome.route, token.generation)
         return await self._stream_back(request, resp, rid, outcome)
 
     async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str], body: Body,

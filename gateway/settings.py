@@ -42,7 +42,9 @@ from gateway.config_values import (
     parse_optional_file,
     parse_optional_path,
     parse_path,
+    parse_positive_duration,
     parse_positive_int,
+    parse_renew_fraction,
     parse_secret,
     parse_size,
 )
@@ -87,7 +89,7 @@ SPECS: tuple[Spec, ...] = (
           "Partner App Secret (or REPAIRY_APP_SECRET_FILE).", U, True),
     _spec("partner_id", "REPAIRY_PARTNER_ID", parse_name, None,
           "Partner ID sent as X-Partner-ID (or REPAIRY_PARTNER_ID_FILE).", U, True),
-    _spec("connect_timeout", "GATEWAY_CONNECT_TIMEOUT", parse_duration, "5s",
+    _spec("connect_timeout", "GATEWAY_CONNECT_TIMEOUT", parse_positive_duration, "5s",
           "Time allowed to open a connection to the upstream.", U),
     _spec("read_timeout", "GATEWAY_READ_TIMEOUT", parse_duration, "60s",
           "Longest silence allowed while reading an upstream response.", U),
@@ -119,26 +121,32 @@ SPECS: tuple[Spec, ...] = (
           "Encoding of auth request bodies: json or form (urlencoded).", A),
     _spec("auth_refresh_bearer", "REPAIRY_AUTH_REFRESH_BEARER", parse_bool, "true",
           "Send the current access token as Bearer on refresh.", A),
-    _spec("auth_timeout", "GATEWAY_AUTH_TIMEOUT", parse_duration, "10s",
+    _spec("auth_timeout", "GATEWAY_AUTH_TIMEOUT", parse_positive_duration, "10s",
           "Time allowed for one login or refresh call.", A),
-    _spec("access_token_default_ttl", "REPAIRY_ACCESS_TOKEN_TTL", parse_duration, "48h",
+    _spec("access_token_default_ttl", "REPAIRY_ACCESS_TOKEN_TTL", parse_positive_duration, "48h",
           "Access-token lifetime assumed when the auth response states none.", A),
-    _spec("refresh_token_default_ttl", "REPAIRY_REFRESH_TOKEN_TTL", parse_duration, "14d",
+    _spec("refresh_token_default_ttl", "REPAIRY_REFRESH_TOKEN_TTL", parse_positive_duration, "14d",
           "Refresh-token lifetime assumed when the auth response states none.", A),
-    _spec("renew_at_fraction", "GATEWAY_RENEW_AT_FRACTION", parse_fraction, "0.8",
+    _spec("renew_at_fraction", "GATEWAY_RENEW_AT_FRACTION", parse_renew_fraction, "0.8",
           "Renew in the background once this share of the token lifetime has passed.", T),
     _spec("renew_jitter_fraction", "GATEWAY_RENEW_JITTER_FRACTION", parse_fraction, "0.1",
           "Renew up to this share of the lifetime earlier, at random, so replicas spread.", T),
     _spec("token_expiry_margin", "GATEWAY_TOKEN_EXPIRY_MARGIN", parse_duration, "60s",
           "Stop using a token this long before it expires (capped at 10% of its lifetime).", T),
-    _spec("token_wait_timeout", "GATEWAY_TOKEN_WAIT_TIMEOUT", parse_duration, "10s",
+    _spec("token_wait_timeout", "GATEWAY_TOKEN_WAIT_TIMEOUT", parse_positive_duration, "10s",
           "Longest a request waits for a token when none is usable (then 503).", T),
-    _spec("renew_retry_min", "GATEWAY_RENEW_RETRY_MIN", parse_duration, "1s",
+    _spec("renew_retry_min", "GATEWAY_RENEW_RETRY_MIN", parse_positive_duration, "1s",
           "First back-off after a failed renewal (doubles each failure, jittered).", T),
-    _spec("renew_retry_max", "GATEWAY_RENEW_RETRY_MAX", parse_duration, "60s",
+    _spec("renew_retry_max", "GATEWAY_RENEW_RETRY_MAX", parse_positive_duration, "60s",
           "Longest back-off between failed renewals.", T),
-    _spec("login_retry_interval", "GATEWAY_LOGIN_RETRY_INTERVAL", parse_duration, "30s",
-          "Wait between logins while the credentials are rejected.", T),
+    _spec("login_retry_interval", "GATEWAY_LOGIN_RETRY_INTERVAL", parse_positive_duration,
+          "30s", "Wait between logins while Repairy refuses the configuration (rejected "
+          "credentials, a wrong auth path or body).", T),
+    _spec("persistent_401_cooldown", "GATEWAY_PERSISTENT_401_COOLDOWN", parse_positive_duration,
+          "60s", "A route that answers 401 to a brand-new token too is passed through, without "
+          "renewing, for this long (doubling while it persists).", T),
+    _spec("persistent_401_cooldown_max", "GATEWAY_PERSISTENT_401_COOLDOWN_MAX",
+          parse_positive_duration, "1h", "Longest persistent-401 cool-down of a route.", T),
     _spec("token_file", "GATEWAY_TOKEN_FILE", parse_optional_path, "",
           "Keep the token in this file (0600) so a restart reuses it (empty: memory only).", T),
     _spec("listen", "GATEWAY_LISTEN", parse_listen, "127.0.0.1:8080",
@@ -216,6 +224,8 @@ class Settings:
     renew_retry_min: float
     renew_retry_max: float
     login_retry_interval: float
+    persistent_401_cooldown: float
+    persistent_401_cooldown_max: float
     token_file: str
     listen: ListenAddress
     replay_body_limit: int
@@ -305,9 +315,12 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
 def _check_consistency(s: Settings) -> None:
     if s.renew_retry_min > s.renew_retry_max:
         raise SettingsError("GATEWAY_RENEW_RETRY_MIN", "must not exceed GATEWAY_RENEW_RETRY_MAX")
-    if s.renew_jitter_fraction > s.renew_at_fraction:
+    if s.renew_jitter_fraction >= s.renew_at_fraction:
         raise SettingsError("GATEWAY_RENEW_JITTER_FRACTION",
-                            "must not exceed GATEWAY_RENEW_AT_FRACTION")
+                            "must be below GATEWAY_RENEW_AT_FRACTION")
+    if s.persistent_401_cooldown > s.persistent_401_cooldown_max:
+        raise SettingsError("GATEWAY_PERSISTENT_401_COOLDOWN",
+                            "must not exceed GATEWAY_PERSISTENT_401_COOLDOWN_MAX")
     if s.max_body_size and s.replay_body_limit > s.max_body_size:
         raise SettingsError("GATEWAY_REPLAY_BODY_LIMIT", "must not exceed GATEWAY_MAX_BODY_SIZE")
     if s.auth_token_path == s.auth_refresh_path:

@@ -10,6 +10,7 @@ from gateway.access import AccessPolicy
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.token.manager import TokenManager
+from gateway.token.route_401 import Persistent401
 from gateway.upstream import Upstream
 
 
@@ -20,6 +21,7 @@ class GatewayState:
     upstream: Upstream
     metrics: Metrics
     access: AccessPolicy
+    route_401: Persistent401
     draining: bool = False
 
     def ready(self) -> bool:

@@ -84,10 +84,10 @@ async def test_token_rejected_refresh_falls_back_to_login(http: aiohttp.ClientSe
 
 async def test_token_expired_refresh_token_means_login(http: aiohttp.ClientSession) -> None:
     """When the refresh token is past its own expiry, renewal logs in without trying it."""
-    async with Sandbox(SandboxConfig(access_ttl=1.0, refresh_ttl=0.3)) as sb, \
+    async with Sandbox(SandboxConfig(access_ttl=2.5, refresh_ttl=1.0)) as sb, \
             GatewayServer(settings_for(sb, renew_at_fraction=0.5)) as gw:
         await wait_until(lambda: (tok := gw.state.tokens.current) is not None
-                         and tok.generation >= 3, within=4)
+                         and tok.generation >= 3, within=5)
         s = await stats(http, sb)
     assert s["refresh_requests"] == 0
     assert s["token_requests"] >= 3
@@ -205,7 +205,7 @@ async def test_token_invalidate_spares_a_newer_generation(
     tokens = gateway.state.tokens
     first = await tokens.get()
     assert tokens.invalidate(first.generation, "test") is True
-    second = await tokens.get()
+    second = await tokens.get(newer_than=first.generation)
     assert second.generation == first.generation + 1
     assert tokens.invalidate(first.generation, "test") is False
     assert tokens.ready()

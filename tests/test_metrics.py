@@ -110,8 +110,11 @@ async def test_metrics_upstream_error_kinds(
         for kind, n in (("status_5xx", 1), ("status_429", 1), ("status_401", 2),
                         ("timeout", 1), ("protocol", 1)):
             assert sample(gw, "repairy_gateway_upstream_errors_total", kind=kind) == n, kind
+        # The replay's 401 does not invalidate the brand-new token: it marks the route.
         assert sample(gw, "repairy_gateway_token_invalidations_total",
-                      reason="upstream_401") == 2
+                      reason="upstream_401") == 1
+        assert sample(gw, "repairy_gateway_persistent_401_total",
+                      route="/workshops/{id}/services") == 1
         assert sample(gw, "repairy_gateway_requests_replayed_total", reason="upstream_401") == 1
         assert sample(gw, "repairy_gateway_responses_total", source="gateway", status="504",
                       code="upstream_timeout") == 1

@@ -45,7 +45,7 @@ async def test_token_file_rewritten_atomically_on_renewal(
         inode = path.stat().st_ino
         first = await gw.state.tokens.get()
         gw.state.tokens.invalidate(first.generation, "test")
-        await gw.state.tokens.get()
+        await gw.state.tokens.get(newer_than=first.generation)
         assert path.stat().st_ino != inode
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert json.loads(path.read_text())["generation"] == 2

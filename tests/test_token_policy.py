@@ -6,9 +6,9 @@ import pytest
 
 from gateway.token.auth_client import Exchange, token_from_exchange
 from gateway.token.parse import Grant
+from gateway.token.renewal import backoff
 from gateway.token.value import (
     Token,
-    backoff,
     can_refresh,
     choose_renewal,
     is_usable,
@@ -67,6 +67,12 @@ def test_policy_backoff_doubles_with_jitter_and_caps() -> None:
     assert backoff(4, 1, 60, u=0.999) == pytest.approx(8, abs=0.01)
     assert backoff(30, 1, 60, u=0.999) <= 60
     assert backoff(30, 1, 60, u=0.0) == 30
+
+
+@pytest.mark.parametrize("failures", [1025, 10**6, 10**18])
+def test_policy_backoff_never_overflows(failures: int) -> None:
+    """Any number of failures gives a finite back-off at the cap (2.0 ** 1025 overflowed)."""
+    assert backoff(failures, 1, 60, u=0.999) == pytest.approx(60, abs=0.1)
 
 
 def test_policy_expiry_counts_from_when_the_call_was_sent() -> None:

@@ -1,16 +1,33 @@
 """Calls to Repairy's two auth endpoints (log in, refresh), and nothing else.
 
 These requests are built here from settings, never through the proxy path that injects the
-managed token. Every failure becomes an :class:`~gateway.errors.AuthError` with a fixed
-``reason``; error bodies from the auth endpoint are reduced to a short code before anyone can
-log them, since they may echo what we sent.
+managed token, and travel on their own small connection pool (:func:`create_auth_session`),
+so a busy proxy pool can never delay them. Every failure becomes an
+:class:`~gateway.errors.AuthError` with a fixed ``reason``:
+
+* ``timeout`` and dropped connections are *ambiguous* only if the request may have been sent
+  (a trace hook records when the headers went out), since then a refresh token may have been
+  used up; a connection that never opened is not ambiguous;
+* login: 401/403 ``invalid_credentials``; 404/405/415 ``endpoint_misconfigured``; other 4xx
+  ``request_rejected``; refresh: 404/405/415 ``endpoint_misconfigured``, other 4xx
+  ``refresh_rejected``; both: 429 ``rate_limited``, 5xx ``server_error``;
+* ``Retry-After`` is read as seconds or as an HTTP date;
+* error bodies are reduced to a short code before anyone can log them, and a code that equals
+  or contains a credential is dropped (an endpoint may echo what we sent).
+
+The answer is read to its end (bounded by :data:`MAX_AUTH_BODY`), however it is chunked.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
+import ssl
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from types import SimpleNamespace
 from urllib.parse import urlencode
 
 import aiohttp
@@ -22,8 +39,12 @@ from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_respons
 from gateway.token.value import RenewalKind, Token
 from gateway.urls import target_url
 
+log = logging.getLogger("gateway.token")
 MAX_AUTH_BODY = 64 * 1024
+#: Connections of the auth pool: renewal is single-flight, a spare covers a rotation login.
+AUTH_POOL_SIZE = 2
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_MISCONFIGURED = frozenset({404, 405, 415})
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,25 @@ class Exchange:
     partner_id: str
 
 
+async def _on_headers_sent(session: aiohttp.ClientSession, ctx: SimpleNamespace,
+                           params: aiohttp.TraceRequestHeadersSentParams) -> None:
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx["sent"] = True
+
+
+def create_auth_session(settings: Settings) -> aiohttp.ClientSession:
+    """The auth calls' own session and small pool (create inside the running loop)."""
+    ssl_context: ssl.SSLContext | bool = True
+    if settings.upstream_ca_file:
+        ssl_context = ssl.create_default_context(cafile=settings.upstream_ca_file)
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE, ssl=ssl_context,
+                                     keepalive_timeout=settings.keepalive_timeout)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 trust_env=False, trace_configs=[trace])
+
+
 class AuthClient:
     """Logs in and refreshes against the configured upstream."""
 
@@ -43,6 +83,7 @@ class AuthClient:
         self._session = session
         self._settings = settings
         self._clock = clock
+        self._noted: set[str] = set()
 
     async def login(self) -> Exchange:
         s = self._settings
@@ -72,43 +113,108 @@ class AuthClient:
             data = urlencode(body).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         sent_mono, sent_wall = self._clock.monotonic(), self._clock.time()
+        trace: dict[str, bool] = {"sent": False}
+        timeout = aiohttp.ClientTimeout(total=s.auth_timeout,
+                                        sock_connect=min(s.connect_timeout, s.auth_timeout))
         try:
-            async with self._session.post(
-                url, data=data, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=s.auth_timeout),
-                allow_redirects=False,
-            ) as resp:
-                raw = await resp.content.read(MAX_AUTH_BODY + 1)
+            async with self._session.post(url, data=data, headers=headers, timeout=timeout,
+                                          allow_redirects=False,
+                                          trace_request_ctx=trace) as resp:
+                raw = await _read_bounded(resp)
                 status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"),
+                                                self._clock.time())
         except TimeoutError:
-            raise AuthError("timeout", f"{kind} timed out after {s.auth_timeout:g}s",
-                            ambiguous=True) from None
+            sent = trace["sent"]
+            raise AuthError("timeout", f"{kind} timed out after {s.auth_timeout:g}s"
+                            + ("" if sent else " before it was sent"), ambiguous=sent) from None
         except aiohttp.ClientConnectorError as exc:
             raise AuthError("connect_error", f"{kind}: cannot connect: {exc.os_error}") from None
         except aiohttp.ClientError as exc:
             raise AuthError("connect_error", f"{kind}: connection failed: {type(exc).__name__}",
-                            ambiguous=True) from None
+                            ambiguous=trace["sent"]) from None
         if 200 <= status < 300:
             if len(raw) > MAX_AUTH_BODY:
-                raise AuthError("malformed_response", f"{kind} response too large", status=status)
+                raise AuthError("malformed_response", f"{kind} response too large", status=status,
+                                ambiguous=kind == "refresh")
             try:
-                grant = parse_auth_response(raw, sent_wall)
+                grant = parse_auth_response(raw, sent_wall, max_access=s.access_token_default_ttl,
+                                            max_refresh=s.refresh_token_default_ttl)
             except MalformedAuthResponse as exc:
-                raise AuthError("malformed_response", f"{kind}: {exc}", status=status) from None
+                # A refresh answered 2xx may have used up the refresh token: ambiguous.
+                raise AuthError("malformed_response", f"{kind}: {exc}", status=status,
+                                ambiguous=kind == "refresh") from None
+            self._note(kind, grant.notes)
             return Exchange(grant, sent_mono, sent_wall, s.partner_id)
-        reason: AuthReason
-        if status == 429:
-            reason = "rate_limited"
-        elif status >= 500:
-            reason = "server_error"
-        elif kind == "login":
-            reason = "invalid_credentials"
-        else:
-            reason = "refresh_rejected"
-        detail = _error_code(raw)
+        reason = _reason(kind, status)
+        detail = self._error_code(raw, body, bearer)
         raise AuthError(reason, f"{kind} answered {status}" + (f" ({detail})" if detail else ""),
                         status=status, retry_after=retry_after)
+
+    def _note(self, kind: RenewalKind, notes: tuple[str, ...]) -> None:
+        """Log each correction of an auth answer once per process, not on every renewal."""
+        for note in notes:
+            if note not in self._noted and len(self._noted) < 100:
+                self._noted.add(note)
+                log.warning("auth response corrected: %s", note, extra={"fields": {
+                    "event": "auth_response_corrected", "kind": kind, "note": note}})
+
+    def _error_code(self, raw: bytes, sent: dict[str, str], bearer: str | None) -> str | None:
+        s = self._settings
+        secrets = [s.app_key.reveal(), s.app_secret.reveal(), *sent.values()]
+        if bearer:
+            secrets.append(bearer)
+        return error_code(raw, secrets)
+
+
+def _reason(kind: RenewalKind, status: int) -> AuthReason:
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "server_error"
+    if status in _MISCONFIGURED:
+        return "endpoint_misconfigured"
+    if kind == "refresh":
+        return "refresh_rejected"
+    if status in (401, 403):
+        return "invalid_credentials"
+    return "request_rejected"
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, however many pieces it comes in; stops past :data:`MAX_AUTH_BODY`."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= MAX_AUTH_BODY:
+        chunk = await resp.content.read(MAX_AUTH_BODY + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+def parse_retry_after(value: str | None, now_wall: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` of delay-seconds or an HTTP date; None if absent
+    or unreadable. Always finite and not negative."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(min(int(text[:12]), 10**9))
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now_wall
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), 1e9)
 
 
 def token_from_exchange(ex: Exchange, *, generation: int, via: RenewalKind,
@@ -134,17 +240,9 @@ def token_from_exchange(ex: Exchange, *, generation: int, via: RenewalKind,
                  partner_id=ex.partner_id)
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # HTTP-date form: ignored, our own back-off applies
-
-
-def _error_code(raw: bytes) -> str | None:
-    """A short, safe code from an error body (``error.code``/``code``/``error``), else None."""
+def error_code(raw: bytes, secrets: list[str]) -> str | None:
+    """A short, safe code from an error body (``error.code``/``code``/``error``), else None.
+    A candidate equal to, containing or contained in one of ``secrets`` is never returned."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -156,6 +254,15 @@ def _error_code(raw: bytes) -> str | None:
             candidates.append(err.get("code"))
         candidates += [err, doc.get("code")]
     for c in candidates:
-        if isinstance(c, str) and _CODE_RE.match(c):
+        if isinstance(c, str) and _CODE_RE.match(c) and not _touches(c, secrets):
             return c
     return None
+
+
+def _touches(code: str, secrets: list[str]) -> bool:
+    low = code.lower()
+    for secret in secrets:
+        s = secret.lower()
+        if s and (s in low or (len(code) >= 4 and low in s)):
+            return True
+    return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -83,12 +84,11 @@ def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
         def mono(unix: float) -> float:
             return now_mono + (unix - now_wall)
 
-        refresh_at = doc.get("refresh_expires_at")
-        token = Token(access=doc["access_token"], refresh=doc.get("refresh_token"),
-                      generation=int(doc.get("generation", 0)), via="login",
-                      obtained_at=mono(float(doc["obtained_at"])),
+        refresh, refresh_at, generation = _optional_fields(doc, path)
+        token = Token(access=doc["access_token"], refresh=refresh, generation=generation,
+                      via="login", obtained_at=mono(float(doc["obtained_at"])),
                       expires_at=mono(float(doc["expires_at"])),
-                      refresh_expires_at=mono(float(refresh_at)) if refresh_at else None,
+                      refresh_expires_at=mono(refresh_at) if refresh_at is not None else None,
                       obtained_wall=float(doc["obtained_at"]), partner_id=settings.partner_id)
         if is_usable(token, now_mono, settings.token_expiry_margin):
             log.info("reusing the stored token", extra={"fields": {
@@ -101,6 +101,34 @@ def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
     return None
 
 
+def _optional_fields(doc: dict[str, Any], path: Path) -> tuple[str | None, float | None, int]:
+    """The refresh token, its expiry and the generation; a bad one is ignored with a warning
+    (a refresh token without a readable expiry is dropped: it cannot be scheduled)."""
+    bad: list[str] = []
+    refresh = doc.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        bad.append("refresh_token")
+        refresh = None
+    refresh_at: float | None = None
+    raw_at = doc.get("refresh_expires_at")
+    if raw_at is not None:
+        if isinstance(raw_at, int | float) and not isinstance(raw_at, bool) and math.isfinite(
+                raw_at):
+            refresh_at = float(raw_at)
+        else:
+            bad.append("refresh_expires_at")
+            refresh = None
+    generation = doc.get("generation", 0)
+    if not isinstance(generation, int) or isinstance(generation, bool) or not (
+            0 <= generation < 2**53):
+        bad.append("generation")
+        generation = 0
+    if bad:
+        log.warning("ignoring bad fields of the token file", extra={"fields": {
+            "event": "token_file_field_ignored", "path": str(path), "fields": bad}})
+    return refresh, refresh_at, generation
+
+
 def _unusable_reason(doc: object, settings: Settings) -> str | None:
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
         return "unknown format"
@@ -109,7 +137,9 @@ def _unusable_reason(doc: object, settings: Settings) -> str | None:
     if not isinstance(doc.get("access_token"), str) or not doc["access_token"]:
         return "no access token"
     try:
-        float(doc["obtained_at"]), float(doc["expires_at"])
+        times = float(doc["obtained_at"]), float(doc["expires_at"])
     except (KeyError, TypeError, ValueError):
+        return "no expiry"
+    if not all(math.isfinite(t) for t in times):
         return "no expiry"
     return None

@@ -1,15 +1,21 @@
 """The one managed token: obtained, renewed ahead of expiry, shared by every request.
 
-* Requests call :meth:`TokenManager.get`; while the current token is usable it returns at once,
+The manager keeps no decision state of its own: everything that decides "when is the next
+auth call, and which kind?" is the one :class:`~gateway.token.renewal.RenewalState` value, and
+the manager only applies what :mod:`gateway.token.renewal` decides. Its time (decisions and
+sleeps) comes from the injected :class:`~gateway.clock.Clock`, so the whole lifecycle runs on
+a fake clock in the tests.
+
+* Requests call :meth:`TokenManager.get`; while the token held is usable it returns at once,
   without a lock or an await on I/O.
-* Renewal is single-flight: one task at a time calls the auth endpoints, whoever asked for it
-  (the background loop, a request that found no usable token, a 401 invalidation).
-* The background loop renews when a share of the lifetime has passed (jittered), backs off on
-  failure, and retries slowly while the credentials are rejected.
-* Refresh is tried first when allowed; a rejected refresh, an expired refresh token, or an
-  ambiguous failure (timeout: the refresh token may have been rotated) leads to a login.
-* :meth:`invalidate` drops only the generation a caller used, so a token renewed meanwhile by
-  another request survives (the kubernetes#99324 pitfall).
+* One auth call at a time, by construction: the one task in ``_task`` (a renewal, or the
+  login of a credential rotation); whoever needs a token waits for it.
+* The background loop sleeps until the next attempt is due (never more than
+  :data:`MAX_SLEEP` at a time, so a suspended host re-decides when it wakes).
+* A refresh the endpoint definitely rejected is followed by a login in the same attempt; any
+  other failure is backed off (a 429 or 5xx on refresh never turns into a login at once).
+* :meth:`invalidate` means "renew now": the rejected token keeps serving until a replacement
+  lands, and only the generation a caller used is affected (the kubernetes#99324 pitfall).
 """
 
 from __future__ import annotations
@@ -20,23 +26,27 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from gateway.clock import Clock
 from gateway.errors import AuthError, CredentialsRejected, TokenUnavailable
 from gateway.settings import Settings
-from gateway.token.auth_client import AuthClient, Exchange, token_from_exchange
-from gateway.token.value import (
-    RenewalKind,
-    Token,
-    backoff,
-    choose_renewal,
-    is_usable,
-    renewal_due_at,
-    usable_until,
-)
+from gateway.token import renewal
+from gateway.token.auth_client import Exchange, token_from_exchange
+from gateway.token.renewal import Failure, RenewalPolicy, RenewalState
+from gateway.token.value import RenewalKind, Token, is_usable
 
 log = logging.getLogger("gateway.token")
+#: The longest the loop sleeps before deciding again (a host may be suspended meanwhile).
+MAX_SLEEP: Final = 30.0
+
+
+class AuthCalls(Protocol):
+    """What the manager needs of an auth client."""
+
+    async def login(self) -> Exchange: ...
+
+    async def refresh(self, token: Token) -> Exchange: ...
 
 
 class TokenEvents(Protocol):
@@ -62,73 +72,98 @@ class _NoEvents:
 
 @dataclass(frozen=True)
 class TokenStatus:
-    """A snapshot for health and debug endpoints (never holds the token itself)."""
+    """A snapshot for health and debug endpoints (never holds the token's value in text)."""
 
     token: Token | None
     usable: bool
     stale: bool
     renewal_due_at: float
+    next_attempt_at: float | None
     last_outcome: str | None
     last_error: str | None
     last_renewal_wall: float | None
     consecutive_failures: int
-    credentials_rejected: bool
+    blocked: str | None
+
+    @property
+    def credentials_rejected(self) -> bool:
+        return self.blocked == "invalid_credentials"
+
+
+def policy_of(s: Settings) -> RenewalPolicy:
+    return RenewalPolicy(margin=s.token_expiry_margin, at_fraction=s.renew_at_fraction,
+                         jitter_fraction=s.renew_jitter_fraction, retry_min=s.renew_retry_min,
+                         retry_max=s.renew_retry_max,
+                         login_retry_interval=s.login_retry_interval)
 
 
 class TokenManager:
-    def __init__(self, auth: AuthClient, settings: Settings, clock: Clock,
+    def __init__(self, auth: AuthCalls, settings: Settings, clock: Clock,
                  events: TokenEvents | None = None, rng: random.Random | None = None,
                  initial: Token | None = None,
                  persist: Callable[[Token, Settings], None] | None = None) -> None:
         self._auth = auth
         self._s = settings
+        self._policy = policy_of(settings)
         self._clock = clock
         self._events: TokenEvents = events or _NoEvents()
         self._rng = rng or random.Random()
-        self._token: Token | None = None
-        self._generation = 0
-        self._stale = False  # current token invalidated (upstream said 401)
-        self._refresh_banned = False  # after an ambiguous refresh: log in next time
-        self._due_at = 0.0
-        self._inflight: asyncio.Task[Token] | None = None
-        self._retry_at: float | None = None  # back-off after a transient failure
-        self._blocked_until: float | None = None  # back-off while credentials are rejected
-        self._failures = 0
-        self._last_outcome: str | None = None
-        self._last_error: str | None = None
-        self._last_renewal_wall: float | None = None
+        self._persist = persist
+        self._state = RenewalState()
+        self._task: asyncio.Task[Any] | None = None  # the one auth call under way
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._persist = persist
+        self._last_outcome: str | None = None
+        self._last_renewal_wall: float | None = None
         if initial is not None:  # a stored token from an earlier run
-            self._install(initial)
+            self._state = renewal.succeeded(self._state, initial, self._policy,
+                                            self._rng.random())
+            self._events.token_changed(initial)
 
     # -- the request path ----------------------------------------------------------------------
-    async def get(self) -> Token:
-        """The current usable token, or wait (bounded) for the one renewal in flight."""
-        tok = self._token
-        now = self._clock.monotonic()
-        if not self._stale and is_usable(tok, now, self._s.token_expiry_margin):
-            assert tok is not None
+    async def get(self, newer_than: int = 0) -> Token:
+        """A usable token (of a generation above ``newer_than``), waiting (bounded) for the
+        renewal under way if none is held; :class:`TokenUnavailable` when none can be had."""
+        tok = self._state.token
+        if tok is not None and tok.generation > newer_than and is_usable(
+                tok, self._clock.monotonic(), self._policy.margin):
             return tok
-        if self._inflight is None or self._inflight.done():
-            self._raise_if_backing_off(now)
-        task = self._start_renewal()
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self._s.token_wait_timeout)
-        except TimeoutError:
-            raise TokenUnavailable("timed out waiting for an access token",
-                                   retry_after=1.0) from None
-        except AuthError as exc:
-            raise self._unavailable(exc) from None
+        return await self._wait_for_token(newer_than)
+
+    async def _wait_for_token(self, newer_than: int) -> Token:
+        deadline = self._clock.monotonic() + self._s.token_wait_timeout
+        while True:
+            self._start_if_due()
+            now = self._clock.monotonic()
+            tok = self._state.token
+            if tok is not None and tok.generation > newer_than and is_usable(
+                    tok, now, self._policy.margin):
+                return tok
+            if now >= deadline:
+                raise TokenUnavailable("timed out waiting for an access token",
+                                       retry_after=1.0)
+            task = self._task
+            if task is None:
+                # Nothing under way: either a back-off after failures (answer now, with
+                # Retry-After), or only the short floor between attempts (wait for it).
+                st = self._state
+                plan = renewal.next_attempt(st, now, self._policy)
+                if plan is None or (st.not_before is not None and st.not_before > now) or (
+                        plan.when > deadline):
+                    raise self._unavailable(now)
+                await self._wait_any(None, plan.when - now)
+                continue
+            await self._wait_any(task, deadline - now)
 
     def invalidate(self, generation: int, reason: str) -> bool:
-        """Mark the token of ``generation`` unusable; False if a newer token is already held."""
-        tok = self._token
-        if tok is None or tok.generation != generation or self._stale:
+        """The upstream refused the token of ``generation``: renew now. False if that token is
+        already replaced or marked. The token keeps serving until its replacement lands."""
+        before = self._state
+        self._state = renewal.invalidated(before, generation)
+        if self._state is before:
             return False
-        self._stale = True
-        self._retry_at = None
+        tok = before.token
+        assert tok is not None
         log.warning("token invalidated", extra={"fields": {
             "event": "token_invalidated", "reason": reason, "generation": generation,
             "token_fp": tok.fingerprint}})
@@ -138,18 +173,22 @@ class TokenManager:
 
     # -- status --------------------------------------------------------------------------------
     def ready(self) -> bool:
-        return not self._stale and is_usable(self._token, self._clock.monotonic(),
-                                             self._s.token_expiry_margin)
+        return is_usable(self._state.token, self._clock.monotonic(), self._policy.margin)
 
     def status(self) -> TokenStatus:
-        return TokenStatus(self._token, self.ready(), self._stale, self._due_at,
-                           self._last_outcome,
-                           self._last_error, self._last_renewal_wall, self._failures,
-                           self._blocked_until is not None)
+        st = self._state
+        plan = renewal.next_attempt(st, self._clock.monotonic(), self._policy)
+        return TokenStatus(st.token, self.ready(), st.stale, st.due_at,
+                           None if plan is None else plan.when, self._last_outcome,
+                           st.last_error, self._last_renewal_wall, st.failures, st.blocked)
+
+    @property
+    def state(self) -> RenewalState:
+        return self._state
 
     @property
     def current(self) -> Token | None:
-        return self._token
+        return self._state.token
 
     @property
     def clock(self) -> Clock:
@@ -160,169 +199,181 @@ class TokenManager:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="token-renewal-loop")
 
-    async def stop(self) -> None:
-        for task in (self._loop_task, self._inflight):
-            if task is not None and not task.done():
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop renewing. An auth call under way gets up to ``grace`` seconds to finish (a
+        refresh Repairy has already answered must not be lost), then is cancelled."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        task = self._task
+        if task is not None and not task.done():
+            if grace > 0:
+                log.info("waiting for the renewal under way", extra={"fields": {
+                    "event": "renewal_drain", "grace_s": round(grace, 3)}})
+                await asyncio.wait([task], timeout=grace)
+            if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, AuthError):
-                    await task
-        self._loop_task = None
+            with contextlib.suppress(asyncio.CancelledError, AuthError):
+                await task
 
-    async def switch_credentials(self, settings: Settings, auth: AuthClient) -> Token:
+    async def switch_credentials(self, settings: Settings, auth: AuthCalls) -> Token:
         """Log in with new credentials while the current token keeps serving; switch to the
-        new credentials and token together only once that login worked."""
-        exchange = await self._timed("login", auth.login())
-        while self._inflight is not None and not self._inflight.done():
-            with contextlib.suppress(AuthError):
-                await asyncio.shield(self._inflight)  # let an old-credential renewal land first
-        self._auth, self._s = auth, settings
+        new credentials and token together only once that login worked. The login is the one
+        auth call under way meanwhile; it counts as a rotation, never as a renewal."""
+        while self._task is not None:
+            await asyncio.wait([self._task])
+        self._state = renewal.started(self._state, "rotation", self._clock.monotonic())
+        task = asyncio.create_task(self._rotate(settings, auth), name="credential-rotation")
+        self._task = task
+        task.add_done_callback(self._task_done)
+        token: Token = await asyncio.shield(task)
+        return token
+
+    async def _rotate(self, settings: Settings, auth: AuthCalls) -> Token:
+        try:
+            exchange = await auth.login()
+        except BaseException:
+            self._state = renewal.ended(self._state)
+            raise
+        self._auth, self._s, self._policy = auth, settings, policy_of(settings)
         return self._accept(exchange, "login", None)
 
     # -- renewal -------------------------------------------------------------------------------
-    def _raise_if_backing_off(self, now: float) -> None:
-        if self._blocked_until is not None and now < self._blocked_until:
-            raise CredentialsRejected(
-                "Repairy rejected the gateway's credentials; retrying in the background",
-                retry_after=self._blocked_until - now)
-        if self._retry_at is not None and now < self._retry_at:
-            raise TokenUnavailable(
-                f"no usable access token: last renewal failed ({self._last_error})",
-                retry_after=self._retry_at - now)
-
-    def _unavailable(self, exc: AuthError) -> TokenUnavailable:
-        if exc.reason == "invalid_credentials":
-            return CredentialsRejected(
-                "Repairy rejected the gateway's credentials; retrying in the background",
-                retry_after=self._s.login_retry_interval)
-        return TokenUnavailable(f"no usable access token: renewal failed ({exc.reason})",
-                                retry_after=self._s.renew_retry_min)
-
-    def _start_renewal(self) -> asyncio.Task[Token]:
-        if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.create_task(self._renew(), name="token-renewal")
-            # Consume the exception here too, so an unobserved failure is never reported.
-            self._inflight.add_done_callback(_swallow)
-        return self._inflight
-
-    async def _renew(self) -> Token:
+    def _start_if_due(self) -> None:
+        if self._task is not None:
+            return
         now = self._clock.monotonic()
-        prev = None if self._stale else self._token
-        allowed = not self._refresh_banned
-        kind = choose_renewal(prev, now, self._s.token_expiry_margin, allowed)
-        if kind == "refresh":
-            assert prev is not None
-            try:
-                return self._accept(await self._timed("refresh", self._auth.refresh(prev)),
-                                    "refresh", prev)
-            except AuthError as exc:
-                if exc.reason == "rate_limited":
-                    self._failed(exc)
-                    raise
-                # Rejected, failed or ambiguous: that refresh token is never sent again.
-                self._refresh_banned = True
-                log.info("refresh failed, logging in", extra={"fields": {
-                    "event": "refresh_fallback", "reason": exc.reason}})
+        plan = renewal.next_attempt(self._state, now, self._policy)
+        if plan is None or plan.when > now:
+            return
+        self._state = renewal.started(self._state, plan.kind, now)
+        self._task = asyncio.create_task(self._attempt(plan.kind), name="token-renewal")
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._task is task:
+            self._task = None
+        if not task.cancelled():
+            task.exception()  # consumed: failures are in the state
+        self._wake.set()
+
+    async def _attempt(self, kind: RenewalKind) -> None:
+        st = self._state
+        prev = None if st.stale else st.token
         try:
-            exchange = await self._timed("login", self._auth.login())
+            if kind == "refresh":
+                assert prev is not None
+                try:
+                    exchange = await self._timed("refresh", self._auth.refresh(prev))
+                except AuthError as exc:
+                    if exc.reason not in renewal.REFRESH_FALLBACK_REASONS:
+                        raise
+                    # The endpoint refused that refresh token: it is never sent again.
+                    self._state = renewal.banned_refresh(self._state)
+                    log.info("refresh refused, logging in", extra={"fields": {
+                        "event": "refresh_fallback", "reason": exc.reason}})
+                    kind = "login"
+                else:
+                    self._accept(exchange, "refresh", prev)
+                    return
+            self._accept(await self._timed("login", self._auth.login()), "login", prev)
         except AuthError as exc:
-            self._failed(exc)
-            raise
-        return self._accept(exchange, "login", prev)
+            now = self._clock.monotonic()
+            failure = Failure(kind, exc.reason, exc.retry_after, exc.ambiguous)
+            self._state = renewal.failed(self._state, failure, now, self._policy,
+                                         self._rng.random())
+            self._last_outcome = f"failure:{exc.reason}"
+            self._last_renewal_wall = self._clock.time()
+            if exc.reason in renewal.CONFIG_REASONS:
+                log.error("Repairy refused the gateway's configuration; retrying in %gs",
+                          self._policy.login_retry_interval, extra={"fields": {
+                              "event": "token_config_error", "reason": exc.reason,
+                              "detail": exc.message}})
+        finally:
+            if self._state.in_flight is not None:  # cancelled, or a bug: never stuck
+                self._state = renewal.ended(self._state)
 
     async def _timed(self, kind: RenewalKind, call: Awaitable[Exchange]) -> Exchange:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self._clock.monotonic()
         try:
             result = await call
         except AuthError as exc:
-            self._events.renewal(kind, False, exc.reason, loop.time() - started)
+            self._events.renewal(kind, False, exc.reason, self._clock.monotonic() - started)
             log.warning("token %s failed", kind, extra={"fields": {
                 "event": "token_renewal", "kind": kind, "outcome": "failure",
                 "reason": exc.reason, "detail": exc.message}})
             raise
-        self._events.renewal(kind, True, "ok", loop.time() - started)
+        self._events.renewal(kind, True, "ok", self._clock.monotonic() - started)
         return result
 
     def _accept(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
         token = token_from_exchange(
-            exchange, generation=self._generation + 1, via=kind, previous=prev,
+            exchange, generation=self._state.generation + 1, via=kind, previous=prev,
             default_ttl=self._s.access_token_default_ttl,
             default_refresh_ttl=self._s.refresh_token_default_ttl)
-        self._install(token)
-        self._last_outcome, self._last_error = f"{kind}:ok", None
+        self._state = renewal.succeeded(self._state, token, self._policy, self._rng.random())
+        self._last_outcome = f"{kind}:ok"
         self._last_renewal_wall = self._clock.time()
+        self._events.token_changed(token)
         if self._persist is not None:
             self._persist(token, self._s)
         log.info("token %s ok", kind, extra={"fields": {
             "event": "token_renewal", "kind": kind, "outcome": "success",
             "generation": token.generation, "token_fp": token.fingerprint,
             "expires_in": round(token.lifetime, 3),
-            "renew_in": round(self._due_at - token.obtained_at, 3)}})
-        self._wake.set()
+            "renew_in": round(self._state.due_at - token.obtained_at, 3)}})
         return token
 
-    def _install(self, token: Token) -> None:
-        self._generation = token.generation
-        self._token = token
-        self._stale = False
-        self._refresh_banned = False
-        self._failures = 0
-        self._retry_at = self._blocked_until = None
-        self._due_at = renewal_due_at(token, self._s.renew_at_fraction,
-                                      self._s.renew_jitter_fraction, self._rng.random())
-        self._events.token_changed(token)
+    def _unavailable(self, now: float) -> TokenUnavailable:
+        st = self._state
+        plan = renewal.next_attempt(st, now, self._policy)
+        wait = max(0.0, plan.when - now) if plan is not None else 1.0
+        if st.blocked == "invalid_credentials":
+            return CredentialsRejected(
+                "Repairy rejected the gateway's credentials; retrying in the background",
+                retry_after=wait)
+        if st.blocked is not None:
+            return TokenUnavailable(
+                f"Repairy refused the gateway's auth request ({st.blocked}); check the "
+                "configuration", retry_after=wait)
+        return TokenUnavailable(
+            f"no usable access token: last renewal failed ({st.last_error})"
+            if st.last_error else "no usable access token yet", retry_after=wait)
 
-    def _failed(self, exc: AuthError) -> None:
-        now = self._clock.monotonic()
-        self._failures += 1
-        self._last_outcome, self._last_error = f"failure:{exc.reason}", exc.reason
-        self._last_renewal_wall = self._clock.time()
-        if exc.ambiguous:
-            self._refresh_banned = True
-        if exc.reason == "invalid_credentials":
-            self._blocked_until = now + self._s.login_retry_interval
+    async def _wait_any(self, task: asyncio.Task[Any] | None, seconds: float) -> None:
+        """Until ``task`` ends or ``seconds`` pass on the clock."""
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        if task is None:
+            await sleeper
             return
-        delay = backoff(self._failures, self._s.renew_retry_min, self._s.renew_retry_max,
-                        self._rng.random())
-        if exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, self._s.renew_retry_max))
-        tok = self._token
-        if tok is not None and not self._stale:
-            # Try again before the current token stops being usable, whatever the back-off.
-            delay = min(delay, max(0.0, usable_until(tok, self._s.token_expiry_margin) - now))
-        self._retry_at = now + delay
-
-    def _next_delay(self, now: float) -> float:
-        """Seconds until the loop should act (0 = now)."""
-        for until in (self._blocked_until, self._retry_at):
-            if until is not None:
-                return max(0.0, until - now)
-        if self._token is None or self._stale:
-            return 0.0
-        return max(0.0, self._due_at - now)
+        try:
+            await asyncio.wait([task, sleeper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
 
     async def _run(self) -> None:
         while True:
-            if self._inflight is not None and not self._inflight.done():
-                with contextlib.suppress(AuthError):
-                    await asyncio.shield(self._inflight)
-                continue
-            delay = self._next_delay(self._clock.monotonic())
-            if delay > 0:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                continue
-            self._retry_at = self._blocked_until = None
             try:
-                await asyncio.shield(self._start_renewal())
-            except AuthError:
-                pass  # recorded by _failed; the back-off decides the next attempt
-            except Exception:  # a bug must not kill renewal for good
-                log.exception("token renewal crashed")
-                self._retry_at = self._clock.monotonic() + self._s.renew_retry_max
-
-
-def _swallow(task: asyncio.Task[Token]) -> None:
-    if not task.cancelled():
-        task.exception()
+                self._start_if_due()
+                task = self._task
+                now = self._clock.monotonic()
+                if task is not None:
+                    await asyncio.wait([task])
+                    continue
+                plan = renewal.next_attempt(self._state, now, self._policy)
+                delay = MAX_SLEEP if plan is None else min(max(plan.when - now, 0.0), MAX_SLEEP)
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+                try:
+                    await asyncio.wait([waker, sleeper], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waker.cancel()
+                    sleeper.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not end renewal for good, nor spin
+                log.exception("token renewal loop crashed; continuing")
+                await self._clock.sleep(min(self._policy.retry_max, MAX_SLEEP))

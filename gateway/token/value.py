@@ -83,9 +83,3 @@ def can_refresh(token: Token | None, now: float, margin: float) -> bool:
 def choose_renewal(token: Token | None, now: float, margin: float,
                    refresh_allowed: bool) -> RenewalKind:
     return "refresh" if refresh_allowed and can_refresh(token, now, margin) else "login"
-
-
-def backoff(failures: int, minimum: float, maximum: float, u: float) -> float:
-    """Capped exponential back-off with jitter: between half and all of min·2^(n-1)."""
-    base = min(maximum, minimum * 2.0 ** max(0, failures - 1))
-    return base * (0.5 + 0.5 * u)

@@ -1,0 +1,258 @@
+"""The renewal decision: one immutable state value and pure functions over it.
+
+:class:`RenewalState` holds everything that bears on "when is the next auth call, and which
+kind?": the token held, whether the upstream rejected it, the back-off after failures, a ban
+on refresh, when the last attempt was made and the attempt in flight.
+:func:`next_attempt` answers the question; :func:`started`, :func:`succeeded`,
+:func:`failed` and :func:`invalidated` return the next state. Nothing here does I/O, reads a
+clock or draws a random number: times and the uniform draw ``u`` are arguments.
+
+After a failed attempt the wait is decided in this order of precedence:
+
+1. the endpoint refused our configuration (rejected credentials, a wrong path or method, a
+   rejected body): wait ``login_retry_interval``;
+2. ``Retry-After`` (capped at ``retry_max``) is a floor that nothing below may undercut;
+3. while the token held is still usable, the next attempt is pulled forward so that it comes
+   before the end of the token's usable life (at most once per token: see :func:`failed`);
+4. otherwise capped exponential back-off with jitter.
+
+Whatever caused it, an attempt is never sooner than ``retry_min / 2`` after the previous one,
+and every number is bounded, so no sequence of failures can overflow or spin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Final, Literal
+
+from gateway.token.value import (
+    RenewalKind,
+    Token,
+    choose_renewal,
+    is_usable,
+    renewal_due_at,
+    usable_until,
+)
+
+#: Consecutive failures are counted up to here (the back-off saturates long before).
+FAILURE_CAP: Final = 10_000
+#: Failures that mean "our configuration is wrong": retried slowly, never in a loop.
+CONFIG_REASONS: Final = frozenset({"invalid_credentials", "endpoint_misconfigured",
+                                   "request_rejected"})
+#: Refresh failures after which a login follows at once, in the same attempt.
+REFRESH_FALLBACK_REASONS: Final = frozenset({"refresh_rejected", "endpoint_misconfigured",
+                                             "request_rejected"})
+AttemptKind = Literal["login", "refresh", "rotation"]
+
+
+@dataclass(frozen=True)
+class RenewalPolicy:
+    """The settings the decision depends on (seconds and fractions)."""
+
+    margin: float
+    at_fraction: float
+    jitter_fraction: float
+    retry_min: float
+    retry_max: float
+    login_retry_interval: float
+
+    @property
+    def floor(self) -> float:
+        """The least time between two attempts, whatever caused them."""
+        return self.retry_min / 2
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What an auth call that failed tells the decision (no secrets, no messages)."""
+
+    kind: RenewalKind
+    reason: str
+    retry_after: float | None = None
+    ambiguous: bool = False
+
+
+@dataclass(frozen=True)
+class InFlight:
+    kind: AttemptKind
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The next attempt: not before ``when``, of this ``kind``."""
+
+    when: float
+    kind: RenewalKind
+
+
+@dataclass(frozen=True)
+class RenewalState:
+    token: Token | None = None
+    #: The upstream answered 401 to ``token``: renew now (it keeps serving until replaced).
+    stale: bool = False
+    #: When background renewal of ``token`` starts (jitter already drawn).
+    due_at: float = 0.0
+    failures: int = 0
+    #: No attempt before this (back-off after a failure).
+    not_before: float | None = None
+    #: The configuration-class failure reason the back-off is for, if any.
+    blocked: str | None = None
+    #: The refresh token held must not be sent again (an ambiguous failure): log in next.
+    refresh_banned: bool = False
+    last_attempt_at: float | None = None
+    last_error: str | None = None
+    in_flight: InFlight | None = None
+
+    @property
+    def generation(self) -> int:
+        return self.token.generation if self.token is not None else 0
+
+
+def backoff(failures: int, minimum: float, maximum: float, u: float) -> float:
+    """Capped exponential back-off with jitter: between half and all of min·2^(n-1), capped.
+
+    The exponent is bounded before it is used, so any ``failures`` is safe.
+    """
+    exponent = min(max(0, failures - 1), 60)
+    base = min(maximum, minimum * math.ldexp(1.0, exponent))
+    return base * (0.5 + 0.5 * min(max(u, 0.0), 1.0))
+
+
+def due_at(token: Token, policy: RenewalPolicy, u: float) -> float:
+    """When background renewal of ``token`` starts: at the configured (jittered) share of its
+    lifetime, and never later than ``retry_min`` before the end of its usable life."""
+    planned = renewal_due_at(token, policy.at_fraction, policy.jitter_fraction, u)
+    latest = usable_until(token, policy.margin) - policy.retry_min
+    return max(token.obtained_at, min(planned, latest))
+
+
+def next_attempt(state: RenewalState, now: float, policy: RenewalPolicy) -> Attempt | None:
+    """The next attempt, or None while one is in flight."""
+    if state.in_flight is not None:
+        return None
+    tok = state.token
+    if tok is None or state.stale or not is_usable(tok, now, policy.margin):
+        when = now
+    else:
+        when = state.due_at
+    if state.not_before is not None:
+        when = max(when, state.not_before)
+    if state.last_attempt_at is not None:
+        when = max(when, state.last_attempt_at + policy.floor)
+    at = max(when, now)
+    usable = None if state.stale else tok
+    kind = choose_renewal(usable, at, policy.margin, not state.refresh_banned)
+    return Attempt(when, kind)
+
+
+def started(state: RenewalState, kind: AttemptKind, now: float) -> RenewalState:
+    return replace(state, in_flight=InFlight(kind, now), last_attempt_at=now)
+
+
+def succeeded(state: RenewalState, token: Token, policy: RenewalPolicy,
+              u: float) -> RenewalState:
+    """A new token landed: everything about the old one and its failures is forgotten."""
+    return replace(state, token=token, stale=False, due_at=due_at(token, policy, u), failures=0,
+                   not_before=None, blocked=None, refresh_banned=False, last_error=None,
+                   in_flight=None)
+
+
+def ended(state: RenewalState) -> RenewalState:
+    """An attempt ended with neither a token nor a failure to count (cancelled, rotation)."""
+    return replace(state, in_flight=None)
+
+
+def banned_refresh(state: RenewalState) -> RenewalState:
+    return replace(state, refresh_banned=True)
+
+
+def failed(state: RenewalState, failure: Failure, now: float, policy: RenewalPolicy,
+           u: float) -> RenewalState:
+    """The attempt failed: count it and decide the back-off (precedence in the docstring)."""
+    failures = min(state.failures + 1, FAILURE_CAP)
+    banned = state.refresh_banned or (failure.kind == "refresh" and failure.ambiguous)
+    blocked: str | None = None
+    if failure.reason in CONFIG_REASONS:
+        delay = policy.login_retry_interval
+        blocked = failure.reason
+    else:
+        delay = backoff(failures, policy.retry_min, policy.retry_max, u)
+        tok = state.token
+        if tok is not None and not state.stale:
+            # Pull the next attempt forward to just before the token stops being usable. Once
+            # that moment is closer than the floor, the token is as good as gone: plain
+            # back-off again (so this shortens at most once per token).
+            ahead = usable_until(tok, policy.margin) - policy.retry_min - now
+            if ahead >= policy.floor:
+                delay = min(delay, ahead)
+        if failure.retry_after is not None and math.isfinite(failure.retry_after):
+            delay = max(delay, min(max(failure.retry_after, 0.0), policy.retry_max))
+    delay = max(delay, policy.floor)
+    return replace(state, failures=failures, not_before=now + delay, blocked=blocked,
+                   refresh_banned=banned, last_error=failure.reason, in_flight=None)
+
+
+def invalidated(state: RenewalState, generation: int) -> RenewalState:
+    """The upstream answered 401 to ``generation``: renew now, unless that token is already
+    replaced or marked. The back-off of earlier failures stays in force."""
+    tok = state.token
+    if tok is None or tok.generation != generation or state.stale:
+        return state
+    return replace(state, stale=True)
+
+
+# -- serialising (a shared store keeps this value) ---------------------------------------------
+def to_dict(state: RenewalState, now_mono: float, now_wall: float) -> dict[str, Any]:
+    """A JSON-ready form with times as Unix times. It holds the tokens: keep it secret."""
+
+    def wall(mono: float | None) -> float | None:
+        return None if mono is None else now_wall + (mono - now_mono)
+
+    tok = state.token
+    token = None if tok is None else {
+        "access": tok.access, "refresh": tok.refresh, "generation": tok.generation,
+        "via": tok.via, "obtained_at": wall(tok.obtained_at), "expires_at": wall(tok.expires_at),
+        "refresh_expires_at": wall(tok.refresh_expires_at), "obtained_wall": tok.obtained_wall,
+        "partner_id": tok.partner_id}
+    return {
+        "token": token, "stale": state.stale, "due_at": wall(state.due_at),
+        "failures": state.failures, "not_before": wall(state.not_before),
+        "blocked": state.blocked, "refresh_banned": state.refresh_banned,
+        "last_attempt_at": wall(state.last_attempt_at), "last_error": state.last_error,
+        "in_flight": None if state.in_flight is None else {
+            "kind": state.in_flight.kind, "started_at": wall(state.in_flight.started_at)},
+    }
+
+
+def from_dict(doc: dict[str, Any], now_mono: float, now_wall: float) -> RenewalState:
+    """The inverse of :func:`to_dict` (times back on this process's monotonic clock)."""
+
+    def mono(unix: Any) -> float | None:
+        return None if unix is None else now_mono + (float(unix) - now_wall)
+
+    def need(unix: Any) -> float:
+        value = mono(unix)
+        if value is None:
+            raise ValueError("a required time is missing")
+        return value
+
+    t = doc.get("token")
+    token = None if t is None else Token(
+        access=str(t["access"]), refresh=t.get("refresh"), generation=int(t["generation"]),
+        via="refresh" if t.get("via") == "refresh" else "login",
+        obtained_at=need(t["obtained_at"]), expires_at=need(t["expires_at"]),
+        refresh_expires_at=mono(t.get("refresh_expires_at")),
+        obtained_wall=float(t["obtained_wall"]), partner_id=str(t["partner_id"]))
+    f = doc.get("in_flight")
+    kinds: dict[str, AttemptKind] = {"login": "login", "refresh": "refresh",
+                                     "rotation": "rotation"}
+    in_flight = None if f is None else InFlight(kinds[f["kind"]], need(f["started_at"]))
+    return RenewalState(
+        token=token, stale=bool(doc["stale"]), due_at=need(doc["due_at"]),
+        failures=min(max(int(doc["failures"]), 0), FAILURE_CAP),
+        not_before=mono(doc.get("not_before")), blocked=doc.get("blocked"),
+        refresh_banned=bool(doc["refresh_banned"]),
+        last_attempt_at=mono(doc.get("last_attempt_at")), last_error=doc.get("last_error"),
+        in_flight=in_flight)

@@ -1,0 +1,87 @@
+"""Which upstream 401s mean "the token is bad", and which mean "this route refuses us".
+
+A route that answers 401 whatever the token (a resource of another partner, a permission the
+partner lacks) must not cost a login per request. Keyed by route *template*:
+
+* a 401 on a route that is not marked invalidates the token and the request is replayed once
+  with a newer one (the caller's side does that);
+* if the first answer of that route to a *newer* token is 401 again, the route is marked
+  "persistent 401" for a cool-down (``cooldown``, doubling while it persists, up to
+  ``cooldown_max``); while marked, its 401s are passed back without invalidating anything;
+* any other answer from the route with a newer token clears it (and the doubling).
+
+A 401 on any other route always invalidates at once: there is no global limiter that could
+delay a genuine revocation. Time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.clock import Clock
+
+#: Routes tracked at most (templates are a bounded set; this bounds "other" paths too).
+MAX_ROUTES = 1024
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class _Mark:
+    until: float
+    cooldown: float
+
+
+class Persistent401:
+    def __init__(self, clock: Clock, cooldown: float, cooldown_max: float,
+                 on_mark: Callable[[str, float], None] | None = None) -> None:
+        self._clock = clock
+        self._cooldown = cooldown
+        self._max = max(cooldown, cooldown_max)
+        self._on_mark = on_mark
+        self._marks: dict[str, _Mark] = {}
+        #: route -> the generation it invalidated, awaiting the verdict of a newer token
+        self._pending: dict[str, int] = {}
+
+    def unauthorized(self, route: str, generation: int) -> bool:
+        """A 401 on ``route`` for a token of ``generation``: True to invalidate the token and
+        replay, False to pass the 401 back as it is (the route is marked)."""
+        now = self._clock.monotonic()
+        mark = self._marks.get(route)
+        if mark is not None and now < mark.until:
+            return False
+        pending = self._pending.get(route)
+        if pending is not None and generation > pending:
+            # A token newer than the one this route invalidated was refused too: it is the
+            # route, not the token.
+            cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
+            self._remember(self._marks, route, _Mark(now + cooldown, cooldown))
+            del self._pending[route]
+            if self._on_mark is not None:
+                self._on_mark(route, cooldown)
+            return False
+        self._remember(self._pending, route, max(generation, pending or 0))
+        return True
+
+    def answered(self, route: str, generation: int) -> None:
+        """A non-401 answer on ``route`` with a token of ``generation``."""
+        if not self._pending and not self._marks:
+            return  # the common case costs two truth tests
+        pending = self._pending.get(route)
+        if pending is not None and generation > pending:
+            del self._pending[route]
+        mark = self._marks.get(route)
+        if mark is not None and self._clock.monotonic() >= mark.until:
+            del self._marks[route]  # it works again: the next mark starts from the base
+
+    def marked(self) -> dict[str, float]:
+        """Routes marked now, with the seconds left (for the status endpoint)."""
+        now = self._clock.monotonic()
+        return {r: round(m.until - now, 3) for r, m in self._marks.items() if m.until > now}
+
+    @staticmethod
+    def _remember(table: dict[str, V], route: str, value: V) -> None:
+        if route not in table and len(table) >= MAX_ROUTES:
+            del table[next(iter(table))]  # forget the oldest
+        table[route] = value
