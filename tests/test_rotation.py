@@ -14,6 +14,7 @@ import aiohttp
 from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings
+from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 
 OLD = {"app-key": "sandbox-app-key", "app-secret": "old-app-secret", "partner-id": "partner-1"}
@@ -128,6 +129,83 @@ async def test_rotation_failed_login_keeps_old_credentials_then_retries(
             async with http.get(gw.url + SERVICES) as resp:
                 assert resp.status == 200
             assert await last_partner(http, sb) == "partner-2"
+
+
+async def test_rotation_rejected_login_retries_only_every_interval_and_is_no_renewal(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """After a rejected rotation, polls do not retry before GATEWAY_LOGIN_RETRY_INTERVAL, and
+    the failures count as credential reloads, never as renewals (no false critical alert)."""
+    mount = SecretMount(tmp_path, OLD)
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+
+        def load() -> Settings:
+            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0.05s",
+                                login_retry_interval="1s")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            mount.update(NEW)
+            await asyncio.sleep(1.6)  # 32 polls, two retry intervals
+            logins = sb.state.control.counters["token_requests"] - 1
+            failures = gw.metrics.registry.get_sample_value(
+                "repairy_gateway_credential_reloads_total", {"outcome": "failure"})
+            rejected = gw.metrics.registry.get_sample_value(
+                "repairy_gateway_token_renewals_total",
+                {"kind": "login", "outcome": "failure", "reason": "invalid_credentials"})
+            assert gw.state.tokens.ready()
+    assert 1 <= logins <= 2
+    assert failures == logins
+    assert rejected is None
+
+
+async def test_rotation_client_keys_file_applies_without_login_and_keeps_keys_on_bad_file(
+        tmp_path: Path, http: aiohttp.ClientSession, log_capture: LogCapture) -> None:
+    """A changed client keys file applies within a poll (a revoked key stops working); an
+    empty or invalid file keeps the previous keys and logs an error."""
+    keys = tmp_path / "client-keys"
+    keys.write_text("orders=client-key-orders-0001\nbilling=client-key-billing-0001\n")
+    async with Sandbox() as sb:
+        env = {"GATEWAY_CLIENT_KEYS_FILE": str(keys)}
+        async with GatewayServer(settings_for(sb, env=env, secrets_poll_interval="0.05s")) as gw:
+            await wait_until(gw.state.tokens.ready)
+
+            async def status(key: str) -> int:
+                async with http.get(gw.url + SERVICES, headers={"X-Gateway-Key": key}) as resp:
+                    return resp.status
+
+            assert await status("client-key-billing-0001") == 200
+            keys.write_text("orders=client-key-orders-0001\n")  # billing revoked
+            await wait_until(lambda: len(gw.state.access.keys) == 1, within=2)
+            assert await status("client-key-billing-0001") == 401
+            assert await status("client-key-orders-0001") == 200
+            for bad in ("", "orders=short\n", "no equals sign\n"):
+                keys.write_text(bad)
+                await asyncio.sleep(0.2)
+                assert await status("client-key-orders-0001") == 200, bad
+                assert await status("anything") == 401, bad
+            keys.unlink()
+            await asyncio.sleep(0.2)
+            assert await status("client-key-orders-0001") == 200
+        assert sb.state.control.counters["token_requests"] == 1
+    errors = [line for line in log_capture.lines if "client_keys_reload_failed" in line]
+    assert len(errors) >= 4
+
+
+async def test_rotation_client_keys_file_applies_on_sighup(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """With polling off, SIGHUP (the reloader's trigger) applies a changed client keys file."""
+    keys = tmp_path / "client-keys"
+    keys.write_text("orders=client-key-orders-0001\n")
+    async with Sandbox() as sb:
+        env = {"GATEWAY_CLIENT_KEYS_FILE": str(keys)}
+        async with GatewayServer(settings_for(sb, env=env, secrets_poll_interval="0")) as gw:
+            keys.write_text("billing=client-key-billing-0001\n")
+            await asyncio.sleep(0.2)
+            assert gw.state.access.keys[0].name == "orders"
+            assert gw.reloader is not None
+            gw.reloader.trigger()
+            await wait_until(lambda: gw.state.access.keys[0].name == "billing", within=2)
 
 
 async def test_rotation_on_sighup(tmp_path: Path, http: aiohttp.ClientSession) -> None:

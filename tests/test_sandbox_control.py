@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from email.utils import parsedate_to_datetime
 
 import aiohttp
 import pytest
@@ -169,3 +170,62 @@ async def test_sandbox_many_concurrent_logins_are_served(
     """Fifty logins at once all succeed with distinct tokens."""
     results = await asyncio.gather(*(login(http, sandbox) for _ in range(50)))
     assert len({r["accessToken"] for r in results}) == 50
+
+
+async def test_sandbox_fault_chunk_sends_the_real_answer_in_pieces(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """``chunk`` re-sends the real login answer with chunked transfer, N bytes a piece."""
+    await faults(http, sandbox, {"chunk": 5, "chunk_delay": 0.01, "path": "/auth/token"})
+    cfg = sandbox.state.config
+    async with http.post(f"{sandbox.url}/auth/token",
+                         json={"appKey": cfg.app_key, "appSecret": cfg.app_secret}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in resp.headers
+        pieces = [chunk async for chunk, _ in resp.content.iter_chunks()]
+    assert len(pieces) > 10
+    assert max(len(p) for p in pieces) <= 5
+    body = b"".join(pieces)
+    assert b'"accessToken"' in body
+
+
+async def test_sandbox_fault_duration_and_persistent(http: aiohttp.ClientSession) -> None:
+    """``duration`` applies to every matching request until it runs out (sandbox clock);
+    ``persistent`` never runs out."""
+    now = [100.0]
+    async with Sandbox(clock=lambda: now[0]) as sb:
+        await faults(http, sb, {"faults": [
+            {"status": 503, "path": "/auth/token", "duration": 10},
+            {"status": 401, "path": "/bookings/*", "persistent": True}]})
+
+        async def status(method: str, path: str) -> int:
+            async with http.request(method, sb.url + path, json={}) as resp:
+                return resp.status
+
+        assert [await status("POST", "/auth/token") for _ in range(5)] == [503] * 5
+        now[0] = 110.0
+        assert await status("POST", "/auth/token") == 400  # the fault ran out
+        now[0] = 1e9
+        assert [await status("GET", "/bookings/x") for _ in range(3)] == [401] * 3
+
+
+async def test_sandbox_fault_retry_after_as_http_date(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """``retry_after_date`` sends Retry-After as an HTTP date that far ahead."""
+    await faults(http, sandbox, {"status": 429, "retry_after": 120, "retry_after_date": True})
+    async with http.post(f"{sandbox.url}/auth/token", json={}) as resp:
+        assert resp.status == 429
+        when = parsedate_to_datetime(resp.headers["Retry-After"])
+    assert 110 <= when.timestamp() - time.time() <= 121
+
+
+@pytest.mark.parametrize("spec", [
+    {"chunk": 0}, {"chunk": "5"}, {"status": 500, "duration": 0},
+    {"status": 500, "persistent": "yes"}, {"chunk": 4, "chunk_delay": -1},
+])
+async def test_sandbox_new_fault_fields_are_validated(
+        sandbox: Sandbox, http: aiohttp.ClientSession, spec: dict[str, object]) -> None:
+    """Bad chunk, duration, persistent and chunk_delay values are refused with 400."""
+    async with http.post(f"{sandbox.url}/__sandbox/faults", json=spec) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_fault"

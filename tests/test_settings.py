@@ -82,6 +82,22 @@ def test_settings_repr_never_shows_secrets() -> None:
     ({"GATEWAY_REPLAY_BODY_LIMIT": "2MiB", "GATEWAY_MAX_BODY_SIZE": "1MiB"},
      "GATEWAY_REPLAY_BODY_LIMIT"),
     ({"REPAIRY_APP_SECRET_FILE": "/nonexistent/secret"}, "REPAIRY_APP_SECRET_FILE"),
+    ({"GATEWAY_RENEW_AT_FRACTION": "0"}, "GATEWAY_RENEW_AT_FRACTION"),
+    ({"GATEWAY_RENEW_AT_FRACTION": "0.05"}, "GATEWAY_RENEW_AT_FRACTION"),
+    ({"GATEWAY_RENEW_AT_FRACTION": "0.99"}, "GATEWAY_RENEW_AT_FRACTION"),
+    ({"GATEWAY_RENEW_AT_FRACTION": "nan"}, "GATEWAY_RENEW_AT_FRACTION"),
+    ({"GATEWAY_RENEW_JITTER_FRACTION": "0.97"}, "GATEWAY_RENEW_JITTER_FRACTION"),
+    ({"GATEWAY_RENEW_AT_FRACTION": "0.3", "GATEWAY_RENEW_JITTER_FRACTION": "0.3"},
+     "GATEWAY_RENEW_JITTER_FRACTION"),
+    ({"GATEWAY_RENEW_RETRY_MIN": "0"}, "GATEWAY_RENEW_RETRY_MIN"),
+    ({"GATEWAY_RENEW_RETRY_MAX": "0s"}, "GATEWAY_RENEW_RETRY_MAX"),
+    ({"GATEWAY_LOGIN_RETRY_INTERVAL": "0"}, "GATEWAY_LOGIN_RETRY_INTERVAL"),
+    ({"GATEWAY_AUTH_TIMEOUT": "0"}, "GATEWAY_AUTH_TIMEOUT"),
+    ({"GATEWAY_CONNECT_TIMEOUT": "0ms"}, "GATEWAY_CONNECT_TIMEOUT"),
+    ({"GATEWAY_TOKEN_WAIT_TIMEOUT": "0"}, "GATEWAY_TOKEN_WAIT_TIMEOUT"),
+    ({"REPAIRY_ACCESS_TOKEN_TTL": "0"}, "REPAIRY_ACCESS_TOKEN_TTL"),
+    ({"REPAIRY_REFRESH_TOKEN_TTL": "0"}, "REPAIRY_REFRESH_TOKEN_TTL"),
+    ({"GATEWAY_PERSISTENT_401_COOLDOWN": "2h"}, "GATEWAY_PERSISTENT_401_COOLDOWN"),
 ])
 def test_settings_invalid_value_names_the_setting(env: dict[str, str], named: str) -> None:
     """A bad value fails with one line naming the setting (and no secret in it)."""
@@ -93,6 +109,17 @@ def test_settings_invalid_value_names_the_setting(env: dict[str, str], named: st
     assert info.value.setting == named
     assert "\n" not in str(info.value)
     assert "secret-1" not in str(info.value)
+
+
+def test_settings_small_durations_stay_valid() -> None:
+    """Tests and short-lived tokens need small values: 1-4 s timeouts, retry maxima, polls."""
+    s = load_settings({**BASE, "GATEWAY_AUTH_TIMEOUT": "1s", "GATEWAY_RENEW_RETRY_MIN": "250ms",
+                       "GATEWAY_RENEW_RETRY_MAX": "4s", "GATEWAY_LOGIN_RETRY_INTERVAL": "1s",
+                       "GATEWAY_SECRETS_POLL_INTERVAL": "1s", "GATEWAY_CONNECT_TIMEOUT": "1s",
+                       "GATEWAY_RENEW_AT_FRACTION": "0.1", "GATEWAY_RENEW_JITTER_FRACTION": "0",
+                       "REPAIRY_ACCESS_TOKEN_TTL": "2s"})
+    assert (s.auth_timeout, s.renew_retry_min, s.renew_retry_max) == (1.0, 0.25, 4.0)
+    assert (s.renew_at_fraction, s.renew_jitter_fraction) == (0.1, 0.0)
 
 
 def test_settings_missing_required_and_conflicting_sources() -> None:

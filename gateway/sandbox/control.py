@@ -26,7 +26,13 @@ class ControlError(ValueError):
 
 @dataclass
 class Fault:
-    """One injected fault: applied to the next ``remaining`` matching requests."""
+    """One injected fault: applied to the next ``remaining`` matching requests, or to every
+    matching request until ``until`` (a ``duration`` in seconds), or for good (``persistent``).
+
+    ``chunk`` sends the answer (the fault's own, or the real one when the fault sets no
+    status) with chunked transfer in pieces of that many bytes, ``chunk_delay`` apart;
+    ``retry_after_date`` sends ``Retry-After`` as an HTTP date instead of seconds.
+    """
 
     remaining: int = 1
     status: int | None = None
@@ -37,13 +43,19 @@ class Fault:
     scope: Scope = "any"
     body: str | None = None  # verbatim response body (JSON) instead of the standard error
     length: int = 1 << 20  # the Content-Length a dropped response claims before it is cut
+    chunk: int | None = None
+    chunk_delay: float = 0.02
+    retry_after_date: bool = False
+    until: float | None = None  # monotonic (sandbox clock); None: count-limited
+    persistent: bool = False
 
     @classmethod
-    def from_json(cls, spec: object) -> Fault:
+    def from_json(cls, spec: object, now: float = 0.0) -> Fault:
         if not isinstance(spec, dict):
             raise ControlError("a fault is a JSON object")
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
-                               "scope", "body", "length"}
+                               "scope", "body", "length", "chunk", "chunk_delay",
+                               "retry_after_date", "duration", "persistent"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -73,9 +85,25 @@ class Fault:
             raise ControlError("path must be a glob pattern such as /bookings/*")
         if scope not in _SCOPES:
             raise ControlError(f"scope must be one of {', '.join(_SCOPES)}")
-        if status is None and not drop and not latency:
-            raise ControlError("a fault needs at least one of status, latency, drop")
-        return cls(count, status, retry_after, float(latency), drop, path, scope, body, length)
+        chunk = spec.get("chunk")
+        chunk_delay = spec.get("chunk_delay", 0.02)
+        retry_after_date = spec.get("retry_after_date", False)
+        duration = spec.get("duration")
+        persistent = spec.get("persistent", False)
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool)
+                                  or chunk < 1):
+            raise ControlError("chunk must be a positive number of bytes")
+        if not isinstance(chunk_delay, int | float) or not 0 <= chunk_delay <= 10:
+            raise ControlError("chunk_delay must be 0 to 10 seconds")
+        if not isinstance(retry_after_date, bool) or not isinstance(persistent, bool):
+            raise ControlError("retry_after_date and persistent must be true or false")
+        if duration is not None and (not isinstance(duration, int | float) or duration <= 0):
+            raise ControlError("duration must be a positive number of seconds")
+        if status is None and not drop and not latency and chunk is None:
+            raise ControlError("a fault needs at least one of status, latency, drop, chunk")
+        return cls(count, status, retry_after, float(latency), drop, path, scope, body, length,
+                   chunk, float(chunk_delay), retry_after_date,
+                   None if duration is None else now + float(duration), persistent)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":
@@ -110,13 +138,15 @@ class ControlState:
     def count_status(self, status: int) -> None:
         self.statuses[status] += 1
 
-    def take_fault(self, path: str, kind: Kind) -> Fault | None:
-        """Consume one use of the first fault matching this request."""
+    def take_fault(self, path: str, kind: Kind, now: float = 0.0) -> Fault | None:
+        """Consume one use of the first fault matching this request (expired ones go)."""
+        self.faults[:] = [f for f in self.faults if f.until is None or now < f.until]
         for fault in self.faults:
             if fault.matches(path, kind):
-                fault.remaining -= 1
-                if fault.remaining <= 0:
-                    self.faults.remove(fault)
+                if fault.until is None and not fault.persistent:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self.faults.remove(fault)
                 self.counters["faults_applied"] += 1
                 return fault
         return None

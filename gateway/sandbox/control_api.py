@@ -36,7 +36,7 @@ async def control_add_faults(request: web.Request) -> web.StreamResponse:
     if isinstance(body, dict) and body.get("revoke_tokens") is True:
         revoked = state.tokens.revoke_all()
     try:
-        faults = [Fault.from_json(s) for s in specs]
+        faults = [Fault.from_json(s, state.clock()) for s in specs]
     except ControlError as exc:
         return error(400, "invalid_fault", str(exc))
     state.control.faults.extend(faults)

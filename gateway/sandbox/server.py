@@ -11,11 +11,13 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 from aiohttp import web
 
 from gateway.sandbox import control_api, handlers
-from gateway.sandbox.control import ControlState, Kind
+from gateway.sandbox.control import ControlState, Fault, Kind
 from gateway.sandbox.data import ApiError, SandboxData
 from gateway.sandbox.state import (
     PARTNER,
@@ -69,9 +71,42 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     return resp
 
 
+async def _send_chunked(request: web.Request, resp: web.StreamResponse, size: int,
+                        delay: float) -> web.StreamResponse:
+    """Send a finished answer again with chunked transfer, ``size`` bytes a piece."""
+    if not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
+        return resp
+    body = resp.body
+    out = web.StreamResponse(status=resp.status, headers={
+        k: v for k, v in resp.headers.items() if k.lower() != "content-length"})
+    out.enable_chunked_encoding()
+    await out.prepare(request)
+    for start in range(0, len(body), size):
+        await out.write(body[start:start + size])
+        await asyncio.sleep(delay)
+    await out.write_eof()
+    return out
+
+
+def _retry_after(fault: Fault) -> str:
+    assert fault.retry_after is not None
+    if fault.retry_after_date:
+        when = datetime.now(UTC) + timedelta(seconds=fault.retry_after)
+        return format_datetime(when, usegmt=True)
+    return f"{fault.retry_after:g}"
+
+
 async def _faulted_or_handled(request: web.Request, handler: Handler, state: SandboxState,
                               kind: Kind) -> web.StreamResponse:
-    fault = state.control.take_fault(request.path, kind)
+    fault = state.control.take_fault(request.path, kind, state.clock())
+    resp = await _apply_fault(request, handler, state, kind, fault)
+    if fault is not None and fault.chunk is not None:
+        return await _send_chunked(request, resp, fault.chunk, fault.chunk_delay)
+    return resp
+
+
+async def _apply_fault(request: web.Request, handler: Handler, state: SandboxState,
+                       kind: Kind, fault: Fault | None) -> web.StreamResponse:
     if fault is not None:
         if fault.latency:
             await asyncio.sleep(fault.latency)
@@ -84,7 +119,7 @@ async def _faulted_or_handled(request: web.Request, handler: Handler, state: San
             else:
                 resp = error(fault.status, "injected_fault", "fault injected by the sandbox")
             if fault.retry_after is not None:
-                resp.headers["Retry-After"] = f"{fault.retry_after:g}"
+                resp.headers["Retry-After"] = _retry_after(fault)
             return resp
     if kind == "api":
         try:
@@ -123,6 +158,7 @@ def create_app(config: SandboxConfig | None = None,
                           single_token=config.single_token, clock=clock),
         data=SandboxData(),
         control=ControlState(config.request_log_size),
+        clock=clock,
     )
     r = app.router
     r.add_post("/auth/token", handlers.auth_token)

@@ -4,6 +4,7 @@ handler uses (the ``{"success": ..., "data" | "error": ...}`` envelope)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ class SandboxState:
     tokens: TokenStore
     data: SandboxData
     control: ControlState
+    clock: Callable[[], float] = time.monotonic
 
 
 STATE = web.AppKey("sandbox_state", SandboxState)

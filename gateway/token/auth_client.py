@@ -125,9 +125,10 @@ class AuthClient:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"),
                                                 self._clock.time())
         except TimeoutError:
-            sent = trace["sent"]
-            raise AuthError("timeout", f"{kind} timed out after {s.auth_timeout:g}s"
-                            + ("" if sent else " before it was sent"), ambiguous=sent) from None
+            if trace["sent"]:
+                raise AuthError("timeout", f"{kind} sent, no answer within {s.auth_timeout:g}s",
+                                ambiguous=True) from None
+            raise AuthError("timeout", f"{kind} not sent: no connection in time") from None
         except aiohttp.ClientConnectorError as exc:
             raise AuthError("connect_error", f"{kind}: cannot connect: {exc.os_error}") from None
         except aiohttp.ClientError as exc:

@@ -1,0 +1,80 @@
+"""Persistent-401 routes (``gateway.token.route_401``) on a fake clock, and the clock the
+token lifecycle measures expiry on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gateway.clock import SCHEDULING_CLOCK, SystemClock
+from gateway.token.route_401 import MAX_ROUTES, Persistent401
+from tests.fake_clock import FakeClock
+
+R = "/bookings/{id}"
+
+
+def tracker(clock: FakeClock, marks: list[tuple[str, float]]) -> Persistent401:
+    return Persistent401(clock, 60, 3600, lambda route, cool: marks.append((route, cool)))
+
+
+def test_route_401_marks_after_a_newer_token_is_refused_too() -> None:
+    """First 401 invalidates; the same route refusing the next generation is marked; while
+    marked its 401s pass back; another route still invalidates at once."""
+    marks: list[tuple[str, float]] = []
+    t = tracker(FakeClock(), marks)
+    assert t.unauthorized(R, 1) is True
+    assert t.unauthorized(R, 1) is True  # concurrent requests with the same token
+    assert t.unauthorized(R, 2) is False
+    assert marks == [(R, 60)]
+    assert t.unauthorized(R, 2) is False and t.unauthorized(R, 3) is False
+    assert t.unauthorized("/quotes", 2) is True
+
+
+async def test_route_401_cooldown_doubles_while_it_persists_up_to_the_cap() -> None:
+    """60 s, 120 s, 240 s … up to 1 h while the route keeps refusing new tokens."""
+    clock = FakeClock()
+    marks: list[tuple[str, float]] = []
+    t = tracker(clock, marks)
+    gen = 1
+    for _ in range(9):
+        assert t.unauthorized(R, gen)
+        gen += 1
+        assert not t.unauthorized(R, gen)
+        await clock.advance(marks[-1][1])
+    assert [c for _, c in marks] == [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
+
+
+async def test_route_401_forgotten_once_the_route_works_again() -> None:
+    """A success after the cool-down resets the doubling; a success with the token the route
+    invalidated does not clear the pending verdict."""
+    clock = FakeClock()
+    marks: list[tuple[str, float]] = []
+    t = tracker(clock, marks)
+    assert t.unauthorized(R, 1)
+    t.answered(R, 1)  # an old request with the same token: no verdict yet
+    assert not t.unauthorized(R, 2)
+    await clock.advance(61)
+    t.answered(R, 3)
+    assert t.marked() == {}
+    assert t.unauthorized(R, 3)
+    assert not t.unauthorized(R, 4)
+    assert marks[-1] == (R, 60)
+
+
+def test_route_401_tracks_a_bounded_number_of_routes() -> None:
+    """Memory stays bounded however many routes answer 401."""
+    t = tracker(FakeClock(), [])
+    for i in range(MAX_ROUTES * 3):
+        t.unauthorized(f"/r{i}", 1)
+        t.unauthorized(f"/r{i}", 2)
+    assert len(t.marked()) <= MAX_ROUTES
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux only")
+def test_clock_measures_expiry_on_boottime() -> None:
+    """Expiry is measured on CLOCK_BOOTTIME, which keeps counting while a host sleeps."""
+    assert SCHEDULING_CLOCK == time.CLOCK_BOOTTIME
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    now = SystemClock().monotonic()
+    assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
