@@ -146,8 +146,10 @@ class GatewayServer:
                             "event": "persistent_401", "route": route,
                             "cooldown_s": cooldown}})
 
+        # A replay gets its verdict within the token wait (plus the login it may wait for).
         return Persistent401(self.clock, s.persistent_401_cooldown,
-                             s.persistent_401_cooldown_max, on_mark)
+                             s.persistent_401_cooldown_max, on_mark,
+                             verdict_window=s.token_wait_timeout + s.auth_timeout)
 
     async def stop(self) -> None:
         if self._state is None:

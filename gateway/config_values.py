@@ -7,6 +7,7 @@ with a message fit to follow the setting's name.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class UnixAddress:
 ListenAddress = TcpAddress | UnixAddress
 
 # -- parsers: each takes the raw text (or a TOML value) and returns the typed value -----------
+#: The longest duration any setting takes (beyond it, arithmetic on times loses meaning).
+MAX_DURATION = 10 * 365 * 86400.0
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
@@ -55,8 +58,12 @@ def parse_duration(value: object) -> float:
         if not m:
             raise ValueError(f"{value!r} is not a duration (e.g. 30s, 5m, 48h, 1.5)")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration (e.g. 30s, 5m, 48h)")
     if seconds < 0:
         raise ValueError("must not be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("must not exceed 10 years")
     return seconds
 
 

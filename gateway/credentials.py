@@ -65,24 +65,30 @@ class CredentialReloader:
         self._failed: str | None = None  # the digest whose login failed
         self._retry_at: float | None = None
         self._keys_seen = self._client_keys_digest()
-        self._force = False
+        self._force = self._keys_force = False
         self._trigger = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._keys_trigger = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     def trigger(self) -> None:
         """Re-read now (SIGHUP)."""
-        self._force = True
+        self._force = self._keys_force = True
         self._trigger.set()
+        self._keys_trigger.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="credential-reloader")
+        # Two loops: a credential login may take a while, and must never hold up a client
+        # key revocation.
+        self._tasks = [asyncio.create_task(self._run(), name="credential-reloader"),
+                       asyncio.create_task(self._run_keys(), name="client-keys-reloader")]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
 
     async def _run(self) -> None:
         interval = self._state.settings.secrets_poll_interval or None
@@ -95,10 +101,21 @@ class CredentialReloader:
             except Exception:  # never let a bug stop rotation for good
                 log.exception("credential reload crashed")
 
+    async def _run_keys(self) -> None:
+        interval = self._state.settings.secrets_poll_interval or None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._keys_trigger.wait(), interval)
+            self._keys_trigger.clear()
+            force, self._keys_force = self._keys_force, False
+            try:
+                self.check_client_keys(force)
+            except Exception:  # never let a bug stop key reloading for good
+                log.exception("client keys reload crashed")
+
     async def check(self) -> str:
         """Apply changed credentials; returns the outcome (also a metric label)."""
         force, self._force = self._force, False
-        self.check_client_keys(force)
         current = self._state.settings
         digest = _files_digest(current)
         if digest == self._applied and not force:
@@ -109,6 +126,8 @@ class CredentialReloader:
         try:
             loaded = self._load()
         except SettingsError as exc:
+            self._failed = digest
+            self._retry_at = self._clock.monotonic() + current.login_retry_interval
             return self._outcome("failure", f"settings invalid: {exc}", digest)
         if _same_credentials(loaded, current):
             self._applied, self._failed, self._retry_at = digest, None, None
@@ -118,11 +137,12 @@ class CredentialReloader:
         try:
             token = await self._state.tokens.switch_credentials(
                 new, AuthClient(self._session, new, self._clock))
-        except AuthError as exc:
+        except Exception as exc:  # AuthError, or anything unforeseen: the same slow retry
             self._failed = digest
             self._retry_at = self._clock.monotonic() + current.login_retry_interval
+            reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
             return self._outcome("failure", f"login with the new credentials failed: "
-                                 f"{exc.reason}", digest)
+                                 f"{reason}", digest)
         self._state.settings = dataclasses.replace(
             new, client_keys=self._state.settings.client_keys)
         self._applied, self._failed, self._retry_at = digest, None, None

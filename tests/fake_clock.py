@@ -12,6 +12,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway.errors import AuthError, AuthReason
 from gateway.token.auth_client import Exchange
@@ -87,7 +88,7 @@ class FakeClock:
 class Outcome:
     """One scripted auth answer: after ``duration`` seconds, a grant or an AuthError."""
 
-    reason: AuthReason | None = None  # None: success
+    reason: AuthReason | Literal["crash"] | None = None  # None: success; crash: not AuthError
     duration: float = 0.0
     retry_after: float | None = None
     ambiguous: bool = False
@@ -101,6 +102,7 @@ class Call:
     end: float | None = None
     refresh_sent: str | None = None
     outcome: Outcome = field(default_factory=Outcome)
+    rotation: bool = False  # a credential rotation's login, not a renewal
 
 
 class FakeAuth:
@@ -122,9 +124,14 @@ class FakeAuth:
     async def refresh(self, token: Token) -> Exchange:
         return await self._call("refresh", token.refresh)
 
-    async def _call(self, kind: RenewalKind, refresh_sent: str | None) -> Exchange:
+    def for_rotation(self) -> RotationAuth:
+        return RotationAuth(self)
+
+    async def _call(self, kind: RenewalKind, refresh_sent: str | None,
+                    rotation: bool = False) -> Exchange:
         outcome = self.script.pop(0) if self.script else self.default()
-        call = Call(kind, self.clock.now, refresh_sent=refresh_sent, outcome=outcome)
+        call = Call(kind, self.clock.now, refresh_sent=refresh_sent, outcome=outcome,
+                    rotation=rotation)
         self.calls.append(call)
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
@@ -134,6 +141,8 @@ class FakeAuth:
         finally:
             self.inflight -= 1
             call.end = self.clock.now
+        if outcome.reason == "crash":
+            raise ValueError("an answer nobody foresaw")
         if outcome.reason is not None:
             raise AuthError(outcome.reason, f"{kind} failed ({outcome.reason})",
                             retry_after=outcome.retry_after, ambiguous=outcome.ambiguous)
@@ -141,3 +150,16 @@ class FakeAuth:
         grant = Grant(f"fake-access-{self._n}", f"fake-refresh-{self._n}", outcome.lifetime,
                       outcome.lifetime * 10)
         return Exchange(grant, sent_mono, sent_wall, "p")
+
+
+class RotationAuth:
+    """The same fake endpoint, as the new credentials of a rotation (calls tagged)."""
+
+    def __init__(self, auth: FakeAuth) -> None:
+        self._auth = auth
+
+    async def login(self) -> Exchange:
+        return await self._auth._call("login", None, rotation=True)
+
+    async def refresh(self, token: Token) -> Exchange:
+        return await self._auth._call("refresh", token.refresh, rotation=True)

@@ -86,7 +86,8 @@ def test_auth_retry_after_seconds_and_http_date() -> None:
                              wall) == pytest.approx(90)
     assert parse_retry_after(format_datetime(now - timedelta(hours=1), usegmt=True), wall) == 0
     assert parse_retry_after("9" * 400, wall) == 1e9
-    for junk in (None, "", "soon", "nan", "inf", "-inf", "Tue, 99 Foo 2026 99:00:00 GMT"):
+    for junk in (None, "", "soon", "nan", "inf", "-inf", "Tue, 99 Foo 2026 99:00:00 GMT", "²",
+                 "1" + "0" * 400 + ".5", "١٢"):
         assert parse_retry_after(junk, wall) is None, junk
 
 

@@ -86,3 +86,12 @@ def test_parse_grant_repr_hides_tokens() -> None:
     """repr(Grant) never shows the tokens."""
     g = parse({"accessToken": "SECRET-A", "refreshToken": "SECRET-R"})
     assert "SECRET" not in repr(g)
+
+
+def test_parse_huge_numbers_are_ignored_not_fatal() -> None:
+    """A 400-digit expiresIn or JWT exp is ignored (no OverflowError), the token kept."""
+    huge = "1" + "0" * 400
+    g = parse_auth_response(f'{{"accessToken": "A", "expiresIn": {huge}}}'.encode(), SENT)
+    assert (g.access, g.expires_in) == ("A", None)
+    g = parse({"accessToken": jwt({"exp": int(huge)}), "expiresIn": "x"})
+    assert g.expires_in is None

@@ -192,6 +192,38 @@ async def test_rotation_client_keys_file_applies_without_login_and_keeps_keys_on
     assert len(errors) >= 4
 
 
+async def test_rotation_client_keys_apply_while_a_credential_login_is_under_way(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A slow login with rotated credentials does not hold up a client key revocation."""
+    (tmp_path / "secrets").mkdir()
+    mount = SecretMount(tmp_path / "secrets", OLD)
+    keys = tmp_path / "client-keys"
+    keys.write_text("orders=client-key-orders-0001\nbilling=client-key-billing-0001\n")
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+
+        def load() -> Settings:
+            return settings_for(sb, env={**mount.env(sb),
+                                         "GATEWAY_CLIENT_KEYS_FILE": str(keys)},
+                                secrets_poll_interval="0.05s", auth_timeout="5s")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            async with http.post(f"{sb.url}/__sandbox/faults",
+                                 json={"latency": 3, "path": "/auth/token"}) as resp:
+                assert resp.status == 200
+            await accept(http, sb, NEW)
+            mount.update(NEW)
+            await wait_until(lambda: sb.state.control.counters["token_requests"] == 2)
+            keys.write_text("orders=client-key-orders-0001\n")
+            started = asyncio.get_running_loop().time()
+            await wait_until(lambda: len(gw.state.access.keys) == 1, within=2)
+            assert asyncio.get_running_loop().time() - started < 0.5
+            assert generation(gw) == 1  # the rotation login is still under way
+            await wait_until(lambda: generation(gw) == 2, within=5)
+            assert len(gw.state.access.keys) == 1  # the rotation kept the new keys
+
+
 async def test_rotation_client_keys_file_applies_on_sighup(
         tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """With polling off, SIGHUP (the reloader's trigger) applies a changed client keys file."""

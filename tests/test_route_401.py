@@ -62,6 +62,20 @@ async def test_route_401_forgotten_once_the_route_works_again() -> None:
     assert marks[-1] == (R, 60)
 
 
+async def test_route_401_verdict_only_within_the_window() -> None:
+    """A 401 long after the route invalidated an older token is a fresh revocation (days
+    later, generation 50): it invalidates again instead of marking the route."""
+    clock = FakeClock()
+    marks: list[tuple[str, float]] = []
+    t = Persistent401(clock, 60, 3600, lambda r, c: marks.append((r, c)), verdict_window=14)
+    assert t.unauthorized(R, 1)  # a streamed POST: no replay, no verdict yet
+    await clock.advance(3 * 86400)
+    assert t.unauthorized(R, 50) is True
+    assert marks == []
+    assert t.unauthorized(R, 51) is False  # a replay right after: the route, not the token
+    assert marks == [(R, 60)]
+
+
 def test_route_401_tracks_a_bounded_number_of_routes() -> None:
     """Memory stays bounded however many routes answer 401."""
     t = tracker(FakeClock(), [])

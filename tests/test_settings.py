@@ -98,6 +98,10 @@ def test_settings_repr_never_shows_secrets() -> None:
     ({"REPAIRY_ACCESS_TOKEN_TTL": "0"}, "REPAIRY_ACCESS_TOKEN_TTL"),
     ({"REPAIRY_REFRESH_TOKEN_TTL": "0"}, "REPAIRY_REFRESH_TOKEN_TTL"),
     ({"GATEWAY_PERSISTENT_401_COOLDOWN": "2h"}, "GATEWAY_PERSISTENT_401_COOLDOWN"),
+    ({"GATEWAY_TOKEN_WAIT_TIMEOUT": "9" * 400}, "GATEWAY_TOKEN_WAIT_TIMEOUT"),
+    ({"GATEWAY_RENEW_RETRY_MAX": "20000d"}, "GATEWAY_RENEW_RETRY_MAX"),
+    ({"GATEWAY_HEADER_TIMEOUT": "0"}, "GATEWAY_HEADER_TIMEOUT"),
+    ({"GATEWAY_CLIENT_BODY_TIMEOUT": "0s"}, "GATEWAY_CLIENT_BODY_TIMEOUT"),
 ])
 def test_settings_invalid_value_names_the_setting(env: dict[str, str], named: str) -> None:
     """A bad value fails with one line naming the setting (and no secret in it)."""
@@ -109,6 +113,16 @@ def test_settings_invalid_value_names_the_setting(env: dict[str, str], named: st
     assert info.value.setting == named
     assert "\n" not in str(info.value)
     assert "secret-1" not in str(info.value)
+
+
+@pytest.mark.parametrize("line", ["token_wait_timeout = nan", "renew_retry_max = inf",
+                                  "auth_timeout = -1.0", "renew_at_fraction = nan"])
+def test_settings_non_finite_values_in_the_file_are_refused(tmp_path: Path, line: str) -> None:
+    """TOML floats nan and inf (and negatives) are refused by name, never used."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f"[gateway]\n{line}\n")
+    with pytest.raises(SettingsError, match=line.split()[0]):
+        load_settings({**BASE, "GATEWAY_CONFIG": str(cfg)})
 
 
 def test_settings_small_durations_stay_valid() -> None:

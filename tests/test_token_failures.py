@@ -6,6 +6,7 @@ configuration errors, and shutdown during a refresh."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -206,12 +207,24 @@ async def test_token_refresh_uses_own_pool_when_proxy_pool_is_busy(
         resp = await slow
         assert resp.status == 200
         resp.release()
+        assert gw.state.tokens.status().last_error is None
+        assert sample(gw, "repairy_gateway_token_renewals_total", kind="refresh",
+                      outcome="failure", reason="timeout") == 0
         s = await stats(http, sb)
     assert (s["token_requests"], s["refresh_requests"]) == (1, 1)
 
 
+def jwt_with_exp(seconds_ahead: float) -> str:
+    """An (unsigned) JWT whose ``exp`` is that far ahead: the fallback after ignored fields."""
+
+    def enc(d: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    return f"{enc({'alg': 'none'})}.{enc({'exp': time.time() + seconds_ahead})}.c2ln"
+
+
 @pytest.mark.parametrize(("grant", "lifetime"), [
-    ({"expiresIn": "48h"}, 3600.0),  # unreadable: ignored, the documented default
+    ({"expiresIn": "48h"}, 1200.0),  # unreadable: ignored, the JWT's exp applies
     ({"expiresIn": 1_800_000}, 1800.0),  # milliseconds
     ({"expiresIn": 10_000_000}, 3600.0),  # too long even in milliseconds: capped
     ({"expiresIn": True, "expiresAt": "2999-01-01T00:00:00"}, 3600.0),  # no zone, capped
@@ -226,7 +239,9 @@ async def test_token_odd_expiry_fields_are_corrected_and_logged_once(
     if grant.get("expiresAt") == "ZONELESS+600":
         when = datetime.now(UTC) + timedelta(seconds=600)
         grant = {"expiresAt": when.replace(tzinfo=None).isoformat(timespec="seconds")}
-    body = json.dumps({"success": True, "data": {"accessToken": "odd-expiry-token", **grant}})
+    # The access token is a JWT expiring in 1200 s: what the gateway falls back to when it
+    # ignores a field, so "ignored" and "capped at the documented 3600 s" tell apart.
+    body = json.dumps({"success": True, "data": {"accessToken": jwt_with_exp(1200), **grant}})
     async with Sandbox() as sb:
         await faults(http, sb, {"status": 200, "body": body, "path": "/auth/token",
                                 "persistent": True})
@@ -326,5 +341,24 @@ async def test_token_file_with_a_bad_optional_field_is_used_with_a_warning(
     path.write_text(json.dumps(doc))
     async with GatewayServer(settings_for(sandbox, token_file=str(path))) as gw:
         assert gw.state.tokens.ready()
+    path.write_text(json.dumps(doc).replace('"soon"', "1" + "0" * 400))
+    async with GatewayServer(settings_for(sandbox, token_file=str(path))) as gw:
+        assert gw.state.tokens.ready()
     assert sandbox.state.control.counters["token_requests"] == 1
     assert any("token_file_field_ignored" in line for line in log_capture.lines)
+
+
+async def test_token_file_lifetime_is_capped_at_the_documented_one(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """A stored expiry far beyond REPAIRY_ACCESS_TOKEN_TTL (an old misread) is capped."""
+    path = tmp_path / "token.json"
+    async with GatewayServer(settings_for(sandbox, token_file=str(path))) as gw:
+        await wait_until(gw.state.tokens.ready)
+    doc = json.loads(path.read_text())
+    doc["expires_at"] = doc["obtained_at"] + 2000 * 86400
+    path.write_text(json.dumps(doc))
+    async with GatewayServer(settings_for(sandbox, token_file=str(path),
+                                          access_token_default_ttl="1h")) as gw:
+        tok = gw.state.tokens.current
+        assert tok is not None
+        assert tok.lifetime == pytest.approx(3600)

@@ -9,8 +9,10 @@ suspend), of requests and of upstream 401s, and checks the invariants the gatewa
   back-off after a failure allows (rejected configuration: ``login_retry_interval``;
   ``Retry-After``: the value capped at ``retry_max``);
 * never a refresh token sent again after a failure that may have used it up;
-* never an unusable token handed to a request, and every request answered or refused within
-  the wait timeout;
+* never an unusable token handed to a request (nor one not newer than a replay asked for),
+  and every request answered or refused within the wait timeout;
+* credential rotations (a login with new credentials) never overlap another auth call, and
+  an auth client that raises something unforeseen is backed off like any failure;
 * always an attempt before the usable life of the token held runs out;
 * during an outage, attempts per hour bounded (back-off ramp plus one per ``retry_max / 2``).
 """
@@ -18,6 +20,7 @@ suspend), of requests and of upstream 401s, and checks the invariants the gatewa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
@@ -27,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import TokenUnavailable
+from gateway.errors import AuthError, TokenUnavailable
 from gateway.settings import Settings
 from gateway.token import renewal
 from gateway.token.manager import MAX_SLEEP, TokenManager
@@ -37,15 +40,16 @@ from tests.gateway_helpers import settings_for
 
 S: Settings = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_retry_max="60s",
                            login_retry_interval="30s", token_expiry_margin="60s",
-                           token_wait_timeout="10s", auth_timeout="10s")
+                           token_wait_timeout="4s", auth_timeout="10s")
 FLOOR = S.renew_retry_min / 2
 EPS = 1e-6
 
 REASONS = st.sampled_from([None, None, None, "timeout", "connect_error", "server_error",
                            "rate_limited", "invalid_credentials", "endpoint_misconfigured",
-                           "request_rejected", "refresh_rejected", "malformed_response"])
+                           "request_rejected", "refresh_rejected", "malformed_response",
+                           "crash"])
 OUTCOMES = st.builds(
-    Outcome, reason=REASONS, duration=st.floats(0, 3),
+    Outcome, reason=REASONS, duration=st.floats(0, 3) | st.floats(0, S.auth_timeout),
     retry_after=st.none() | st.floats(0, 1e7, allow_nan=False) | st.just(math.inf),
     ambiguous=st.booleans(), lifetime=st.floats(5, 7200))
 ACTIONS = st.lists(st.one_of(
@@ -53,6 +57,8 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("jump"), st.floats(0, 200_000)),
     st.tuples(st.just("request"), st.just(0.0)),
     st.tuples(st.just("401"), st.just(0.0)),
+    st.tuples(st.just("replay"), st.just(0.0)),
+    st.tuples(st.just("rotate"), st.just(0.0)),
 ), min_size=1, max_size=40)
 
 
@@ -80,14 +86,26 @@ async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str
     run = Run(clock, auth, manager)
     requests: list[asyncio.Task[None]] = []
 
-    async def request() -> None:
+    async def request(newer_than: int = 0) -> None:
+        started = clock.now
         try:
-            tok = await manager.get()
+            tok = await manager.get(newer_than)
         except TokenUnavailable:
+            tok = None
+        slept = any(a < clock.now and b > started for a, b in run.jumps)  # host suspended
+        if clock.now - started > S.token_wait_timeout + EPS and not slept:
+            run.problems.append(f"a request waited {clock.now - started:g}s")
+        if tok is None:
             return
         run.got.append((clock.now, tok))
         if not is_usable(tok, clock.now, S.token_expiry_margin):
             run.problems.append(f"unusable token handed out at {clock.now}")
+        if tok.generation <= newer_than:
+            run.problems.append(f"replay got generation {tok.generation} <= {newer_than}")
+
+    async def rotate() -> None:
+        with contextlib.suppress(AuthError, ValueError):
+            await manager.switch_credentials(S, auth.for_rotation())
 
     await manager.start()
     await settle()
@@ -100,11 +118,18 @@ async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str
         elif action == "request":
             requests.append(asyncio.create_task(request()))
             await settle()
+        elif action == "replay":
+            requests.append(asyncio.create_task(request(manager.state.generation)))
+            await settle()
+        elif action == "rotate":
+            requests.append(asyncio.create_task(rotate()))
+            await settle()
         elif (tok := manager.current) is not None:
             manager.invalidate(tok.generation, "upstream_401")
             await settle()
     started = clock.now
-    await clock.advance(S.token_wait_timeout + 4)  # every waiting request must be answered
+    # Every request must be answered by now; a rotation may wait for the call under way.
+    await clock.advance(S.token_wait_timeout + 3 * S.auth_timeout + 1)
     if not all(t.done() for t in requests):
         run.problems.append(f"a request still waited {clock.now - started:g}s later")
     await manager.stop()
@@ -122,8 +147,8 @@ def _check(run: Run) -> None:
     for prev, call in itertools.pairwise(calls):
         assert prev.end is not None
         same_attempt = _fallback(prev) and call.kind == "login" and call.start == prev.end
-        if same_attempt:
-            continue
+        if same_attempt or prev.rotation or call.rotation:
+            continue  # a rotation login runs when asked, right after the auth call under way
         assert call.start >= prev.start + FLOOR - EPS, f"attempts {prev.start} → {call.start}"
         reason = prev.outcome.reason
         if reason is None:
@@ -131,7 +156,8 @@ def _check(run: Run) -> None:
         need = FLOOR
         if reason in renewal.CONFIG_REASONS:
             need = S.login_retry_interval
-        elif prev.outcome.retry_after is not None and math.isfinite(prev.outcome.retry_after):
+        elif reason != "crash" and prev.outcome.retry_after is not None and math.isfinite(
+                prev.outcome.retry_after):
             need = max(need, min(prev.outcome.retry_after, S.renew_retry_max))
         assert call.start >= prev.end + need - EPS, (
             f"{reason} at {prev.end}, retry-after {prev.outcome.retry_after}: next attempt "
@@ -139,7 +165,7 @@ def _check(run: Run) -> None:
     for call in calls:
         if call.kind == "refresh":
             assert call.refresh_sent not in banned, "refresh token sent again"
-            if call.outcome.ambiguous or _fallback(call):
+            if call.outcome.ambiguous or _fallback(call) or call.outcome.reason == "crash":
                 assert call.refresh_sent is not None
                 banned.add(call.refresh_sent)
     _check_renews_in_time(run)
@@ -155,8 +181,8 @@ def _check_renews_in_time(run: Run) -> None:
             continue
         lifetime = call.outcome.lifetime
         end = call.start + lifetime - min(margin, lifetime * 0.1)
-        if run.clock.now < end:
-            continue
+        if run.clock.now < end or call.end >= end - FLOOR:
+            continue  # not over yet, or the answer itself came too late to act on
         if any(a < end and b > call.start for a, b in run.jumps):
             continue  # the host "slept" through it: nothing could have run
         later = [c.start for c in calls[i + 1:]]
@@ -175,7 +201,7 @@ def _check_outage_rate(calls: list[Call]) -> None:
                     assert j - i + 1 <= 10 + window / (S.renew_retry_max / 2), (
                         f"{j - i + 1} attempts in {window:g}s of outage")
             run = []
-        elif not _fallback(call):
+        elif not _fallback(call) and not call.rotation:
             run.append(call.start)
 
 

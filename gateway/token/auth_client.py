@@ -10,7 +10,8 @@ so a busy proxy pool can never delay them. Every failure becomes an
   used up; a connection that never opened is not ambiguous;
 * login: 401/403 ``invalid_credentials``; 404/405/415 ``endpoint_misconfigured``; other 4xx
   ``request_rejected``; refresh: 404/405/415 ``endpoint_misconfigured``, other 4xx
-  ``refresh_rejected``; both: 429 ``rate_limited``, 5xx ``server_error``;
+  ``refresh_rejected``; both: 429 ``rate_limited``, 5xx and the "not now" 408/409/425
+  ``server_error``;
 * ``Retry-After`` is read as seconds or as an HTTP date;
 * error bodies are reduced to a short code before anyone can log them, and a code that equals
   or contains a credential is dropped (an endpoint may echo what we sent).
@@ -44,7 +45,10 @@ MAX_AUTH_BODY = 64 * 1024
 #: Connections of the auth pool: renewal is single-flight, a spare covers a rotation login.
 AUTH_POOL_SIZE = 2
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NUMBERS = re.compile(r"[-+]?\d[\d.e+-]*")
 _MISCONFIGURED = frozenset({404, 405, 415})
+#: 4xx that say "not now" rather than "never": backed off like a 5xx, nothing used up.
+_TRANSIENT_4XX = frozenset({408, 409, 425})
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ def create_auth_session(settings: Settings) -> aiohttp.ClientSession:
         ssl_context = ssl.create_default_context(cafile=settings.upstream_ca_file)
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_on_headers_sent)
-    connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE, ssl=ssl_context,
-                                     keepalive_timeout=settings.keepalive_timeout)
+    # A fresh connection per call: calls are minutes or hours apart, and a kept connection the
+    # server has meanwhile closed would turn a refresh into an ambiguous failure.
+    connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE, ssl=ssl_context, force_close=True)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                  trust_env=False, trace_configs=[trace])
 
@@ -155,8 +160,9 @@ class AuthClient:
     def _note(self, kind: RenewalKind, notes: tuple[str, ...]) -> None:
         """Log each correction of an auth answer once per process, not on every renewal."""
         for note in notes:
-            if note not in self._noted and len(self._noted) < 100:
-                self._noted.add(note)
+            key = _NUMBERS.sub("#", note)  # "expiresIn: 172800000 read as ms" once, any value
+            if key not in self._noted and len(self._noted) < 100:
+                self._noted.add(key)
                 log.warning("auth response corrected: %s", note, extra={"fields": {
                     "event": "auth_response_corrected", "kind": kind, "note": note}})
 
@@ -171,7 +177,7 @@ class AuthClient:
 def _reason(kind: RenewalKind, status: int) -> AuthReason:
     if status == 429:
         return "rate_limited"
-    if status >= 500:
+    if status >= 500 or status in _TRANSIENT_4XX:
         return "server_error"
     if status in _MISCONFIGURED:
         return "endpoint_misconfigured"
@@ -201,11 +207,11 @@ def parse_retry_after(value: str | None, now_wall: float) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(min(int(text[:12]), 10**9))
     try:
-        seconds = float(text)
-    except ValueError:
+        seconds = float(text) if text.isascii() else math.nan
+    except (ValueError, OverflowError):
         try:
             when = parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError, OverflowError):

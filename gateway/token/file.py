@@ -85,11 +85,16 @@ def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
             return now_mono + (unix - now_wall)
 
         refresh, refresh_at, generation = _optional_fields(doc, path)
+        obtained = float(doc["obtained_at"])
+        # Never trust a stored lifetime beyond the documented one (a file written by an older
+        # version may hold a misread expiry).
+        expires = min(float(doc["expires_at"]), obtained + settings.access_token_default_ttl)
+        if refresh_at is not None:
+            refresh_at = min(refresh_at, obtained + settings.refresh_token_default_ttl)
         token = Token(access=doc["access_token"], refresh=refresh, generation=generation,
-                      via="login", obtained_at=mono(float(doc["obtained_at"])),
-                      expires_at=mono(float(doc["expires_at"])),
+                      via="login", obtained_at=mono(obtained), expires_at=mono(expires),
                       refresh_expires_at=mono(refresh_at) if refresh_at is not None else None,
-                      obtained_wall=float(doc["obtained_at"]), partner_id=settings.partner_id)
+                      obtained_wall=obtained, partner_id=settings.partner_id)
         if is_usable(token, now_mono, settings.token_expiry_margin):
             log.info("reusing the stored token", extra={"fields": {
                 "event": "token_file_loaded", "token_fp": token.fingerprint,
@@ -112,8 +117,7 @@ def _optional_fields(doc: dict[str, Any], path: Path) -> tuple[str | None, float
     refresh_at: float | None = None
     raw_at = doc.get("refresh_expires_at")
     if raw_at is not None:
-        if isinstance(raw_at, int | float) and not isinstance(raw_at, bool) and math.isfinite(
-                raw_at):
+        if isinstance(raw_at, int | float) and not isinstance(raw_at, bool) and _finite(raw_at):
             refresh_at = float(raw_at)
         else:
             bad.append("refresh_expires_at")
@@ -129,6 +133,13 @@ def _optional_fields(doc: dict[str, Any], path: Path) -> tuple[str | None, float
     return refresh, refresh_at, generation
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _unusable_reason(doc: object, settings: Settings) -> str | None:
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
         return "unknown format"
@@ -138,7 +149,7 @@ def _unusable_reason(doc: object, settings: Settings) -> str | None:
         return "no access token"
     try:
         times = float(doc["obtained_at"]), float(doc["expires_at"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return "no expiry"
     if not all(math.isfinite(t) for t in times):
         return "no expiry"

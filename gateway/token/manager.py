@@ -94,7 +94,8 @@ def policy_of(s: Settings) -> RenewalPolicy:
     return RenewalPolicy(margin=s.token_expiry_margin, at_fraction=s.renew_at_fraction,
                          jitter_fraction=s.renew_jitter_fraction, retry_min=s.renew_retry_min,
                          retry_max=s.renew_retry_max,
-                         login_retry_interval=s.login_retry_interval)
+                         login_retry_interval=s.login_retry_interval,
+                         attempt_timeout=2 * s.auth_timeout + 1)
 
 
 class TokenManager:
@@ -255,6 +256,8 @@ class TokenManager:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         if self._task is task:
             self._task = None
+            if self._state.in_flight is not None:  # cancelled before it ever ran
+                self._state = renewal.ended(self._state)
         if not task.cancelled():
             task.exception()  # consumed: failures are in the state
         self._wake.set()
@@ -262,6 +265,8 @@ class TokenManager:
     async def _attempt(self, kind: RenewalKind) -> None:
         st = self._state
         prev = None if st.stale else st.token
+        if kind == "refresh" and prev is None:
+            kind = "login"  # invalidated between the plan and now: nothing to refresh with
         try:
             if kind == "refresh":
                 assert prev is not None
@@ -280,20 +285,28 @@ class TokenManager:
                     return
             self._accept(await self._timed("login", self._auth.login()), "login", prev)
         except AuthError as exc:
-            now = self._clock.monotonic()
-            failure = Failure(kind, exc.reason, exc.retry_after, exc.ambiguous)
-            self._state = renewal.failed(self._state, failure, now, self._policy,
-                                         self._rng.random())
-            self._last_outcome = f"failure:{exc.reason}"
-            self._last_renewal_wall = self._clock.time()
-            if exc.reason in renewal.CONFIG_REASONS:
-                log.error("Repairy refused the gateway's configuration; retrying in %gs",
-                          self._policy.login_retry_interval, extra={"fields": {
-                              "event": "token_config_error", "reason": exc.reason,
-                              "detail": exc.message}})
+            self._failed(Failure(kind, exc.reason, exc.retry_after, exc.ambiguous), exc.message)
+        except Exception as exc:  # a bug, or an answer nobody foresaw: back off all the same
+            log.exception("token %s crashed", kind, extra={"fields": {
+                "event": "token_renewal", "kind": kind, "outcome": "failure",
+                "reason": "internal_error"}})
+            self._events.renewal(kind, False, "internal_error", 0.0)
+            # It may have reached Repairy: never send that refresh token again.
+            self._failed(Failure(kind, "internal_error", ambiguous=True), type(exc).__name__)
         finally:
-            if self._state.in_flight is not None:  # cancelled, or a bug: never stuck
+            if self._state.in_flight is not None:  # cancelled: never stuck
                 self._state = renewal.ended(self._state)
+
+    def _failed(self, failure: Failure, detail: str) -> None:
+        self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
+                                     self._policy, self._rng.random())
+        self._last_outcome = f"failure:{failure.reason}"
+        self._last_renewal_wall = self._clock.time()
+        if failure.reason in renewal.CONFIG_REASONS:
+            log.error("Repairy refused the gateway's configuration; retrying in %gs",
+                      self._policy.login_retry_interval, extra={"fields": {
+                          "event": "token_config_error", "reason": failure.reason,
+                          "detail": detail}})
 
     async def _timed(self, kind: RenewalKind, call: Awaitable[Exchange]) -> Exchange:
         started = self._clock.monotonic()

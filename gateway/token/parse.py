@@ -161,11 +161,14 @@ def _number(value: object) -> float | None:
         return None
     number: float | None = None
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
     if number is None or number != number or number in (float("inf"), float("-inf")):
         return None

@@ -56,6 +56,9 @@ class RenewalPolicy:
     retry_min: float
     retry_max: float
     login_retry_interval: float
+    #: An attempt marked in flight for longer than this is taken as dead (a crashed holder of
+    #: a serialised state): at most a refresh and a login, each within the auth timeout.
+    attempt_timeout: float = 21.0
 
     @property
     def floor(self) -> float:
@@ -130,7 +133,7 @@ def due_at(token: Token, policy: RenewalPolicy, u: float) -> float:
 
 def next_attempt(state: RenewalState, now: float, policy: RenewalPolicy) -> Attempt | None:
     """The next attempt, or None while one is in flight."""
-    if state.in_flight is not None:
+    if state.in_flight is not None and now < state.in_flight.started_at + policy.attempt_timeout:
         return None
     tok = state.token
     if tok is None or state.stale or not is_usable(tok, now, policy.margin):

@@ -8,7 +8,9 @@ partner lacks) must not cost a login per request. Keyed by route *template*:
 * if the first answer of that route to a *newer* token is 401 again, the route is marked
   "persistent 401" for a cool-down (``cooldown``, doubling while it persists, up to
   ``cooldown_max``); while marked, its 401s are passed back without invalidating anything;
-* any other answer from the route with a newer token clears it (and the doubling).
+* any other answer from the route with a newer token clears it (and the doubling);
+* the verdict must come within ``verdict_window`` of the first 401 (the replay's time): a 401
+  long after, with some later token, is a fresh revocation and invalidates again.
 
 A 401 on any other route always invalidates at once: there is no global limiter that could
 delay a genuine revocation. Time comes from the injected clock.
@@ -35,14 +37,25 @@ class _Mark:
 
 class Persistent401:
     def __init__(self, clock: Clock, cooldown: float, cooldown_max: float,
-                 on_mark: Callable[[str, float], None] | None = None) -> None:
+                 on_mark: Callable[[str, float], None] | None = None,
+                 verdict_window: float = 30.0) -> None:
         self._clock = clock
         self._cooldown = cooldown
         self._max = max(cooldown, cooldown_max)
         self._on_mark = on_mark
+        self._window = verdict_window
         self._marks: dict[str, _Mark] = {}
-        #: route -> the generation it invalidated, awaiting the verdict of a newer token
-        self._pending: dict[str, int] = {}
+        #: route -> (the generation it invalidated, when), awaiting a newer token's verdict
+        self._pending: dict[str, tuple[int, float]] = {}
+
+    def _pending_generation(self, route: str, now: float) -> int | None:
+        entry = self._pending.get(route)
+        if entry is None:
+            return None
+        if now - entry[1] > self._window:
+            del self._pending[route]
+            return None
+        return entry[0]
 
     def unauthorized(self, route: str, generation: int) -> bool:
         """A 401 on ``route`` for a token of ``generation``: True to invalidate the token and
@@ -51,7 +64,7 @@ class Persistent401:
         mark = self._marks.get(route)
         if mark is not None and now < mark.until:
             return False
-        pending = self._pending.get(route)
+        pending = self._pending_generation(route, now)
         if pending is not None and generation > pending:
             # A token newer than the one this route invalidated was refused too: it is the
             # route, not the token.
@@ -61,18 +74,20 @@ class Persistent401:
             if self._on_mark is not None:
                 self._on_mark(route, cooldown)
             return False
-        self._remember(self._pending, route, max(generation, pending or 0))
+        if pending is None or generation > pending:
+            self._remember(self._pending, route, (generation, now))
         return True
 
     def answered(self, route: str, generation: int) -> None:
         """A non-401 answer on ``route`` with a token of ``generation``."""
         if not self._pending and not self._marks:
             return  # the common case costs two truth tests
-        pending = self._pending.get(route)
+        now = self._clock.monotonic()
+        pending = self._pending_generation(route, now)
         if pending is not None and generation > pending:
             del self._pending[route]
         mark = self._marks.get(route)
-        if mark is not None and self._clock.monotonic() >= mark.until:
+        if mark is not None and now >= mark.until:
             del self._marks[route]  # it works again: the next mark starts from the base
 
     def marked(self) -> dict[str, float]:
