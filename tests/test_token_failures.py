@@ -362,3 +362,24 @@ async def test_token_file_lifetime_is_capped_at_the_documented_one(
         tok = gw.state.tokens.current
         assert tok is not None
         assert tok.lifetime == pytest.approx(3600)
+
+
+async def test_token_failed_relogin_after_401_keeps_the_old_token_serving(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A 401 invalidates the token while the auth endpoint is down: that caller gets a 503
+    with Retry-After, but the old token keeps serving requests where it still works."""
+    await faults(http, sandbox, {"faults": [
+        {"status": 503, "scope": "auth", "duration": 3},
+        {"status": 401, "path": BOOKING}]})
+    async with http.get(gateway.url + BOOKING) as resp:
+        assert resp.status == 503
+        assert resp.headers[GATEWAY_ERROR_HEADER] == "token_unavailable"
+        assert "Retry-After" in resp.headers
+    for _ in range(5):
+        async with http.get(gateway.url + SERVICES) as resp:
+            assert resp.status == 200
+    tok = gateway.state.tokens.current
+    assert tok is not None and tok.generation == 1
+    assert gateway.state.tokens.status().stale
+    await wait_until(lambda: (t := gateway.state.tokens.current) is not None
+                     and t.generation == 2, within=6)
