@@ -49,6 +49,13 @@ async def readyz(request: web.Request) -> web.Response:
             reasons.append("no usable token yet")
     if reasons:
         return web.json_response({"ready": False, "reasons": reasons}, status=503)
+    fleet = gw.tokens.fleet
+    if fleet is not None and not fleet.up:
+        # Not a failure: the token held keeps serving (a Redis blip must not empty every
+        # Service at once).
+        return web.json_response({"ready": True, "notes": [
+            f"token store unavailable ({fleet.problem}); serving with the token held, "
+            f"GATEWAY_REDIS_DOWN_POLICY={fleet.down_policy}"]})
     return web.json_response({"ready": True})
 
 
@@ -65,6 +72,9 @@ async def tokenz(request: web.Request) -> web.Response:
         "next_attempt_in_seconds": None if st.next_attempt_at is None
         else round(max(0.0, st.next_attempt_at - now), 3),
         "persistent_401_routes": gw.route_401.marked(),
+        "store": None if gw.tokens.fleet is None else {
+            "replica": gw.tokens.fleet.replica, "up": gw.tokens.fleet.up,
+            "problem": gw.tokens.fleet.problem, "renewed_by": gw.tokens.fleet.renewed_by},
         "last_renewal": {"at": _iso(st.last_renewal_wall), "outcome": st.last_outcome,
                          "error": st.last_error},
         "token": None,

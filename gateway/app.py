@@ -35,8 +35,10 @@ from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.file import load_token, save_token
+from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.route_401 import Persistent401
+from gateway.token.store import RedisStore, owner_key
 from gateway.token.value import Token
 from gateway.upstream import Upstream, create_session
 
@@ -105,7 +107,11 @@ class GatewayServer:
         s = self.settings
         session = create_session(s)
         initial, persist = None, None
-        if s.token_file:
+        fleet = self._fleet(s)
+        if s.token_file and fleet is not None:
+            log.info("GATEWAY_REDIS_URL is set: the token lives in the shared store, not in "
+                     "GATEWAY_TOKEN_FILE", extra={"fields": {"event": "token_file_unused"}})
+        elif s.token_file:
             path = Path(s.token_file)
             initial = load_token(path, s, self.clock)
 
@@ -114,7 +120,7 @@ class GatewayServer:
 
         self._auth_session = create_auth_session(s)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
-                              self.metrics, initial=initial, persist=persist)
+                              self.metrics, initial=initial, persist=persist, fleet=fleet)
         self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
                                    metrics=self.metrics, access=build_access_policy(s),
                                    route_401=self._route_401(s))
@@ -137,6 +143,21 @@ class GatewayServer:
             "event": "started", "proxy": self.url, "admin": self.admin_url,
             "upstream": str(s.base_url), "partner_id": s.partner_id,
             "app_key_fp": s.app_key.fingerprint}})
+
+    def _fleet(self, s: Settings) -> Fleet | None:
+        """The shared token store, when GATEWAY_REDIS_URL is set (redis imported only then)."""
+        if not s.redis_url:
+            return None
+        owner = owner_key(str(s.base_url), s.app_key.fingerprint, s.partner_id)
+        store = RedisStore(s.redis_url, owner=owner, prefix=s.redis_key_prefix,
+                           password=s.redis_password, ca_file=s.redis_ca_file,
+                           store_key=s.store_key, timeout=min(2.0, s.redis_lease_ttl / 2))
+        self.metrics.store_is_up(True)
+        log.info("sharing the token through Redis", extra={"fields": {
+            "event": "store_configured", "replica": store.replica, "owner": owner,
+            "encrypted": s.store_key is not None}})
+        return Fleet(store, lease_ttl=s.redis_lease_ttl, down_policy=s.redis_down_policy,
+                     clock=self.clock, events=self.metrics)
 
     def _route_401(self, s: Settings) -> Persistent401:
         def on_mark(route: str, cooldown: float) -> None:

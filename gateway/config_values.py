@@ -202,6 +202,26 @@ def parse_secret(value: object) -> Secret:
     return Secret(text)
 
 
+def parse_optional_secret(value: object) -> Secret | None:
+    """A secret, or None when empty."""
+    text = value.reveal() if isinstance(value, Secret) else str(value)
+    return Secret(text) if text.strip() else None
+
+
+def parse_redis_url(value: object) -> str:
+    """Empty (no shared store), or a redis:// or rediss:// URL (no password in it: use
+    GATEWAY_REDIS_PASSWORD)."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    url = URL(text)
+    if url.scheme not in ("redis", "rediss") or not url.host:
+        raise ValueError("must be a redis:// or rediss:// URL such as redis://redis:6379/0")
+    if url.password:
+        raise ValueError("must not carry a password: set GATEWAY_REDIS_PASSWORD(_FILE)")
+    return text
+
+
 def parse_optional_file(value: object) -> str:
     """A readable file path, or empty for none."""
     path = str(value).strip()

@@ -37,7 +37,7 @@ GATEWAY_ERROR_HEADER: Final = "X-Repairy-Gateway-Error"
 
 AuthReason = Literal["invalid_credentials", "refresh_rejected", "endpoint_misconfigured",
                      "request_rejected", "timeout", "connect_error", "server_error",
-                     "rate_limited", "malformed_response"]
+                     "rate_limited", "malformed_response", "lease_lost"]
 
 
 class GatewayError(Exception):

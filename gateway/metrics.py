@@ -65,6 +65,17 @@ class Metrics:
             f"{NS}_persistent_401", "Times a route was marked persistent 401 (it refused a "
             "brand-new token too; its 401s then pass back without renewing), by route template.",
             ["route"], registry=r)
+        self.store_adoptions = Counter(
+            f"{NS}_store_adoptions", "Tokens adopted from the shared store (renewed by another "
+            "replica).", registry=r)
+        self.store_lease_waits = Counter(
+            f"{NS}_store_lease_waits", "Renewals this replica left to the replica holding the "
+            "fleet's lease.", registry=r)
+        self.store_errors = Counter(
+            f"{NS}_store_errors", "Failed operations on the shared token store, by operation.",
+            ["op"], registry=r)
+        self.store_up = Gauge(f"{NS}_store_up", "1 while the shared token store answers (0: "
+                              "down; absent without a store).", registry=r)
         self.credential_reloads = Counter(
             f"{NS}_credential_reloads", "Credential file checks that found a change, by "
             "outcome (success: switched; failure: kept the old ones).", ["outcome"], registry=r)
@@ -125,6 +136,19 @@ class Metrics:
 
     def invalidated(self, reason: str) -> None:
         self.invalidations.labels(reason).inc()
+
+    # -- FleetEvents ---------------------------------------------------------------------------
+    def adopted(self) -> None:
+        self.store_adoptions.inc()
+
+    def lease_wait(self) -> None:
+        self.store_lease_waits.inc()
+
+    def store_error(self, op: str) -> None:
+        self.store_errors.labels(op).inc()
+
+    def store_is_up(self, up: bool) -> None:
+        self.store_up.set(1 if up else 0)
 
     # -- proxy ---------------------------------------------------------------------------------
     def upstream_response(self, method: str, route: str, status: int, seconds: float) -> None:

@@ -198,10 +198,13 @@ class Proxy:
                     gw.metrics.replayed.labels("upstream_401").inc()
                     resp = await self._exchange(request.method, url, headers, body.data, token,
                                                 outcome)
-                    if resp.status == 401:  # no second replay: pass it back (and judge)
-                        gw.route_401.unauthorized(outcome.route, token.generation)
-                    else:
+                    current = gw.tokens.current
+                    if resp.status != 401:
                         gw.route_401.answered(outcome.route, token.generation)
+                    elif current is not None and current.generation == token.generation:
+                        # No second replay: pass it back, and judge the route (unless the
+                        # token changed meanwhile: then it says nothing about the route).
+                        gw.route_401.unauthorized(outcome.route, token.generation)
         else:
             gw.route_401.answered(outcome.route, token.generation)
         return await self._stream_back(request, resp, rid, outcome)

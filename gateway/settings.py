@@ -41,9 +41,11 @@ from gateway.config_values import (
     parse_name,
     parse_optional_file,
     parse_optional_path,
+    parse_optional_secret,
     parse_path,
     parse_positive_duration,
     parse_positive_int,
+    parse_redis_url,
     parse_renew_fraction,
     parse_secret,
     parse_size,
@@ -78,7 +80,8 @@ def _spec(key: str, env: str, parse: Callable[[object], Any], default: str | Non
     return Spec(key, env, parse, default, doc, section, file_variant)
 
 
-U, A, T, P, IN, S, L = "upstream", "auth", "token", "proxy", "inbound", "server", "logging"
+U, A, T, F = "upstream", "auth", "token", "fleet"
+P, IN, S, L = "proxy", "inbound", "server", "logging"
 #: Every setting, in documentation order. ``default=None`` means required (for ``serve``).
 SPECS: tuple[Spec, ...] = (
     _spec("base_url", "REPAIRY_BASE_URL", parse_base_url, None,
@@ -149,6 +152,25 @@ SPECS: tuple[Spec, ...] = (
           parse_positive_duration, "1h", "Longest persistent-401 cool-down of a route.", T),
     _spec("token_file", "GATEWAY_TOKEN_FILE", parse_optional_path, "",
           "Keep the token in this file (0600) so a restart reuses it (empty: memory only).", T),
+    _spec("redis_url", "GATEWAY_REDIS_URL", parse_redis_url, "",
+          "Shared token store for a fleet (redis:// or rediss://); set, it takes precedence "
+          "over GATEWAY_TOKEN_FILE. Empty: this process keeps its own token.", F),
+    _spec("redis_password", "GATEWAY_REDIS_PASSWORD", parse_optional_secret, "",
+          "Redis password (or GATEWAY_REDIS_PASSWORD_FILE).", F, True),
+    _spec("redis_ca_file", "GATEWAY_REDIS_CA_FILE", parse_optional_file, "",
+          "PEM CA bundle to verify a rediss:// server (empty: system CAs).", F),
+    _spec("redis_key_prefix", "GATEWAY_REDIS_KEY_PREFIX", parse_name, "repairy-gateway",
+          "Prefix of the store's keys (the rest is derived from upstream, App Key, Partner ID).",
+          F),
+    _spec("redis_lease_ttl", "GATEWAY_REDIS_LEASE_TTL", parse_positive_duration, "5s",
+          "Lifetime of the fleet's renewal lease (extended every third of it while renewing).",
+          F),
+    _spec("redis_down_policy", "GATEWAY_REDIS_DOWN_POLICY", choice("local", "wait"), "local",
+          "Redis down when renewal is due: local (renew here in the last part of the token's "
+          "usable life) or wait.", F),
+    _spec("store_key", "GATEWAY_STORE_KEY", parse_optional_secret, "",
+          "Encrypt tokens in the store with this key (AES-GCM; or GATEWAY_STORE_KEY_FILE).", F,
+          True),
     _spec("listen", "GATEWAY_LISTEN", parse_listen, "127.0.0.1:8080",
           "Proxy listener: host:port, [v6]:port or unix:/path.", P),
     _spec("replay_body_limit", "GATEWAY_REPLAY_BODY_LIMIT", parse_size, "64KiB",
@@ -227,6 +249,13 @@ class Settings:
     persistent_401_cooldown: float
     persistent_401_cooldown_max: float
     token_file: str
+    redis_url: str
+    redis_password: Secret | None
+    redis_ca_file: str
+    redis_key_prefix: str
+    redis_lease_ttl: float
+    redis_down_policy: str
+    store_key: Secret | None
     listen: ListenAddress
     replay_body_limit: int
     max_body_size: int

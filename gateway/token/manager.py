@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from gateway.clock import Clock
@@ -33,7 +33,9 @@ from gateway.errors import AuthError, CredentialsRejected, TokenUnavailable
 from gateway.settings import Settings
 from gateway.token import renewal
 from gateway.token.auth_client import Exchange, token_from_exchange
+from gateway.token.fleet import Fleet, local_renewal_at
 from gateway.token.renewal import Failure, RenewalPolicy, RenewalState
+from gateway.token.store import StoreError, owner_key
 from gateway.token.value import RenewalKind, Token, is_usable
 
 log = logging.getLogger("gateway.token")
@@ -102,8 +104,12 @@ class TokenManager:
     def __init__(self, auth: AuthCalls, settings: Settings, clock: Clock,
                  events: TokenEvents | None = None, rng: random.Random | None = None,
                  initial: Token | None = None,
-                 persist: Callable[[Token, Settings], None] | None = None) -> None:
+                 persist: Callable[[Token, Settings], None] | None = None,
+                 fleet: Fleet | None = None) -> None:
         self._auth = auth
+        self._fleet = fleet
+        self._fleet_task: asyncio.Task[None] | None = None
+        self._fleet_wake = asyncio.Event()
         self._s = settings
         self._policy = policy_of(settings)
         self._clock = clock
@@ -188,6 +194,10 @@ class TokenManager:
         return self._state
 
     @property
+    def fleet(self) -> Fleet | None:
+        return self._fleet
+
+    @property
     def current(self) -> Token | None:
         return self._state.token
 
@@ -199,15 +209,18 @@ class TokenManager:
     async def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="token-renewal-loop")
+        if self._fleet is not None and self._fleet_task is None:
+            self._fleet_task = asyncio.create_task(self._fleet_loop(), name="token-fleet-sync")
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop renewing. An auth call under way gets up to ``grace`` seconds to finish (a
         refresh Repairy has already answered must not be lost), then is cancelled."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        for background in (self._loop_task, self._fleet_task):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+        self._loop_task = self._fleet_task = None
         task = self._task
         if task is not None and not task.done():
             if grace > 0:
@@ -218,6 +231,8 @@ class TokenManager:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, AuthError):
                 await task
+        if self._fleet is not None:
+            await self._fleet.store.close()
 
     async def switch_credentials(self, settings: Settings, auth: AuthCalls) -> Token:
         """Log in with new credentials while the current token keeps serving; switch to the
@@ -239,6 +254,9 @@ class TokenManager:
             self._state = renewal.ended(self._state)
             raise
         self._auth, self._s, self._policy = auth, settings, policy_of(settings)
+        if self._fleet is not None:  # the new credentials' token lives under their own key
+            self._fleet.store.rekey(owner_key(str(settings.base_url),
+                                              settings.app_key.fingerprint, settings.partner_id))
         return self._accept(exchange, "login", None)
 
     # -- renewal -------------------------------------------------------------------------------
@@ -249,8 +267,10 @@ class TokenManager:
         plan = renewal.next_attempt(self._state, now, self._policy)
         if plan is None or plan.when > now:
             return
+        previous = self._state.last_attempt_at
         self._state = renewal.started(self._state, plan.kind, now)
-        self._task = asyncio.create_task(self._attempt(plan.kind), name="token-renewal")
+        self._task = asyncio.create_task(self._attempt(plan.kind, previous),
+                                         name="token-renewal")
         self._task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
@@ -262,7 +282,26 @@ class TokenManager:
             task.exception()  # consumed: failures are in the state
         self._wake.set()
 
-    async def _attempt(self, kind: RenewalKind) -> None:
+    async def _attempt(self, kind: RenewalKind, previous: float | None = None) -> None:
+        holding = False  # the fleet's renewal lease
+        try:
+            if self._fleet is not None:
+                turn = await self._fleet_turn(kind, previous)
+                if turn is None:
+                    return  # adopted the fleet's token, or waiting on the fleet
+                kind, holding = turn
+            await self._renew(kind, holding)
+            if holding:
+                assert self._fleet is not None
+                await self._fleet.write(self._state)  # the result, token or back-off
+        finally:
+            if holding:
+                assert self._fleet is not None
+                await self._fleet.release()
+            if self._state.in_flight is not None:  # cancelled: never stuck
+                self._state = renewal.ended(self._state)
+
+    async def _renew(self, kind: RenewalKind, holding: bool) -> None:
         st = self._state
         prev = None if st.stale else st.token
         if kind == "refresh" and prev is None:
@@ -271,7 +310,7 @@ class TokenManager:
             if kind == "refresh":
                 assert prev is not None
                 try:
-                    exchange = await self._timed("refresh", self._auth.refresh(prev))
+                    exchange = await self._timed("refresh", self._auth.refresh(prev), holding)
                 except AuthError as exc:
                     if exc.reason not in renewal.REFRESH_FALLBACK_REASONS:
                         raise
@@ -283,7 +322,7 @@ class TokenManager:
                 else:
                     self._accept(exchange, "refresh", prev)
                     return
-            self._accept(await self._timed("login", self._auth.login()), "login", prev)
+            self._accept(await self._timed("login", self._auth.login(), holding), "login", prev)
         except AuthError as exc:
             self._failed(Failure(kind, exc.reason, exc.retry_after, exc.ambiguous), exc.message)
         except Exception as exc:  # a bug, or an answer nobody foresaw: back off all the same
@@ -293,9 +332,144 @@ class TokenManager:
             self._events.renewal(kind, False, "internal_error", 0.0)
             # It may have reached Repairy: never send that refresh token again.
             self._failed(Failure(kind, "internal_error", ambiguous=True), type(exc).__name__)
+
+    # -- the fleet (a shared store) ------------------------------------------------------------
+    def _due_kind(self, previous: float | None) -> RenewalKind | None:
+        """Is an attempt due now (as if ours had not started), and of which kind?"""
+        st = replace(self._state, in_flight=None, last_attempt_at=previous)
+        plan = renewal.next_attempt(st, self._clock.monotonic(), self._policy)
+        return plan.kind if plan is not None and plan.when <= self._clock.monotonic() else None
+
+    def _adopt(self, shared: RenewalState) -> None:
+        before = self._state
+        self._state = renewal.adopt(before, shared)
+        tok = self._state.token
+        if tok is not None and tok is not before.token and (
+                before.token is None or tok.access != before.token.access):
+            assert self._fleet is not None
+            self._fleet.adopted()
+            self._events.token_changed(tok)
+            log.info("token adopted from the store", extra={"fields": {
+                "event": "token_adopted", "generation": tok.generation,
+                "token_fp": tok.fingerprint, "renewed_by": self._fleet.renewed_by}})
+            self._wake.set()
+
+    async def _fleet_turn(self, kind: RenewalKind,
+                          previous: float | None) -> tuple[RenewalKind, bool] | None:
+        """Before an auth call: adopt a newer token from the store, wait for the replica that
+        holds the lease, or take the lease ourselves (kind, True). Store down: the down
+        policy decides (kind, False) or None."""
+        fleet = self._fleet
+        assert fleet is not None
+        while True:
+            try:
+                shared = await fleet.load()
+                if shared is not None:
+                    self._adopt(shared)
+                due = self._due_kind(previous)
+                if due is None:
+                    return None
+                if not await fleet.acquire():
+                    await fleet.wait_for_change(fleet.lease_ttl)
+                    continue
+                shared = await fleet.load()  # it may have changed just before we got the lease
+            except StoreError:
+                return self._store_down(kind)
+            if shared is not None:
+                self._adopt(shared)
+                dead = shared.in_flight
+                if dead is not None and dead.kind == "refresh" and (
+                        shared.generation == self._state.generation):
+                    # The last holder died during a refresh: that refresh token may be used up.
+                    self._state = renewal.banned_refresh(self._state)
+                    log.warning("taking over a renewal whose holder vanished: logging in",
+                                extra={"fields": {"event": "lease_takeover"}})
+            due = self._due_kind(previous)
+            if due is None:
+                await fleet.release()
+                return None
+            self._state = renewal.started(self._state, due, self._clock.monotonic())
+            if not await fleet.write(self._state):  # our in-flight marker, for a successor
+                await fleet.release()
+                return None
+            return due, True
+
+    def _store_down(self, kind: RenewalKind) -> tuple[RenewalKind, bool] | None:
+        fleet = self._fleet
+        assert fleet is not None
+        now = self._clock.monotonic()
+        at = local_renewal_at(self._state, self._policy, fleet.down_policy, fleet.down_since,
+                              fleet.lease_ttl)
+        if at <= now:
+            log.warning("token store unavailable: renewing locally", extra={"fields": {
+                "event": "store_down_local_renewal", "policy": fleet.down_policy}})
+            return kind, False
+        # Look at the store again soon; renew here only once the policy allows it.
+        self._state = renewal.deferred(self._state, min(at, now + fleet.lease_ttl))
+        return None
+
+    def _on_fleet_change(self) -> None:
+        self._fleet_wake.set()
+
+    async def _fleet_loop(self) -> None:
+        """Adopt what other replicas write (notified, and polled every lease TTL)."""
+        fleet = self._fleet
+        assert fleet is not None
+        listener = asyncio.create_task(fleet.listen(self._on_fleet_change),
+                                       name="token-store-listener")
+        try:
+            while True:
+                self._fleet_wake.clear()
+                try:
+                    await self._sync()
+                except Exception:  # never let a bug stop the fleet sync
+                    log.exception("token store sync crashed")
+                waker = asyncio.ensure_future(self._fleet_wake.wait())
+                try:
+                    await self._wait_any(waker, fleet.lease_ttl)
+                finally:
+                    waker.cancel()
         finally:
-            if self._state.in_flight is not None:  # cancelled: never stuck
-                self._state = renewal.ended(self._state)
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _sync(self) -> None:
+        fleet = self._fleet
+        assert fleet is not None
+        if self._task is not None:
+            return  # the attempt under way reads the store itself
+        try:
+            shared = await fleet.load()
+        except StoreError:
+            return
+        if self._task is not None:
+            return
+        if shared is not None:
+            self._adopt(shared)
+        ours = self._state.token
+        if ours is not None and (shared is None or shared.token is None
+                                 or ours.generation > shared.generation):
+            await self._publish_ours()  # renewed here while the store was down, or it is new
+
+    async def _publish_ours(self) -> None:
+        fleet = self._fleet
+        assert fleet is not None
+        try:
+            if not await fleet.acquire():
+                return
+        except StoreError:
+            return
+        try:
+            shared = await fleet.load()
+            ours = self._state.token
+            if ours is not None and (shared is None or shared.token is None
+                                     or ours.generation > shared.generation):
+                await fleet.write(renewal.ended(self._state))
+        except StoreError:
+            pass
+        finally:
+            await fleet.release()
 
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
@@ -308,10 +482,11 @@ class TokenManager:
                           "event": "token_config_error", "reason": failure.reason,
                           "detail": detail}})
 
-    async def _timed(self, kind: RenewalKind, call: Awaitable[Exchange]) -> Exchange:
+    async def _timed(self, kind: RenewalKind, call: Awaitable[Exchange],
+                     holding: bool = False) -> Exchange:
         started = self._clock.monotonic()
         try:
-            result = await call
+            result = await (self._leased(call) if holding else call)
         except AuthError as exc:
             self._events.renewal(kind, False, exc.reason, self._clock.monotonic() - started)
             log.warning("token %s failed", kind, extra={"fields": {
@@ -320,6 +495,22 @@ class TokenManager:
             raise
         self._events.renewal(kind, True, "ok", self._clock.monotonic() - started)
         return result
+
+    async def _leased(self, call: Awaitable[Exchange]) -> Exchange:
+        """Run an auth call while extending the fleet's lease every third of its TTL; if the
+        lease cannot be extended, abandon the call (another replica may take over)."""
+        fleet = self._fleet
+        assert fleet is not None
+        task = asyncio.ensure_future(call)
+        try:
+            while not task.done():
+                await self._wait_any(task, fleet.lease_ttl / 3)
+                if not task.done() and not await fleet.extend():
+                    raise AuthError("lease_lost", "the renewal lease could not be extended: "
+                                    "abandoning the renewal", ambiguous=True)
+            return task.result()
+        finally:
+            task.cancel()
 
     def _accept(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
         token = token_from_exchange(

@@ -197,6 +197,39 @@ def failed(state: RenewalState, failure: Failure, now: float, policy: RenewalPol
                    refresh_banned=banned, last_error=failure.reason, in_flight=None)
 
 
+def deferred(state: RenewalState, until: float) -> RenewalState:
+    """Nothing to do before ``until`` (e.g. waiting on the fleet); no failure is counted."""
+    return replace(state, not_before=until, in_flight=None)
+
+
+def adopt(local: RenewalState, shared: RenewalState) -> RenewalState:
+    """Merge the fleet's state into ours: a newer generation wins whole (our attempt in
+    flight, if any, stays ours); at the same generation, the fleet's back-off after a failure
+    and a ban on the shared refresh token are taken over; a different token of the same
+    generation (two replicas renewed apart while the store was down) replaces ours only once
+    the upstream has refused ours."""
+    lt, st = local.token, shared.token
+    if st is None:
+        return local
+    if lt is None:
+        return replace(shared, in_flight=local.in_flight, last_attempt_at=local.last_attempt_at)
+    newer = st.generation > lt.generation
+    if not newer and st.generation == lt.generation and st.access != lt.access:
+        newer = local.stale
+    if newer:
+        return replace(shared, in_flight=local.in_flight, last_attempt_at=local.last_attempt_at)
+    if st.generation == lt.generation and st.access == lt.access:
+        later = shared.not_before is not None and (
+            local.not_before is None or shared.not_before > local.not_before)
+        if later or (shared.refresh_banned and not local.refresh_banned):
+            return replace(local, failures=max(local.failures, shared.failures),
+                           not_before=shared.not_before if later else local.not_before,
+                           blocked=shared.blocked if later else local.blocked,
+                           last_error=shared.last_error if later else local.last_error,
+                           refresh_banned=local.refresh_banned or shared.refresh_banned)
+    return local
+
+
 def invalidated(state: RenewalState, generation: int) -> RenewalState:
     """The upstream answered 401 to ``generation``: renew now, unless that token is already
     replaced or marked. The back-off of earlier failures stays in force."""

@@ -1,0 +1,211 @@
+"""The shared token store of a fleet: the renewal state in Redis, a fenced renewal lease, and a
+notification when a new token lands.
+
+One Redis hash per *owner* (upstream, App Key fingerprint, Partner ID: a credential rotation or
+another partner never collides) holds the fleet's :class:`~gateway.token.renewal.RenewalState`
+in its serialised form (``blob``), its generation (``gen``) and who wrote it (``by``). Beside it:
+
+* a lease key, taken with ``SET NX PX`` and a unique owner id, held by the one replica that
+  renews; it is extended while the renewal runs and released after;
+* every write of the state is *fenced* by a Lua script that checks, atomically, that the writer
+  still holds the lease and that the generation does not go backwards, so a paused ex-holder
+  can never overwrite a newer token;
+* a pub/sub channel announces each write; replicas also poll, in case a message is lost.
+
+Blobs are encrypted with AES-GCM (``cryptography``) when a store key is configured, with the
+owner as associated data. ``redis`` and ``cryptography`` are imported only when used. Nothing
+here decides anything about renewal: see :mod:`gateway.token.fleet`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from gateway.redact import Secret
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+#: Fence for writes: the lease must be ours, the generation must not go backwards.
+_WRITE: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local current = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local new = tonumber(ARGV[2])
+if new < current then return -1 end
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3], 'by', ARGV[4])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return 1
+"""
+_EXTEND: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_BLOB_VERSION: Final = "v1"
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered something unreadable (no secrets in it)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the store holds for our owner: the serialised state, and who wrote it."""
+
+    generation: int
+    state: dict[str, Any]
+    by: str
+
+
+def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
+    """A short, stable name for whose token this is (no secret: the App Key's fingerprint)."""
+    raw = json.dumps([upstream, app_key_fp, partner_id]).encode()
+    return hashlib.sha256(raw).hexdigest()[:24]
+
+
+class Sealer:
+    """AES-GCM over the serialised state, keyed from the configured store key (HKDF)."""
+
+    def __init__(self, key: Secret, owner: str) -> None:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"repairy-gateway-store",
+                       info=b"token-state-v1").derive(key.reveal().encode())
+        self._aead = AESGCM(derived)
+        self._aad = owner.encode()
+
+    def seal(self, data: bytes) -> str:
+        nonce = os.urandom(12)
+        sealed = nonce + self._aead.encrypt(nonce, data, self._aad)
+        return "gcm:" + base64.b64encode(sealed).decode()
+
+    def open(self, text: str) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        if not text.startswith("gcm:"):
+            raise StoreError("the stored state is not encrypted, but a store key is set")
+        raw = base64.b64decode(text[4:])
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], self._aad)
+        except InvalidTag:
+            raise StoreError("the stored state does not decrypt with this store key") from None
+
+
+class RedisStore:
+    """The Redis side of the fleet protocol, for one owner."""
+
+    def __init__(self, url: str, *, owner: str, prefix: str, password: Secret | None,
+                 ca_file: str, store_key: Secret | None, timeout: float) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        # One immediate retry: a restarted Redis leaves dead connections in the pool, and the
+        # first command on each must not count as "the store is down".
+        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                  "health_check_interval": 30, "decode_responses": True,
+                                  "retry": Retry(NoBackoff(), 1),
+                                  "retry_on_error": [RedisConnectionError]}
+        if password is not None:
+            kwargs["password"] = password.reveal()
+        if ca_file and url.startswith("rediss://"):
+            kwargs["ssl_ca_certs"] = ca_file
+            kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        self._redis: Redis = aioredis.from_url(url, **kwargs)
+        self._prefix, self._store_key = prefix, store_key
+        self.rekey(owner)
+        #: This process's id in the fleet: who holds the lease, who renewed last.
+        self.replica = f"{os.uname().nodename[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+    def rekey(self, owner: str) -> None:
+        """Use the keys of ``owner`` (after a credential rotation)."""
+        self.owner = owner
+        base = f"{self._prefix}:{owner}"
+        self._state_key, self._lease_key, self._channel = (f"{base}:state", f"{base}:lease",
+                                                           f"{base}:events")
+        self._sealer = Sealer(self._store_key, owner) if self._store_key is not None else None
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except Exception as exc:  # connection, timeout, protocol: all "the store is down"
+            raise StoreError(f"redis: {type(exc).__name__}") from None
+
+    async def load(self) -> Stored | None:
+        fields = await self._call(self._redis.hgetall(self._state_key))
+        if not fields:
+            return None
+        try:
+            blob = fields["blob"]
+            data = self._sealer.open(blob) if self._sealer is not None else _plain(blob)
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("owner") != self.owner:
+                raise StoreError("the stored state belongs to another owner")
+            return Stored(int(fields["gen"]), doc["state"], str(fields.get("by", "")))
+        except StoreError:
+            raise
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StoreError(f"the stored state is unreadable ({type(exc).__name__})") from None
+
+    async def acquire(self, ttl: float) -> bool:
+        result = await self._call(self._redis.set(self._lease_key, self.replica, nx=True,
+                                                  px=max(1, int(ttl * 1000))))
+        return bool(result)
+
+    async def extend(self, ttl: float) -> bool:
+        result = await self._call(self._redis.eval(_EXTEND, 1, self._lease_key, self.replica,
+                                                   str(max(1, int(ttl * 1000)))))
+        return bool(result)
+
+    async def release(self) -> None:
+        await self._call(self._redis.eval(_RELEASE, 1, self._lease_key, self.replica))
+
+    async def write(self, generation: int, state: dict[str, Any]) -> bool:
+        """Write the state, fenced: False if the lease is no longer ours or the store already
+        holds a newer generation."""
+        data = json.dumps({"owner": self.owner, "state": state}).encode()
+        blob = self._sealer.seal(data) if self._sealer is not None else "plain:" + data.decode()
+        result = await self._call(self._redis.eval(
+            _WRITE, 3, self._state_key, self._lease_key, self._channel, self.replica,
+            str(generation), blob, self.replica))
+        return bool(result == 1)
+
+    async def notifications(self) -> AsyncIterator[None]:
+        """Yields each time another replica writes the state (until the connection fails)."""
+        pubsub = self._redis.pubsub()
+        try:
+            await self._call(pubsub.subscribe(self._channel))
+            while True:
+                message = await self._call(pubsub.get_message(ignore_subscribe_messages=True,
+                                                              timeout=30.0))
+                if message is not None:
+                    yield None
+        finally:
+            with contextlib.suppress(Exception):  # the connection is gone already
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _plain(blob: str) -> bytes:
+    if not blob.startswith("plain:"):
+        raise StoreError("the stored state is encrypted, but no store key is set")
+    return blob[len("plain:"):].encode()

@@ -1,0 +1,199 @@
+"""One token for the whole fleet: gateway processes sharing a real redis-server, against the
+sandbox in one-live-token mode (a new login or refresh revokes every earlier token)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.token.store import owner_key
+from tests.fleet_helpers import GatewayProcess, RedisServer
+from tests.gateway_helpers import SERVICES, wait_until
+from tests.sandbox_helpers import faults, stats
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@dataclass
+class Load:
+    ok: int = 0
+    failed: list[tuple[int, int, str]] = field(default_factory=list)  # (replica, status, code)
+
+
+async def steady_load(http: aiohttp.ClientSession, gateways: list[GatewayProcess],
+                      seconds: float, load: Load, per_replica: int = 2) -> None:
+    deadline = time.monotonic() + seconds
+
+    async def worker(i: int, gw: GatewayProcess) -> None:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(gw.url + SERVICES) as resp:
+                    body = await resp.read()
+                    if resp.status == 200:
+                        load.ok += 1
+                    else:
+                        load.failed.append((i, resp.status, body[:80].decode(errors="replace")))
+            except aiohttp.ClientError as exc:
+                load.failed.append((i, 0, type(exc).__name__))
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(*(worker(i, gw) for i, gw in enumerate(gateways)
+                           for _ in range(per_replica)))
+
+
+async def fleet(sb: Sandbox, redis: RedisServer, n: int, **env: str) -> list[GatewayProcess]:
+    gateways = [GatewayProcess(sb, {"GATEWAY_REDIS_URL": redis.url, **env}) for _ in range(n)]
+    for gw in gateways:
+        await gw.start()
+    return gateways
+
+
+async def stop_all(gateways: list[GatewayProcess]) -> None:
+    codes = await asyncio.gather(*(gw.stop() for gw in gateways))
+    assert all(c in (0, -9, None) for c in codes), codes
+
+
+async def test_fleet_three_replicas_share_one_token_across_renewals(
+        redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
+    """3 gateway processes, 4 s tokens, one live token per credential, 15 s of load: one
+    login in all, at most one auth call per renewal window for the whole fleet, no failed
+    caller request."""
+    async with Sandbox(SandboxConfig(access_ttl=4.0, refresh_ttl=120, single_token=True)) as sb:
+        gateways = await fleet(sb, redis_server, 3)
+        try:
+            for gw in gateways:
+                await gw.ready(http)
+            load = Load()
+            await steady_load(http, gateways, 15.0, load)
+            s = await stats(http, sb)
+            fps = {(await gw.tokenz(http))["token"]["fingerprint"] for gw in gateways}
+        finally:
+            await stop_all(gateways)
+    assert load.failed == [], load.failed[:5]
+    assert load.ok > 300
+    assert s["token_requests"] == 1
+    # 15 s of 4 s tokens renewed at ~70-80 %: about 5 windows; never one call per replica.
+    assert 3 <= s["refresh_requests"] <= 7, s
+    # Each refresh revokes the token the other replicas still hold until the notification
+    # reaches them: their requests meet a 401, adopt the new token and are replayed.
+    assert int(s["statuses"].get("401", 0)) <= 2 * 2 * s["refresh_requests"], s
+    assert len(fps) == 1
+
+
+async def test_fleet_lease_holder_killed_mid_renewal_is_taken_over(
+        redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
+    """The replica holding the lease is SIGKILLed during a slow refresh: once the lease runs
+    out another replica takes over, with a login (the refresh token may already have been
+    used up): 2 logins in all, no failed caller request."""
+    async with Sandbox(SandboxConfig(access_ttl=6.0, refresh_ttl=120, single_token=True)) as sb:
+        gateways = await fleet(sb, redis_server, 3, GATEWAY_REDIS_LEASE_TTL="1.5s",
+                               GATEWAY_AUTH_TIMEOUT="5s")
+        redis = await redis_server.client()
+        try:
+            for gw in gateways:
+                await gw.ready(http)
+            await faults(http, sb, {"latency": 3.0, "path": "/auth/refresh"})
+            load = Load()
+            load_task = asyncio.create_task(steady_load(http, gateways, 9.0, load))
+            await wait_until(lambda: sb.state.control.counters["refresh_requests"] == 1,
+                             within=8)
+            keys = [k async for k in redis.scan_iter("repairy-gateway:*:lease")]
+            holder = await redis.get(keys[0])
+            victims = [gw for gw in gateways if gw.proc is not None
+                       and f"-{gw.proc.pid}-" in holder]
+            assert len(victims) == 1, holder
+            victims[0].kill()
+            survivors = [gw for gw in gateways if gw is not victims[0]]
+            await wait_until(lambda: sb.state.control.counters["logins_succeeded"] == 2,
+                             within=6)
+            load.failed = [f for f in load.failed if gateways[f[0]] is not victims[0]]
+            await load_task
+            s = await stats(http, sb)
+            fps = {(await gw.tokenz(http))["token"]["fingerprint"] for gw in survivors}
+        finally:
+            await redis.aclose()
+            await stop_all(gateways)
+    dead = gateways.index(victims[0])
+    assert [f for f in load.failed if f[0] != dead] == [], load.failed[:5]
+    assert s["token_requests"] == 2
+    assert len(fps) == 1
+
+
+async def test_fleet_survives_redis_stopped_and_started(
+        redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
+    """Redis stops for a while under load: callers see no failure while the token is valid,
+    /readyz stays 200 (with a note), and once Redis is back the fleet converges on one
+    token."""
+    async with Sandbox(SandboxConfig(access_ttl=6.0, refresh_ttl=120, single_token=True)) as sb:
+        gateways = await fleet(sb, redis_server, 3, GATEWAY_REDIS_LEASE_TTL="1s")
+        try:
+            for gw in gateways:
+                await gw.ready(http)
+            load = Load()
+            load_task = asyncio.create_task(steady_load(http, gateways, 8.0, load))
+            await asyncio.sleep(1.0)
+            await redis_server.stop()
+            await asyncio.sleep(2.0)
+            async with http.get(gateways[0].admin + "/readyz") as resp:
+                assert resp.status == 200
+                assert "token store unavailable" in (await resp.json())["notes"][0]
+            await redis_server.start()
+            await load_task
+
+            async def converged() -> bool:
+                fps = {(await gw.tokenz(http))["token"]["fingerprint"] for gw in gateways}
+                return len(fps) == 1
+
+            await wait_until(converged, within=10)
+            after = Load()
+            await steady_load(http, gateways, 1.0, after)
+            s = await stats(http, sb)
+        finally:
+            await stop_all(gateways)
+    assert load.failed == [], load.failed[:5]
+    assert after.failed == [] and after.ok > 0
+    assert s["token_requests"] == 1  # the outage ended before anyone needed a new token
+
+
+async def test_fleet_ignores_a_store_entry_of_another_owner_and_encrypts(
+        redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
+    """A state under our key that names another owner is ignored (the gateway logs in
+    itself); with GATEWAY_STORE_KEY the stored state never shows the token."""
+    async with Sandbox() as sb:
+        cfg = sb.state.config
+        from gateway.redact import fingerprint
+        owner = owner_key(sb.url, fingerprint(cfg.app_key), cfg.partner_id)
+        redis = await redis_server.client()
+        forged = {"owner": "someone-else", "state": {"token": {"access": "forged"}}}
+        await redis.hset(f"repairy-gateway:{owner}:state",
+                         mapping={"gen": "9", "blob": "plain:" + json.dumps(forged), "by": "x"})
+        try:
+            gateways = await fleet(sb, redis_server, 1)
+            await gateways[0].ready(http)
+            await stop_all(gateways)
+            assert sb.state.control.counters["logins_succeeded"] == 1
+            assert "another owner" in gateways[0].logs()
+            await redis.delete(f"repairy-gateway:{owner}:state")
+            gateways = await fleet(sb, redis_server, 1,
+                                   GATEWAY_STORE_KEY="a-store-key-of-some-length")
+            await gateways[0].ready(http)
+            blob = await redis.hget(f"repairy-gateway:{owner}:state", "blob")
+            await stop_all(gateways)
+        finally:
+            await redis.aclose()
+    assert blob is not None and blob.startswith("gcm:")
+    assert "sbx_at_" not in blob and "sbx_rt_" not in blob
+    assert "sbx_" not in gateways[0].logs()
