@@ -150,10 +150,12 @@ def test_helm_network_policy_limits_egress_to_upstream_and_dns(helm_bin: str) ->
     policy = by_kind(render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml")),
                      "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    dns, upstream = policy["egress"]
+    dns, upstream, redis = policy["egress"]
     assert {p["port"] for p in dns["ports"]} == {53}
     assert upstream["to"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
     assert [p["port"] for p in upstream["ports"]] == [443]
+    assert redis["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    assert [p["port"] for p in redis["ports"]] == [6380]
     proxy_rule, metrics_rule = policy["ingress"]
     assert proxy_rule["from"] and metrics_rule["ports"][0]["port"] == "admin"
 
@@ -238,6 +240,33 @@ def test_helm_templates_reference_only_existing_values() -> None:
                 break
             node = node[part]
     assert missing == []
+
+
+def test_helm_several_replicas_need_the_shared_store(helm_bin: str) -> None:
+    """replicaCount > 1 or autoscaling without redis.url is refused (unless opted out); with
+    it the pods get the store's settings and secrets, and no token file."""
+    base = ["--set", "repairy.baseUrl=https://r.example", "--set", "credentials.appKey=k",
+            "--set", "credentials.appSecret=s", "--set", "credentials.partnerId=p",
+            "--set", "inbound.allowedCidrs={10.0.0.0/8}"]
+    for extra in (["--set", "replicaCount=2"], ["--set", "autoscaling.enabled=true"]):
+        result = subprocess.run([helm_bin, "template", "t", str(CHART), *base, *extra],
+                                capture_output=True, text=True, check=False)
+        assert result.returncode != 0
+        assert "redis.url" in result.stderr
+    render(helm_bin, *base, "--set", "replicaCount=2", "--set",
+           "redis.allowUnsharedReplicas=true")
+    single = render(helm_bin, *base)
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]  # cannot block drains
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"))
+    env = by_kind(docs, "ConfigMap")["data"]
+    assert env["GATEWAY_REDIS_URL"] == "rediss://redis.cache.svc:6380/0"
+    assert env["GATEWAY_REDIS_PASSWORD_FILE"] == "/etc/repairy-gateway/redis/password"
+    assert env["GATEWAY_STORE_KEY_FILE"] == "/etc/repairy-gateway/store-key/store-key"
+    assert "GATEWAY_TOKEN_FILE" not in env
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"] for v in pod["volumes"]}
+    assert {"repairy-redis-password", "repairy-store-key", "repairy-redis-ca"} <= volumes
+    assert by_kind(docs, "PodDisruptionBudget")
 
 
 def test_helm_readme_documents_every_value() -> None:

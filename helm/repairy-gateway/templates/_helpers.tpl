@@ -76,8 +76,21 @@ GATEWAY_LOG_LEVEL: {{ $v.gateway.logLevel | quote }}
 GATEWAY_LOG_FORMAT: {{ $v.gateway.logFormat | quote }}
 GATEWAY_SHUTDOWN_DELAY: {{ printf "%vs" $v.gateway.shutdownDelaySeconds | quote }}
 GATEWAY_SHUTDOWN_GRACE: {{ printf "%vs" $v.gateway.shutdownGraceSeconds | quote }}
-{{- if $v.gateway.persistToken }}
+{{- if and $v.gateway.persistToken (not $v.redis.url) }}
 GATEWAY_TOKEN_FILE: "/var/lib/repairy-gateway/token.json"
+{{- end }}
+{{- if $v.redis.url }}
+GATEWAY_REDIS_URL: {{ $v.redis.url | quote }}
+GATEWAY_REDIS_DOWN_POLICY: {{ $v.redis.downPolicy | quote }}
+{{- if $v.redis.passwordSecret }}
+GATEWAY_REDIS_PASSWORD_FILE: "/etc/repairy-gateway/redis/password"
+{{- end }}
+{{- if $v.redis.storeKeySecret }}
+GATEWAY_STORE_KEY_FILE: "/etc/repairy-gateway/store-key/store-key"
+{{- end }}
+{{- if $v.redis.caSecret }}
+GATEWAY_REDIS_CA_FILE: "/etc/repairy-gateway/redis-ca/ca.crt"
+{{- end }}
 {{- end }}
 {{- if .clientKeys }}
 GATEWAY_CLIENT_KEYS_FILE: "/etc/repairy-gateway/client-keys/client-keys"
@@ -163,6 +176,21 @@ One gateway container (a list item). Dict arguments:
     - name: repairy-state
       mountPath: /var/lib/repairy-gateway
     {{- end }}
+    {{- if and $v.redis.url $v.redis.passwordSecret }}
+    - name: repairy-redis-password
+      mountPath: /etc/repairy-gateway/redis
+      readOnly: true
+    {{- end }}
+    {{- if and $v.redis.url $v.redis.storeKeySecret }}
+    - name: repairy-store-key
+      mountPath: /etc/repairy-gateway/store-key
+      readOnly: true
+    {{- end }}
+    {{- if and $v.redis.url $v.redis.caSecret }}
+    - name: repairy-redis-ca
+      mountPath: /etc/repairy-gateway/redis-ca
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/* The pod volumes the container mounts. Dict: v, secretName, clientKeysSecret. */}}
@@ -193,5 +221,32 @@ One gateway container (a list item). Dict arguments:
   emptyDir:
     medium: Memory  # the token stays off the node's disk; survives container restarts
     sizeLimit: 1Mi
+{{- end }}
+{{- if and $v.redis.url $v.redis.passwordSecret }}
+- name: repairy-redis-password
+  secret:
+    secretName: {{ $v.redis.passwordSecret }}
+    defaultMode: 288
+    items:
+      - key: {{ $v.redis.passwordKey }}
+        path: password
+{{- end }}
+{{- if and $v.redis.url $v.redis.storeKeySecret }}
+- name: repairy-store-key
+  secret:
+    secretName: {{ $v.redis.storeKeySecret }}
+    defaultMode: 288
+    items:
+      - key: {{ $v.redis.storeKeyKey }}
+        path: store-key
+{{- end }}
+{{- if and $v.redis.url $v.redis.caSecret }}
+- name: repairy-redis-ca
+  secret:
+    secretName: {{ $v.redis.caSecret }}
+    defaultMode: 292
+    items:
+      - key: ca.crt
+        path: ca.crt
 {{- end }}
 {{- end }}
