@@ -26,7 +26,10 @@ def _iso(unix: float | None) -> str | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    workers = request.app[GATEWAY].workers
+    if workers is None:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "workers": workers()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -34,7 +37,7 @@ async def readyz(request: web.Request) -> web.Response:
     reasons = []
     if gw.draining:
         reasons.append("draining: the gateway is shutting down")
-    status = gw.tokens.status()
+    status = gw.manager.status()
     if not status.usable:
         if status.credentials_rejected:
             reasons.append("no usable token: Repairy rejected the credentials")
@@ -49,7 +52,7 @@ async def readyz(request: web.Request) -> web.Response:
             reasons.append("no usable token yet")
     if reasons:
         return web.json_response({"ready": False, "reasons": reasons}, status=503)
-    fleet = gw.tokens.fleet
+    fleet = gw.manager.fleet
     if fleet is not None and not fleet.up:
         # Not a failure: the token held keeps serving (a Redis blip must not empty every
         # Service at once).
@@ -61,8 +64,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def tokenz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    st = gw.tokens.status()
-    now = gw.tokens.clock.monotonic()
+    st = gw.manager.status()
+    now = gw.manager.clock.monotonic()
     body: dict[str, Any] = {
         "usable": st.usable,
         "stale": st.stale,
@@ -72,9 +75,9 @@ async def tokenz(request: web.Request) -> web.Response:
         "next_attempt_in_seconds": None if st.next_attempt_at is None
         else round(max(0.0, st.next_attempt_at - now), 3),
         "persistent_401_routes": gw.route_401.marked(),
-        "store": None if gw.tokens.fleet is None else {
-            "replica": gw.tokens.fleet.replica, "up": gw.tokens.fleet.up,
-            "problem": gw.tokens.fleet.problem, "renewed_by": gw.tokens.fleet.renewed_by},
+        "store": None if gw.manager.fleet is None else {
+            "replica": gw.manager.fleet.replica, "up": gw.manager.fleet.up,
+            "problem": gw.manager.fleet.problem, "renewed_by": gw.manager.fleet.renewed_by},
         "last_renewal": {"at": _iso(st.last_renewal_wall), "outcome": st.last_outcome,
                          "error": st.last_error},
         "token": None,

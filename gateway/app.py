@@ -33,13 +33,14 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
+from gateway.supervisor import WorkerPool, bind_listener
 from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.route_401 import Persistent401
 from gateway.token.store import RedisStore, owner_key
-from gateway.token.value import Token
+from gateway.token.value import RenewalKind, Token
 from gateway.upstream import Upstream, create_session
 
 log = logging.getLogger("gateway.app")
@@ -60,6 +61,37 @@ def build_proxy_server(state: GatewayState) -> ProxyServer:
 
 def build_access_policy(s: Settings) -> AccessPolicy:
     return AccessPolicy(s.client_keys, s.allowed_cidrs, s.allowed_routes, s.client_key_header)
+
+
+def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics) -> Persistent401:
+    def on_mark(route: str, cooldown: float) -> None:
+        metrics.persistent_401.labels(route).inc()
+        log.warning("route %s refuses a brand-new token too: passing its 401s back without "
+                    "renewing for %gs", route, cooldown, extra={"fields": {
+                        "event": "persistent_401", "route": route, "cooldown_s": cooldown}})
+
+    # A replay gets its verdict within the token wait (plus the login it may wait for).
+    return Persistent401(clock, s.persistent_401_cooldown, s.persistent_401_cooldown_max,
+                         on_mark, verdict_window=s.token_wait_timeout + s.auth_timeout)
+
+
+class _TokenEvents:
+    """Metrics, and a callback on each new token (the worker pool's broadcast)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.on_token: Callable[[Token | None], None] | None = None
+
+    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
+        self.metrics.renewal(kind, ok, reason, seconds)
+
+    def token_changed(self, token: Token | None) -> None:
+        self.metrics.token_changed(token)
+        if self.on_token is not None:
+            self.on_token(token)
+
+    def invalidated(self, reason: str) -> None:
+        self.metrics.invalidated(reason)
 
 
 def _site(runner: web.BaseRunner, address: TcpAddress | UnixAddress) -> web.BaseSite:
@@ -97,6 +129,7 @@ class GatewayServer:
         self._proxy_runner: web.ServerRunner | None = None
         self._auth_session: aiohttp.ClientSession
         self._admin_runner: web.AppRunner | None = None
+        self._pool: WorkerPool | None = None
 
     @property
     def state(self) -> GatewayState:
@@ -119,21 +152,25 @@ class GatewayServer:
                 save_token(path, token, current)
 
         self._auth_session = create_auth_session(s)
+        events = _TokenEvents(self.metrics)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
-                              self.metrics, initial=initial, persist=persist, fleet=fleet)
+                              events, initial=initial, persist=persist, fleet=fleet)
         self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
                                    metrics=self.metrics, access=build_access_policy(s),
-                                   route_401=self._route_401(s))
+                                   route_401=route_401_tracker(s, self.clock, self.metrics))
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
                                            self._reload_settings)
         await self.reloader.start()
-        self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
-                                              shutdown_timeout=s.shutdown_grace)
-        await self._proxy_runner.setup()
-        await _site(self._proxy_runner, s.listen).start()
-        self.url = _url_of(self._proxy_runner, s.listen)
+        if s.workers > 1:
+            await self._start_workers(events)
+        else:
+            self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
+                                                  shutdown_timeout=s.shutdown_grace)
+            await self._proxy_runner.setup()
+            await _site(self._proxy_runner, s.listen).start()
+            self.url = _url_of(self._proxy_runner, s.listen)
         self._admin_runner = web.AppRunner(build_admin_app(self._state), handle_signals=False,
                                            access_log=None, shutdown_timeout=1.0)
         await self._admin_runner.setup()
@@ -143,6 +180,23 @@ class GatewayServer:
             "event": "started", "proxy": self.url, "admin": self.admin_url,
             "upstream": str(s.base_url), "partner_id": s.partner_id,
             "app_key_fp": s.app_key.fingerprint}})
+
+    async def _start_workers(self, events: _TokenEvents) -> None:
+        """GATEWAY_WORKERS > 1: this process supervises; workers run the proxy listener."""
+        s, state = self.settings, self.state
+        listener = bind_listener(s.listen)
+        self._pool = pool = WorkerPool(s.workers, listener, state.manager)
+        events.on_token = pool.broadcast_token
+        assert self.reloader is not None
+        self.reloader.on_client_keys = pool.broadcast_client_keys
+        self.metrics.add_source(pool.metrics_texts)
+        state.workers = pool.status
+        await pool.start()
+        if isinstance(s.listen, UnixAddress):
+            self.url = f"unix:{s.listen.path}"
+        else:
+            host, port = listener.getsockname()[:2]
+            self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def _fleet(self, s: Settings) -> Fleet | None:
         """The shared token store, when GATEWAY_REDIS_URL is set (redis imported only then)."""
@@ -159,19 +213,6 @@ class GatewayServer:
         return Fleet(store, lease_ttl=s.redis_lease_ttl, down_policy=s.redis_down_policy,
                      clock=self.clock, events=self.metrics)
 
-    def _route_401(self, s: Settings) -> Persistent401:
-        def on_mark(route: str, cooldown: float) -> None:
-            self.metrics.persistent_401.labels(route).inc()
-            log.warning("route %s refuses a brand-new token too: passing its 401s back without "
-                        "renewing for %gs", route, cooldown, extra={"fields": {
-                            "event": "persistent_401", "route": route,
-                            "cooldown_s": cooldown}})
-
-        # A replay gets its verdict within the token wait (plus the login it may wait for).
-        return Persistent401(self.clock, s.persistent_401_cooldown,
-                             s.persistent_401_cooldown_max, on_mark,
-                             verdict_window=s.token_wait_timeout + s.auth_timeout)
-
     async def stop(self) -> None:
         if self._state is None:
             return
@@ -184,12 +225,15 @@ class GatewayServer:
             await asyncio.sleep(self.settings.shutdown_delay)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()  # stop accepting, let in-flight requests finish
+        if self._pool is not None:
+            await self._pool.stop(self.settings.shutdown_grace)  # each worker drains
+            self._pool = None
         if self.reloader is not None:
             await self.reloader.stop()
         # A renewal under way may finish (Repairy may already have rotated the refresh token
         # it used), within the auth timeout and what is left of the shutdown deadline.
         grace = min(self.settings.auth_timeout, max(0.0, deadline - loop.time()))
-        await self._state.tokens.stop(grace)
+        await self._state.manager.stop(grace)
         await self._state.upstream.close()
         await self._auth_session.close()
         if self._admin_runner is not None:

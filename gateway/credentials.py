@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.access import AccessPolicy, parse_client_keys
+from gateway.access import AccessPolicy, ClientKey, parse_client_keys
 from gateway.clock import Clock
 from gateway.errors import AuthError
 from gateway.settings import Settings, SettingsError
@@ -69,6 +69,8 @@ class CredentialReloader:
         self._trigger = asyncio.Event()
         self._keys_trigger = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Told of every client-key change (worker processes apply it too).
+        self.on_client_keys: Callable[[tuple[ClientKey, ...]], None] | None = None
 
     def trigger(self) -> None:
         """Re-read now (SIGHUP)."""
@@ -135,7 +137,7 @@ class CredentialReloader:
         new = dataclasses.replace(current, app_key=loaded.app_key,
                                   app_secret=loaded.app_secret, partner_id=loaded.partner_id)
         try:
-            token = await self._state.tokens.switch_credentials(
+            token = await self._state.manager.switch_credentials(
                 new, AuthClient(self._session, new, self._clock))
         except Exception as exc:  # AuthError, or anything unforeseen: the same slow retry
             self._failed = digest
@@ -191,6 +193,8 @@ class CredentialReloader:
         self._state.settings = dataclasses.replace(current, client_keys=keys)
         self._state.access = AccessPolicy(keys, current.allowed_cidrs, current.allowed_routes,
                                           current.client_key_header)
+        if self.on_client_keys is not None:
+            self.on_client_keys(keys)
         self._state.metrics.credential_reloads.labels("success").inc()
         log.info("client keys reloaded", extra={"fields": {
             "event": "client_keys_reloaded", "clients": sorted(k.name for k in keys)}})

@@ -15,12 +15,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     disable_created_metrics,
     gc_collector,
     generate_latest,
     platform_collector,
     process_collector,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.token.value import RenewalKind, Token
@@ -111,12 +113,21 @@ class Metrics:
         build.labels(__version__, platform.python_version()).set(1)
         self.token_expiry.set(0)
         self.refresh_expiry.set(0)
+        self._sources: list[Callable[[], list[str]]] = []
 
     def bind_ready(self, is_ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
 
+    def add_source(self, source: Callable[[], list[str]]) -> None:
+        """Expositions of other processes (workers) to add into :meth:`render`."""
+        self._sources.append(source)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        own = generate_latest(self.registry)
+        texts = [text for source in self._sources for text in source()]
+        if not texts:
+            return own
+        return merge_expositions([own.decode(), *texts])
 
     # -- TokenEvents ---------------------------------------------------------------------------
     def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
@@ -164,3 +175,42 @@ class Metrics:
 
     def response(self, source: str, status: int, code: str) -> None:
         self.responses.labels(source, str(status), code).inc()
+
+
+#: Gauges that add up over processes; every other gauge is this process's own (the token's,
+#: readiness, the build), the workers' copies of those are left out.
+SUMMED_GAUGES = frozenset({f"{NS}_inflight_requests"})
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: list[str]) -> bytes:
+    """One exposition from several: counters and histograms summed sample by sample, gauges
+    from the first text (this process) except :data:`SUMMED_GAUGES`."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for index, text in enumerate(texts):
+        for fam in text_string_to_metric_families(text):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                values[fam.name] = {}
+            acc = values[fam.name]
+            summed = fam.type != "gauge" or fam.name in SUMMED_GAUGES
+            for sample in fam.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if summed:
+                    acc[key] = acc.get(key, 0.0) + sample.value
+                elif index == 0 or key not in acc:
+                    acc[key] = sample.value
+    for name, fam in families.items():
+        for (sample_name, labels), value in values[name].items():
+            fam.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

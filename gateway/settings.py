@@ -199,6 +199,9 @@ SPECS: tuple[Spec, ...] = (
           "How often *_FILE credentials are checked for changes (0: only on SIGHUP).", IN),
     _spec("admin_listen", "GATEWAY_ADMIN_LISTEN", parse_admin_listen, "127.0.0.1:9091",
           "Admin listener (health, readiness; metrics later): host:port.", S),
+    _spec("workers", "GATEWAY_WORKERS", parse_positive_int, "1",
+          "Proxy worker processes; above 1 a supervisor keeps the one token and hands it to "
+          "them (one login for all).", S),
     _spec("shutdown_delay", "GATEWAY_SHUTDOWN_DELAY", parse_duration, "0s",
           "On SIGTERM, keep serving (not ready) this long so load balancers notice first.", S),
     _spec("shutdown_grace", "GATEWAY_SHUTDOWN_GRACE", parse_duration, "20s",
@@ -270,6 +273,7 @@ class Settings:
     max_headers: int
     secrets_poll_interval: float
     admin_listen: TcpAddress
+    workers: int
     shutdown_delay: float
     shutdown_grace: float
     log_level: str

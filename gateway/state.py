@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from gateway.access import AccessPolicy
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.token.manager import TokenManager
+from gateway.token.manager import TokenManager, TokenSource
 from gateway.token.route_401 import Persistent401
 from gateway.upstream import Upstream
 
@@ -17,15 +19,23 @@ from gateway.upstream import Upstream
 @dataclass
 class GatewayState:
     settings: Settings
-    tokens: TokenManager
+    tokens: TokenSource
     upstream: Upstream
     metrics: Metrics
     access: AccessPolicy
     route_401: Persistent401
     draining: bool = False
+    #: With worker processes: their status, for /healthz.
+    workers: Callable[[], list[dict[str, Any]]] | None = None
 
     def ready(self) -> bool:
         return not self.draining and self.tokens.ready()
+
+    @property
+    def manager(self) -> TokenManager:
+        """The token manager (the admin listener and rotation run where it lives)."""
+        assert isinstance(self.tokens, TokenManager), "no token manager in this process"
+        return self.tokens
 
 
 GATEWAY = web.AppKey("gateway", GatewayState)

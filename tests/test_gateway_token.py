@@ -108,7 +108,7 @@ async def test_token_rejected_login_is_503_not_ready_then_recovers(
     """Bad credentials: 503 credentials_rejected with Retry-After, not ready; fixed → ready."""
     async with Sandbox() as sb, \
             GatewayServer(settings_for(sb, app_secret="rotated-secret")) as gw:
-        await wait_until(lambda: gw.state.tokens.status().credentials_rejected)
+        await wait_until(lambda: gw.state.manager.status().credentials_rejected)
         async with http.get(gw.url + SERVICES) as resp:
             assert resp.status == 503
             assert resp.headers[GATEWAY_ERROR_HEADER] == "credentials_rejected"

@@ -54,7 +54,7 @@ async def test_security_upstream_tls_is_verified_by_default(
     """A certificate from an unknown CA: no login, not ready, 503 to callers."""
     assert tls_sandbox.url.startswith("https://")
     async with GatewayServer(settings_for(tls_sandbox)) as gw:
-        await wait_until(lambda: gw.state.tokens.status().last_error == "connect_error")
+        await wait_until(lambda: gw.state.manager.status().last_error == "connect_error")
         assert not gw.state.tokens.ready()
         async with http.get(gw.url + SERVICES) as resp:
             assert resp.status == 503

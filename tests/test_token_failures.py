@@ -207,7 +207,7 @@ async def test_token_refresh_uses_own_pool_when_proxy_pool_is_busy(
         resp = await slow
         assert resp.status == 200
         resp.release()
-        assert gw.state.tokens.status().last_error is None
+        assert gw.state.manager.status().last_error is None
         assert sample(gw, "repairy_gateway_token_renewals_total", kind="refresh",
                       outcome="failure", reason="timeout") == 0
         s = await stats(http, sb)
@@ -269,7 +269,7 @@ async def test_token_auth_error_echoing_the_secret_is_never_logged(
         await faults(http, sb, {"status": 401, "body": json.dumps({"error": "sandbox-app-secret"}),
                                 "path": "/auth/token", "persistent": True})
         async with GatewayServer(settings_for(sb)) as gw:
-            await wait_until(lambda: gw.state.tokens.status().credentials_rejected)
+            await wait_until(lambda: gw.state.manager.status().credentials_rejected)
     secret = "sandbox-app-secret"
     log_capture.lines[:] = [line.replace(secret, "<FOUND>") for line in log_capture.lines]
     assert not any("<FOUND>" in line for line in log_capture.lines)
@@ -288,7 +288,7 @@ async def test_token_login_config_errors_have_their_own_reason_and_retry_slowly(
     async with Sandbox() as sb:
         await faults(http, sb, {"status": status, "path": "/auth/token", "persistent": True})
         async with GatewayServer(settings_for(sb, login_retry_interval="0.5s")) as gw:
-            await wait_until(lambda: gw.state.tokens.status().blocked == reason)
+            await wait_until(lambda: gw.state.manager.status().blocked == reason)
             await asyncio.sleep(1.6)
             async with http.get(gw.admin_url + "/readyz") as resp:
                 assert resp.status == 503
@@ -380,6 +380,6 @@ async def test_token_failed_relogin_after_401_keeps_the_old_token_serving(
             assert resp.status == 200
     tok = gateway.state.tokens.current
     assert tok is not None and tok.generation == 1
-    assert gateway.state.tokens.status().stale
+    assert gateway.state.manager.status().stale
     await wait_until(lambda: (t := gateway.state.tokens.current) is not None
                      and t.generation == 2, within=6)

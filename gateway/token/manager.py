@@ -51,6 +51,20 @@ class AuthCalls(Protocol):
     async def refresh(self, token: Token) -> Exchange: ...
 
 
+class TokenSource(Protocol):
+    """What the proxy needs of the token side: the manager itself, or a worker's view of the
+    supervisor's manager (``gateway.worker``)."""
+
+    @property
+    def current(self) -> Token | None: ...
+
+    async def get(self, newer_than: int = 0) -> Token: ...
+
+    def invalidate(self, generation: int, reason: str) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+
 class TokenEvents(Protocol):
     """Hooks for observers (metrics); every method must be cheap and never raise."""
 

@@ -1,0 +1,194 @@
+"""A worker process (``GATEWAY_WORKERS`` > 1): the proxy listener only; the token comes from
+the supervisor.
+
+The supervisor (:mod:`gateway.supervisor`) owns the token manager, the admin listener and
+credential reloading. A worker inherits the bound proxy socket and one end of a socket pair;
+over it, one JSON object a line:
+
+* supervisor → worker: ``token`` (each new token, and answers to ``get``), ``error`` (no token
+  can be had: the caller gets the same 503), ``client_keys`` (after a reload);
+* worker → supervisor: ``get`` (a token newer than a generation), ``invalidate`` (the upstream
+  refused generation G), ``metrics`` (this worker's exposition, every second and at exit).
+
+A worker exits when the supervisor goes away (end of the pipe), and drains on SIGTERM.
+Run as ``python -m gateway.worker LISTEN_FD CONTROL_FD`` by the supervisor only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from gateway.access import AccessPolicy, ClientKey
+from gateway.clock import Clock, SystemClock
+from gateway.errors import CredentialsRejected, TokenUnavailable
+from gateway.logs import setup_logging
+from gateway.metrics import Metrics
+from gateway.settings import Settings, load_settings
+from gateway.state import GatewayState
+from gateway.token.value import Token, is_usable
+from gateway.upstream import Upstream, create_session
+
+log = logging.getLogger("gateway.worker")
+METRICS_EVERY = 1.0
+
+
+def token_to_wire(tok: Token) -> dict[str, Any]:
+    """A token for the pipe. Times are on CLOCK_BOOTTIME, the same in every process of a host."""
+    return {"access": tok.access, "refresh": None, "generation": tok.generation, "via": tok.via,
+            "obtained_at": tok.obtained_at, "expires_at": tok.expires_at,
+            "obtained_wall": tok.obtained_wall, "partner_id": tok.partner_id}
+
+
+def token_from_wire(doc: dict[str, Any]) -> Token:
+    return Token(access=str(doc["access"]), refresh=None, generation=int(doc["generation"]),
+                 via="refresh" if doc.get("via") == "refresh" else "login",
+                 obtained_at=float(doc["obtained_at"]), expires_at=float(doc["expires_at"]),
+                 refresh_expires_at=None, obtained_wall=float(doc["obtained_wall"]),
+                 partner_id=str(doc["partner_id"]))
+
+
+def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+class RemoteTokens:
+    """A worker's view of the supervisor's token manager (a ``TokenSource``)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, settings: Settings, clock: Clock) -> None:
+        self._writer = writer
+        self._s = settings
+        self._clock = clock
+        self._current: Token | None = None
+        self._waiting: dict[int, asyncio.Future[Token]] = {}  # newer_than -> answer
+
+    @property
+    def current(self) -> Token | None:
+        return self._current
+
+    def ready(self) -> bool:
+        return is_usable(self._current, self._clock.monotonic(), self._s.token_expiry_margin)
+
+    async def get(self, newer_than: int = 0) -> Token:
+        tok = self._current
+        if tok is not None and tok.generation > newer_than and is_usable(
+                tok, self._clock.monotonic(), self._s.token_expiry_margin):
+            return tok
+        future = self._waiting.get(newer_than)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[newer_than] = future
+            send(self._writer, {"type": "get", "newer_than": newer_than})
+        try:
+            return await asyncio.wait_for(asyncio.shield(future),
+                                          self._s.token_wait_timeout + 1)
+        except TimeoutError:
+            self._waiting.pop(newer_than, None)
+            raise TokenUnavailable("timed out waiting for an access token",
+                                   retry_after=1.0) from None
+
+    def invalidate(self, generation: int, reason: str) -> bool:
+        tok = self._current
+        if tok is None or tok.generation != generation:
+            return False
+        send(self._writer, {"type": "invalidate", "generation": generation, "reason": reason})
+        return True
+
+    def on_token(self, tok: Token, newer_than: int | None) -> None:
+        if self._current is None or tok.generation >= self._current.generation:
+            self._current = tok
+        for key in [k for k in self._waiting if tok.generation > k]:
+            future = self._waiting.pop(key)
+            if not future.done():
+                future.set_result(tok)
+
+    def on_error(self, newer_than: int, doc: dict[str, Any]) -> None:
+        future = self._waiting.pop(newer_than, None)
+        if future is None or future.done():
+            return
+        cls = CredentialsRejected if doc.get("code") == "credentials_rejected" else (
+            TokenUnavailable)
+        future.set_exception(cls(str(doc.get("message", "no usable access token")),
+                                 retry_after=float(doc.get("retry_after") or 1.0)))
+        future.exception()  # consumed here too: nobody may be waiting any more
+
+
+async def _control(reader: asyncio.StreamReader, tokens: RemoteTokens, state: GatewayState,
+                   ended: asyncio.Event) -> None:
+    try:
+        while line := await reader.readline():
+            doc = json.loads(line)
+            kind = doc.get("type")
+            if kind == "token":
+                tokens.on_token(token_from_wire(doc["token"]), doc.get("newer_than"))
+            elif kind == "error":
+                tokens.on_error(int(doc.get("newer_than", 0)), doc)
+            elif kind == "client_keys":
+                s = state.settings
+                keys = tuple(ClientKey(name, bytes.fromhex(digest))
+                             for name, digest in doc["keys"])
+                state.access = AccessPolicy(keys, s.allowed_cidrs, s.allowed_routes,
+                                            s.client_key_header)
+    finally:
+        ended.set()  # the supervisor is gone: stop
+
+
+async def _push_metrics(writer: asyncio.StreamWriter, metrics: Metrics) -> None:
+    while True:
+        send(writer, {"type": "metrics", "text": metrics.render().decode()})
+        await asyncio.sleep(METRICS_EVERY)
+
+
+async def run(listen_fd: int, control_fd: int) -> int:
+    from gateway.app import build_access_policy, build_proxy_server, route_401_tracker
+
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    listener = socket.socket(fileno=listen_fd)
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
+    clock = SystemClock()
+    metrics = Metrics()
+    tokens = RemoteTokens(writer, settings, clock)
+    session = create_session(settings)
+    state = GatewayState(settings=settings, tokens=tokens, upstream=Upstream(session),
+                         metrics=metrics, access=build_access_policy(settings),
+                         route_401=route_401_tracker(settings, clock, metrics))
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, ended.set)
+    loop.add_signal_handler(signal.SIGINT, ended.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor reloads
+    runner = web.ServerRunner(build_proxy_server(state), shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    await web.SockSite(runner, listener).start()
+    background = [asyncio.create_task(_control(reader, tokens, state, ended)),
+                  asyncio.create_task(_push_metrics(writer, metrics))]
+    send(writer, {"type": "get", "newer_than": 0})  # the current token, at once
+    await ended.wait()
+    state.draining = True
+    await runner.cleanup()  # stop accepting, let requests in flight finish
+    for task in background:
+        task.cancel()
+    with contextlib.suppress(Exception):
+        send(writer, {"type": "metrics", "text": metrics.render().decode()})
+        await writer.drain()
+        writer.close()
+    await state.upstream.close()
+    return 0
+
+
+def main() -> None:
+    listen_fd, control_fd = int(sys.argv[1]), int(sys.argv[2])
+    sys.exit(asyncio.run(run(listen_fd, control_fd)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""GATEWAY_WORKERS: a supervisor process with the one token manager and the admin listener,
+and worker processes sharing the proxy listener (real ``serve`` processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+
+from gateway.sandbox import Sandbox, SandboxConfig
+from tests.fleet_helpers import GatewayProcess
+from tests.gateway_helpers import SERVICES, wait_until
+from tests.sandbox_helpers import stats
+
+
+async def healthz(http: aiohttp.ClientSession, gw: GatewayProcess) -> dict[str, Any]:
+    async with http.get(gw.admin + "/healthz") as resp:
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def metric(http: aiohttp.ClientSession, gw: GatewayProcess, line_start: str) -> float:
+    async with http.get(gw.admin + "/metrics") as resp:
+        text = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(line_start))
+
+
+async def test_workers_two_share_one_token_one_login_one_admin(
+        http: aiohttp.ClientSession) -> None:
+    """GATEWAY_WORKERS=2 over 15 s of 4 s tokens, one live token per credential: one login,
+    one refresh per window, both workers serving with the same token, no failed request, and
+    one admin listener whose /metrics counts both workers' requests."""
+    async with Sandbox(SandboxConfig(access_ttl=4.0, refresh_ttl=120, single_token=True)) as sb:
+        gw = GatewayProcess(sb, {"GATEWAY_WORKERS": "2"})
+        await gw.start()
+        try:
+            await gw.ready(http)
+            statuses: list[int] = []
+            deadline = time.monotonic() + 15.0
+            connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+            async with aiohttp.ClientSession(connector=connector) as fresh:
+
+                async def worker() -> None:
+                    while time.monotonic() < deadline:
+                        async with fresh.get(gw.url + SERVICES) as resp:
+                            await resp.read()
+                            statuses.append(resp.status)
+                        await asyncio.sleep(0.01)
+
+                await asyncio.gather(*(worker() for _ in range(4)))
+            await asyncio.sleep(1.5)  # the workers' next metrics push
+            health = await healthz(http, gw)
+            counted = await metric(http, gw, "repairy_gateway_client_requests_total")
+            s = await stats(http, sb)
+        finally:
+            assert await gw.stop() == 0
+    assert set(statuses) == {200}, [x for x in statuses if x != 200][:5]
+    assert len(statuses) > 200
+    assert s["token_requests"] == 1
+    assert 3 <= s["refresh_requests"] <= 6, s
+    workers = health["workers"]
+    assert len(workers) == 2 and all(w["alive"] for w in workers)
+    assert all(w["requests"] > 0 for w in workers), workers
+    assert counted == len(statuses)
+    assert sum(w["requests"] for w in workers) == len(statuses)
+
+
+async def test_workers_a_dead_worker_is_restarted_and_logged(
+        http: aiohttp.ClientSession) -> None:
+    """A worker killed with SIGKILL is logged and restarted; requests keep being served."""
+    async with Sandbox() as sb:
+        gw = GatewayProcess(sb, {"GATEWAY_WORKERS": "2"})
+        await gw.start()
+        try:
+            await gw.ready(http)
+            before = (await healthz(http, gw))["workers"]
+            os.kill(before[0]["pid"], signal.SIGKILL)
+
+            async def restarted() -> bool:
+                now = (await healthz(http, gw))["workers"][0]
+                return bool(now["alive"] and now["restarts"] == 1
+                            and now["pid"] != before[0]["pid"])
+
+            await wait_until(restarted, within=5)
+            for _ in range(20):
+                async with http.get(gw.url + SERVICES) as resp:
+                    assert resp.status == 200
+            assert sb.state.control.counters["token_requests"] == 1
+        finally:
+            assert await gw.stop() == 0
+    assert '"event": "worker_died"' in gw.logs()
