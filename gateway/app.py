@@ -206,7 +206,6 @@ class GatewayServer:
         store = RedisStore(s.redis_url, owner=owner, prefix=s.redis_key_prefix,
                            password=s.redis_password, ca_file=s.redis_ca_file,
                            store_key=s.store_key, timeout=min(2.0, s.redis_lease_ttl / 2))
-        self.metrics.store_is_up(True)
         log.info("sharing the token through Redis", extra={"fields": {
             "event": "store_configured", "replica": store.replica, "owner": owner,
             "encrypted": s.store_key is not None}})

@@ -351,6 +351,12 @@ def _check_consistency(s: Settings) -> None:
     if s.renew_jitter_fraction >= s.renew_at_fraction:
         raise SettingsError("GATEWAY_RENEW_JITTER_FRACTION",
                             "must be below GATEWAY_RENEW_AT_FRACTION")
+    if s.redis_ca_file and not s.redis_url.startswith("rediss://"):
+        raise SettingsError("GATEWAY_REDIS_CA_FILE", "only applies to a rediss:// "
+                            "GATEWAY_REDIS_URL (TLS)")
+    if s.store_key is not None and len(s.store_key.reveal()) < 32:
+        raise SettingsError("GATEWAY_STORE_KEY", "must be at least 32 characters of random "
+                            "(e.g. openssl rand -base64 32)")
     if s.persistent_401_cooldown > s.persistent_401_cooldown_max:
         raise SettingsError("GATEWAY_PERSISTENT_401_COOLDOWN",
                             "must not exceed GATEWAY_PERSISTENT_401_COOLDOWN_MAX")

@@ -17,7 +17,7 @@ from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import RenewalState
-from gateway.token.store import RedisStore, StoreError
+from gateway.token.store import LEASE_LOST, OLDER, WRITTEN, RedisStore, StoreError
 from gateway.token.value import Token
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for
@@ -36,8 +36,9 @@ def store(server: RedisServer, owner: str = "owner-a", key: str | None = None) -
                       store_key=Secret(key) if key else None, timeout=1.0)
 
 
-def tok(generation: int, access: str = "a") -> Token:
-    return Token(access=f"{access}{generation}", refresh=f"r{generation}", generation=generation,
+def tok(generation: int, access: str = "access-token-") -> Token:
+    return Token(access=f"{access}{generation}", refresh=f"refresh-token-{generation}",
+                 generation=generation,
                  via="login", obtained_at=0, expires_at=100, refresh_expires_at=1000,
                  obtained_wall=1.8e9, partner_id="p")
 
@@ -51,16 +52,18 @@ async def test_store_write_is_fenced_by_lease_and_generation(redis_server: Redis
     lease ran out cannot overwrite the newer token."""
     a, b = store(redis_server), store(redis_server)
     try:
-        assert await a.write(1, doc(1)) is False  # no lease
+        assert await a.write(1, doc(1)) == LEASE_LOST  # no lease
         assert await a.acquire(0.2)
         assert await b.acquire(0.2) is False
-        assert await a.write(1, doc(1))
+        assert await a.write(1, doc(1)) == WRITTEN
         await asyncio.sleep(0.3)  # a pauses; its lease runs out
         assert await b.acquire(5)
-        assert await b.write(2, doc(2))
-        assert await a.write(2, doc(2)) is False  # a wakes up: fenced
+        assert await b.write(2, doc(2)) == WRITTEN
+        assert await a.write(2, doc(2)) == LEASE_LOST  # a wakes up: fenced
         assert await a.extend(5) is False
-        assert await b.write(1, doc(1)) is False  # backwards
+        assert await b.write(1, doc(1)) == OLDER  # backwards
+        assert await b.write(1, doc(1), force=True) == WRITTEN  # over an unreadable entry
+        assert await b.write(2, doc(2)) == WRITTEN
         stored = await a.load()
         assert stored is not None and (stored.generation, stored.by) == (2, b.replica)
         await b.release()
@@ -74,19 +77,19 @@ async def test_store_keys_are_per_owner_and_encrypted_when_keyed(
         redis_server: RedisServer) -> None:
     """Another owner sees nothing; with a store key the blob is AES-GCM, unreadable without
     it or with another key."""
-    a = store(redis_server, "owner-a", key="k" * 20)
-    other = store(redis_server, "owner-b", key="k" * 20)
+    a = store(redis_server, "owner-a", key="k" * 32)
+    other = store(redis_server, "owner-b", key="k" * 32)
     plain = store(redis_server, "owner-a")
-    wrong = store(redis_server, "owner-a", key="x" * 20)
+    wrong = store(redis_server, "owner-a", key="x" * 32)
     client = await redis_server.client()
     try:
         assert await a.acquire(5)
         assert await a.write(3, doc(3))
         assert await other.load() is None
         blob = await client.hget("t:owner-a:state", "blob")
-        assert blob.startswith("gcm:") and "a3" not in blob and "r3" not in blob
+        assert blob.startswith("gcm:") and "access-token-3" not in blob
         loaded = await a.load()
-        assert loaded is not None and loaded.state["token"]["access"] == "a3"
+        assert loaded is not None and loaded.state["token"]["access"] == "access-token-3"
         for reader in (plain, wrong):
             with pytest.raises(StoreError):
                 await reader.load()
@@ -120,9 +123,11 @@ def test_adopt_takes_newer_tokens_and_shared_back_off() -> None:
     merged = renewal.adopt(ours, shared)
     assert (merged.failures, merged.not_before, merged.refresh_banned) == (3, 50.0, True)
     twin = RenewalState(token=tok(2, access="other"))
-    assert renewal.adopt(ours, twin) is ours
-    stale = renewal.invalidated(ours, 2)
-    assert renewal.adopt(stale, twin).token == tok(2, access="other")
+    assert renewal.adopt(ours, twin).token == tok(2, access="other")  # the store's wins
+    failing = RenewalState(failures=2, not_before=80.0, blocked="invalid_credentials")
+    merged = renewal.adopt(RenewalState(), failing)  # no token stored yet: back-off shared
+    assert (merged.token, merged.not_before, merged.blocked) == (None, 80.0,
+                                                                 "invalid_credentials")
 
 
 async def test_store_fleet_of_50_makes_one_auth_call_per_window(

@@ -13,15 +13,15 @@ a short Redis blip never makes every replica log in; ``wait``: never).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
 from collections.abc import Callable
 from typing import Final, Protocol
 
 from gateway.clock import Clock
 from gateway.token import renewal
 from gateway.token.renewal import RenewalPolicy, RenewalState
-from gateway.token.store import RedisStore, StoreError
+from gateway.token.store import LEASE_LOST, WRITTEN, RedisStore, StoreCorrupt, StoreError
 from gateway.token.value import usable_until
 
 log = logging.getLogger("gateway.token")
@@ -57,18 +57,29 @@ class _NoFleetEvents:
 
 
 def local_renewal_at(state: RenewalState, policy: RenewalPolicy, down_policy: str,
-                     down_since: float, lease_ttl: float) -> float:
-    """When a replica that cannot reach the store may renew on its own (inf: never). With
-    nothing usable to serve with, after the store has been down for a lease TTL (a blip
-    passes without a login per replica); else in the last part of the usable life."""
+                     down_since: float, lease_ttl: float, local_renewals: int,
+                     last_local: float, u: float) -> float:
+    """When a replica that cannot reach the store may renew on its own (inf: never).
+
+    With a usable token: in the last part of its usable life (from halfway between "due" and
+    "unusable", plus up to a quarter at random per replica, so replicas do not all log in at
+    once). With nothing usable (none, or refused by the upstream — perhaps by another
+    replica's local login): after the store has been down a lease TTL, then with a back-off
+    that doubles with each local renewal of this outage (lease TTL … ``retry_max``) and a
+    random share of it, so replicas that revoke each other cannot churn.
+    """
     if down_policy != "local":
         return float("inf")
     tok = state.token
     if tok is None or state.stale:
-        return down_since + lease_ttl
+        if local_renewals == 0:
+            return down_since + lease_ttl * (1 + u)
+        step = min(lease_ttl * (2.0 ** min(local_renewals, 30)), max(policy.retry_max,
+                                                                    lease_ttl))
+        return last_local + step * (1 + u)
     end = usable_until(tok, policy.margin)
     due = min(state.due_at, end)
-    return due + (end - due) * LOCAL_SHARE
+    return due + (end - due) * (LOCAL_SHARE + 0.25 * u)
 
 
 class Fleet:
@@ -81,8 +92,13 @@ class Fleet:
         self._events: FleetEvents = events or _NoFleetEvents()
         self.up = True
         self.down_since = 0.0
+        self.local_renewals = 0  # during the current outage
+        self.last_local = 0.0
+        self.corrupt = False  # our entry is unreadable: the lease holder overwrites it
         self.problem: str | None = None
         self.renewed_by: str | None = None
+        self.u = random.random()  # this replica's share of the jitter
+        self.seq = 0  # notifications seen
         self._changed = asyncio.Event()
 
     @property
@@ -102,15 +118,32 @@ class Fleet:
         if not self.up:
             log.warning("token store reachable again", extra={"fields": {"event": "store_up"}})
         self.up, self.problem = True, None
+        self.local_renewals = 0
         self._events.store_is_up(True)
 
+    def renewed_locally(self) -> None:
+        self.local_renewals += 1
+        self.last_local = self._clock.monotonic()
+
     async def load(self) -> RenewalState | None:
+        """The fleet's state; None when there is none, or none we can read (logged, and the
+        next lease holder overwrites it)."""
         try:
             stored = await self.store.load()
+        except StoreCorrupt as exc:
+            self._reached()
+            self._events.store_error("decode")
+            if not self.corrupt:
+                log.error("ignoring an unreadable token store entry; it will be overwritten",
+                          extra={"fields": {"event": "store_entry_unreadable",
+                                            "error": str(exc)}})
+            self.corrupt = True
+            return None
         except StoreError as exc:
             self._down("load", exc)
             raise
         self._reached()
+        self.corrupt = False
         if stored is None:
             return None
         self.renewed_by = stored.by
@@ -147,26 +180,32 @@ class Fleet:
     async def write(self, state: RenewalState) -> bool:
         doc = renewal.to_dict(state, self._clock.monotonic(), self._clock.time())
         try:
-            ok = await self.store.write(state.generation, doc)
+            result = await self.store.write(state.generation, doc, force=self.corrupt)
         except StoreError as exc:
             self._down("write", exc)
             return False
-        if ok:
-            self.renewed_by = self.replica
-        else:
-            log.warning("not writing the token: the lease is no longer ours or the store holds "
-                        "a newer one", extra={"fields": {"event": "store_write_fenced",
-                                                         "generation": state.generation}})
-        return ok
+        if result == WRITTEN:
+            self.renewed_by, self.corrupt = self.replica, False
+            return True
+        why = "the lease is no longer ours" if result == LEASE_LOST else (
+            "the store holds a newer generation")
+        log.warning("not writing the token: %s", why, extra={"fields": {
+            "event": "store_write_fenced", "generation": state.generation,
+            "lease_lost": result == LEASE_LOST}})
+        return False
 
     def adopted(self) -> None:
         self._events.adopted()
 
-    async def wait_for_change(self, seconds: float) -> None:
-        """Until another replica writes the state (notification) or ``seconds`` pass."""
-        self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), seconds)
+    async def wait_for_change(self, seen: int, seconds: float) -> None:
+        """Until a notification after the ``seen`` count (none is lost between a look at the
+        store and this wait) or ``seconds`` pass."""
+        while self.seq == seen:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), seconds)
+            except TimeoutError:
+                return
 
     async def listen(self, on_change: Callable[[], None]) -> None:
         """Forward notifications until cancelled, reconnecting with a capped back-off."""
@@ -175,8 +214,10 @@ class Fleet:
             try:
                 async for _ in self.store.notifications():
                     pause = 0.5
+                    self.seq += 1
                     self._changed.set()
                     on_change()
+                continue  # the store was rekeyed: subscribe to the new channel at once
             except StoreError as exc:
                 self._down("subscribe", exc)
             await asyncio.sleep(pause)

@@ -307,7 +307,14 @@ class TokenManager:
             await self._renew(kind, holding)
             if holding:
                 assert self._fleet is not None
-                await self._fleet.write(self._state)  # the result, token or back-off
+                if not await self._fleet.write(self._state):  # the result, token or back-off
+                    # Fenced: someone else's result is the fleet's truth; adopt it.
+                    with contextlib.suppress(StoreError):
+                        shared = await self._fleet.load()
+                        if shared is not None:
+                            self._adopt(shared)
+            elif self._fleet is not None:
+                self._fleet.renewed_locally()
         finally:
             if holding:
                 assert self._fleet is not None
@@ -377,6 +384,7 @@ class TokenManager:
         assert fleet is not None
         while True:
             try:
+                seen = fleet.seq
                 shared = await fleet.load()
                 if shared is not None:
                     self._adopt(shared)
@@ -384,7 +392,7 @@ class TokenManager:
                 if due is None:
                     return None
                 if not await fleet.acquire():
-                    await fleet.wait_for_change(fleet.lease_ttl)
+                    await fleet.wait_for_change(seen, fleet.lease_ttl)
                     continue
                 shared = await fleet.load()  # it may have changed just before we got the lease
             except StoreError:
@@ -413,7 +421,7 @@ class TokenManager:
         assert fleet is not None
         now = self._clock.monotonic()
         at = local_renewal_at(self._state, self._policy, fleet.down_policy, fleet.down_since,
-                              fleet.lease_ttl)
+                              fleet.lease_ttl, fleet.local_renewals, fleet.last_local, fleet.u)
         if at <= now:
             log.warning("token store unavailable: renewing locally", extra={"fields": {
                 "event": "store_down_local_renewal", "policy": fleet.down_policy}})

@@ -203,30 +203,27 @@ def deferred(state: RenewalState, until: float) -> RenewalState:
 
 
 def adopt(local: RenewalState, shared: RenewalState) -> RenewalState:
-    """Merge the fleet's state into ours: a newer generation wins whole (our attempt in
-    flight, if any, stays ours); at the same generation, the fleet's back-off after a failure
-    and a ban on the shared refresh token are taken over; a different token of the same
-    generation (two replicas renewed apart while the store was down) replaces ours only once
-    the upstream has refused ours."""
+    """Merge the fleet's state into ours. The store is the fleet's truth: its token wins when
+    its generation is at least ours and the token differs (two replicas that renewed apart
+    while the store was down converge on the stored one); our attempt in flight, if any, stays
+    ours. For the same token (or none stored yet), the fleet's back-off after a failure and a
+    ban on the shared refresh token are taken over, so replicas do not stampede."""
     lt, st = local.token, shared.token
-    if st is None:
-        return local
-    if lt is None:
+    if st is not None and (lt is None or st.generation > lt.generation or (
+            st.generation == lt.generation and st.access != lt.access)):
         return replace(shared, in_flight=local.in_flight, last_attempt_at=local.last_attempt_at)
-    newer = st.generation > lt.generation
-    if not newer and st.generation == lt.generation and st.access != lt.access:
-        newer = local.stale
-    if newer:
-        return replace(shared, in_flight=local.in_flight, last_attempt_at=local.last_attempt_at)
-    if st.generation == lt.generation and st.access == lt.access:
-        later = shared.not_before is not None and (
-            local.not_before is None or shared.not_before > local.not_before)
-        if later or (shared.refresh_banned and not local.refresh_banned):
-            return replace(local, failures=max(local.failures, shared.failures),
-                           not_before=shared.not_before if later else local.not_before,
-                           blocked=shared.blocked if later else local.blocked,
-                           last_error=shared.last_error if later else local.last_error,
-                           refresh_banned=local.refresh_banned or shared.refresh_banned)
+    same = st is None or (lt is not None and st.access == lt.access)
+    if not same:
+        return local  # the store is behind us: ours gets published
+    later = shared.not_before is not None and (
+        local.not_before is None or shared.not_before > local.not_before)
+    if later or (shared.refresh_banned and not local.refresh_banned):
+        return replace(local, failures=max(local.failures, shared.failures),
+                       not_before=shared.not_before if later else local.not_before,
+                       blocked=shared.blocked if later else local.blocked,
+                       last_error=shared.last_error if later else local.last_error,
+                       refresh_banned=local.refresh_banned or (
+                           st is not None and shared.refresh_banned))
     return local
 
 

@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 #: Fence for writes: the lease must be ours, the generation must not go backwards.
 _WRITE: Final = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local current = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local current = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') or 0
 local new = tonumber(ARGV[2])
-if new < current then return -1 end
+if new < current and ARGV[5] ~= '1' then return -1 end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3], 'by', ARGV[4])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 return 1
@@ -59,7 +59,16 @@ _BLOB_VERSION: Final = "v1"
 
 
 class StoreError(Exception):
-    """The store could not be reached or answered something unreadable (no secrets in it)."""
+    """The store could not be reached (no secrets in the message)."""
+
+
+class StoreCorrupt(StoreError):
+    """The store answered, but our entry is unreadable: another owner's, encrypted with
+    another key (or not at all), or garbled. The lease holder may overwrite it."""
+
+
+#: What a fenced write can answer.
+WRITTEN, LEASE_LOST, OLDER = 1, 0, -1
 
 
 @dataclass(frozen=True)
@@ -99,12 +108,12 @@ class Sealer:
         from cryptography.exceptions import InvalidTag
 
         if not text.startswith("gcm:"):
-            raise StoreError("the stored state is not encrypted, but a store key is set")
+            raise StoreCorrupt("the stored state is not encrypted, but a store key is set")
         raw = base64.b64decode(text[4:])
         try:
             return self._aead.decrypt(raw[:12], raw[12:], self._aad)
         except InvalidTag:
-            raise StoreError("the stored state does not decrypt with this store key") from None
+            raise StoreCorrupt("the stored state does not decrypt with this store key") from None
 
 
 class RedisStore:
@@ -160,12 +169,12 @@ class RedisStore:
             data = self._sealer.open(blob) if self._sealer is not None else _plain(blob)
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("owner") != self.owner:
-                raise StoreError("the stored state belongs to another owner")
+                raise StoreCorrupt("the stored state belongs to another owner")
             return Stored(int(fields["gen"]), doc["state"], str(fields.get("by", "")))
         except StoreError:
             raise
         except (KeyError, ValueError, TypeError) as exc:
-            raise StoreError(f"the stored state is unreadable ({type(exc).__name__})") from None
+            raise StoreCorrupt(f"the stored state is unreadable ({type(exc).__name__})") from None
 
     async def acquire(self, ttl: float) -> bool:
         result = await self._call(self._redis.set(self._lease_key, self.replica, nx=True,
@@ -180,24 +189,26 @@ class RedisStore:
     async def release(self) -> None:
         await self._call(self._redis.eval(_RELEASE, 1, self._lease_key, self.replica))
 
-    async def write(self, generation: int, state: dict[str, Any]) -> bool:
-        """Write the state, fenced: False if the lease is no longer ours or the store already
-        holds a newer generation."""
+    async def write(self, generation: int, state: dict[str, Any], force: bool = False) -> int:
+        """Write the state, fenced: :data:`WRITTEN`, or :data:`LEASE_LOST` if the lease is no
+        longer ours, or :data:`OLDER` if the store holds a newer generation (``force``: write
+        over it anyway, for an entry nobody can read)."""
         data = json.dumps({"owner": self.owner, "state": state}).encode()
         blob = self._sealer.seal(data) if self._sealer is not None else "plain:" + data.decode()
         result = await self._call(self._redis.eval(
             _WRITE, 3, self._state_key, self._lease_key, self._channel, self.replica,
-            str(generation), blob, self.replica))
-        return bool(result == 1)
+            str(generation), blob, self.replica, "1" if force else "0"))
+        return int(result)
 
     async def notifications(self) -> AsyncIterator[None]:
         """Yields each time another replica writes the state (until the connection fails)."""
         pubsub = self._redis.pubsub()
+        channel = self._channel
         try:
-            await self._call(pubsub.subscribe(self._channel))
-            while True:
+            await self._call(pubsub.subscribe(channel))
+            while channel == self._channel:  # ends after a rekey: the caller subscribes anew
                 message = await self._call(pubsub.get_message(ignore_subscribe_messages=True,
-                                                              timeout=30.0))
+                                                              timeout=5.0))
                 if message is not None:
                     yield None
         finally:
