@@ -253,8 +253,17 @@ def test_helm_several_replicas_need_the_shared_store(helm_bin: str) -> None:
                                 capture_output=True, text=True, check=False)
         assert result.returncode != 0
         assert "redis.url" in result.stderr
+    result = subprocess.run([helm_bin, "template", "t", str(CHART), *base, "--set",
+                             "replicaCount=2", "--set", "redis.url=redis://r:6379"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "passwordSecret" in result.stderr  # password required
     render(helm_bin, *base, "--set", "replicaCount=2", "--set",
            "redis.allowUnsharedReplicas=true")
+    result = subprocess.run([helm_bin, "template", "t", str(CHART), *base,
+                             "-f", str(EXAMPLES / "values-full.yaml"),
+                             "--set", "redis.cidrs=null"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "redis.cidrs" in result.stderr
     single = render(helm_bin, *base)
     assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]  # cannot block drains
     docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"))

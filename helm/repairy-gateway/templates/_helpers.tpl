@@ -52,6 +52,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The Redis port, from redis.url (6379 when it names none). */}}
+{{- define "repairy-gateway.redisPort" -}}
+{{- $host := (urlParse .Values.redis.url).host -}}
+{{- if regexMatch ":[0-9]+$" $host }}{{ regexFind "[0-9]+$" $host }}{{ else }}6379{{ end -}}
+{{- end }}
+
 {{/* The image reference; "appVersion" is passed in because a parent chart's .Chart differs. */}}
 {{- define "repairy-gateway.image" -}}
 {{- printf "%s:%s" .v.image.repository (.v.image.tag | default .appVersion) }}
@@ -82,6 +88,8 @@ GATEWAY_TOKEN_FILE: "/var/lib/repairy-gateway/token.json"
 {{- if $v.redis.url }}
 GATEWAY_REDIS_URL: {{ $v.redis.url | quote }}
 GATEWAY_REDIS_DOWN_POLICY: {{ $v.redis.downPolicy | quote }}
+GATEWAY_REDIS_LEASE_TTL: {{ $v.redis.leaseTtl | quote }}
+GATEWAY_REDIS_KEY_PREFIX: {{ $v.redis.keyPrefix | quote }}
 {{- if $v.redis.passwordSecret }}
 GATEWAY_REDIS_PASSWORD_FILE: "/etc/repairy-gateway/redis/password"
 {{- end }}
