@@ -7,6 +7,8 @@
 * ``auth_client`` and ``parse``: the calls to the two auth endpoints and reading their answers.
 * ``route_401``: which upstream 401s invalidate the token, and which routes refuse us anyway.
 * ``file``: the optional token file.
+* ``store`` and ``fleet``: the shared token store of a fleet (Redis) and what a replica does
+  with it around an attempt.
 
 Nothing here imports the proxy side.
 """
