@@ -47,7 +47,10 @@ async def readyz(request: web.Request) -> web.Response:
         elif status.last_error:
             reasons.append(f"no usable token: last renewal failed ({status.last_error})")
         elif status.stale:
-            reasons.append("no usable token: the upstream rejected it; renewing")
+            reasons.append("no usable token: the upstream refused it; renewing")
+        elif gw.manager.fleet is not None and not gw.manager.fleet.up:
+            reasons.append(f"no usable token yet: the token store is unavailable "
+                           f"({gw.manager.fleet.problem})")
         else:
             reasons.append("no usable token yet")
     if reasons:

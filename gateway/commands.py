@@ -14,7 +14,10 @@ from gateway.clock import SystemClock
 from gateway.errors import AuthError
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, load_settings
+from gateway.token import renewal
 from gateway.token.auth_client import AuthClient, create_auth_session, token_from_exchange
+from gateway.token.store import RedisStore, StoreError, owner_key
+from gateway.token.value import is_usable
 
 Print = Callable[[str], None]
 
@@ -24,8 +27,42 @@ def _iso(unix: float) -> str:
         "+00:00", "Z")
 
 
+async def _check_store(settings: Settings, out: Print) -> int | None:
+    """With a shared store: report the fleet's token instead of logging in (a login would
+    replace it, and an API with one live token per credential would revoke the fleet's).
+    None: the store holds no token yet, a login is harmless."""
+    clock = SystemClock()
+    owner = owner_key(str(settings.base_url), settings.app_key.fingerprint, settings.partner_id)
+    store = RedisStore(settings.redis_url, owner=owner, prefix=settings.redis_key_prefix,
+                       password=settings.redis_password, ca_file=settings.redis_ca_file,
+                       store_key=settings.store_key, timeout=2.0)
+    try:
+        stored = await store.load()
+    except StoreError as exc:
+        out(f"check failed: the token store at GATEWAY_REDIS_URL: {exc}")
+        return 1
+    finally:
+        await store.close()
+    if stored is None:
+        return None
+    state = renewal.from_dict(stored.state, clock.monotonic(), clock.time())
+    tok = state.token
+    if tok is None or not is_usable(tok, clock.monotonic(), settings.token_expiry_margin):
+        return None
+    out(f"ok: the fleet's token store holds a usable token for partner {settings.partner_id} "
+        f"(renewed by {stored.by}); not logging in, which would replace it")
+    out(f"  access token fp:{tok.fingerprint} generation {tok.generation} expires "
+        f"{_iso(tok.wall(tok.expires_at))}")
+    return 0
+
+
 async def check(settings: Settings, out: Print) -> int:
-    """Log in once against the configured upstream; print the expiry, never the token."""
+    """Log in once against the configured upstream (or, with a shared store holding a
+    usable token, report that one); print the expiry, never the token."""
+    if settings.redis_url:
+        code = await _check_store(settings, out)
+        if code is not None:
+            return code
     clock = SystemClock()
     async with create_auth_session(settings) as session:
         try:

@@ -190,6 +190,15 @@ class _Families:
         return self._families
 
 
+def counters_only(text: str) -> str:
+    """The counters and histograms of an exposition (what a process that has exited leaves
+    behind: its gauges meant nothing once it was gone)."""
+    families = [fam for fam in text_string_to_metric_families(text) if fam.type != "gauge"]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry).decode()
+
+
 def merge_expositions(texts: list[str]) -> bytes:
     """One exposition from several: counters and histograms summed sample by sample, gauges
     from the first text (this process) except :data:`SUMMED_GAUGES`."""

@@ -198,12 +198,12 @@ class Proxy:
                     gw.metrics.replayed.labels("upstream_401").inc()
                     resp = await self._exchange(request.method, url, headers, body.data, token,
                                                 outcome)
-                    current = gw.tokens.current
                     if resp.status != 401:
                         gw.route_401.answered(outcome.route, token.generation)
-                    elif current is not None and current.generation == token.generation:
+                    elif await gw.tokens.still_current(token.generation):
                         # No second replay: pass it back, and judge the route (unless the
-                        # token changed meanwhile: then it says nothing about the route).
+                        # token was replaced meanwhile, here or in the fleet: then it says
+                        # nothing about the route).
                         gw.route_401.unauthorized(outcome.route, token.generation)
         else:
             gw.route_401.answered(outcome.route, token.generation)

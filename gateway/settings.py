@@ -198,7 +198,7 @@ SPECS: tuple[Spec, ...] = (
     _spec("secrets_poll_interval", "GATEWAY_SECRETS_POLL_INTERVAL", parse_duration, "10s",
           "How often *_FILE credentials are checked for changes (0: only on SIGHUP).", IN),
     _spec("admin_listen", "GATEWAY_ADMIN_LISTEN", parse_admin_listen, "127.0.0.1:9091",
-          "Admin listener (health, readiness; metrics later): host:port.", S),
+          "Admin listener (/healthz, /readyz, /tokenz, /metrics): host:port.", S),
     _spec("workers", "GATEWAY_WORKERS", parse_positive_int, "1",
           "Proxy worker processes; above 1 a supervisor keeps the one token and hands it to "
           "them (one login for all).", S),
@@ -351,6 +351,9 @@ def _check_consistency(s: Settings) -> None:
     if s.renew_jitter_fraction >= s.renew_at_fraction:
         raise SettingsError("GATEWAY_RENEW_JITTER_FRACTION",
                             "must be below GATEWAY_RENEW_AT_FRACTION")
+    if (s.redis_password is not None or s.store_key is not None) and not s.redis_url:
+        raise SettingsError("GATEWAY_REDIS_URL", "GATEWAY_REDIS_PASSWORD / GATEWAY_STORE_KEY "
+                            "are set, but no GATEWAY_REDIS_URL: set it, or drop them")
     if s.redis_ca_file and not s.redis_url.startswith("rediss://"):
         raise SettingsError("GATEWAY_REDIS_CA_FILE", "only applies to a rediss:// "
                             "GATEWAY_REDIS_URL (TLS)")

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.access import ClientKey
 from gateway.config_values import ListenAddress, UnixAddress
 from gateway.errors import TokenUnavailable
+from gateway.metrics import counters_only, merge_expositions
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
 from gateway.worker import send, token_to_wire
@@ -77,6 +78,8 @@ class WorkerPool:
         self._workers = [_Worker(i) for i in range(count)]
         self._stopping = False
         self._answers: set[asyncio.Task[None]] = set()
+        #: Counters of workers that exited, so the totals never go backwards.
+        self._retired = ""
 
     async def start(self) -> None:
         for worker in self._workers:
@@ -137,10 +140,13 @@ class WorkerPool:
             "code": code, "lived_s": round(lived, 1)}})
         if worker.writer is not None:
             worker.writer.close()
+        if worker.metrics:  # keep what it counted (up to its last push) in the totals
+            texts = [t for t in (self._retired, counters_only(worker.metrics)) if t]
+            self._retired = merge_expositions(texts).decode()
+            worker.metrics = ""
         await asyncio.sleep(worker.delay)
         if not self._stopping:
             worker.restarts += 1
-            worker.metrics = ""  # its counters died with it
             await self._spawn(worker)
 
     def broadcast_token(self, tok: Token | None) -> None:
@@ -157,7 +163,8 @@ class WorkerPool:
                 send(worker.writer, message)
 
     def metrics_texts(self) -> list[str]:
-        return [w.metrics for w in self._workers if w.metrics]
+        texts = [w.metrics for w in self._workers if w.metrics]
+        return [*texts, self._retired] if self._retired else texts
 
     def status(self) -> list[dict[str, Any]]:
         return [{"slot": w.slot, "pid": w.proc.pid if w.proc else None,

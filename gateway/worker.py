@@ -95,6 +95,10 @@ class RemoteTokens:
             raise TokenUnavailable("timed out waiting for an access token",
                                    retry_after=1.0) from None
 
+    async def still_current(self, generation: int) -> bool:
+        tok = self._current
+        return tok is not None and tok.generation == generation
+
     def invalidate(self, generation: int, reason: str) -> bool:
         tok = self._current
         if tok is None or tok.generation != generation:

@@ -78,7 +78,15 @@ async def test_workers_a_dead_worker_is_restarted_and_logged(
         await gw.start()
         try:
             await gw.ready(http)
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as fresh:
+                for _ in range(40):
+                    async with fresh.get(gw.url + SERVICES) as resp:
+                        assert resp.status == 200
+            await asyncio.sleep(1.5)  # the workers' next metrics push
+            counted = await metric(http, gw, "repairy_gateway_client_requests_total")
             before = (await healthz(http, gw))["workers"]
+            assert before[0]["requests"] > 0
             os.kill(before[0]["pid"], signal.SIGKILL)
 
             async def restarted() -> bool:
@@ -87,6 +95,8 @@ async def test_workers_a_dead_worker_is_restarted_and_logged(
                             and now["pid"] != before[0]["pid"])
 
             await wait_until(restarted, within=5)
+            # The dead worker's counts stay in the totals: counters never go backwards.
+            assert await metric(http, gw, "repairy_gateway_client_requests_total") >= counted
             for _ in range(20):
                 async with http.get(gw.url + SERVICES) as resp:
                     assert resp.status == 200

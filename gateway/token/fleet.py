@@ -109,7 +109,7 @@ class Fleet:
         self._events.store_error(op)
         if self.up:
             self.down_since = self._clock.monotonic()
-            log.error("token store unavailable: serving with the token held", extra={
+            log.error("token store unavailable", extra={
                 "fields": {"event": "store_down", "op": op, "error": str(exc)}})
         self.up, self.problem = False, str(exc)
         self._events.store_is_up(False)
@@ -160,9 +160,10 @@ class Fleet:
         except StoreError as exc:
             self._down("acquire", exc)
             raise
-        if not got:
-            self._events.lease_wait()
         return got
+
+    def lease_wait(self) -> None:
+        self._events.lease_wait()
 
     async def extend(self) -> bool:
         try:

@@ -64,6 +64,8 @@ class TokenSource(Protocol):
 
     def ready(self) -> bool: ...
 
+    async def still_current(self, generation: int) -> bool: ...
+
 
 class TokenEvents(Protocol):
     """Hooks for observers (metrics); every method must be cheap and never raise."""
@@ -192,9 +194,25 @@ class TokenManager:
         self._wake.set()
         return True
 
+    async def still_current(self, generation: int) -> bool:
+        """Is ``generation`` still the newest token, here and (with a store) in the fleet?
+        Only then does a 401 with it say anything about the route (persistent-401 marking).
+        With the store unreachable, nobody can tell: False."""
+        if self._fleet is not None:
+            try:
+                shared = await self._fleet.load()
+            except StoreError:
+                return False
+            if shared is not None:
+                self._adopt(shared)
+        tok = self._state.token
+        return tok is not None and tok.generation == generation
+
     # -- status --------------------------------------------------------------------------------
     def ready(self) -> bool:
-        return is_usable(self._state.token, self._clock.monotonic(), self._policy.margin)
+        """A usable token that the upstream has not refused."""
+        st = self._state
+        return not st.stale and is_usable(st.token, self._clock.monotonic(), self._policy.margin)
 
     def status(self) -> TokenStatus:
         st = self._state
@@ -382,6 +400,7 @@ class TokenManager:
         policy decides (kind, False) or None."""
         fleet = self._fleet
         assert fleet is not None
+        waited = False
         while True:
             try:
                 seen = fleet.seq
@@ -392,6 +411,9 @@ class TokenManager:
                 if due is None:
                     return None
                 if not await fleet.acquire():
+                    if not waited:
+                        fleet.lease_wait()
+                        waited = True
                     await fleet.wait_for_change(seen, fleet.lease_ttl)
                     continue
                 shared = await fleet.load()  # it may have changed just before we got the lease
@@ -467,6 +489,9 @@ class TokenManager:
             return
         if self._task is not None:
             return
+        if self._state.deferred:  # the store answers again: no more waiting on it
+            self._state = renewal.undeferred(self._state)
+            self._wake.set()
         if shared is not None:
             self._adopt(shared)
         ours = self._state.token
@@ -564,9 +589,15 @@ class TokenManager:
             return TokenUnavailable(
                 f"Repairy refused the gateway's auth request ({st.blocked}); check the "
                 "configuration", retry_after=wait)
-        return TokenUnavailable(
-            f"no usable access token: last renewal failed ({st.last_error})"
-            if st.last_error else "no usable access token yet", retry_after=wait)
+        if st.last_error:
+            why = f"no usable access token: last renewal failed ({st.last_error})"
+        elif st.stale:
+            why = "no usable access token: the upstream refused it; renewing"
+        elif self._fleet is not None and not self._fleet.up:
+            why = "no usable access token: waiting for the token store"
+        else:
+            why = "no usable access token yet"
+        return TokenUnavailable(why, retry_after=wait)
 
     async def _wait_any(self, task: asyncio.Task[Any] | None, seconds: float) -> None:
         """Until ``task`` ends or ``seconds`` pass on the clock."""

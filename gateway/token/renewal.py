@@ -107,6 +107,9 @@ class RenewalState:
     last_attempt_at: float | None = None
     last_error: str | None = None
     in_flight: InFlight | None = None
+    #: ``not_before`` is only a wait on the fleet's store, not a back-off: a 401 or the store
+    #: coming back ends it.
+    deferred: bool = False
 
     @property
     def generation(self) -> int:
@@ -159,7 +162,7 @@ def succeeded(state: RenewalState, token: Token, policy: RenewalPolicy,
     """A new token landed: everything about the old one and its failures is forgotten."""
     return replace(state, token=token, stale=False, due_at=due_at(token, policy, u), failures=0,
                    not_before=None, blocked=None, refresh_banned=False, last_error=None,
-                   in_flight=None)
+                   in_flight=None, deferred=False)
 
 
 def ended(state: RenewalState) -> RenewalState:
@@ -194,12 +197,21 @@ def failed(state: RenewalState, failure: Failure, now: float, policy: RenewalPol
             delay = max(delay, min(max(failure.retry_after, 0.0), policy.retry_max))
     delay = max(delay, policy.floor)
     return replace(state, failures=failures, not_before=now + delay, blocked=blocked,
-                   refresh_banned=banned, last_error=failure.reason, in_flight=None)
+                   refresh_banned=banned, last_error=failure.reason, in_flight=None,
+                   deferred=False)
 
 
 def deferred(state: RenewalState, until: float) -> RenewalState:
-    """Nothing to do before ``until`` (e.g. waiting on the fleet); no failure is counted."""
-    return replace(state, not_before=until, in_flight=None)
+    """Nothing to do before ``until`` (waiting on the fleet's store); no failure is counted.
+    A back-off already in force is kept if it ends later."""
+    if state.not_before is not None and not state.deferred and state.not_before >= until:
+        return replace(state, in_flight=None)
+    return replace(state, not_before=until, in_flight=None, deferred=True)
+
+
+def undeferred(state: RenewalState) -> RenewalState:
+    """The wait on the store is over (it answers again, or the upstream refused the token)."""
+    return replace(state, not_before=None, deferred=False) if state.deferred else state
 
 
 def adopt(local: RenewalState, shared: RenewalState) -> RenewalState:
@@ -233,7 +245,7 @@ def invalidated(state: RenewalState, generation: int) -> RenewalState:
     tok = state.token
     if tok is None or tok.generation != generation or state.stale:
         return state
-    return replace(state, stale=True)
+    return replace(undeferred(state), stale=True)
 
 
 # -- serialising (a shared store keeps this value) ---------------------------------------------
@@ -254,6 +266,7 @@ def to_dict(state: RenewalState, now_mono: float, now_wall: float) -> dict[str, 
         "failures": state.failures, "not_before": wall(state.not_before),
         "blocked": state.blocked, "refresh_banned": state.refresh_banned,
         "last_attempt_at": wall(state.last_attempt_at), "last_error": state.last_error,
+        "deferred": state.deferred,
         "in_flight": None if state.in_flight is None else {
             "kind": state.in_flight.kind, "started_at": wall(state.in_flight.started_at)},
     }
@@ -288,4 +301,4 @@ def from_dict(doc: dict[str, Any], now_mono: float, now_wall: float) -> RenewalS
         not_before=mono(doc.get("not_before")), blocked=doc.get("blocked"),
         refresh_banned=bool(doc["refresh_banned"]),
         last_attempt_at=mono(doc.get("last_attempt_at")), last_error=doc.get("last_error"),
-        in_flight=in_flight)
+        in_flight=in_flight, deferred=bool(doc.get("deferred", False)))
