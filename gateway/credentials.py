@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -92,28 +92,28 @@ class CredentialReloader:
                 await task
         self._tasks = []
 
-    async def _run(self) -> None:
+    async def _poll(self, trigger: asyncio.Event, step: Callable[[], Awaitable[object]],
+                    what: str) -> None:
+        """Run ``step`` every poll interval and whenever ``trigger`` is set (SIGHUP)."""
         interval = self._state.settings.secrets_poll_interval or None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trigger.wait(), interval)
-            self._trigger.clear()
+                await asyncio.wait_for(trigger.wait(), interval)
+            trigger.clear()
             try:
-                await self.check()
-            except Exception:  # never let a bug stop rotation for good
-                log.exception("credential reload crashed")
+                await step()
+            except Exception:  # never let a bug stop reloading for good
+                log.exception("%s reload crashed", what)
+
+    async def _run(self) -> None:
+        await self._poll(self._trigger, self.check, "credential")
 
     async def _run_keys(self) -> None:
-        interval = self._state.settings.secrets_poll_interval or None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._keys_trigger.wait(), interval)
-            self._keys_trigger.clear()
+        async def step() -> None:
             force, self._keys_force = self._keys_force, False
-            try:
-                self.check_client_keys(force)
-            except Exception:  # never let a bug stop key reloading for good
-                log.exception("client keys reload crashed")
+            self.check_client_keys(force)
+
+        await self._poll(self._keys_trigger, step, "client keys")
 
     async def check(self) -> str:
         """Apply changed credentials; returns the outcome (also a metric label)."""

@@ -189,7 +189,7 @@ class Proxy:
         token = await gw.tokens.get()
         resp = await self._exchange(request.method, url, headers, body.data, token, outcome)
         if resp.status == 401:
-            if gw.route_401.unauthorized(outcome.route, token.generation):
+            if await self._judge_401(outcome.route, token.generation):
                 gw.tokens.invalidate(token.generation, "upstream_401")
                 if body.replayable:
                     resp.release()
@@ -200,14 +200,21 @@ class Proxy:
                                                 outcome)
                     if resp.status != 401:
                         gw.route_401.answered(outcome.route, token.generation)
-                    elif await gw.tokens.still_current(token.generation):
-                        # No second replay: pass it back, and judge the route (unless the
-                        # token was replaced meanwhile, here or in the fleet: then it says
-                        # nothing about the route).
-                        gw.route_401.unauthorized(outcome.route, token.generation)
+                    else:  # no second replay: pass it back, and judge the route
+                        await self._judge_401(outcome.route, token.generation)
         else:
             gw.route_401.answered(outcome.route, token.generation)
         return await self._stream_back(request, resp, rid, outcome)
+
+    async def _judge_401(self, route: str, generation: int) -> bool:
+        """A 401 on ``route`` with ``generation``: True to invalidate the token (and replay),
+        False to pass it back (the route is marked persistent 401). A verdict on the route
+        counts only while that token is still the newest, here and in the fleet."""
+        r401 = self.state.route_401
+        if r401.would_mark(route, generation) and not await self.state.tokens.still_current(
+                generation):
+            r401.forget(route)
+        return r401.unauthorized(route, generation)
 
     async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str], body: Body,
                         token: Token, outcome: _Outcome) -> aiohttp.ClientResponse:

@@ -13,7 +13,17 @@ from gateway.app import GatewayServer
 from gateway.errors import GATEWAY_ERROR_HEADER
 from gateway.logs import JsonFormatter, TextFormatter
 from gateway.sandbox import Sandbox, SandboxConfig
+from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for, wait_until
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free loopback port (installed from Debian if missing)."""
+    server = RedisServer()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

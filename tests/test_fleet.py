@@ -6,25 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
-import pytest
 
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.token.store import owner_key
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults, stats
-
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @dataclass

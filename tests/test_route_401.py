@@ -76,6 +76,20 @@ async def test_route_401_verdict_only_within_the_window() -> None:
     assert marks == [(R, 60)]
 
 
+def test_route_401_would_mark_and_forget() -> None:
+    """``would_mark`` tells the caller a verdict is coming (so that it can check the token is
+    still the newest); ``forget`` drops an inconclusive one."""
+    marks: list[tuple[str, float]] = []
+    t = tracker(FakeClock(), marks)
+    assert not t.would_mark(R, 1)
+    assert t.unauthorized(R, 1)
+    assert t.would_mark(R, 2) and not t.would_mark(R, 1)
+    t.forget(R)
+    assert not t.would_mark(R, 2)
+    assert t.unauthorized(R, 2) is True  # a fresh 401: invalidate again, no mark
+    assert marks == []
+
+
 def test_route_401_tracks_a_bounded_number_of_routes() -> None:
     """Memory stays bounded however many routes answer 401."""
     t = tracker(FakeClock(), [])

@@ -4,7 +4,6 @@ owner-bound keys and encryption, and the adoption rule; then a fleet of 50 token
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -21,14 +20,6 @@ from gateway.token.store import LEASE_LOST, OLDER, WRITTEN, RedisStore, StoreErr
 from gateway.token.value import Token
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for
-
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def store(server: RedisServer, owner: str = "owner-a", key: str | None = None) -> RedisStore:

@@ -78,6 +78,21 @@ class Persistent401:
             self._remember(self._pending, route, (generation, now))
         return True
 
+    def would_mark(self, route: str, generation: int) -> bool:
+        """Would a 401 for ``generation`` now mark ``route``? (So that the caller can first
+        make sure that token is still the newest: a token another replica replaced meanwhile
+        says nothing about the route.)"""
+        now = self._clock.monotonic()
+        mark = self._marks.get(route)
+        if mark is not None and now < mark.until:
+            return False
+        pending = self._pending_generation(route, now)
+        return pending is not None and generation > pending
+
+    def forget(self, route: str) -> None:
+        """Drop the pending verdict of ``route`` (it proved inconclusive)."""
+        self._pending.pop(route, None)
+
     def answered(self, route: str, generation: int) -> None:
         """A non-401 answer on ``route`` with a token of ``generation``."""
         if not self._pending and not self._marks:
