@@ -85,14 +85,15 @@ async def test_workers_a_dead_worker_is_restarted_and_logged(
                         assert resp.status == 200
             await asyncio.sleep(1.5)  # the workers' next metrics push
             counted = await metric(http, gw, "repairy_gateway_client_requests_total")
-            before = (await healthz(http, gw))["workers"]
-            assert before[0]["requests"] > 0
-            os.kill(before[0]["pid"], signal.SIGKILL)
+            workers = (await healthz(http, gw))["workers"]
+            victim = max(workers, key=lambda w: w["requests"])  # one that counted something
+            assert victim["requests"] > 0
+            os.kill(victim["pid"], signal.SIGKILL)
 
             async def restarted() -> bool:
-                now = (await healthz(http, gw))["workers"][0]
+                now = (await healthz(http, gw))["workers"][victim["slot"]]
                 return bool(now["alive"] and now["restarts"] == 1
-                            and now["pid"] != before[0]["pid"])
+                            and now["pid"] != victim["pid"])
 
             await wait_until(restarted, within=5)
             # The dead worker's counts stay in the totals: counters never go backwards.
