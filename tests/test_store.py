@@ -19,7 +19,7 @@ from gateway.token.renewal import RenewalState
 from gateway.token.store import LEASE_LOST, OLDER, WRITTEN, RedisStore, StoreError
 from gateway.token.value import Token
 from tests.fleet_helpers import RedisServer
-from tests.gateway_helpers import settings_for
+from tests.gateway_helpers import settings_for, wait_until
 
 
 def store(server: RedisServer, owner: str = "owner-a", key: str | None = None) -> RedisStore:
@@ -139,9 +139,15 @@ async def test_store_fleet_of_50_makes_one_auth_call_per_window(
                                              fleet=fleet))
             await asyncio.gather(*(m.start() for m in managers))
             await asyncio.sleep(8.0)
+
+            def agreed() -> bool:  # a renewal may be landing right now: give it a moment
+                return len({m.current.access if m.current else None for m in managers}) == 1
+
+            await wait_until(agreed, within=3)
             tokens = {m.current.access if m.current else None for m in managers}
             await asyncio.gather(*(m.stop() for m in managers))
         counters = sb.state.control.counters
     assert counters["token_requests"] == 1
-    assert 2 <= counters["refresh_requests"] <= 4  # 8 s of 3 s tokens renewed at ~70-80 %
+    # 8-11 s of 3 s tokens renewed at ~70-80 %: one per window, never one per manager.
+    assert 2 <= counters["refresh_requests"] <= 5
     assert len(tokens) == 1 and None not in tokens
