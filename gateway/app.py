@@ -39,7 +39,7 @@ from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.route_401 import Persistent401
-from gateway.token.store import RedisStore, owner_key
+from gateway.token.store import store_for
 from gateway.token.value import RenewalKind, Token
 from gateway.upstream import Upstream, create_session
 
@@ -202,12 +202,9 @@ class GatewayServer:
         """The shared token store, when GATEWAY_REDIS_URL is set (redis imported only then)."""
         if not s.redis_url:
             return None
-        owner = owner_key(str(s.base_url), s.app_key.fingerprint, s.partner_id)
-        store = RedisStore(s.redis_url, owner=owner, prefix=s.redis_key_prefix,
-                           password=s.redis_password, ca_file=s.redis_ca_file,
-                           store_key=s.store_key, timeout=min(2.0, s.redis_lease_ttl / 2))
+        store = store_for(s, timeout=min(2.0, s.redis_lease_ttl / 2))
         log.info("sharing the token through Redis", extra={"fields": {
-            "event": "store_configured", "replica": store.replica, "owner": owner,
+            "event": "store_configured", "replica": store.replica, "owner": store.owner,
             "encrypted": s.store_key is not None}})
         return Fleet(store, lease_ttl=s.redis_lease_ttl, down_policy=s.redis_down_policy,
                      clock=self.clock, events=self.metrics)

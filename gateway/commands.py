@@ -16,7 +16,7 @@ from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, load_settings
 from gateway.token import renewal
 from gateway.token.auth_client import AuthClient, create_auth_session, token_from_exchange
-from gateway.token.store import RedisStore, StoreError, owner_key
+from gateway.token.store import StoreError, store_for
 from gateway.token.value import is_usable
 
 Print = Callable[[str], None]
@@ -32,10 +32,7 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
     replace it, and an API with one live token per credential would revoke the fleet's).
     None: the store holds no token yet, a login is harmless."""
     clock = SystemClock()
-    owner = owner_key(str(settings.base_url), settings.app_key.fingerprint, settings.partner_id)
-    store = RedisStore(settings.redis_url, owner=owner, prefix=settings.redis_key_prefix,
-                       password=settings.redis_password, ca_file=settings.redis_ca_file,
-                       store_key=settings.store_key, timeout=2.0)
+    store = store_for(settings, timeout=2.0)
     try:
         stored = await store.load()
     except StoreError as exc:

@@ -8,7 +8,6 @@ become :mod:`gateway.errors` types here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterable
 
 import aiohttp
@@ -23,9 +22,7 @@ from gateway.errors import (
     UpstreamTLSError,
 )
 from gateway.settings import Settings
-from gateway.urls import target_url
-
-__all__ = ["Body", "Upstream", "create_session", "target_url", "translate"]
+from gateway.urls import upstream_tls
 
 Body = bytes | AsyncIterable[bytes] | None
 #: Headers aiohttp would add on its own; the caller's are forwarded instead.
@@ -34,10 +31,8 @@ _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
     """The one upstream session of an application (create inside the running loop)."""
-    ssl_context: ssl.SSLContext | bool = True  # verify with the system CAs
-    if settings.upstream_ca_file:
-        ssl_context = ssl.create_default_context(cafile=settings.upstream_ca_file)
-    connector = aiohttp.TCPConnector(limit=settings.pool_size, ssl=ssl_context,
+    connector = aiohttp.TCPConnector(limit=settings.pool_size,
+                                     ssl=upstream_tls(settings.upstream_ca_file),
                                      keepalive_timeout=settings.keepalive_timeout)
     timeout = aiohttp.ClientTimeout(total=settings.total_timeout or None,
                                     connect=settings.connect_timeout,

@@ -1,8 +1,16 @@
-"""Upstream URLs: the configured base URL joined with a path, shared by the proxy and auth."""
+"""Addressing the upstream, shared by the proxy and the auth calls: the configured base URL
+joined with a path, and the TLS trust to verify it with."""
 
 from __future__ import annotations
 
+import ssl
+
 from yarl import URL
+
+
+def upstream_tls(ca_file: str) -> ssl.SSLContext | bool:
+    """Verify with ``ca_file`` (a private CA) when set, else with the system CAs (True)."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
 def target_url(base: URL, raw_path_and_query: str) -> URL:

@@ -23,6 +23,7 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +35,7 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
+from gateway.token.renewal import token_from_dict, token_to_dict
 from gateway.token.value import Token, is_usable
 from gateway.upstream import Upstream, create_session
 
@@ -42,18 +44,9 @@ METRICS_EVERY = 1.0
 
 
 def token_to_wire(tok: Token) -> dict[str, Any]:
-    """A token for the pipe. Times are on CLOCK_BOOTTIME, the same in every process of a host."""
-    return {"access": tok.access, "refresh": None, "generation": tok.generation, "via": tok.via,
-            "obtained_at": tok.obtained_at, "expires_at": tok.expires_at,
-            "obtained_wall": tok.obtained_wall, "partner_id": tok.partner_id}
-
-
-def token_from_wire(doc: dict[str, Any]) -> Token:
-    return Token(access=str(doc["access"]), refresh=None, generation=int(doc["generation"]),
-                 via="refresh" if doc.get("via") == "refresh" else "login",
-                 obtained_at=float(doc["obtained_at"]), expires_at=float(doc["expires_at"]),
-                 refresh_expires_at=None, obtained_wall=float(doc["obtained_wall"]),
-                 partner_id=str(doc["partner_id"]))
+    """A token for the pipe, without its refresh token (workers never renew). Times stay on
+    CLOCK_BOOTTIME, the same in every process of a host."""
+    return token_to_dict(replace(tok, refresh=None, refresh_expires_at=None))
 
 
 def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
@@ -132,7 +125,7 @@ async def _control(reader: asyncio.StreamReader, tokens: RemoteTokens, state: Ga
             doc = json.loads(line)
             kind = doc.get("type")
             if kind == "token":
-                tokens.on_token(token_from_wire(doc["token"]), doc.get("newer_than"))
+                tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"))
             elif kind == "error":
                 tokens.on_error(int(doc.get("newer_than", 0)), doc)
             elif kind == "client_keys":

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import re
-import ssl
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
@@ -38,7 +37,7 @@ from gateway.errors import AuthError, AuthReason
 from gateway.settings import Settings
 from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 from gateway.token.value import RenewalKind, Token
-from gateway.urls import target_url
+from gateway.urls import target_url, upstream_tls
 
 log = logging.getLogger("gateway.token")
 MAX_AUTH_BODY = 64 * 1024
@@ -69,14 +68,13 @@ async def _on_headers_sent(session: aiohttp.ClientSession, ctx: SimpleNamespace,
 
 def create_auth_session(settings: Settings) -> aiohttp.ClientSession:
     """The auth calls' own session and small pool (create inside the running loop)."""
-    ssl_context: ssl.SSLContext | bool = True
-    if settings.upstream_ca_file:
-        ssl_context = ssl.create_default_context(cafile=settings.upstream_ca_file)
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_on_headers_sent)
     # A fresh connection per call: calls are minutes or hours apart, and a kept connection the
     # server has meanwhile closed would turn a refresh into an ambiguous failure.
-    connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE, ssl=ssl_context, force_close=True)
+    connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE,
+                                     ssl=upstream_tls(settings.upstream_ca_file),
+                                     force_close=True)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                  trust_env=False, trace_configs=[trace])
 

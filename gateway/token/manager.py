@@ -468,11 +468,7 @@ class TokenManager:
                     await self._sync()
                 except Exception:  # never let a bug stop the fleet sync
                     log.exception("token store sync crashed")
-                waker = asyncio.ensure_future(self._fleet_wake.wait())
-                try:
-                    await self._wait_any(waker, fleet.lease_ttl)
-                finally:
-                    waker.cancel()
+                await self._sleep_or_woken(self._fleet_wake, fleet.lease_ttl)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -610,6 +606,14 @@ class TokenManager:
         finally:
             sleeper.cancel()
 
+    async def _sleep_or_woken(self, wake: asyncio.Event, seconds: float) -> None:
+        """Until ``wake`` is set or ``seconds`` pass on the clock."""
+        waker = asyncio.ensure_future(wake.wait())
+        try:
+            await self._wait_any(waker, seconds)
+        finally:
+            waker.cancel()
+
     async def _run(self) -> None:
         while True:
             try:
@@ -622,13 +626,7 @@ class TokenManager:
                 plan = renewal.next_attempt(self._state, now, self._policy)
                 delay = MAX_SLEEP if plan is None else min(max(plan.when - now, 0.0), MAX_SLEEP)
                 self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                sleeper = asyncio.ensure_future(self._clock.sleep(delay))
-                try:
-                    await asyncio.wait([waker, sleeper], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waker.cancel()
-                    sleeper.cancel()
+                await self._sleep_or_woken(self._wake, delay)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not end renewal for good, nor spin

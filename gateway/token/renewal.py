@@ -249,6 +249,30 @@ def invalidated(state: RenewalState, generation: int) -> RenewalState:
 
 
 # -- serialising (a shared store keeps this value) ---------------------------------------------
+def token_to_dict(tok: Token, shift: float = 0.0) -> dict[str, Any]:
+    """A token, JSON-ready, its clock times moved by ``shift`` (0 between the processes of one
+    host, which share CLOCK_BOOTTIME; wall minus monotonic for a store shared by hosts). It
+    holds the tokens: keep it secret."""
+    refresh_at = tok.refresh_expires_at
+    return {"access": tok.access, "refresh": tok.refresh, "generation": tok.generation,
+            "via": tok.via, "obtained_at": tok.obtained_at + shift,
+            "expires_at": tok.expires_at + shift,
+            "refresh_expires_at": None if refresh_at is None else refresh_at + shift,
+            "obtained_wall": tok.obtained_wall, "partner_id": tok.partner_id}
+
+
+def token_from_dict(doc: dict[str, Any], shift: float = 0.0) -> Token:
+    """The inverse of :func:`token_to_dict` (times moved back by ``shift``)."""
+    refresh_at = doc.get("refresh_expires_at")
+    return Token(access=str(doc["access"]), refresh=doc.get("refresh"),
+                 generation=int(doc["generation"]),
+                 via="refresh" if doc.get("via") == "refresh" else "login",
+                 obtained_at=float(doc["obtained_at"]) - shift,
+                 expires_at=float(doc["expires_at"]) - shift,
+                 refresh_expires_at=None if refresh_at is None else float(refresh_at) - shift,
+                 obtained_wall=float(doc["obtained_wall"]), partner_id=str(doc["partner_id"]))
+
+
 def to_dict(state: RenewalState, now_mono: float, now_wall: float) -> dict[str, Any]:
     """A JSON-ready form with times as Unix times. It holds the tokens: keep it secret."""
 
@@ -256,13 +280,9 @@ def to_dict(state: RenewalState, now_mono: float, now_wall: float) -> dict[str, 
         return None if mono is None else now_wall + (mono - now_mono)
 
     tok = state.token
-    token = None if tok is None else {
-        "access": tok.access, "refresh": tok.refresh, "generation": tok.generation,
-        "via": tok.via, "obtained_at": wall(tok.obtained_at), "expires_at": wall(tok.expires_at),
-        "refresh_expires_at": wall(tok.refresh_expires_at), "obtained_wall": tok.obtained_wall,
-        "partner_id": tok.partner_id}
     return {
-        "token": token, "stale": state.stale, "due_at": wall(state.due_at),
+        "token": None if tok is None else token_to_dict(tok, now_wall - now_mono),
+        "stale": state.stale, "due_at": wall(state.due_at),
         "failures": state.failures, "not_before": wall(state.not_before),
         "blocked": state.blocked, "refresh_banned": state.refresh_banned,
         "last_attempt_at": wall(state.last_attempt_at), "last_error": state.last_error,
@@ -285,12 +305,7 @@ def from_dict(doc: dict[str, Any], now_mono: float, now_wall: float) -> RenewalS
         return value
 
     t = doc.get("token")
-    token = None if t is None else Token(
-        access=str(t["access"]), refresh=t.get("refresh"), generation=int(t["generation"]),
-        via="refresh" if t.get("via") == "refresh" else "login",
-        obtained_at=need(t["obtained_at"]), expires_at=need(t["expires_at"]),
-        refresh_expires_at=mono(t.get("refresh_expires_at")),
-        obtained_wall=float(t["obtained_wall"]), partner_id=str(t["partner_id"]))
+    token = None if t is None else token_from_dict(t, now_wall - now_mono)
     f = doc.get("in_flight")
     kinds: dict[str, AttemptKind] = {"login": "login", "refresh": "refresh",
                                      "rotation": "rotation"}

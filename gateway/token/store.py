@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.redact import Secret
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -214,6 +215,14 @@ class RedisStore:
         finally:
             with contextlib.suppress(Exception):  # the connection is gone already
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def store_for(settings: Settings, timeout: float) -> RedisStore:
+    """The store of the configured GATEWAY_REDIS_URL, keyed for these credentials."""
+    owner = owner_key(str(settings.base_url), settings.app_key.fingerprint, settings.partner_id)
+    return RedisStore(settings.redis_url, owner=owner, prefix=settings.redis_key_prefix,
+                      password=settings.redis_password, ca_file=settings.redis_ca_file,
+                      store_key=settings.store_key, timeout=timeout)
 
 
 def _plain(blob: str) -> bytes:
