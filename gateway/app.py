@@ -23,14 +23,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.access import AccessPolicy
 from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
 from gateway.credentials import CredentialReloader
-from gateway.inbound import ProxyServer
 from gateway.metrics import Metrics
-from gateway.proxy import Proxy
+from gateway.proxy.access import AccessPolicy
+from gateway.proxy.handler import Proxy
+from gateway.proxy.inbound import ProxyServer
+from gateway.proxy.upstream import Upstream, create_session
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.supervisor import WorkerPool, bind_listener
@@ -41,7 +42,6 @@ from gateway.token.manager import TokenManager
 from gateway.token.route_401 import Persistent401
 from gateway.token.store import store_for
 from gateway.token.value import RenewalKind, Token
-from gateway.upstream import Upstream, create_session
 
 log = logging.getLogger("gateway.app")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.access import AccessPolicy, ClientKey, parse_client_keys
 from gateway.clock import Clock
 from gateway.errors import AuthError
+from gateway.proxy.access import AccessPolicy, ClientKey, parse_client_keys
 from gateway.settings import Settings, SettingsError
 from gateway.state import GatewayState
 from gateway.token.auth_client import AuthClient

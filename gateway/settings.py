@@ -18,16 +18,6 @@ from typing import Any
 
 from yarl import URL
 
-from gateway.access import (
-    ClientKey,
-    IPNetwork,
-    RouteRule,
-    is_loopback,
-    parse_cidrs,
-    parse_client_keys,
-    parse_header_names,
-    parse_routes,
-)
 from gateway.config_values import (
     ListenAddress,
     TcpAddress,
@@ -49,6 +39,16 @@ from gateway.config_values import (
     parse_renew_fraction,
     parse_secret,
     parse_size,
+)
+from gateway.proxy.access import (
+    ClientKey,
+    IPNetwork,
+    RouteRule,
+    is_loopback,
+    parse_cidrs,
+    parse_client_keys,
+    parse_header_names,
+    parse_routes,
 )
 from gateway.redact import Secret
 

@@ -8,12 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.access import AccessPolicy
 from gateway.metrics import Metrics
+from gateway.proxy.access import AccessPolicy
+from gateway.proxy.upstream import Upstream
 from gateway.settings import Settings
 from gateway.token.manager import TokenManager, TokenSource
 from gateway.token.route_401 import Persistent401
-from gateway.upstream import Upstream
 
 
 @dataclass

@@ -27,10 +27,10 @@ from typing import Any, Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.access import ClientKey
 from gateway.config_values import ListenAddress, UnixAddress
 from gateway.errors import TokenUnavailable
 from gateway.metrics import counters_only, merge_expositions
+from gateway.proxy.access import ClientKey
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
 from gateway.worker import send, token_to_wire

@@ -28,16 +28,16 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.access import AccessPolicy, ClientKey
 from gateway.clock import Clock, SystemClock
 from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
+from gateway.proxy.access import AccessPolicy, ClientKey
+from gateway.proxy.upstream import Upstream, create_session
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.token.renewal import token_from_dict, token_to_dict
 from gateway.token.value import Token, is_usable
-from gateway.upstream import Upstream, create_session
 
 log = logging.getLogger("gateway.worker")
 METRICS_EVERY = 1.0

@@ -13,7 +13,7 @@ import pytest
 
 from gateway import __version__
 from gateway.app import GatewayServer
-from gateway.routes import method_label, route_template
+from gateway.proxy.routes import method_label, route_template
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults

@@ -20,7 +20,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.access import ANONYMOUS
 from gateway.errors import (
     BadRequest,
     BodyTooLarge,
@@ -30,18 +29,19 @@ from gateway.errors import (
     UpstreamInvalidResponse,
     error_response,
 )
-from gateway.headers import (
+from gateway.proxy.access import ANONYMOUS
+from gateway.proxy.headers import (
     REQUEST_ID,
     downstream_response_headers,
     request_id_of,
     upstream_request_headers,
     with_credentials,
 )
-from gateway.inbound import GatewayRequestHandler, check_request
-from gateway.routes import method_label, route_template
+from gateway.proxy.inbound import GatewayRequestHandler, check_request
+from gateway.proxy.routes import method_label, route_template
+from gateway.proxy.upstream import Body
 from gateway.state import GatewayState
 from gateway.token.value import Token
-from gateway.upstream import Body
 from gateway.urls import target_url
 
 log = logging.getLogger("gateway.proxy")
