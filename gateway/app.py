@@ -31,14 +31,22 @@ from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.handler import Proxy
 from gateway.proxy.inbound import ProxyServer
-from gateway.proxy.upstream import Upstream, create_session
+from gateway.proxy.limits import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    ClientLimits,
+    UpstreamSlots,
+)
+from gateway.proxy.retry import RetryBudget, RetryConfig, RetryPolicy, trace_config
+from gateway.proxy.upstream import Upstream, attempt_timeout, create_session
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.supervisor import WorkerPool, bind_listener
 from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
-from gateway.token.manager import TokenManager
+from gateway.token.manager import TokenManager, TokenSource
 from gateway.token.route_401 import Persistent401
 from gateway.token.store import store_for
 from gateway.token.value import RenewalKind, Token
@@ -57,6 +65,59 @@ def build_proxy_server(state: GatewayState) -> ProxyServer:
                        max_line_size=s.max_header_size, max_field_size=s.max_header_size,
                        max_headers=s.max_headers, keepalive_timeout=s.client_keepalive_timeout,
                        access_log=None)
+
+
+def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
+    """The upstream session with its guards: retry policy, breaker, slots (per process)."""
+    session = create_session(s, [trace_config()])
+
+    def on_breaker(state: BreakerState, why: str) -> None:
+        metrics.breaker_state.set(int(state))
+        if state is BreakerState.OPEN:
+            metrics.breaker_opened.inc()
+            log.warning("circuit breaker open: answering 503 upstream_circuit_open for %gs "
+                        "(%s)", s.breaker_cooldown, why, extra={"fields": {
+                            "event": "circuit_open", "why": why,
+                            "cooldown_s": s.breaker_cooldown}})
+        else:
+            log.info("circuit breaker %s (%s)", state.name.lower().replace("_", "-"), why,
+                     extra={"fields": {"event": f"circuit_{state.name.lower()}", "why": why}})
+
+    breaker = CircuitBreaker(BreakerConfig(
+        s.breaker_failures, s.breaker_failure_ratio, s.breaker_min_requests, s.breaker_window,
+        s.breaker_cooldown, s.breaker_probes), clock, on_breaker)
+    if s.upstream_concurrency:
+        slots = UpstreamSlots(s.upstream_concurrency, s.connect_timeout,
+                              reason="GATEWAY_UPSTREAM_CONCURRENCY")
+    else:
+        slots = UpstreamSlots(s.pool_size, s.connect_timeout, reason="GATEWAY_POOL_SIZE")
+    metrics.upstream_slots_in_use.set_function(lambda: float(slots.in_use))
+    budget = RetryBudget(s.retry_budget_ratio, s.retry_budget_min_per_second,
+                         s.retry_budget_window, clock)
+    retry = RetryPolicy(
+        session, RetryConfig(s.retry_attempts, s.retry_on_status, s.retry_backoff_min,
+                             s.retry_backoff_max, s.retry_after_max),
+        budget, clock, timeout=functools.partial(attempt_timeout, s),
+        on_retry=lambda reason: metrics.retries.labels(reason).inc(),
+        on_budget_exhausted=metrics.retry_budget_exhausted.inc)
+    return Upstream(session, retry, breaker, slots)
+
+
+def build_limits(s: Settings, clock: Clock, metrics: Metrics) -> ClientLimits:
+    return ClientLimits(clock, rate=s.rate_limit, burst=s.rate_limit_burst,
+                        client_rate=s.client_rate_limit, client_burst=s.client_rate_limit_burst,
+                        client_concurrency=s.client_concurrency,
+                        on_reject=lambda limit, client: metrics.limited.labels(
+                            limit, client).inc())
+
+
+def build_state(s: Settings, tokens: TokenSource, clock: Clock,
+                metrics: Metrics) -> GatewayState:
+    """The state a proxy listener needs (in the gateway process or a worker)."""
+    return GatewayState(settings=s, tokens=tokens, upstream=build_upstream(s, clock, metrics),
+                        metrics=metrics, access=build_access_policy(s),
+                        route_401=route_401_tracker(s, clock, metrics),
+                        limits=build_limits(s, clock, metrics), clock=clock)
 
 
 def build_access_policy(s: Settings) -> AccessPolicy:
@@ -138,7 +199,6 @@ class GatewayServer:
 
     async def start(self) -> None:
         s = self.settings
-        session = create_session(s)
         initial, persist = None, None
         fleet = self._fleet(s)
         if s.token_file and fleet is not None:
@@ -155,9 +215,7 @@ class GatewayServer:
         events = _TokenEvents(self.metrics)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
                               events, initial=initial, persist=persist, fleet=fleet)
-        self._state = GatewayState(settings=s, tokens=tokens, upstream=Upstream(session),
-                                   metrics=self.metrics, access=build_access_policy(s),
-                                   route_401=route_401_tracker(s, self.clock, self.metrics))
+        self._state = build_state(s, tokens, self.clock, self.metrics)
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,

@@ -136,6 +136,45 @@ def parse_positive_int(value: object) -> int:
     return number
 
 
+def bounded_int(low: int, high: int) -> Callable[[object], int]:
+    """A whole number from ``low`` to ``high`` (0 often meaning "off")."""
+    def parse(value: object) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return number
+    return parse
+
+
+def bounded_number(low: float, high: float) -> Callable[[object], float]:
+    """A finite number from ``low`` to ``high`` (a ratio, a rate)."""
+    def parse(value: object) -> float:
+        number = _number(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be a number from {low:g} to {high:g}")
+        return number
+    return parse
+
+
+def parse_status_list(value: object) -> frozenset[int]:
+    """Comma-separated HTTP statuses (``502,503,504,429``); empty for none."""
+    statuses: set[int] = set()
+    for raw in str(value).split(","):
+        text = raw.strip()
+        if not text:
+            continue
+        if not text.isdigit() or not 400 <= int(text) <= 599:
+            raise ValueError(f"{text!r} is not an HTTP error status from 400 to 599")
+        if int(text) in (401, 407):
+            raise ValueError("401 is the token's business (replayed once with a new token); "
+                             "do not list it")
+        statuses.add(int(text))
+    return frozenset(statuses)
+
+
 def parse_base_url(value: object) -> URL:
     url = URL(str(value).strip())
     if url.scheme not in ("http", "https") or not url.host:

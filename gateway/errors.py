@@ -11,10 +11,17 @@
     ├── MethodNotAllowed            405 method_not_allowed
     ├── RequestTimeout              408 request_timeout
     ├── BodyTooLarge                413 body_too_large
+    ├── ExpectationFailed           417 expectation_failed
+    ├── RateLimited                 429 rate_limited        (+ Retry-After)
+    ├── ClientBusy                  429 client_busy         (+ Retry-After)
+    ├── ClientClosedRequest         499 client_closed_request (logged and counted, never sent)
     ├── TargetTooLong               414 request_line_too_long
     ├── HeaderTooLarge              431 header_too_large
     ├── TokenUnavailable            503 token_unavailable   (+ Retry-After)
     │   └── CredentialsRejected     503 credentials_rejected
+    ├── UpstreamBusy                503 upstream_busy       (+ Retry-After)
+    ├── CircuitOpen                 503 upstream_circuit_open (+ Retry-After)
+    ├── ShuttingDown                503 shutting_down       (cut off by the shutdown deadline)
     └── UpstreamError               502 upstream_unreachable
         ├── UpstreamInvalidResponse 502 upstream_invalid_response
         ├── UpstreamTLSError        502 upstream_tls_error
@@ -28,10 +35,13 @@ tell it from an upstream answer. Messages never contain tokens or secrets.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import ClassVar, Final, Literal
 
 from aiohttp import web
+
+from gateway.proxy.headers import PlainResponse
 
 GATEWAY_ERROR_HEADER: Final = "X-Repairy-Gateway-Error"
 
@@ -104,6 +114,53 @@ class BodyTooLarge(GatewayError):
     default_code = "body_too_large"
 
 
+class ExpectationFailed(GatewayError):
+    status = 417
+    default_code = "expectation_failed"
+
+
+class RateLimited(GatewayError):
+    """Over the gateway's rate limit (all callers, or this caller's own)."""
+
+    status = 429
+    default_code = "rate_limited"
+
+
+class ClientBusy(GatewayError):
+    """This caller already has its most concurrent requests in flight."""
+
+    status = 429
+    default_code = "client_busy"
+
+
+class ClientClosedRequest(GatewayError):
+    """The caller left before its answer was sent (nginx's 499): nothing can be sent."""
+
+    status = 499
+    default_code = "client_closed_request"
+
+
+class UpstreamBusy(GatewayError):
+    """No upstream slot (concurrency limit or connection pool) within the connect timeout."""
+
+    status = 503
+    default_code = "upstream_busy"
+
+
+class CircuitOpen(GatewayError):
+    """The circuit breaker is open: the upstream is not asked until the cool-down ends."""
+
+    status = 503
+    default_code = "upstream_circuit_open"
+
+
+class ShuttingDown(GatewayError):
+    """A request still running when the shutdown deadline passed."""
+
+    status = 503
+    default_code = "shutting_down"
+
+
 class TokenUnavailable(GatewayError):
     status = 503
     default_code = "token_unavailable"
@@ -157,7 +214,8 @@ def error_response(exc: GatewayError, request_id: str | None = None) -> web.Resp
     body: dict[str, object] = {"code": exc.code, "message": exc.message}
     if request_id:
         body["request_id"] = request_id
-    resp = web.json_response({"error": body}, status=exc.status)
+    resp = PlainResponse(text=json.dumps({"error": body}), status=exc.status,
+                         content_type="application/json")
     resp.headers[GATEWAY_ERROR_HEADER] = exc.code
     if exc.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))

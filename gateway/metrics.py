@@ -95,8 +95,27 @@ class Metrics:
         self.replayed = Counter(f"{NS}_requests_replayed",
                                 "Requests sent again upstream, by reason.", ["reason"],
                                 registry=r)
-        self.retries = Counter(f"{NS}_retries", "Upstream retries, by reason.", ["reason"],
-                               registry=r)
+        self.retries = Counter(
+            f"{NS}_retries", "Upstream retries, by reason: connection_refused, "
+            "connection_reset (a reused keep-alive connection failed before the status line), "
+            "status_<code> (GATEWAY_RETRY_ON_STATUS).", ["reason"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            f"{NS}_retry_budget_exhausted", "Retries the policy allowed but the retry budget "
+            "refused (the first answer or error was passed back).", registry=r)
+        self.breaker_state = Gauge(
+            f"{NS}_circuit_breaker_state", "Upstream circuit breaker: 0 closed, 1 half-open "
+            "(probing), 2 open (answering 503 upstream_circuit_open). With workers: the most "
+            "open of them.", registry=r)
+        self.breaker_opened = Counter(
+            f"{NS}_circuit_breaker_opened", "Times the upstream circuit breaker opened.",
+            registry=r)
+        self.limited = Counter(
+            f"{NS}_limited_requests", "Requests refused by a gateway limit: rate (429), "
+            "client_rate (429), client_concurrency (429 client_busy), upstream_slots (503 "
+            "upstream_busy), by client.", ["limit", "client"], registry=r)
+        self.upstream_slots_in_use = Gauge(
+            f"{NS}_upstream_slots_in_use", "Upstream exchanges in progress (bounded by "
+            "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE).", registry=r)
         self.responses = Counter(
             f"{NS}_responses", "Responses to callers: source=upstream (passed through) or "
             "gateway (made by the gateway, with its error code).",
@@ -179,7 +198,9 @@ class Metrics:
 
 #: Gauges that add up over processes; every other gauge is this process's own (the token's,
 #: readiness, the build), the workers' copies of those are left out.
-SUMMED_GAUGES = frozenset({f"{NS}_inflight_requests"})
+SUMMED_GAUGES = frozenset({f"{NS}_inflight_requests", f"{NS}_upstream_slots_in_use"})
+#: Gauges whose fleet-of-workers value is the largest (any worker's open breaker shows).
+MAX_GAUGES = frozenset({f"{NS}_circuit_breaker_state"})
 
 
 class _Families:
@@ -201,7 +222,8 @@ def counters_only(text: str) -> str:
 
 def merge_expositions(texts: list[str]) -> bytes:
     """One exposition from several: counters and histograms summed sample by sample, gauges
-    from the first text (this process) except :data:`SUMMED_GAUGES`."""
+    from the first text (this process) except :data:`SUMMED_GAUGES` (summed) and
+    :data:`MAX_GAUGES` (the largest)."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for index, text in enumerate(texts):
@@ -213,7 +235,9 @@ def merge_expositions(texts: list[str]) -> bytes:
             summed = fam.type != "gauge" or fam.name in SUMMED_GAUGES
             for sample in fam.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                if summed:
+                if fam.name in MAX_GAUGES:
+                    acc[key] = max(acc.get(key, sample.value), sample.value)
+                elif summed:
                     acc[key] = acc.get(key, 0.0) + sample.value
                 elif index == 0 or key not in acc:
                     acc[key] = sample.value

@@ -21,6 +21,8 @@ from yarl import URL
 from gateway.config_values import (
     ListenAddress,
     TcpAddress,
+    bounded_int,
+    bounded_number,
     choice,
     parse_admin_listen,
     parse_base_url,
@@ -39,6 +41,7 @@ from gateway.config_values import (
     parse_renew_fraction,
     parse_secret,
     parse_size,
+    parse_status_list,
 )
 from gateway.proxy.access import (
     ClientKey,
@@ -80,7 +83,7 @@ def _spec(key: str, env: str, parse: Callable[[object], Any], default: str | Non
     return Spec(key, env, parse, default, doc, section, file_variant)
 
 
-U, A, T, F = "upstream", "auth", "token", "fleet"
+U, A, T, F, R = "upstream", "auth", "token", "fleet", "retries and limits"
 P, IN, S, L = "proxy", "inbound", "server", "logging"
 #: Every setting, in documentation order. ``default=None`` means required (for ``serve``).
 SPECS: tuple[Spec, ...] = (
@@ -97,11 +100,13 @@ SPECS: tuple[Spec, ...] = (
     _spec("read_timeout", "GATEWAY_READ_TIMEOUT", parse_duration, "60s",
           "Longest silence allowed while reading an upstream response.", U),
     _spec("total_timeout", "GATEWAY_TOTAL_TIMEOUT", parse_duration, "300s",
-          "Longest an upstream exchange may take in all (0 = no limit).", U),
+          "One deadline per request from its first upstream send: attempts, back-off, the 401 "
+          "replay and the answer's body (0 = no limit).", U),
     _spec("pool_size", "GATEWAY_POOL_SIZE", parse_positive_int, "100",
           "Most simultaneous upstream connections (keep-alive pool).", U),
-    _spec("keepalive_timeout", "GATEWAY_KEEPALIVE_TIMEOUT", parse_duration, "30s",
-          "How long an idle upstream connection is kept for reuse.", U),
+    _spec("keepalive_timeout", "GATEWAY_KEEPALIVE_TIMEOUT", parse_duration, "4s",
+          "How long an idle upstream connection is kept for reuse (keep it below the "
+          "upstream's own idle timeout: Node's is 5s).", U),
     _spec("upstream_ca_file", "GATEWAY_UPSTREAM_CA_FILE", parse_optional_file, "",
           "PEM CA bundle to verify the upstream's TLS certificate (empty: system CAs).", U),
     _spec("allow_insecure_upstream", "GATEWAY_ALLOW_INSECURE_UPSTREAM", parse_bool, "false",
@@ -110,6 +115,56 @@ SPECS: tuple[Spec, ...] = (
           "Comma-separated internal headers never forwarded upstream.", U),
     _spec("forwarded_headers", "GATEWAY_FORWARDED_HEADERS", parse_bool, "false",
           "Add X-Forwarded-For/-Proto upstream (callers' X-Forwarded-* are always dropped).", U),
+    _spec("retry_attempts", "GATEWAY_RETRY_ATTEMPTS", bounded_int(1, 10), "2",
+          "Most sends of one request in all, the first included (1: no retries). Only safe "
+          "cases are retried: see 'Retries' in the README.", R),
+    _spec("retry_on_status", "GATEWAY_RETRY_ON_STATUS", parse_status_list, "",
+          "Comma-separated statuses retried for idempotent methods (e.g. 502,503,504,429; "
+          "empty: answers pass through).", R),
+    _spec("retry_backoff_min", "GATEWAY_RETRY_BACKOFF_MIN", parse_positive_duration, "50ms",
+          "First wait before a retry (doubles each retry, jittered).", R),
+    _spec("retry_backoff_max", "GATEWAY_RETRY_BACKOFF_MAX", parse_positive_duration, "2s",
+          "Longest wait before a retry.", R),
+    _spec("retry_after_max", "GATEWAY_RETRY_AFTER_MAX", parse_duration, "5s",
+          "Longest Retry-After waited on before a retry; a longer one is passed back to the "
+          "caller.", R),
+    _spec("retry_budget_ratio", "GATEWAY_RETRY_BUDGET_RATIO", bounded_number(0.0, 1.0), "0.2",
+          "Retry budget: retries may be at most this share of the requests of the last "
+          "GATEWAY_RETRY_BUDGET_WINDOW (per process).", R),
+    _spec("retry_budget_min_per_second", "GATEWAY_RETRY_BUDGET_MIN_PER_SECOND",
+          bounded_number(0.0, 10000.0), "10", "Retry budget floor: this many retries a second "
+          "are always allowed (per process).", R),
+    _spec("retry_budget_window", "GATEWAY_RETRY_BUDGET_WINDOW", parse_positive_duration, "10s",
+          "The retry budget's window.", R),
+    _spec("breaker_failures", "GATEWAY_BREAKER_FAILURES", bounded_int(0, 100000), "20",
+          "Consecutive connection failures or timeouts that open the circuit breaker (0: no "
+          "breaker).", R),
+    _spec("breaker_failure_ratio", "GATEWAY_BREAKER_FAILURE_RATIO", bounded_number(0.01, 1.0),
+          "0.5", "The breaker also opens at this share of failures among at least "
+          "GATEWAY_BREAKER_MIN_REQUESTS requests in GATEWAY_BREAKER_WINDOW.", R),
+    _spec("breaker_min_requests", "GATEWAY_BREAKER_MIN_REQUESTS", bounded_int(1, 1000000),
+          "20", "Fewest requests in the window for the failure share to count.", R),
+    _spec("breaker_window", "GATEWAY_BREAKER_WINDOW", parse_positive_duration, "10s",
+          "The breaker's window for the failure share.", R),
+    _spec("breaker_cooldown", "GATEWAY_BREAKER_COOLDOWN", parse_positive_duration, "10s",
+          "How long an open breaker answers 503 upstream_circuit_open before probing.", R),
+    _spec("breaker_probes", "GATEWAY_BREAKER_PROBES", bounded_int(1, 1000), "1",
+          "Requests let through at once to probe a recovering upstream (half-open).", R),
+    _spec("upstream_concurrency", "GATEWAY_UPSTREAM_CONCURRENCY", bounded_int(0, 100000), "0",
+          "Most upstream exchanges at once; callers wait up to GATEWAY_CONNECT_TIMEOUT, then "
+          "503 upstream_busy (0: GATEWAY_POOL_SIZE bounds it).", R),
+    _spec("rate_limit", "GATEWAY_RATE_LIMIT", bounded_number(0.0, 1e6), "0",
+          "Requests a second let through to the upstream, all callers together (429 "
+          "rate_limited above; 0: no limit).", R),
+    _spec("rate_limit_burst", "GATEWAY_RATE_LIMIT_BURST", bounded_int(0, 10**7), "0",
+          "Requests allowed at once above the rate (0: one second's worth).", R),
+    _spec("client_rate_limit", "GATEWAY_CLIENT_RATE_LIMIT", bounded_number(0.0, 1e6), "0",
+          "Requests a second per client (by client key; 'anonymous' without keys; 0: none).",
+          R),
+    _spec("client_rate_limit_burst", "GATEWAY_CLIENT_RATE_LIMIT_BURST", bounded_int(0, 10**7),
+          "0", "Per-client burst (0: one second's worth).", R),
+    _spec("client_concurrency", "GATEWAY_CLIENT_CONCURRENCY", bounded_int(0, 100000), "0",
+          "Most requests in flight per client (429 client_busy above; 0: no limit).", R),
     _spec("auth_token_path", "REPAIRY_AUTH_TOKEN_PATH", parse_path, "/auth/token",
           "Login endpoint, relative to the base URL.", A),
     _spec("auth_refresh_path", "REPAIRY_AUTH_REFRESH_PATH", parse_path, "/auth/refresh",
@@ -232,6 +287,26 @@ class Settings:
     allow_insecure_upstream: bool
     strip_headers: tuple[str, ...]
     forwarded_headers: bool
+    retry_attempts: int
+    retry_on_status: frozenset[int]
+    retry_backoff_min: float
+    retry_backoff_max: float
+    retry_after_max: float
+    retry_budget_ratio: float
+    retry_budget_min_per_second: float
+    retry_budget_window: float
+    breaker_failures: int
+    breaker_failure_ratio: float
+    breaker_min_requests: int
+    breaker_window: float
+    breaker_cooldown: float
+    breaker_probes: int
+    upstream_concurrency: int
+    rate_limit: float
+    rate_limit_burst: int
+    client_rate_limit: float
+    client_rate_limit_burst: int
+    client_concurrency: int
     auth_token_path: str
     auth_refresh_path: str
     auth_app_key_field: str
@@ -365,6 +440,12 @@ def _check_consistency(s: Settings) -> None:
                             "must not exceed GATEWAY_PERSISTENT_401_COOLDOWN_MAX")
     if s.max_body_size and s.replay_body_limit > s.max_body_size:
         raise SettingsError("GATEWAY_REPLAY_BODY_LIMIT", "must not exceed GATEWAY_MAX_BODY_SIZE")
+    if s.retry_backoff_min > s.retry_backoff_max:
+        raise SettingsError("GATEWAY_RETRY_BACKOFF_MIN", "must not exceed "
+                            "GATEWAY_RETRY_BACKOFF_MAX")
+    if s.upstream_concurrency > s.pool_size:
+        raise SettingsError("GATEWAY_UPSTREAM_CONCURRENCY", f"must not exceed GATEWAY_POOL_SIZE "
+                            f"({s.pool_size}): raise the pool size too")
     if s.auth_token_path == s.auth_refresh_path:
         raise SettingsError("REPAIRY_AUTH_REFRESH_PATH", "must differ from the login path")
     if not is_loopback(s.listen) and not s.client_keys and not s.allowed_cidrs:

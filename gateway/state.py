@@ -8,8 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.clock import Clock
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
+from gateway.proxy.limits import ClientLimits
 from gateway.proxy.upstream import Upstream
 from gateway.settings import Settings
 from gateway.token.manager import TokenManager, TokenSource
@@ -24,6 +26,8 @@ class GatewayState:
     metrics: Metrics
     access: AccessPolicy
     route_401: Persistent401
+    limits: ClientLimits
+    clock: Clock
     draining: bool = False
     #: With worker processes: their status, for /healthz.
     workers: Callable[[], list[dict[str, Any]]] | None = None

@@ -33,7 +33,6 @@ from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy, ClientKey
-from gateway.proxy.upstream import Upstream, create_session
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.token.renewal import token_from_dict, token_to_dict
@@ -145,7 +144,7 @@ async def _push_metrics(writer: asyncio.StreamWriter, metrics: Metrics) -> None:
 
 
 async def run(listen_fd: int, control_fd: int) -> int:
-    from gateway.app import build_access_policy, build_proxy_server, route_401_tracker
+    from gateway.app import build_proxy_server, build_state
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
@@ -154,10 +153,7 @@ async def run(listen_fd: int, control_fd: int) -> int:
     clock = SystemClock()
     metrics = Metrics()
     tokens = RemoteTokens(writer, settings, clock)
-    session = create_session(settings)
-    state = GatewayState(settings=settings, tokens=tokens, upstream=Upstream(session),
-                         metrics=metrics, access=build_access_policy(settings),
-                         route_401=route_401_tracker(settings, clock, metrics))
+    state = build_state(settings, tokens, clock, metrics)
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, ended.set)

@@ -14,11 +14,11 @@ import pytest
 
 from gateway.clock import SystemClock
 from gateway.errors import AuthError
+from gateway.retry_after import parse_retry_after
 from gateway.token.auth_client import (
     AuthClient,
     create_auth_session,
     error_code,
-    parse_retry_after,
 )
 from tests.gateway_helpers import settings_for
 

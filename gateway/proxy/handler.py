@@ -1,10 +1,15 @@
 """The proxy handler: admit the request, take the body, inject credentials, forward, stream back.
 
-Small request bodies (up to ``replay_body_limit``) are kept so the request can be replayed once
-after an upstream 401 with a renewed token; larger or unknown-length bodies are streamed and a
-401 on them is passed back (after invalidating the token, so the next request gets a new one).
-Responses are streamed to the caller chunk by chunk, never held whole. Each request yields one
-structured log line and its metrics.
+Per request, in order: the inbound checks (:mod:`~gateway.proxy.inbound`), who is calling and
+which route (:mod:`~gateway.proxy.access`), ``Expect`` and a declared size, the rate limits,
+the circuit breaker (:mod:`~gateway.proxy.limits`); then ``100 Continue`` if asked for, the
+body (:mod:`~gateway.proxy.body`), a token, an upstream slot, the exchange with its retries
+(:mod:`~gateway.proxy.retry`) and at most one replay after an upstream 401 with a renewed
+token; the answer is streamed back unchanged. Each request yields one log line and its metrics.
+
+Blame is kept honest: a caller who leaves is 499 ``client_closed_request`` (its upstream
+exchange is cancelled, never sent if not yet sent); the caller's own faults get 400/408/413;
+the upstream's faults 502/504 and the upstream metrics; the gateway's own limits 429/503.
 """
 
 from __future__ import annotations
@@ -12,32 +17,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import (
-    BadRequest,
-    BodyTooLarge,
+    ClientClosedRequest,
+    ExpectationFailed,
     GatewayError,
-    RequestTimeout,
+    ShuttingDown,
+    UpstreamBusy,
     UpstreamError,
     UpstreamInvalidResponse,
     error_response,
 )
 from gateway.proxy.access import ANONYMOUS
+from gateway.proxy.body import CHUNK, BodyReader, check_declared_size, take_body
 from gateway.proxy.headers import (
     REQUEST_ID,
+    PassThroughResponse,
     downstream_response_headers,
     request_id_of,
     upstream_request_headers,
     with_credentials,
 )
-from gateway.proxy.inbound import GatewayRequestHandler, check_request
+from gateway.proxy.inbound import GatewayRequestHandler, check_request, send_continue
+from gateway.proxy.limits import Outcome
+from gateway.proxy.retry import Attempts
 from gateway.proxy.routes import method_label, route_template
 from gateway.proxy.upstream import Body
 from gateway.state import GatewayState
@@ -45,7 +55,8 @@ from gateway.token.value import Token
 from gateway.urls import target_url
 
 log = logging.getLogger("gateway.proxy")
-CHUNK = 64 * 1024
+#: Breaker outcomes of the upstream errors: only connection failures and timeouts count.
+_BREAKER_FAILURE_KINDS: Final = frozenset({"connect", "timeout"})
 
 
 @dataclass
@@ -59,79 +70,10 @@ class _Outcome:
     generation: int | None = None
     replayed: bool = False
     error: str | None = None
-    bytes_in: int = 0
     bytes_out: int = 0
-
-
-@dataclass
-class _Body:
-    data: Body
-    replayable: bool
-
-
-class _BodyReader:
-    """Reads the caller's body with an idle timeout and a size cap."""
-
-    def __init__(self, content: aiohttp.StreamReader, idle_timeout: float, max_size: int,
-                 outcome: _Outcome) -> None:
-        self._content = content
-        self._idle = idle_timeout
-        self._max = max_size
-        self._outcome = outcome
-
-    async def read(self, n: int) -> bytes:
-        try:
-            async with asyncio.timeout(self._idle or None):
-                chunk = await self._content.read(n)
-        except TimeoutError:
-            raise RequestTimeout("the request body stalled") from None
-        except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError,
-                aiohttp.http_exceptions.HttpProcessingError):
-            raise BadRequest("the request body ended early or was malformed",
-                             code="body_incomplete") from None
-        self._outcome.bytes_in += len(chunk)
-        if self._max and self._outcome.bytes_in > self._max:
-            raise BodyTooLarge(f"the request body exceeds {self._max} bytes")
-        return chunk
-
-    async def read_up_to(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while size < limit:
-            chunk = await self.read(min(CHUNK, limit - size))
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        return b"".join(parts)
-
-    async def stream(self, prefix: bytes) -> AsyncIterator[bytes]:
-        if prefix:
-            yield prefix
-        while chunk := await self.read(CHUNK):
-            yield chunk
-
-
-async def take_body(request: web.BaseRequest, reader: _BodyReader, replay_limit: int,
-                    max_size: int) -> _Body:
-    """Keep a small body whole (replayable); stream anything larger."""
-    if not request.body_exists:
-        return _Body(None, True)
-    length = request.content_length
-    if max_size and length is not None and length > max_size:
-        raise BodyTooLarge(f"the request body exceeds {max_size} bytes")
-    if length is not None and length <= replay_limit:
-        data = await reader.read_up_to(length)
-        if len(data) != length:
-            raise BadRequest("the request body is shorter than its Content-Length",
-                             code="body_incomplete")
-        return _Body(data, True)
-    prefix = b""
-    if length is None:  # chunked: keep it if it turns out small
-        prefix = await reader.read_up_to(replay_limit + 1)
-        if len(prefix) <= replay_limit:
-            return _Body(prefix, True)
-    return _Body(reader.stream(prefix), False)
+    reader: BodyReader | None = None
+    attempts: Attempts | None = None
+    breaker: Outcome = "neutral"
 
 
 class Proxy:
@@ -142,32 +84,61 @@ class Proxy:
         s = state.settings
         self._auth_paths = (s.auth_token_path, s.auth_refresh_path)
         self._internal = frozenset({s.client_key_header.lower(), *s.strip_headers})
+        #: Requests in progress (the server's shutdown waits for them, to one deadline).
+        self.tasks: set[asyncio.Task[object]] = set()
+        self.stopping = False
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         gw = self.state
         protocol = request.protocol
         if isinstance(protocol, GatewayRequestHandler):
             protocol.begin_request()
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
         rid = request_id_of(request.headers)
         started = time.monotonic()
         outcome = _Outcome()
         gw.metrics.inflight.inc()
         try:
             response = await self._forward(request, rid, outcome)
-            gw.metrics.response("upstream", response.status, "none")
+            if outcome.status is None:  # not a caller who left mid-answer
+                outcome.status = response.status
+                gw.metrics.response("upstream", response.status, "none")
+            return response
+        except ClientClosedRequest:
+            self._gone(outcome)
+            raise asyncio.CancelledError from None  # nothing to send; aiohttp closes quietly
         except GatewayError as exc:
             outcome.error = exc.code
-            response = error_response(exc, rid)
-            if exc.status in (400, 408, 413):
-                response.force_close()  # the rest of the body is not worth reading
+            outcome.status = exc.status
             gw.metrics.response("gateway", exc.status, exc.code)
+            response = error_response(exc, rid)
+            if exc.status in (400, 408, 413, 417):
+                response.force_close()  # the rest of the body is not worth reading
+            return response
+        except asyncio.CancelledError:
+            if self.stopping:  # the server's shutdown deadline cancelled it
+                exc2: GatewayError = ShuttingDown("cut off by the shutdown deadline")
+                outcome.error, outcome.status = exc2.code, exc2.status
+                gw.metrics.response("gateway", exc2.status, exc2.code)
+                log.warning("request cut off by the shutdown deadline", extra={"fields": {
+                    "event": "shutdown_cancelled", "request_id": rid}})
+            else:
+                self._gone(outcome)
+            raise
         finally:
             gw.metrics.inflight.dec()
+            if task is not None:
+                self.tasks.discard(task)
             if isinstance(protocol, GatewayRequestHandler):
                 protocol.end_request()
-        outcome.status = response.status
-        _log_request(request, rid, outcome, started)
-        return response
+            _log_request(request, rid, outcome, started)
+
+    def _gone(self, outcome: _Outcome) -> None:
+        outcome.error = "client_closed_request"
+        outcome.status = 499
+        self.state.metrics.response("gateway", 499, "client_closed_request")
 
     async def _forward(self, request: web.BaseRequest, rid: str,
                        outcome: _Outcome) -> web.StreamResponse:
@@ -178,8 +149,37 @@ class Proxy:
         gw.metrics.client_requests.labels(outcome.client).inc()
         gw.access.check_route(request.method, decoded)
         outcome.route = route_template(decoded)
-        reader = _BodyReader(request.content, s.client_body_timeout, s.max_body_size, outcome)
-        body = await take_body(request, reader, s.replay_body_limit, s.max_body_size)
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.strip().lower() != "100-continue":
+            raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+        check_declared_size(request, s.max_body_size)
+        limits = gw.limits
+        if limits.active:
+            limits.admit(outcome.client)
+        try:
+            ticket = gw.upstream.breaker.admit()
+            try:
+                return await self._admitted(request, rid, outcome, expect is not None)
+            finally:
+                gw.upstream.breaker.record(ticket, outcome.breaker)
+        finally:
+            if limits.active:
+                limits.done(outcome.client)
+
+    async def _admitted(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
+                        expects_continue: bool) -> web.StreamResponse:
+        gw, s = self.state, self.state.settings
+        if expects_continue and request.version == aiohttp.HttpVersion11 and (
+                request.body_exists):
+            send_continue(request)
+        gw.upstream.retry.budget.request()
+
+        def caller_gone() -> bool:
+            return _caller_gone(request)
+
+        reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
+                                             s.max_body_size, caller_gone)
+        body = await take_body(request, reader, s.replay_body_limit)
         url = target_url(s.base_url, request.raw_path)
         headers = upstream_request_headers(
             request.headers, rid, self._internal,
@@ -187,24 +187,55 @@ class Proxy:
         if not body.replayable and request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         token = await gw.tokens.get()
-        resp = await self._exchange(request.method, url, headers, body.data, token, outcome)
-        if resp.status == 401:
-            if await self._judge_401(outcome.route, token.generation):
-                gw.tokens.invalidate(token.generation, "upstream_401")
-                if body.replayable:
-                    resp.release()
-                    token = await gw.tokens.get(newer_than=token.generation)
-                    outcome.replayed = True
-                    gw.metrics.replayed.labels("upstream_401").inc()
-                    resp = await self._exchange(request.method, url, headers, body.data, token,
-                                                outcome)
-                    if resp.status != 401:
-                        gw.route_401.answered(outcome.route, token.generation)
-                    else:  # no second replay: pass it back, and judge the route
-                        await self._judge_401(outcome.route, token.generation)
-        else:
+        slots = gw.upstream.slots
+        try:
+            await slots.acquire()
+        except UpstreamBusy:
+            gw.metrics.limited.labels("upstream_slots", outcome.client).inc()
+            raise
+        try:
+            deadline = (gw.clock.monotonic() + s.total_timeout) if s.total_timeout else None
+            outcome.attempts = attempts = Attempts(
+                method=request.method, replayable=body.replayable, deadline=deadline,
+                caller_gone=caller_gone,
+                on_attempt=lambda resp, seconds: self._answered(request.method, outcome, resp,
+                                                                seconds),
+                body_error=lambda: reader.failure, on_failure=self._upstream_failed)
+            resp = await self._exchange(url, headers, body.data, token, attempts, outcome)
+            if resp.status == 401:
+                resp = await self._after_401(url, headers, body.data, body.replayable, token,
+                                             resp, attempts, outcome)
+            else:
+                gw.route_401.answered(outcome.route, token.generation)
+            outcome.breaker = "success"
+            return await self._stream_back(request, resp, rid, outcome)
+        except UpstreamError as exc:
+            outcome.breaker = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
+            raise
+        finally:
+            slots.release()
+
+    async def _after_401(self, url: URL, headers: CIMultiDict[str], data: Body,
+                         replayable: bool, token: Token, resp: aiohttp.ClientResponse,
+                         attempts: Attempts, outcome: _Outcome) -> aiohttp.ClientResponse:
+        """An upstream 401: renew and replay once (kept bodies), unless the route is marked
+        persistent 401 (then, and for streamed bodies, the 401 is passed back)."""
+        gw = self.state
+        if not await self._judge_401(outcome.route, token.generation):
+            return resp
+        gw.tokens.invalidate(token.generation, "upstream_401")
+        if not replayable:
+            return resp
+        resp.release()
+        token = await gw.tokens.get(newer_than=token.generation)
+        outcome.replayed = True
+        gw.metrics.replayed.labels("upstream_401").inc()
+        resp = await self._exchange(url, headers, data, token, attempts, outcome)
+        if resp.status != 401:
             gw.route_401.answered(outcome.route, token.generation)
-        return await self._stream_back(request, resp, rid, outcome)
+        else:  # no second replay: pass it back, and judge the route
+            await self._judge_401(outcome.route, token.generation)
+        return resp
 
     async def _judge_401(self, route: str, generation: int) -> bool:
         """A 401 on ``route`` with ``generation``: True to invalidate the token (and replay),
@@ -216,28 +247,28 @@ class Proxy:
             r401.forget(route)
         return r401.unauthorized(route, generation)
 
-    async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str], body: Body,
-                        token: Token, outcome: _Outcome) -> aiohttp.ClientResponse:
-        """One upstream attempt with ``token``: counted, timed, errors classified."""
-        gw = self.state
+    async def _exchange(self, url: URL, headers: CIMultiDict[str], body: Body, token: Token,
+                        attempts: Attempts, outcome: _Outcome) -> aiohttp.ClientResponse:
+        """The upstream exchange with ``token``, retries included."""
         outcome.generation = token.generation
-        started = time.monotonic()
-        try:
-            resp = await gw.upstream.send(
-                method, url, with_credentials(headers, token.access, token.partner_id), body)
-        except UpstreamError as exc:
-            gw.metrics.upstream_error(exc.kind)
-            raise
+        return await self.state.upstream.retry.send(
+            url, with_credentials(headers, token.access, token.partner_id), body, attempts)
+
+    def _answered(self, method: str, outcome: _Outcome, resp: aiohttp.ClientResponse,
+                  seconds: float) -> None:
         outcome.upstream_status = resp.status
-        gw.metrics.upstream_response(method_label(method), outcome.route, resp.status,
-                                     time.monotonic() - started)
-        return resp
+        self.state.metrics.upstream_response(method_label(method), outcome.route, resp.status,
+                                             seconds)
+
+    def _upstream_failed(self, error: GatewayError) -> None:
+        if isinstance(error, UpstreamError):
+            self.state.metrics.upstream_error(error.kind)
 
     async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                            rid: str, outcome: _Outcome) -> web.StreamResponse:
         try:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                     headers=downstream_response_headers(resp.headers))
+            out = PassThroughResponse(status=resp.status, reason=resp.reason,
+                                      headers=downstream_response_headers(resp.headers))
             if REQUEST_ID not in out.headers:
                 out.headers[REQUEST_ID] = rid
             length = resp.content_length
@@ -254,11 +285,9 @@ class Proxy:
                         self.state.metrics.upstream_error("timeout" if timed_out else "protocol")
                         raise UpstreamInvalidResponse(
                             "the upstream response body broke") from exc
-                    await out.prepare(request)
-                    await out.write_eof(body)
-                    outcome.bytes_out = len(body)
+                    await self._send(request, out, body, outcome)
                     return out
-            await out.prepare(request)
+            await self._send(request, out, None, outcome)
             try:
                 async for chunk in resp.content.iter_chunked(CHUNK):
                     await out.write(chunk)
@@ -276,19 +305,41 @@ class Proxy:
                 if request.transport is not None:
                     request.transport.abort()
                 return out
+            except ConnectionError:
+                raise ClientClosedRequest("the caller left while its answer was sent") from None
             await out.write_eof()
             return out
         finally:
             resp.release()
 
+    @staticmethod
+    async def _send(request: web.BaseRequest, out: web.StreamResponse, body: bytes | None,
+                    outcome: _Outcome) -> None:
+        """Send the headers (and a whole small body); a caller gone by now is a 499."""
+        try:
+            await out.prepare(request)
+            if body is not None:
+                await out.write_eof(body)
+                outcome.bytes_out = len(body)
+        except ConnectionError:
+            raise ClientClosedRequest("the caller left before its answer was sent") from None
+
+
+def _caller_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
 
 def _log_request(request: web.BaseRequest, rid: str, outcome: _Outcome,
                  started: float) -> None:
+    attempts = outcome.attempts
     log.info("%s %s %s", request.method, outcome.route, outcome.status, extra={"fields": {
         "event": "request", "request_id": rid, "client": outcome.client,
         "method": request.method[:16], "route": outcome.route, "status": outcome.status,
         "upstream_status": outcome.upstream_status, "error": outcome.error,
         "duration_ms": round((time.monotonic() - started) * 1000, 2),
-        "bytes_in": outcome.bytes_in, "bytes_out": outcome.bytes_out,
+        "bytes_in": outcome.reader.bytes_in if outcome.reader else 0,
+        "bytes_out": outcome.bytes_out,
         "token_generation": outcome.generation, "replayed": outcome.replayed,
-        "retried": False}})
+        "retried": bool(attempts and attempts.retried),
+        "retries": ",".join(attempts.retried) if attempts and attempts.retried else None}})

@@ -4,15 +4,19 @@ Upstream-bound: hop-by-hop headers (and any the caller's ``Connection`` names), 
 credentials (``Authorization``, ``X-Partner-ID``, ``Proxy-Authorization``), ``Host``, framing
 headers (``Content-Length``, ``Transfer-Encoding``, ``Expect``: the client library frames the
 body it sends) are removed; the request id is set; our credentials are set last.
-Caller-bound: hop-by-hop and framing headers of the upstream answer are removed.
+Caller-bound: hop-by-hop and framing headers of the upstream answer are removed, and nothing
+is added but framing and a ``Date`` (RFC 9110 §6.6.1): aiohttp's default ``Content-Type:
+application/octet-stream`` and ``Server: Python/… aiohttp/…`` are kept off
+(:class:`PassThroughResponse`, :class:`PlainResponse`).
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from typing import Final
+from typing import Final, cast
 
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP: Final = frozenset({
@@ -80,3 +84,27 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[
         if name.lower() not in drop:
             out.add(name, value)
     return out
+
+
+class _NoAddedHeaders:
+    """aiohttp's ``StreamResponse._prepare_headers`` (private) adds ``Content-Type`` and
+    ``Server`` when absent; take back what it added. A test fails if an aiohttp upgrade
+    changes where they come from."""
+
+    async def _prepare_headers(self) -> None:
+        headers = cast(web.StreamResponse, self).headers
+        had_type = hdrs.CONTENT_TYPE in headers
+        had_server = hdrs.SERVER in headers
+        await super()._prepare_headers()  # type: ignore[misc]
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
+
+
+class PassThroughResponse(_NoAddedHeaders, web.StreamResponse):
+    """An upstream answer on its way back: its headers, nothing of aiohttp's."""
+
+
+class PlainResponse(_NoAddedHeaders, web.Response):
+    """A response the gateway makes itself, without a ``Server`` header."""

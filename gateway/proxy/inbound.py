@@ -5,8 +5,14 @@ aiohttp's parser already refuses most malformed requests (conflicting or duplica
 names, oversized lines, too many headers). This module makes those refusals look like every
 other gateway error (JSON, stable code, ``X-Repairy-Gateway-Error``), counts them, logs them
 without echoing the offending bytes, and closes connections whose headers trickle in slower
-than ``header_timeout`` (slowloris). :func:`check_request` adds the checks the parser leaves to
-the application: HTTP version, transfer coding, methods, and the request target.
+than ``header_timeout`` (slowloris), a new connection that sends nothing included.
+:func:`check_request` adds the checks the parser leaves to the application: HTTP version,
+transfer coding, methods, and the request target; :func:`send_continue` answers ``Expect:
+100-continue`` once the handler has admitted the request.
+
+:class:`ProxyServer` cancels a request's handler when its caller disconnects (so its upstream
+exchange is cancelled too), and drains on shutdown to one deadline: in-flight requests get
+the grace, then what is left is cancelled at once (aiohttp alone waits the timeout twice).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
@@ -35,6 +41,27 @@ from gateway.errors import (
 
 log = logging.getLogger("gateway.inbound")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+#: After the grace, how long cancelled handlers get to log and close (twice: aiohttp's two
+#: phases of a connection's shutdown).
+_CUT_OFF: Final = 0.25
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Drainable(Protocol):
+    """The handler's view the server needs to drain: its requests in progress."""
+
+    tasks: set[asyncio.Task[object]]
+    stopping: bool
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse: ...
+
+
+def send_continue(request: web.BaseRequest) -> None:
+    """``100 Continue``, straight to the transport: an interim answer is not the response
+    (aiohttp's writer does not count it, so an error can still be sent after it)."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(_CONTINUE)
 OnReject = Callable[[int, str], None]
 ALLOWED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
                                     "OPTIONS"})
@@ -113,8 +140,18 @@ class GatewayRequestHandler(web.RequestHandler):
         self._on_reject = on_reject
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
+        self._silent = True  # no byte received yet
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A connection that never sends a byte gets the header timeout too, not the
+        # (longer) keep-alive timeout.
+        self._header_timer = asyncio.get_running_loop().call_later(
+            self._header_timeout, self._headers_too_slow)
 
     def data_received(self, data: bytes) -> None:
+        if data:
+            self._silent = False
         if data and not self._in_request and self._header_timer is None:
             self._header_timer = asyncio.get_running_loop().call_later(
                 self._header_timeout, self._headers_too_slow)
@@ -134,6 +171,11 @@ class GatewayRequestHandler(web.RequestHandler):
         self._header_timer = None
         transport = self.transport
         if self._in_request or transport is None or transport.is_closing():
+            return
+        if self._silent:  # nothing to answer: just close
+            transport.close()
+            log.debug("client sent nothing within the header timeout: connection closed",
+                      extra={"fields": {"event": "idle_connection_closed"}})
             return
         body = json.dumps({"error": {"code": "request_timeout",
                                      "message": "request headers took too long"}}).encode()
@@ -173,9 +215,10 @@ class GatewayRequestHandler(web.RequestHandler):
 class ProxyServer(web.Server):
     """A low-level aiohttp server whose connections use :class:`GatewayRequestHandler`."""
 
-    def __init__(self, handler: Handler, *, header_timeout: float, on_reject: OnReject,
+    def __init__(self, handler: Drainable, *, header_timeout: float, on_reject: OnReject,
                  **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, handler_cancellation=True, **kwargs)
+        self._proxy = handler
         self._protocol_kwargs = kwargs
         self._header_timeout = header_timeout
         self._on_reject = on_reject
@@ -184,3 +227,13 @@ class ProxyServer(web.Server):
         return GatewayRequestHandler(self, loop=asyncio.get_running_loop(),
                                      header_timeout=self._header_timeout,
                                      on_reject=self._on_reject, **self._protocol_kwargs)
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Drain to one deadline: requests in flight get ``timeout``; then the rest are
+        cancelled (logged as cut off) and their connections closed."""
+        grace = timeout or 0.0
+        tasks = set(self._proxy.tasks)
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        self._proxy.stopping = True
+        await super().shutdown(_CUT_OFF)

@@ -1,18 +1,21 @@
-"""The upstream client: one pooled ``ClientSession``, target URLs, and error translation.
+"""The upstream client: one pooled ``ClientSession``, and the translation of its errors.
 
-The session keeps connections alive, never decompresses (bytes pass through as sent), keeps no
-cookies, ignores proxy environment variables, and follows no redirects. aiohttp's exceptions
-become :mod:`gateway.errors` types here and nowhere else.
+The session keeps connections alive (``GATEWAY_KEEPALIVE_TIMEOUT``, below common upstream idle
+timeouts), never decompresses (bytes pass through as sent), keeps no cookies, ignores proxy
+environment variables, and follows no redirects. aiohttp's own silent re-send of idempotent
+requests on a dropped keep-alive connection is switched off: every re-send is a counted
+decision of :mod:`gateway.proxy.retry`. aiohttp's exceptions become :mod:`gateway.errors`
+types here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.errors import (
     GatewayError,
@@ -24,40 +27,53 @@ from gateway.errors import (
 from gateway.settings import Settings
 from gateway.urls import upstream_tls
 
+if TYPE_CHECKING:
+    from gateway.proxy.limits import CircuitBreaker, UpstreamSlots
+    from gateway.proxy.retry import RetryPolicy
+
 Body = bytes | AsyncIterable[bytes] | None
-#: Headers aiohttp would add on its own; the caller's are forwarded instead.
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
-def create_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one upstream session of an application (create inside the running loop)."""
+def create_session(settings: Settings,
+                   trace_configs: Iterable[aiohttp.TraceConfig] = ()) -> aiohttp.ClientSession:
+    """The one upstream session of a process (create inside the running loop)."""
     connector = aiohttp.TCPConnector(limit=settings.pool_size,
                                      ssl=upstream_tls(settings.upstream_ca_file),
                                      keepalive_timeout=settings.keepalive_timeout)
-    timeout = aiohttp.ClientTimeout(total=settings.total_timeout or None,
-                                    connect=settings.connect_timeout,
-                                    sock_read=settings.read_timeout or None)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                                 raise_for_status=False)
+    session = aiohttp.ClientSession(connector=connector, timeout=attempt_timeout(settings, None),
+                                    auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                    trust_env=False, raise_for_status=False,
+                                    trace_configs=list(trace_configs) or None)
+    disable_silent_resend(session)
+    return session
 
 
+def disable_silent_resend(session: aiohttp.ClientSession) -> None:
+    """aiohttp re-sends an idempotent request once, uncounted, when a reused connection drops
+    (``ClientSession._retry_connection``, private). Switch it off; a test fails if an aiohttp
+    upgrade renames it or stops honouring it."""
+    if not hasattr(session, "_retry_connection"):
+        raise RuntimeError("aiohttp no longer has ClientSession._retry_connection: check "
+                           "gateway.proxy.upstream.disable_silent_resend")
+    session._retry_connection = False
+
+
+def attempt_timeout(settings: Settings, remaining: float | None) -> aiohttp.ClientTimeout:
+    """One attempt's timeouts: connect and read as configured, all of it within what is left
+    of the request's deadline (``GATEWAY_TOTAL_TIMEOUT``)."""
+    total = remaining if remaining is not None else (settings.total_timeout or None)
+    return aiohttp.ClientTimeout(total=total, connect=settings.connect_timeout,
+                                 sock_read=settings.read_timeout or None)
+
+
+@dataclass
 class Upstream:
-    """Sends one request upstream and hands back the response, headers read, body not."""
+    """The upstream side of a process: the session and what guards it."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
-
-    async def send(self, method: str, url: URL, headers: CIMultiDict[str],
-                   body: Body) -> aiohttp.ClientResponse:
-        try:
-            return await self.session.request(
-                method, url, headers=headers, data=body, allow_redirects=False,
-                skip_auto_headers=_SKIP_AUTO)
-        except GatewayError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise translate(exc) from exc
+    session: aiohttp.ClientSession
+    retry: RetryPolicy
+    breaker: CircuitBreaker
+    slots: UpstreamSlots
 
     async def close(self) -> None:
         await self.session.close()
@@ -72,7 +88,7 @@ def translate(exc: BaseException) -> GatewayError:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError("cannot connect to the upstream")
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
-                  | aiohttp.ClientResponseError):
+                  | aiohttp.ClientResponseError | aiohttp.ClientOSError):
         return UpstreamInvalidResponse("the upstream closed the connection or sent an invalid "
                                        "response")
     return UpstreamError(f"upstream request failed ({type(exc).__name__})")

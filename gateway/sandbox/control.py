@@ -32,6 +32,9 @@ class Fault:
     ``chunk`` sends the answer (the fault's own, or the real one when the fault sets no
     status) with chunked transfer in pieces of that many bytes, ``chunk_delay`` apart;
     ``retry_after_date`` sends ``Retry-After`` as an HTTP date instead of seconds.
+    ``reset`` closes the connection at once, before any byte of an answer (a keep-alive
+    connection the server dropped); ``bare`` answers ``status`` (default 200) with ``body``
+    and no ``Content-Type`` or ``Server`` header.
     """
 
     remaining: int = 1
@@ -48,6 +51,8 @@ class Fault:
     retry_after_date: bool = False
     until: float | None = None  # monotonic (sandbox clock); None: count-limited
     persistent: bool = False
+    reset: bool = False
+    bare: bool = False
 
     @classmethod
     def from_json(cls, spec: object, now: float = 0.0) -> Fault:
@@ -55,7 +60,7 @@ class Fault:
             raise ControlError("a fault is a JSON object")
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
                                "scope", "body", "length", "chunk", "chunk_delay",
-                               "retry_after_date", "duration", "persistent"}
+                               "retry_after_date", "duration", "persistent", "reset", "bare"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -99,11 +104,17 @@ class Fault:
             raise ControlError("retry_after_date and persistent must be true or false")
         if duration is not None and (not isinstance(duration, int | float) or duration <= 0):
             raise ControlError("duration must be a positive number of seconds")
-        if status is None and not drop and not latency and chunk is None:
-            raise ControlError("a fault needs at least one of status, latency, drop, chunk")
+        reset = spec.get("reset", False)
+        bare = spec.get("bare", False)
+        if not isinstance(reset, bool) or not isinstance(bare, bool):
+            raise ControlError("reset and bare must be true or false")
+        if status is None and not (drop or latency or reset or bare) and chunk is None:
+            raise ControlError("a fault needs at least one of status, latency, drop, reset, "
+                               "bare, chunk")
         return cls(count, status, retry_after, float(latency), drop, path, scope, body, length,
                    chunk, float(chunk_delay), retry_after_date,
-                   None if duration is None else now + float(duration), persistent)
+                   None if duration is None else now + float(duration), persistent, reset,
+                   bare)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":
@@ -161,7 +172,7 @@ class ControlState:
             name: self.counters[name]
             for name in ("token_requests", "refresh_requests", "api_requests",
                          "rejected_requests", "faults_applied", "logins_succeeded",
-                         "refreshes_succeeded")
+                         "refreshes_succeeded", "incomplete_requests")
         }
         out["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
         return out

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
+from gateway.proxy.headers import PlainResponse
 from gateway.sandbox import control_api, handlers
 from gateway.sandbox.control import ControlState, Fault, Kind
 from gateway.sandbox.data import ApiError, SandboxData
@@ -66,7 +67,12 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     kind = _kind(request.path)
     state.control.count_received(kind)
     state.control.record(request.method, request.raw_path, request.headers)
-    resp = await _faulted_or_handled(request, handler, state, kind)
+    try:
+        resp = await _faulted_or_handled(request, handler, state, kind)
+    except (ConnectionResetError, ClientPayloadError):
+        # The client cut its request short (an aborted upload): nothing to answer.
+        state.control.counters["incomplete_requests"] += 1
+        raise asyncio.CancelledError from None
     state.control.count_status(resp.status)
     return resp
 
@@ -112,6 +118,13 @@ async def _apply_fault(request: web.Request, handler: Handler, state: SandboxSta
             await asyncio.sleep(fault.latency)
         if fault.drop:
             return await _drop_connection(request, fault.length)
+        if fault.reset:
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # nothing more to do: the connection is gone
+        if fault.bare:
+            return PlainResponse(status=fault.status or 200,
+                                 body=(fault.body or "").encode())
         if fault.status is not None:
             if fault.body is not None:
                 resp = web.Response(status=fault.status, text=fault.body,

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from urllib.parse import urlencode
 
@@ -34,6 +32,7 @@ import aiohttp
 
 from gateway.clock import Clock
 from gateway.errors import AuthError, AuthReason
+from gateway.retry_after import parse_retry_after
 from gateway.settings import Settings
 from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 from gateway.token.value import RenewalKind, Token
@@ -197,29 +196,6 @@ async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts)
-
-
-def parse_retry_after(value: str | None, now_wall: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` of delay-seconds or an HTTP date; None if absent
-    or unreadable. Always finite and not negative."""
-    if not value:
-        return None
-    text = value.strip()
-    if text.isascii() and text.isdigit():
-        return float(min(int(text[:12]), 10**9))
-    try:
-        seconds = float(text) if text.isascii() else math.nan
-    except (ValueError, OverflowError):
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when.tzinfo is None:
-            return None
-        seconds = when.timestamp() - now_wall
-    if not math.isfinite(seconds):
-        return None
-    return min(max(0.0, seconds), 1e9)
 
 
 def token_from_exchange(ex: Exchange, *, generation: int, via: RenewalKind,

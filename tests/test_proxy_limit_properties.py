@@ -1,0 +1,180 @@
+"""Property tests on a fake clock: the retry back-off, the retry budget, the circuit breaker and
+the token buckets can never turn an outage into a flood, whatever the sequence of events."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import CircuitOpen
+from gateway.proxy.limits import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    TokenBucket,
+    WindowCounter,
+)
+from gateway.proxy.retry import RetryBudget, backoff
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.8e9 + self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+floats01 = st.floats(min_value=0.0, max_value=1.0)
+
+
+@given(attempt=st.integers(min_value=-5, max_value=10**12),
+       floor=st.floats(min_value=1e-3, max_value=10.0),
+       extra=st.floats(min_value=0.0, max_value=100.0), rand=st.floats(allow_nan=True))
+def test_backoff_stays_within_floor_and_cap_for_any_attempt(attempt: int, floor: float,
+                                                            extra: float, rand: float) -> None:
+    cap = floor + extra
+    wait = backoff(attempt, floor, cap, rand)
+    assert floor <= wait <= cap
+
+
+@given(steps=st.lists(st.tuples(st.floats(min_value=0.0, max_value=3.0),
+                                st.integers(min_value=0, max_value=30),
+                                st.integers(min_value=0, max_value=60)), max_size=200),
+       ratio=st.sampled_from([0.0, 0.1, 0.2, 0.5]),
+       floor_rate=st.sampled_from([0.0, 1.0, 10.0]))
+@settings(max_examples=150, deadline=None)
+def test_retry_budget_bounds_retries_in_every_window(
+        steps: list[tuple[float, int, int]], ratio: float, floor_rate: float) -> None:
+    """At every grant, the retries granted in the trailing 90 % of the window are at most
+    ``ratio`` x the requests of the trailing window plus the floor (so over an hour: at most
+    ``ratio`` x about twice the requests, plus the floor rate x 3,600 x 1.1)."""
+    window = 10.0
+    clock = Clock()
+    budget = RetryBudget(ratio, floor_rate, window, clock)
+    requests: deque[float] = deque()
+    grants: deque[float] = deque()
+    for advance, n_requests, n_retries in steps:
+        clock.now += advance
+        for _ in range(n_requests):
+            budget.request()
+            requests.append(clock.now)
+        granted = False
+        for _ in range(n_retries):
+            if budget.try_spend():
+                grants.append(clock.now)
+                granted = True
+        if not granted:
+            continue
+        recent_grants = sum(1 for t in grants if t > clock.now - 0.9 * window)
+        recent_requests = sum(1 for t in requests if t > clock.now - window)
+        assert recent_grants <= ratio * recent_requests + floor_rate * window + 1e-9
+
+
+@given(events=st.lists(st.tuples(st.floats(min_value=0.0, max_value=5.0),
+                                 st.sampled_from(["success", "failure", "neutral"])),
+                       max_size=300),
+       probes=st.integers(min_value=1, max_value=3))
+@settings(max_examples=150, deadline=None)
+def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
+        events: list[tuple[float, str]], probes: int) -> None:
+    """However outcomes arrive, while the breaker is not closed the upstream sees at most
+    ``probes`` requests per cool-down; and it opens after ``failures`` failures in a row."""
+    cooldown = 2.0
+    clock = Clock()
+    breaker = CircuitBreaker(BreakerConfig(5, 0.5, 20, 10.0, cooldown, probes), clock)
+    admitted_not_closed: list[float] = []
+    in_a_row = 0
+    for advance, outcome in events:
+        clock.now += advance
+        was_closed = breaker.state is BreakerState.CLOSED
+        try:
+            ticket = breaker.admit()
+        except CircuitOpen as exc:
+            assert exc.retry_after is not None and exc.retry_after > 0
+            continue
+        if not (was_closed and not ticket.probe):
+            admitted_not_closed.append(clock.now)
+        breaker.record(ticket, outcome)  # type: ignore[arg-type]
+        if not ticket.probe:
+            in_a_row = in_a_row + 1 if outcome == "failure" else (
+                in_a_row if outcome == "neutral" else 0)
+            if in_a_row >= 5:
+                assert breaker.state is BreakerState.OPEN
+                in_a_row = 0
+        else:
+            in_a_row = 0
+    # Sequential requests: each probe finishes before the next; at most one probe round per
+    # cool-down after an open, so in any cool-down-long span: <= probes + one per success.
+    for i, t in enumerate(admitted_not_closed):
+        within = [u for u in admitted_not_closed[i:] if u < t + cooldown]
+        assert len(within) <= max(probes, 1) * 2 + 1
+
+
+def test_breaker_opens_on_failure_share_and_ignores_answered_statuses() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(BreakerConfig(100, 0.5, 20, 10.0, 1.0, 1), clock)
+    for i in range(40):
+        ticket = breaker.admit()
+        breaker.record(ticket, "failure" if i % 2 else "success")
+        if breaker.state is BreakerState.OPEN:
+            break
+    assert breaker.state is BreakerState.OPEN
+    assert i >= 19  # not before 20 requests were seen
+    with pytest.raises(CircuitOpen):
+        breaker.admit()
+    clock.now += 1.0
+    probe = breaker.admit()
+    assert probe.probe and breaker.state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpen):
+        breaker.admit()  # one probe at a time
+    breaker.record(probe, "neutral")  # a caller who left says nothing about the upstream
+    assert breaker.state is BreakerState.HALF_OPEN
+    probe = breaker.admit()
+    breaker.record(probe, "success")
+    assert breaker.state is BreakerState.CLOSED
+
+
+@given(rate=st.floats(min_value=0.01, max_value=1000.0),
+       burst=st.integers(min_value=1, max_value=100),
+       steps=st.lists(st.floats(min_value=0.0, max_value=10.0), max_size=200))
+@settings(max_examples=150, deadline=None)
+def test_token_bucket_never_grants_more_than_burst_plus_rate_times_time(
+        rate: float, burst: int, steps: list[float]) -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate, burst, clock)
+    start = clock.now
+    granted = 0
+    for advance in steps:
+        clock.now += advance
+        while (wait := bucket.take()) is None:
+            granted += 1
+            assert granted <= burst + rate * (clock.now - start) + 1e-6
+        assert 0 < wait <= 1.0 / rate + 1e-9
+    clock.now -= 1e6  # a clock that jumps back grants nothing extra
+    assert bucket.take() is not None or burst + rate * (clock.now + 1e6 - start) >= granted + 1
+
+
+@given(adds=st.lists(st.tuples(st.floats(min_value=0.0, max_value=4.0),
+                               st.integers(min_value=0, max_value=5)), max_size=200))
+def test_window_counter_counts_between_90_and_100_percent_of_the_window(
+        adds: list[tuple[float, int]]) -> None:
+    clock = Clock()
+    counter = WindowCounter(10.0, clock)
+    seen: list[tuple[float, int]] = []
+    for advance, n in adds:
+        clock.now += advance
+        counter.add(n)
+        seen.append((clock.now, n))
+        total = counter.total()
+        assert total <= sum(k for t, k in seen if t > clock.now - 10.0 - 1e-9)
+        assert total >= sum(k for t, k in seen if t > clock.now - 9.0 + 1e-9)
