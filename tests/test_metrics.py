@@ -10,9 +10,12 @@ import time
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.app import GatewayServer
+from gateway.metrics import Metrics, merge_expositions
 from gateway.proxy.routes import method_label, route_template
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
@@ -205,3 +208,22 @@ async def test_metrics_tokenz_describes_token_without_revealing_it(
     assert body["token"]["refresh_token"]["expires_at"].endswith("Z")
     assert body["last_renewal"]["outcome"] == "login:ok"
     assert tok.access not in raw and "sbx_" not in raw
+
+
+def test_metrics_merge_shows_the_most_open_breaker_and_sums_slots() -> None:
+    """With workers, the breaker gauge is the largest of the processes' (any open one shows),
+    upstream slots in use add up, and the supervisor's own token gauges win."""
+    supervisor, one, two = Metrics(), Metrics(), Metrics()
+    supervisor.token_generation.set(7)
+    one.breaker_state.set(2)
+    two.breaker_state.set(0)
+    one.upstream_slots_in_use.set(3)
+    two.upstream_slots_in_use.set(4)
+    two.token_generation.set(1)
+    merged = merge_expositions([generate_latest(m.registry).decode()
+                                for m in (supervisor, one, two)]).decode()
+    values = {s.name: s.value for fam in text_string_to_metric_families(merged)
+              for s in fam.samples}
+    assert values["repairy_gateway_circuit_breaker_state"] == 2
+    assert values["repairy_gateway_upstream_slots_in_use"] == 7
+    assert values["repairy_gateway_token_generation"] == 7

@@ -31,6 +31,32 @@ def test_settings_defaults_match_documentation() -> None:
     assert s.access_token_default_ttl == 48 * 3600
     assert s.refresh_token_default_ttl == 14 * 86400
     assert s.replay_body_limit == 64 * 1024
+    assert s.keepalive_timeout == 4.0  # below Node's 5 s upstream idle timeout
+    assert (s.retry_attempts, s.retry_on_status, s.total_timeout) == (2, frozenset(), 300.0)
+    assert (s.retry_budget_ratio, s.retry_budget_min_per_second) == (0.2, 10.0)
+    assert (s.breaker_failures, s.breaker_failure_ratio, s.breaker_cooldown) == (20, 0.5, 10.0)
+    assert (s.upstream_concurrency, s.rate_limit, s.client_rate_limit) == (0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("env", "value", "problem"), [
+    ("GATEWAY_RETRY_ON_STATUS", "503,abc", "not an HTTP error status"),
+    ("GATEWAY_RETRY_ON_STATUS", "401", "401 is the token's business"),
+    ("GATEWAY_RETRY_ATTEMPTS", "0", "from 1 to 10"),
+    ("GATEWAY_RETRY_BUDGET_RATIO", "1.5", "from 0 to 1"),
+    ("GATEWAY_UPSTREAM_CONCURRENCY", "500", "must not exceed GATEWAY_POOL_SIZE"),
+    ("GATEWAY_RETRY_BACKOFF_MIN", "5s", "must not exceed GATEWAY_RETRY_BACKOFF_MAX"),
+    ("GATEWAY_RATE_LIMIT", "nan", "number"),
+])
+def test_settings_retry_and_limit_values_are_checked(env: str, value: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, env: value})
+    assert err.value.setting == env
+    assert problem in str(err.value)
+
+
+def test_settings_retry_on_status_is_a_set_of_codes() -> None:
+    s = load_settings({**BASE, "GATEWAY_RETRY_ON_STATUS": " 502, 503 ,504,429,"})
+    assert s.retry_on_status == frozenset({502, 503, 504, 429})
 
 
 def test_settings_environment_overrides_file(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from gateway.errors import (
 
 log = logging.getLogger("gateway.inbound")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-#: After the grace, how long cancelled handlers get to log and close (twice: aiohttp's two
+#: The end of the grace kept for cancelled handlers to log and close (twice: aiohttp's two
 #: phases of a connection's shutdown).
 _CUT_OFF: Final = 0.25
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -229,11 +229,13 @@ class ProxyServer(web.Server):
                                      on_reject=self._on_reject, **self._protocol_kwargs)
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Drain to one deadline: requests in flight get ``timeout``; then the rest are
-        cancelled (logged as cut off) and their connections closed."""
+        """Drain to one deadline: requests in flight get ``timeout`` less a short cut-off;
+        then the rest are cancelled (logged as cut off) and their connections closed, all
+        within ``timeout``."""
         grace = timeout or 0.0
+        cut_off = min(_CUT_OFF, grace / 4)  # the last bit of the grace: cancel and close
         tasks = set(self._proxy.tasks)
         if tasks and grace > 0:
-            await asyncio.wait(tasks, timeout=grace)
+            await asyncio.wait(tasks, timeout=grace - 2 * cut_off)
         self._proxy.stopping = True
-        await super().shutdown(_CUT_OFF)
+        await super().shutdown(cut_off)
