@@ -72,7 +72,6 @@ def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
     session = create_session(s, [trace_config()])
 
     def on_breaker(state: BreakerState, why: str) -> None:
-        metrics.breaker_state.set(int(state))
         if state is BreakerState.OPEN:
             metrics.breaker_opened.inc()
             log.warning("circuit breaker open: answering 503 upstream_circuit_open for %gs "
@@ -86,6 +85,7 @@ def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
     breaker = CircuitBreaker(BreakerConfig(
         s.breaker_failures, s.breaker_failure_ratio, s.breaker_min_requests, s.breaker_window,
         s.breaker_cooldown, s.breaker_probes), clock, on_breaker)
+    metrics.breaker_state.set_function(lambda: float(breaker.observed_state))
     if s.upstream_concurrency:
         slots = UpstreamSlots(s.upstream_concurrency, s.connect_timeout,
                               reason="GATEWAY_UPSTREAM_CONCURRENCY")
@@ -96,7 +96,7 @@ def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
                          s.retry_budget_window, clock)
     retry = RetryPolicy(
         session, RetryConfig(s.retry_attempts, s.retry_on_status, s.retry_backoff_min,
-                             s.retry_backoff_max, s.retry_after_max),
+                             s.retry_backoff_max, s.retry_after_max, s.connect_timeout),
         budget, clock, timeout=functools.partial(attempt_timeout, s),
         on_retry=lambda reason: metrics.retries.labels(reason).inc(),
         on_budget_exhausted=metrics.retry_budget_exhausted.inc)

@@ -26,6 +26,8 @@
         ├── UpstreamInvalidResponse 502 upstream_invalid_response
         ├── UpstreamTLSError        502 upstream_tls_error
         └── UpstreamTimeout         504 upstream_timeout
+            └── DeadlineExceeded    504 upstream_timeout    (GATEWAY_TOTAL_TIMEOUT; not counted
+                                                             as an upstream fault)
 
     AuthError                       a login/refresh call failed; ``reason`` is a fixed label
 
@@ -190,6 +192,13 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     default_code = "upstream_timeout"
     kind = "timeout"
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """The request's own deadline passed before an attempt could be sent (a slow token
+    renewal, back-off): a 504 for the caller, but not a fault of the upstream's."""
+
+    kind = "deadline"
 
 
 class AuthError(Exception):

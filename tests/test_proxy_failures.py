@@ -122,7 +122,7 @@ async def test_aborted_upload_never_reaches_upstream_as_complete(
     await asyncio.sleep(0.3)
     after = await stats(http, sandbox)
     assert after["statuses"].get("200", 0) == before["statuses"].get("200", 0)
-    assert after["incomplete_requests"] == before.get("incomplete_requests", 0) + 1
+    assert after["client_disconnects"] == before.get("client_disconnects", 0) + 1
     assert sample(gateway, "responses_total", source="gateway", status="499",
                   code="client_closed_request") == 1
     assert sample(gateway, "upstream_errors_total", kind="connect") == 0
@@ -141,6 +141,26 @@ async def test_caller_leaving_mid_small_body_sends_nothing(
     await wait_until(lambda: sample(gateway, "responses_total", source="gateway",
                                     status="499", code="client_closed_request") == 1)
     assert (await stats(http, sandbox))["api_requests"] == before
+
+
+async def test_caller_leaving_mid_answer_is_a_499_not_a_broken_upstream(
+        gateway: GatewayServer, http: aiohttp.ClientSession, log_capture: LogCapture) -> None:
+    """Callers who hang up while a large answer streams back: 499s, no stream_broken, no
+    upstream error, no error-level line."""
+    for _ in range(5):
+        reader, writer = await raw(gateway, request_bytes("GET", "/__sandbox/bytes/8000000"))
+        got = 0
+        while got < 200_000:
+            got += len(await reader.read(65536))
+        writer.transport.abort()
+    await wait_until(lambda: sample(gateway, "inflight_requests") == 0, within=3.0)
+    assert sample(gateway, "responses_total", source="gateway", status="499",
+                  code="client_closed_request") == 5
+    assert sample(gateway, "responses_total", source="upstream", status="200",
+                  code="none") == 0
+    assert sample(gateway, "upstream_errors_total", kind="protocol") == 0
+    assert not [d for d in request_lines(log_capture) if d["error"] == "stream_broken"]
+    assert error_lines(log_capture) == []
 
 
 # -- the caller's own faults -----------------------------------------------------------------
@@ -177,14 +197,17 @@ async def test_stalled_streamed_upload_is_408_not_502(
     gw = await started(settings_for(sandbox, client_body_timeout="0.3s",
                                     replay_body_limit="16KiB"))
     try:
-        async with http.post(gw.url + "/__sandbox/echo",
-                             data=_slow_chunks(6, 32768, 0.0, stall=1.0)) as resp:
-            assert resp.status == 408
-            assert (await resp.json())["error"]["code"] == "request_timeout"
-        assert sample(gw, "upstream_errors_total", kind="connect") == 0
-    except aiohttp.ClientOSError:  # the gateway closed while the client still sent
+        try:
+            async with http.post(gw.url + "/__sandbox/echo",
+                                 data=_slow_chunks(6, 32768, 0.0, stall=1.0)) as resp:
+                assert resp.status == 408
+                assert (await resp.json())["error"]["code"] == "request_timeout"
+        except aiohttp.ClientOSError:  # the gateway closed while this client still sent
+            pass
         assert sample(gw, "responses_total", source="gateway", status="408",
                       code="request_timeout") == 1
+        assert sample(gw, "upstream_errors_total", kind="connect") == 0
+        assert sample(gw, "upstream_errors_total", kind="protocol") == 0
     finally:
         await gw.stop()
 
@@ -253,7 +276,7 @@ async def test_shutdown_ends_within_one_grace_even_with_hung_requests(
     t0 = time.monotonic()
     await gw.stop()
     took = time.monotonic() - t0
-    assert took < 1.8, took
+    assert took < 1.3, took  # aiohttp alone: 2 x the grace
     assert any(d.get("event") == "shutdown_cancelled" for d in
                (json.loads(x) for x in log_capture.lines if x.startswith("{")))
     for _, writer in conns:

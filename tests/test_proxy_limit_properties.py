@@ -84,15 +84,17 @@ def test_retry_budget_bounds_retries_in_every_window(
 @given(events=st.lists(st.tuples(st.floats(min_value=0.0, max_value=5.0),
                                  st.sampled_from(["success", "failure", "neutral"])),
                        max_size=300),
-       probes=st.integers(min_value=1, max_value=3))
-@settings(max_examples=150, deadline=None)
+       probes=st.integers(min_value=1, max_value=3),
+       failures=st.integers(min_value=0, max_value=8))
+@settings(max_examples=200, deadline=None)
 def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
-        events: list[tuple[float, Outcome]], probes: int) -> None:
+        events: list[tuple[float, Outcome]], probes: int, failures: int) -> None:
     """However outcomes arrive, while the breaker is not closed the upstream sees at most
-    ``probes`` requests per cool-down; and it opens after ``failures`` failures in a row."""
+    ``probes`` requests per cool-down; it opens after ``failures`` failures in a row; with
+    ``failures=0`` it is off and never refuses."""
     cooldown = 2.0
     clock = Clock()
-    breaker = CircuitBreaker(BreakerConfig(5, 0.5, 20, 10.0, cooldown, probes), clock)
+    breaker = CircuitBreaker(BreakerConfig(failures, 0.5, 20, 10.0, cooldown, probes), clock)
     admitted_not_closed: list[float] = []
     in_a_row = 0
     for advance, outcome in events:
@@ -104,6 +106,7 @@ def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
         except CircuitOpen as exc:
             refused = exc
         if refused is not None:
+            assert failures > 0
             assert refused.retry_after is not None and refused.retry_after > 0
             continue
         if not (was_closed and not ticket.probe):
@@ -112,7 +115,7 @@ def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
         if not ticket.probe:
             in_a_row = in_a_row + 1 if outcome == "failure" else (
                 in_a_row if outcome == "neutral" else 0)
-            if in_a_row >= 5:
+            if failures and in_a_row >= failures:
                 assert breaker.state is BreakerState.OPEN
                 in_a_row = 0
         else:
@@ -122,6 +125,29 @@ def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
     for i, t in enumerate(admitted_not_closed):
         within = [u for u in admitted_not_closed[i:] if u < t + cooldown]
         assert len(within) <= max(probes, 1) * 2 + 1
+
+
+@given(attempt=st.integers(min_value=1, max_value=40),
+       floor=st.floats(min_value=1e-3, max_value=1.0))
+def test_backoff_spreads_retries_from_the_first_one(attempt: int, floor: float) -> None:
+    """Full jitter above the floor: two retries that failed together wait different times."""
+    cap = floor * 100
+    assert backoff(attempt, floor, cap, 0.0) == floor
+    assert backoff(attempt, floor, cap, 1.0) >= min(cap, floor * 2)
+    assert backoff(attempt, floor, cap, 1.0) > backoff(attempt, floor, cap, 0.0)
+
+
+def test_breaker_check_changes_nothing_and_a_scrape_sees_half_open_after_the_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(BreakerConfig(1, 0.5, 20, 10.0, 5.0, 1), clock)
+    breaker.record(breaker.admit(), "failure")
+    assert breaker.observed_state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen):
+        breaker.check()
+    clock.now += 5.0
+    breaker.check()  # would pass: the cool-down is over
+    assert breaker.state is BreakerState.OPEN  # ... but only admit() moves it
+    assert breaker.observed_state.name == "HALF_OPEN"  # what /metrics shows: no alert
 
 
 def test_breaker_opens_on_failure_share_and_ignores_answered_statuses() -> None:

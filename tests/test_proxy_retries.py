@@ -30,22 +30,22 @@ async def api_count(http: aiohttp.ClientSession, sb: Sandbox) -> int:
 # -- retries on status -----------------------------------------------------------------------
 async def test_503_burst_is_retried_for_get_and_never_for_post(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
-    """GATEWAY_RETRY_ON_STATUS=503: a GET through a one-off 503 succeeds on the retry; a POST
-    gets the 503 and Repairy saw it once (no duplicate booking)."""
-    gw = await started(settings_for(sandbox, retry_on_status="503,502"))
+    """GATEWAY_RETRY_ON_STATUS=503, 3 attempts: a GET through a burst of two 503s succeeds on
+    the third send; a POST gets the 503 and Repairy saw it once (no duplicate booking)."""
+    gw = await started(settings_for(sandbox, retry_on_status="503,502", retry_attempts="3"))
     try:
         before = await api_count(http, sandbox)
-        await faults(http, sandbox, {"status": 503, "count": 1, "scope": "api"})
+        await faults(http, sandbox, {"status": 503, "count": 2, "scope": "api"})
         async with http.get(gw.url + SERVICES) as resp:
             assert resp.status == 200
-        assert await api_count(http, sandbox) - before == 2
-        assert sample(gw, "retries_total", reason="status_503") == 1
+        assert await api_count(http, sandbox) - before == 3
+        assert sample(gw, "retries_total", reason="status_503") == 2
         before = await api_count(http, sandbox)
         await faults(http, sandbox, {"status": 503, "count": 1, "scope": "api"})
         async with http.post(gw.url + "/bookings", json=BOOKING) as resp:
             assert resp.status == 503
         assert await api_count(http, sandbox) - before == 1
-        assert sample(gw, "retries_total", reason="status_503") == 1
+        assert sample(gw, "retries_total", reason="status_503") == 2
     finally:
         await gw.stop()
 
@@ -64,13 +64,14 @@ async def test_retry_after_in_seconds_and_as_a_date_is_waited_on(
     """A 429 with Retry-After (seconds, then an HTTP date) is retried after that long."""
     gw = await started(settings_for(sandbox, retry_on_status="429"))
     try:
-        for as_date in (False, True):
-            await faults(http, sandbox, {"status": 429, "retry_after": 1, "scope": "api",
+        # As a date (whole seconds), "in 2 s" is between 1 and 2 s from now.
+        for as_date, after in ((False, 1), (True, 2)):
+            await faults(http, sandbox, {"status": 429, "retry_after": after, "scope": "api",
                                          "retry_after_date": as_date})
             t0 = time.monotonic()
             async with http.get(gw.url + SERVICES) as resp:
                 assert resp.status == 200
-            assert time.monotonic() - t0 >= (0.9 if not as_date else 0.0)
+            assert 0.9 <= time.monotonic() - t0 < 2.5
         assert sample(gw, "retries_total", reason="status_429") == 2
     finally:
         await gw.stop()
@@ -124,10 +125,11 @@ async def test_retry_budget_refuses_retries_beyond_it(
 
 async def test_total_timeout_is_one_deadline_over_all_attempts(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
-    """Retries stop when the next wait would pass GATEWAY_TOTAL_TIMEOUT."""
+    """Retries stop when the next wait (plus GATEWAY_CONNECT_TIMEOUT for the attempt) would
+    pass GATEWAY_TOTAL_TIMEOUT: the caller gets the upstream's 503, not a 504."""
     gw = await started(settings_for(sandbox, retry_on_status="503", retry_attempts="10",
                                     retry_backoff_min="0.4s", retry_backoff_max="0.4s",
-                                    total_timeout="1s"))
+                                    total_timeout="1s", connect_timeout="0.1s"))
     try:
         await faults(http, sandbox, {"status": 503, "count": 20, "scope": "api"})
         t0 = time.monotonic()
@@ -308,5 +310,52 @@ async def test_per_client_limits_keep_one_noisy_client_from_the_rest(
         assert sample(gw, "limited_requests_total", limit="client_rate", client="alpha") == 1
         assert sample(gw, "limited_requests_total", limit="client_concurrency",
                       client="beta") == 1
+    finally:
+        await gw.stop()
+
+
+async def test_a_retried_answer_is_released_before_the_next_attempt(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """With a pool of one connection, the retry needs the connection the 503 came on."""
+    gw = await started(settings_for(sandbox, pool_size="1", connect_timeout="0.5s",
+                                    retry_on_status="503"))
+    try:
+        for _ in range(3):
+            await faults(http, sandbox, {"status": 503, "count": 1, "scope": "api"})
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+        assert sample(gw, "retries_total", reason="status_503") == 3
+    finally:
+        await gw.stop()
+
+
+async def test_breaker_switched_off_never_opens(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    s = with_stored_token(tmp_path, settings_for(
+        url, token_file=str(tmp_path / "token.json"), breaker_failures="0",
+        retry_attempts="1"))
+    async with GatewayServer(s) as gw:
+        for _ in range(30):
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 502
+        assert sample(gw, "circuit_breaker_state") == 0
+        assert sample(gw, "circuit_breaker_opened_total") == 0
+
+
+async def test_per_client_in_flight_count_returns_to_zero_when_callers_leave(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    gw = await started(settings_for(sandbox, client_concurrency="1"))
+    try:
+        await faults(http, sandbox, {"latency": 2.0, "scope": "api", "count": 1})
+        host, _, port = gw.url.removeprefix("http://").rpartition(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET {SERVICES} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+        await wait_until(lambda: gw.state.upstream.slots.in_use == 1)
+        writer.close()
+        await wait_until(lambda: sample(gw, "responses_total", source="gateway",
+                                        status="499", code="client_closed_request") == 1)
+        async with http.get(gw.url + SERVICES) as resp:  # not refused as client_busy
+            assert resp.status == 200
     finally:
         await gw.stop()

@@ -33,6 +33,7 @@ from gateway.errors import (
     UpstreamBusy,
     UpstreamError,
     UpstreamInvalidResponse,
+    UpstreamTimeout,
     error_response,
 )
 from gateway.proxy.access import ANONYMOUS
@@ -73,7 +74,6 @@ class _Outcome:
     bytes_out: int = 0
     reader: BodyReader | None = None
     attempts: Attempts | None = None
-    breaker: Outcome = "neutral"
 
 
 class Proxy:
@@ -153,15 +153,12 @@ class Proxy:
         if expect is not None and expect.strip().lower() != "100-continue":
             raise ExpectationFailed("only 'Expect: 100-continue' is supported")
         check_declared_size(request, s.max_body_size)
+        gw.upstream.breaker.check()  # open: 503 at once, before any body is read
         limits = gw.limits
         if limits.active:
             limits.admit(outcome.client)
         try:
-            ticket = gw.upstream.breaker.admit()
-            try:
-                return await self._admitted(request, rid, outcome, expect is not None)
-            finally:
-                gw.upstream.breaker.record(ticket, outcome.breaker)
+            return await self._admitted(request, rid, outcome, expect is not None)
         finally:
             if limits.active:
                 limits.done(outcome.client)
@@ -172,7 +169,6 @@ class Proxy:
         if expects_continue and request.version == aiohttp.HttpVersion11 and (
                 request.body_exists):
             send_continue(request)
-        gw.upstream.retry.budget.request()
 
         def caller_gone() -> bool:
             return _caller_gone(request)
@@ -201,19 +197,34 @@ class Proxy:
                 on_attempt=lambda resp, seconds: self._answered(request.method, outcome, resp,
                                                                 seconds),
                 body_error=lambda: reader.failure, on_failure=self._upstream_failed)
-            resp = await self._exchange(url, headers, body.data, token, attempts, outcome)
+            gw.upstream.retry.budget.request()
+            resp = await self._first_exchange(url, headers, body.data, token, attempts, outcome)
             if resp.status == 401:
                 resp = await self._after_401(url, headers, body.data, body.replayable, token,
                                              resp, attempts, outcome)
             else:
                 gw.route_401.answered(outcome.route, token.generation)
-            outcome.breaker = "success"
             return await self._stream_back(request, resp, rid, outcome)
-        except UpstreamError as exc:
-            outcome.breaker = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
-            raise
         finally:
             slots.release()
+
+    async def _first_exchange(self, url: URL, headers: CIMultiDict[str], body: Body,
+                              token: Token, attempts: Attempts,
+                              outcome: _Outcome) -> aiohttp.ClientResponse:
+        """The exchange under a circuit-breaker ticket, handed back as soon as the upstream
+        answered (its status line) or failed: only connection failures and timeouts count."""
+        breaker = self.state.upstream.breaker
+        ticket = breaker.admit()
+        result: Outcome = "neutral"
+        try:
+            resp = await self._exchange(url, headers, body, token, attempts, outcome)
+            result = "success"
+            return resp
+        except UpstreamError as exc:
+            result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
+            raise
+        finally:
+            breaker.record(ticket, result)
 
     async def _after_401(self, url: URL, headers: CIMultiDict[str], data: Body,
                          replayable: bool, token: Token, resp: aiohttp.ClientResponse,
@@ -221,7 +232,12 @@ class Proxy:
         """An upstream 401: renew and replay once (kept bodies), unless the route is marked
         persistent 401 (then, and for streamed bodies, the 401 is passed back)."""
         gw = self.state
-        if not await self._judge_401(outcome.route, token.generation):
+        try:
+            passed_back = not await self._judge_401(outcome.route, token.generation)
+        except BaseException:
+            resp.release()
+            raise
+        if passed_back:
             return resp
         gw.tokens.invalidate(token.generation, "upstream_401")
         if not replayable:
@@ -280,9 +296,11 @@ class Proxy:
                     # broken upstream body is still a clean 502 and it goes out in one write.
                     try:
                         body = await resp.read()
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        timed_out = isinstance(exc, TimeoutError)
-                        self.state.metrics.upstream_error("timeout" if timed_out else "protocol")
+                    except TimeoutError as exc:
+                        self.state.metrics.upstream_error("timeout")
+                        raise UpstreamTimeout("the upstream's answer stalled") from exc
+                    except aiohttp.ClientError as exc:
+                        self.state.metrics.upstream_error("protocol")
                         raise UpstreamInvalidResponse(
                             "the upstream response body broke") from exc
                     await self._send(request, out, body, outcome)
@@ -290,7 +308,11 @@ class Proxy:
             await self._send(request, out, None, outcome)
             try:
                 async for chunk in resp.content.iter_chunked(CHUNK):
-                    await out.write(chunk)
+                    try:
+                        await out.write(chunk)
+                    except ConnectionError:  # aiohttp's ClientConnectionResetError included
+                        raise ClientClosedRequest(
+                            "the caller left while its answer was sent") from None
                     outcome.bytes_out += len(chunk)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already: cut the caller's connection so it sees a broken
@@ -305,9 +327,10 @@ class Proxy:
                 if request.transport is not None:
                     request.transport.abort()
                 return out
+            try:
+                await out.write_eof()
             except ConnectionError:
                 raise ClientClosedRequest("the caller left while its answer was sent") from None
-            await out.write_eof()
             return out
         finally:
             resp.release()

@@ -7,7 +7,9 @@ clamped, so no input can grow memory or overflow arithmetic.
 
 - :class:`CircuitBreaker`: counts only connection failures and timeouts of proxied calls
   (after retries); after a run of them it opens for a cool-down and answers 503 at once, then
-  lets a few probes through (half-open); a probe that gets any answer closes it again.
+  lets a few probes through (half-open); a probe that gets any answer closes it again. A
+  request holds its ticket only from its first upstream send to the upstream's status line
+  (or failure), so a slow upload, download or token wait never holds a probe.
 - :class:`UpstreamSlots`: at most N upstream exchanges at once (the pool size when no lower
   limit is set, so aiohttp's connector never queues); a caller waits up to the connect timeout
   for a slot, then gets 503 ``upstream_busy``.
@@ -108,25 +110,42 @@ class CircuitBreaker:
     def enabled(self) -> bool:
         return self.config.failures > 0
 
-    def admit(self) -> Ticket:
-        """Let a request through, or raise :class:`CircuitOpen` (503 with Retry-After)."""
-        if self.state is BreakerState.CLOSED:
-            return Ticket(False, self._epoch)
+    @property
+    def observed_state(self) -> BreakerState:
+        """The state as a scrape should see it: an open breaker whose cool-down has passed is
+        half-open (it moves there on the next request)."""
+        if self.state is BreakerState.OPEN and self._clock.monotonic() >= self._open_until:
+            return BreakerState.HALF_OPEN
+        return self.state
+
+    def check(self) -> None:
+        """Raise :class:`CircuitOpen` (503 with Retry-After) if a request would be refused
+        now; changes nothing. The admission checks call it, so a refusal comes at once."""
+        if not self.enabled or self.state is BreakerState.CLOSED:
+            return
         now = self._clock.monotonic()
-        if self.state is BreakerState.OPEN:
-            if now < self._open_until:
-                raise CircuitOpen("the upstream is failing: not asked until the circuit "
-                                  "breaker's cool-down ends",
-                                  retry_after=self._open_until - now)
-            self._move(BreakerState.HALF_OPEN, "cool-down over: probing")
-        if self._probes >= self.config.probes:
+        if self.state is BreakerState.OPEN and now < self._open_until:
+            raise CircuitOpen("the upstream is failing: not asked until the circuit "
+                              "breaker's cool-down ends", retry_after=self._open_until - now)
+        if self.state is BreakerState.HALF_OPEN and self._probes >= self.config.probes:
             raise CircuitOpen("the upstream is being probed after failures: try again shortly",
                               retry_after=1.0)
+
+    def admit(self) -> Ticket:
+        """Let a request through to the upstream now, or raise :class:`CircuitOpen`. Hand the
+        ticket back with :meth:`record` as soon as the upstream answered or failed."""
+        self.check()
+        if self.state is BreakerState.OPEN:
+            self._move(BreakerState.HALF_OPEN, "cool-down over: probing")
+        if self.state is BreakerState.CLOSED or not self.enabled:
+            return Ticket(False, self._epoch)
         self._probes += 1
         return Ticket(True, self._epoch)
 
     def record(self, ticket: Ticket, outcome: Outcome) -> None:
         """The result of an admitted request, after its retries."""
+        if not self.enabled:
+            return
         if ticket.probe:
             if ticket.epoch != self._epoch:
                 return

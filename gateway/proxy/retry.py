@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.clock import Clock
-from gateway.errors import ClientClosedRequest, GatewayError, UpstreamTimeout
+from gateway.errors import ClientClosedRequest, DeadlineExceeded, GatewayError
 from gateway.proxy.limits import WindowCounter
 from gateway.proxy.upstream import Body, translate
 from gateway.retry_after import parse_retry_after
@@ -45,12 +45,13 @@ _MAX_EXPONENT: Final = 30
 
 
 def backoff(attempt: int, floor: float, cap: float, rand: float) -> float:
-    """The wait before retry number ``attempt`` (1, 2, ...): exponential from ``floor``,
-    capped at ``cap``, jittered in its upper half; always within [floor, cap]."""
-    exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
+    """The wait before retry number ``attempt`` (1, 2, ...): a random point between ``floor``
+    and ``floor`` x 2^attempt (full jitter above the floor, so retries of requests that failed
+    together spread out), that ceiling capped at ``cap``; always within [floor, cap]."""
+    exponent = min(max(attempt, 1), _MAX_EXPONENT)
     ceiling = min(cap, floor * (2.0 ** exponent))
-    wait = ceiling / 2 + min(max(rand, 0.0), 1.0) * ceiling / 2
-    return min(cap, max(floor, wait))
+    r = rand if 0.0 <= rand <= 1.0 else 0.5  # NaN or out of range: the middle
+    return min(cap, max(floor, floor + r * (ceiling - floor)))
 
 
 class RetryBudget:
@@ -83,6 +84,10 @@ class RetryConfig:
     backoff_min: float
     backoff_max: float
     retry_after_max: float
+    #: A retry is sent only if at least this much of the deadline is left after its wait
+    #: (GATEWAY_CONNECT_TIMEOUT): a last attempt with no time to answer would turn the
+    #: upstream's answer into a 504.
+    min_attempt_time: float
 
 
 class RetryableFailure(Exception):
@@ -159,7 +164,8 @@ class RetryPolicy:
             return "connection_refused" if isinstance(exc.os_error,
                                                       ConnectionRefusedError) else None
         if probe.reused and attempts.method in IDEMPOTENT and isinstance(
-                exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+                exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+                | aiohttp.ClientConnectionResetError):
             return "connection_reset"
         return None
 
@@ -169,7 +175,8 @@ class RetryPolicy:
         if not attempts.replayable or attempts.number >= self.config.attempts:
             return False
         if attempts.deadline is not None and (
-                self._clock.monotonic() + wait >= attempts.deadline):
+                self._clock.monotonic() + wait + self.config.min_attempt_time
+                > attempts.deadline):
             return False
         if attempts.caller_gone():
             return False
@@ -194,7 +201,8 @@ class RetryPolicy:
         if attempts.deadline is not None:
             remaining = attempts.deadline - self._clock.monotonic()
             if remaining <= 0:
-                raise UpstreamTimeout("the request's deadline (GATEWAY_TOTAL_TIMEOUT) passed")
+                raise DeadlineExceeded("the request's deadline (GATEWAY_TOTAL_TIMEOUT) passed "
+                                       "before it could be sent")
         probe = _Probe()
         started = self._clock.monotonic()
         try:

@@ -87,8 +87,8 @@ def translate(exc: BaseException) -> GatewayError:
         return UpstreamTimeout("the upstream did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError("cannot connect to the upstream")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
-                  | aiohttp.ClientResponseError | aiohttp.ClientOSError):
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+                  | aiohttp.ClientResponseError):
         return UpstreamInvalidResponse("the upstream closed the connection or sent an invalid "
                                        "response")
     return UpstreamError(f"upstream request failed ({type(exc).__name__})")

@@ -172,7 +172,7 @@ class ControlState:
             name: self.counters[name]
             for name in ("token_requests", "refresh_requests", "api_requests",
                          "rejected_requests", "faults_applied", "logins_succeeded",
-                         "refreshes_succeeded", "incomplete_requests")
+                         "refreshes_succeeded", "client_disconnects")
         }
         out["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
         return out

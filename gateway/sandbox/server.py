@@ -69,9 +69,9 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     state.control.record(request.method, request.raw_path, request.headers)
     try:
         resp = await _faulted_or_handled(request, handler, state, kind)
-    except (ConnectionResetError, ClientPayloadError):
-        # The client cut its request short (an aborted upload): nothing to answer.
-        state.control.counters["incomplete_requests"] += 1
+    except (ConnectionError, ClientPayloadError):
+        # The client went away: an upload cut short, or an answer it stopped reading.
+        state.control.counters["client_disconnects"] += 1
         raise asyncio.CancelledError from None
     state.control.count_status(resp.status)
     return resp
