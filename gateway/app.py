@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway import logs
 from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
@@ -38,7 +39,7 @@ from gateway.proxy.limits import (
     ClientLimits,
     UpstreamSlots,
 )
-from gateway.proxy.retry import RetryBudget, RetryConfig, RetryPolicy, trace_config
+from gateway.proxy.retry import RetryBudget, RetryConfig, RetryPolicy
 from gateway.proxy.upstream import Upstream, attempt_timeout, create_session
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
@@ -69,7 +70,7 @@ def build_proxy_server(state: GatewayState) -> ProxyServer:
 
 def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
     """The upstream session with its guards: retry policy, breaker, slots (per process)."""
-    session = create_session(s, [trace_config()])
+    session = create_session(s)
 
     def on_breaker(state: BreakerState, why: str) -> None:
         if state is BreakerState.OPEN:
@@ -326,7 +327,10 @@ async def wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
 async def serve(settings: Settings) -> int:
     """``repairy-gateway serve``: run until SIGTERM/SIGINT (SIGHUP re-reads credentials),
     drain, exit 0."""
-    async with GatewayServer(settings, process_metrics=True) as server:
-        assert server.reloader is not None
-        await wait_for_signal(on_hangup=server.reloader.trigger)
+    try:
+        async with GatewayServer(settings, process_metrics=True) as server:
+            assert server.reloader is not None
+            await wait_for_signal(on_hangup=server.reloader.trigger)
+    finally:
+        logs.flush()
     return 0

@@ -134,10 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_until_signalled(sandbox())
         if args.command == "serve":
             from gateway.app import serve
+            from gateway.event_loop import run
 
             settings = load_settings(config_file=args.config)
             _setup_logging(settings.log_level, settings.log_format)
-            return asyncio.run(serve(settings))
+            return run(serve(settings), settings.event_loop)
         if args.command == "check":
             from gateway.commands import check
 

@@ -2,25 +2,157 @@
 
 Call sites pass structured data as ``extra={"fields": {...}}``; values are whatever the caller
 decided is safe (fingerprints, never tokens).
+
+Output is batched (:class:`BatchWriter`): inside the event loop, lines are gathered and written
+in one go at least every 100 ms whatever the volume (sooner at 256 lines; at once for warnings
+and errors, and at shutdown), so a busy gateway makes one write a batch, not one a line. The
+per-request access line (:func:`access_sink`, :func:`json_line`) skips ``logging`` altogether
+when our JSON handler is the only one: it is preformatted straight into the batch, byte for byte
+the line ``JsonFormatter`` would make.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any, Final
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
 
+#: Write a batch at least this often (seconds), and when it reaches this many lines.
+FLUSH_EVERY: Final = 0.1
+FLUSH_LINES: Final = 256
+
+
+def iso_ms(created: float) -> str:
+    """``2026-11-29T12:00:00.123Z``: the ``ts`` of every JSON line."""
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class _Timestamps:
+    """:func:`iso_ms` with the whole-second part cached (the same text, cheaper)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, created: float) -> str:
+        millis = int(created * 1000)  # what isoformat(timespec="milliseconds") truncates to
+        second, ms = divmod(millis, 1000)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{ms:03d}Z"
+
+
+fast_iso_ms = _Timestamps()
+
+
+def json_line(created: float, level: str, logger: str, msg: str,
+              fields: dict[str, Any]) -> str:
+    """A JSON log line (with its newline) as :class:`JsonFormatter` writes it."""
+    out: dict[str, Any] = {"ts": fast_iso_ms(created), "level": level, "logger": logger,
+                           "msg": msg}
+    out.update(fields)
+    return _ENCODER.encode(out) + "\n"
+
+
+#: What ``json.dumps(obj, default=str)`` builds on every call, built once (same output).
+_ENCODER: Final = json.JSONEncoder(default=str)
+
+
+class BatchWriter:
+    """Text to a stream in batches: at least every :data:`FLUSH_EVERY` seconds while an event
+    loop runs in the writing thread, at once otherwise (or when :meth:`flush` is called)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._batch: list[str] = []
+        self._armed = False
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._batch.append(text)
+            full = len(self._batch) >= FLUSH_LINES
+            arm = not self._armed and not full
+            if arm:
+                self._armed = True
+        if full:
+            self.flush()
+        elif arm:
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+            except RuntimeError:  # no loop in this thread: nothing would flush later
+                self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+            self._armed = False
+            if batch:
+                try:
+                    self.stream.write("".join(batch))
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # a closed or broken stream: logging must never take the gateway down
+
+
+class BatchedHandler(logging.Handler):
+    """A logging handler that writes through a :class:`BatchWriter`; warnings and errors (and
+    everything before them) go out at once."""
+
+    def __init__(self, writer: BatchWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.writer.write(line + "\n")
+        if record.levelno >= logging.WARNING:
+            self.writer.flush()
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+_installed: BatchedHandler | None = None
+
+
+def access_sink(logger: logging.Logger) -> BatchWriter | None:
+    """The batch to write an access line straight into, or None to go through ``logging``:
+    only when our JSON handler is the root's one handler and ``logger`` logs at info."""
+    handler = _installed
+    if handler is None or not isinstance(handler.formatter, JsonFormatter):
+        return None
+    handlers = logging.root.handlers
+    if len(handlers) != 1 or handlers[0] is not handler or logger.handlers or (
+            not logger.isEnabledFor(logging.INFO)):
+        return None
+    return handler.writer
+
+
+def flush() -> None:
+    """Write out what is batched (at shutdown)."""
+    if _installed is not None:
+        _installed.flush()
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": iso_ms(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -49,8 +181,11 @@ class TextFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str, stream: Any = None) -> logging.Handler:
     """Configure the root logger (idempotent: replaces our previous handler); returns it."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    global _installed
+    flush()
+    handler = BatchedHandler(BatchWriter(stream or sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    _installed = handler
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_repairy_gateway", False)]:
         root.removeHandler(old)

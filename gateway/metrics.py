@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -125,6 +126,9 @@ class Metrics:
             "'anonymous' when no keys are configured).", ["client"], registry=r)
         self.inflight = Gauge(f"{NS}_inflight_requests", "Proxied requests in progress.",
                               registry=r)
+        #: The value behind ``inflight`` (a plain count: no lock per request).
+        self.inflight_count = 0
+        self.inflight.set_function(lambda: float(self.inflight_count))
         self.ready = Gauge(f"{NS}_ready", "1 while ready to serve (usable token, not draining).",
                            registry=r)
         build = Gauge(f"{NS}_build_info", "Build information.", ["version", "python_version"],
@@ -133,6 +137,11 @@ class Metrics:
         self.token_expiry.set(0)
         self.refresh_expiry.set(0)
         self._sources: list[Callable[[], list[str]]] = []
+        # Label children by label values (all from bounded sets: methods, route templates,
+        # statuses, error codes, configured client names).
+        self._upstream_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._response_children: dict[tuple[str, int, str], Any] = {}
+        self._client_children: dict[str, Any] = {}
 
     def bind_ready(self, is_ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
@@ -180,20 +189,39 @@ class Metrics:
     def store_is_up(self, up: bool) -> None:
         self.store_up.set(1 if up else 0)
 
-    # -- proxy ---------------------------------------------------------------------------------
+    # -- proxy (per request: label children are looked up once, then cached) -----------------
     def upstream_response(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.upstream_requests.labels(method, route, str(status)).inc()
-        self.upstream_duration.labels(method, route).observe(seconds)
-        if status >= 500:
-            self.upstream_errors.labels("status_5xx").inc()
-        elif status in (401, 429):
-            self.upstream_errors.labels(f"status_{status}").inc()
+        key = (method, route, status)
+        children = self._upstream_children.get(key)
+        if children is None:
+            kind = ("status_5xx" if status >= 500 else
+                    f"status_{status}" if status in (401, 429) else None)
+            children = self._upstream_children[key] = (
+                self.upstream_requests.labels(method, route, str(status)),
+                self.upstream_duration.labels(method, route),
+                self.upstream_errors.labels(kind) if kind else None)
+        count, duration, error = children
+        count.inc()
+        duration.observe(seconds)
+        if error is not None:
+            error.inc()
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind).inc()
 
     def response(self, source: str, status: int, code: str) -> None:
-        self.responses.labels(source, str(status), code).inc()
+        key = (source, status, code)
+        child = self._response_children.get(key)
+        if child is None:
+            child = self._response_children[key] = self.responses.labels(source, str(status),
+                                                                          code)
+        child.inc()
+
+    def client_request(self, client: str) -> None:
+        child = self._client_children.get(client)
+        if child is None:
+            child = self._client_children[client] = self.client_requests.labels(client)
+        child.inc()
 
 
 #: Gauges that add up over processes; every other gauge is this process's own (the token's,

@@ -257,6 +257,9 @@ SPECS: tuple[Spec, ...] = (
     _spec("workers", "GATEWAY_WORKERS", parse_positive_int, "1",
           "Proxy worker processes; above 1 a supervisor keeps the one token and hands it to "
           "them (one login for all).", S),
+    _spec("event_loop", "GATEWAY_EVENT_LOOP", choice("uvloop", "asyncio"), "uvloop",
+          "Event loop: uvloop (faster; falls back to asyncio where it is not installed) or "
+          "asyncio.", S),
     _spec("shutdown_delay", "GATEWAY_SHUTDOWN_DELAY", parse_duration, "0s",
           "On SIGTERM, keep serving (not ready) this long so load balancers notice first.", S),
     _spec("shutdown_grace", "GATEWAY_SHUTDOWN_GRACE", parse_duration, "20s",
@@ -349,6 +352,7 @@ class Settings:
     secrets_poll_interval: float
     admin_listen: TcpAddress
     workers: int
+    event_loop: str
     shutdown_delay: float
     shutdown_grace: float
     log_level: str

@@ -3,6 +3,7 @@ joined with a path, and the TLS trust to verify it with."""
 
 from __future__ import annotations
 
+import functools
 import ssl
 
 from yarl import URL
@@ -13,6 +14,11 @@ def upstream_tls(ca_file: str) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
+@functools.lru_cache(maxsize=8)
+def _prefix(base: URL) -> str:
+    return str(base).rstrip("/")
+
+
 def target_url(base: URL, raw_path_and_query: str) -> URL:
     """``base`` (with its path prefix) + the caller's path and query, bytes unchanged."""
-    return URL(str(base).rstrip("/") + raw_path_and_query, encoded=True)
+    return URL(_prefix(base) + raw_path_and_query, encoded=True)

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from gateway.clock import Clock, SystemClock
 from gateway.errors import CredentialsRejected, TokenUnavailable
+from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy, ClientKey
@@ -68,6 +69,13 @@ class RemoteTokens:
 
     def ready(self) -> bool:
         return is_usable(self._current, self._clock.monotonic(), self._s.token_expiry_margin)
+
+    def usable(self) -> Token | None:
+        tok = self._current
+        if tok is not None and is_usable(tok, self._clock.monotonic(),
+                                         self._s.token_expiry_margin):
+            return tok
+        return None
 
     async def get(self, newer_than: int = 0) -> Token:
         tok = self._current
@@ -175,12 +183,15 @@ async def run(listen_fd: int, control_fd: int) -> int:
         await writer.drain()
         writer.close()
     await state.upstream.close()
+    flush_logs()
     return 0
 
 
 def main() -> None:
+    from gateway import event_loop
+
     listen_fd, control_fd = int(sys.argv[1]), int(sys.argv[2])
-    sys.exit(asyncio.run(run(listen_fd, control_fd)))
+    sys.exit(event_loop.run(run(listen_fd, control_fd), load_settings().event_loop))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
 
 from gateway.app import GatewayServer
-from gateway.logs import setup_logging
+from gateway.logs import JsonFormatter, access_sink, flush, json_line, setup_logging
 from gateway.sandbox import Sandbox
 from tests.conftest import LEAK_MARKERS, LogCapture
 from tests.sandbox_helpers import faults
@@ -102,3 +104,63 @@ def test_logs_leak_check_catches_a_leak() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "token sbx_at_abc", None, None)
     cap.emit(record)
     assert any(m in line for line in cap.lines for m in LEAK_MARKERS)
+
+
+def test_logs_access_line_is_byte_for_byte_what_logging_writes() -> None:
+    """The preformatted access line equals JsonFormatter's output for the same record."""
+    fields = {"event": "request", "request_id": "r-1", "client": "anonymous", "method": "GET",
+              "route": "/bookings/{id}", "status": 200, "upstream_status": 200, "error": None,
+              "duration_ms": 1.23, "bytes_in": 0, "bytes_out": 17, "token_generation": 3,
+              "replayed": False, "retried": False, "retries": None, "odd": "é\"\n"}
+    for created in (1_800_000_000.0, 1_800_000_000.9995, 1_800_000_059.001, 0.5):
+        record = logging.LogRecord("gateway.proxy", logging.INFO, __file__, 1, "%s %s %s",
+                                   ("GET", "/bookings/{id}", 200), None)
+        record.created = created
+        record.fields = fields
+        expected = JsonFormatter().format(record) + "\n"
+        assert json_line(created, "info", "gateway.proxy", "GET /bookings/{id} 200",
+                         fields) == expected
+
+
+async def test_logs_are_batched_and_flushed_within_100ms_and_in_order() -> None:
+    """Inside the loop, lines wait for the batch (at most ~100 ms); a warning goes out at once,
+    after what was batched before it; flush() writes the rest."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not getattr(h, "_repairy_gateway", False)]
+    for h in others:  # the test's own capture handlers: production has only ours
+        root.removeHandler(h)
+    handler = setup_logging("info", "json", stream=stream)
+    try:
+        proxy_log = logging.getLogger("gateway.proxy")
+        sink = access_sink(proxy_log)
+        assert sink is not None  # our JSON handler is the only one: the fast path
+        sink.write(json_line(time.time(), "info", "gateway.proxy", "GET / 200", {"n": 1}))
+        logging.getLogger("gateway.test").info("second")
+        assert stream.getvalue() == ""  # batched
+        await asyncio.sleep(0.15)
+        assert [json.loads(x)["msg"] for x in stream.getvalue().splitlines()] == [
+            "GET / 200", "second"]
+        logging.getLogger("gateway.test").info("third")
+        logging.getLogger("gateway.test").warning("fourth")
+        assert [json.loads(x)["msg"] for x in stream.getvalue().splitlines()][2:] == [
+            "third", "fourth"]
+        logging.getLogger("gateway.test").info("fifth")
+        flush()
+        assert json.loads(stream.getvalue().splitlines()[-1])["msg"] == "fifth"
+    finally:
+        root.removeHandler(handler)
+        for h in others:
+            root.addHandler(h)
+
+
+def test_logs_access_lines_go_through_logging_when_another_handler_listens(
+        log_capture: LogCapture) -> None:
+    """With any other handler on the root (a test's capture, an operator's), the access line
+    goes through logging so that handler sees it."""
+    stream = io.StringIO()
+    handler = setup_logging("info", "json", stream=stream)
+    try:
+        assert access_sink(logging.getLogger("gateway.proxy")) is None
+    finally:
+        logging.getLogger().removeHandler(handler)

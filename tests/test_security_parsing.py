@@ -7,12 +7,16 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.app import GatewayServer
+from gateway.errors import GatewayError
+from gateway.proxy.inbound import check_target, check_target_fully
 from gateway.sandbox import Sandbox
 from tests.conftest import LEAK_MARKERS
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
@@ -252,3 +256,24 @@ async def test_security_idle_keepalive_connections_are_closed(sandbox: Sandbox) 
         assert reader.at_eof()
         assert time.monotonic() - started < 3
         writer.close()
+
+
+_TARGET_CHARS = st.sampled_from([*"/abcXYZ019._-~%?#=&+;:@!$'()*,\\ é", "%2e", "%2F", "..",
+                                 "/auth"])
+
+
+@given(parts=st.lists(_TARGET_CHARS, min_size=1, max_size=12))
+@settings(max_examples=500)
+def test_security_plain_target_shortcut_agrees_with_the_full_check(parts: list[str]) -> None:
+    """Whatever the target, the fast path for plain targets decides exactly as the full
+    check: the same decoded path, or the same refusal."""
+    raw = "/" + "".join(parts)
+    auth = ("/auth/token", "/auth/refresh")
+
+    def outcome(check: Callable[[str, tuple[str, ...]], str]) -> object:
+        try:
+            return check(raw, auth)
+        except GatewayError as exc:
+            return (type(exc), exc.code)
+
+    assert outcome(check_target) == outcome(check_target_fully)

@@ -30,10 +30,13 @@ from gateway.proxy.upstream import Body
 CHUNK: Final = 64 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class TakenBody:
     data: Body
     replayable: bool
+
+
+NO_BODY: Final = TakenBody(None, True)
 
 
 class BodyReader:
@@ -47,6 +50,10 @@ class BodyReader:
         self._caller_gone = caller_gone
         self.bytes_in = 0
         self.failure: GatewayError | None = None
+
+    def failed(self) -> GatewayError | None:
+        """The reader's failure, if any (the caller's fault behind a failed send)."""
+        return self.failure
 
     def _fail(self, error: GatewayError) -> GatewayError:
         self.failure = error
@@ -99,7 +106,7 @@ def check_declared_size(request: web.BaseRequest, max_size: int) -> None:
 async def take_body(request: web.BaseRequest, reader: BodyReader, replay_limit: int) -> TakenBody:
     """Keep a small body whole (replayable); stream anything larger."""
     if not request.body_exists:
-        return TakenBody(None, True)
+        return NO_BODY
     length = request.content_length
     if length is not None and length <= replay_limit:
         data = await reader.read_up_to(length)

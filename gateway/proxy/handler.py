@@ -15,6 +15,7 @@ the upstream's faults 502/504 and the upstream metrics; the gateway's own limits
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -36,11 +37,14 @@ from gateway.errors import (
     UpstreamTimeout,
     error_response,
 )
+from gateway.logs import access_sink, json_line
+from gateway.metrics import Metrics
 from gateway.proxy.access import ANONYMOUS
-from gateway.proxy.body import CHUNK, BodyReader, check_declared_size, take_body
+from gateway.proxy.body import CHUNK, NO_BODY, BodyReader, check_declared_size, take_body
 from gateway.proxy.headers import (
     REQUEST_ID,
     PassThroughResponse,
+    WholePassThroughResponse,
     downstream_response_headers,
     request_id_of,
     upstream_request_headers,
@@ -74,6 +78,16 @@ class _Outcome:
     bytes_out: int = 0
     reader: BodyReader | None = None
     attempts: Attempts | None = None
+    counted: bool = False  # in the per-client limits (to hand back)
+    metrics: Metrics | None = None
+    method: str = "GET"
+
+    def answered(self, resp: aiohttp.ClientResponse, seconds: float) -> None:
+        """An upstream attempt got its status line."""
+        self.upstream_status = resp.status
+        if self.metrics is not None:
+            self.metrics.upstream_response(method_label(self.method), self.route, resp.status,
+                                           seconds)
 
 
 class Proxy:
@@ -98,8 +112,8 @@ class Proxy:
             self.tasks.add(task)
         rid = request_id_of(request.headers)
         started = time.monotonic()
-        outcome = _Outcome()
-        gw.metrics.inflight.inc()
+        outcome = _Outcome(metrics=gw.metrics, method=request.method)
+        gw.metrics.inflight_count += 1
         try:
             response = await self._forward(request, rid, outcome)
             if outcome.status is None:  # not a caller who left mid-answer
@@ -128,7 +142,7 @@ class Proxy:
                 self._gone(outcome)
             raise
         finally:
-            gw.metrics.inflight.dec()
+            gw.metrics.inflight_count -= 1
             if task is not None:
                 self.tasks.discard(task)
             if isinstance(protocol, GatewayRequestHandler):
@@ -140,91 +154,91 @@ class Proxy:
         outcome.status = 499
         self.state.metrics.response("gateway", 499, "client_closed_request")
 
-    async def _forward(self, request: web.BaseRequest, rid: str,
-                       outcome: _Outcome) -> web.StreamResponse:
+    def _admit(self, request: web.BaseRequest, outcome: _Outcome) -> bool:
+        """The checks that need no body, in order (raising the caller's error); True if the
+        caller expects ``100 Continue``. Counts the caller in its limits: :meth:`_forward`
+        hands that back."""
         gw, s = self.state, self.state.settings
         decoded = check_request(request, self._auth_paths)
-        outcome.client = gw.access.client(request.remote,
-                                          request.headers.get(s.client_key_header))
-        gw.metrics.client_requests.labels(outcome.client).inc()
-        gw.access.check_route(request.method, decoded)
+        access = gw.access
+        outcome.client = access.client(
+            request.remote if access.cidrs else None,  # the peer address costs a syscall
+            request.headers.get(s.client_key_header) if access.keys else None)
+        gw.metrics.client_request(outcome.client)
+        access.check_route(request.method, decoded)
         outcome.route = route_template(decoded)
         expect = request.headers.get(hdrs.EXPECT)
         if expect is not None and expect.strip().lower() != "100-continue":
             raise ExpectationFailed("only 'Expect: 100-continue' is supported")
         check_declared_size(request, s.max_body_size)
         gw.upstream.breaker.check()  # open: 503 at once, before any body is read
-        limits = gw.limits
-        if limits.active:
-            limits.admit(outcome.client)
-        try:
-            return await self._admitted(request, rid, outcome, expect is not None)
-        finally:
-            if limits.active:
-                limits.done(outcome.client)
+        if gw.limits.active:
+            gw.limits.admit(outcome.client)
+            outcome.counted = True
+        return expect is not None
 
-    async def _admitted(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
-                        expects_continue: bool) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, rid: str,
+                       outcome: _Outcome) -> web.StreamResponse:
+        """Admit, take the body, send upstream (retries inside), replay after a 401, stream
+        the answer back. One coroutine for all of it: every layer would be passed on each
+        suspension, and this is the path every request takes."""
         gw, s = self.state, self.state.settings
-        if expects_continue and request.version == aiohttp.HttpVersion11 and (
-                request.body_exists):
-            send_continue(request)
-
-        def caller_gone() -> bool:
-            return _caller_gone(request)
-
-        reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
-                                             s.max_body_size, caller_gone)
-        body = await take_body(request, reader, s.replay_body_limit)
-        url = target_url(s.base_url, request.raw_path)
-        headers = upstream_request_headers(
-            request.headers, rid, self._internal,
-            forwarded_for=(request.remote or "unix") if s.forwarded_headers else None)
-        if not body.replayable and request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
-        token = await gw.tokens.get()
-        slots = gw.upstream.slots
         try:
-            await slots.acquire()
-        except UpstreamBusy:
-            gw.metrics.limited.labels("upstream_slots", outcome.client).inc()
-            raise
-        try:
-            deadline = (gw.clock.monotonic() + s.total_timeout) if s.total_timeout else None
-            outcome.attempts = attempts = Attempts(
-                method=request.method, replayable=body.replayable, deadline=deadline,
-                caller_gone=caller_gone,
-                on_attempt=lambda resp, seconds: self._answered(request.method, outcome, resp,
-                                                                seconds),
-                body_error=lambda: reader.failure, on_failure=self._upstream_failed)
-            gw.upstream.retry.budget.request()
-            resp = await self._first_exchange(url, headers, body.data, token, attempts, outcome)
-            if resp.status == 401:
-                resp = await self._after_401(url, headers, body.data, body.replayable, token,
-                                             resp, attempts, outcome)
-            else:
-                gw.route_401.answered(outcome.route, token.generation)
-            return await self._stream_back(request, resp, rid, outcome)
+            if self._admit(request, outcome) and request.version == aiohttp.HttpVersion11 and (
+                    request.body_exists):
+                send_continue(request)
+            caller_gone = functools.partial(_caller_gone, request)
+            reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
+                                                 s.max_body_size, caller_gone)
+            body = NO_BODY if not request.body_exists else await take_body(
+                request, reader, s.replay_body_limit)
+            url = target_url(s.base_url, request.raw_path)
+            headers = upstream_request_headers(
+                request.headers, rid, self._internal,
+                forwarded_for=(request.remote or "unix") if s.forwarded_headers else None)
+            if not body.replayable and request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+            token = gw.tokens.usable() or await gw.tokens.get()
+            upstream = gw.upstream
+            if not upstream.slots.try_acquire():
+                try:
+                    await upstream.slots.acquire()
+                except UpstreamBusy:
+                    gw.metrics.limited.labels("upstream_slots", outcome.client).inc()
+                    raise
+            try:
+                outcome.attempts = attempts = Attempts(
+                    method=request.method, replayable=body.replayable,
+                    deadline=(gw.clock.monotonic() + s.total_timeout) if s.total_timeout
+                    else None, caller_gone=caller_gone, on_attempt=outcome.answered,
+                    body_error=reader.failed, on_failure=self._upstream_failed)
+                upstream.retry.budget.request()
+                # Under a breaker ticket until the upstream answered (its status line) or
+                # failed: only connection failures and timeouts count against it.
+                ticket = upstream.breaker.admit()
+                result: Outcome = "neutral"
+                outcome.generation = token.generation
+                try:
+                    resp = await upstream.retry.send(
+                        url, with_credentials(headers, token.access, token.partner_id),
+                        body.data, attempts)
+                    result = "success"
+                except UpstreamError as exc:
+                    result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
+                    raise
+                finally:
+                    upstream.breaker.record(ticket, result)
+                if resp.status == 401:
+                    resp = await self._after_401(url, headers, body.data, body.replayable,
+                                                 token, resp, attempts, outcome)
+                else:
+                    gw.route_401.answered(outcome.route, token.generation)
+                return await self._stream_back(request, resp, rid, outcome)
+            finally:
+                upstream.slots.release()
         finally:
-            slots.release()
-
-    async def _first_exchange(self, url: URL, headers: CIMultiDict[str], body: Body,
-                              token: Token, attempts: Attempts,
-                              outcome: _Outcome) -> aiohttp.ClientResponse:
-        """The exchange under a circuit-breaker ticket, handed back as soon as the upstream
-        answered (its status line) or failed: only connection failures and timeouts count."""
-        breaker = self.state.upstream.breaker
-        ticket = breaker.admit()
-        result: Outcome = "neutral"
-        try:
-            resp = await self._exchange(url, headers, body, token, attempts, outcome)
-            result = "success"
-            return resp
-        except UpstreamError as exc:
-            result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
-            raise
-        finally:
-            breaker.record(ticket, result)
+            if outcome.counted:
+                gw.limits.done(outcome.client)
 
     async def _after_401(self, url: URL, headers: CIMultiDict[str], data: Body,
                          replayable: bool, token: Token, resp: aiohttp.ClientResponse,
@@ -265,16 +279,10 @@ class Proxy:
 
     async def _exchange(self, url: URL, headers: CIMultiDict[str], body: Body, token: Token,
                         attempts: Attempts, outcome: _Outcome) -> aiohttp.ClientResponse:
-        """The upstream exchange with ``token``, retries included."""
+        """The upstream exchange with ``token`` (the replay), retries included."""
         outcome.generation = token.generation
         return await self.state.upstream.retry.send(
             url, with_credentials(headers, token.access, token.partner_id), body, attempts)
-
-    def _answered(self, method: str, outcome: _Outcome, resp: aiohttp.ClientResponse,
-                  seconds: float) -> None:
-        outcome.upstream_status = resp.status
-        self.state.metrics.upstream_response(method_label(method), outcome.route, resp.status,
-                                             seconds)
 
     def _upstream_failed(self, error: GatewayError) -> None:
         if isinstance(error, UpstreamError):
@@ -283,15 +291,19 @@ class Proxy:
     async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                            rid: str, outcome: _Outcome) -> web.StreamResponse:
         try:
-            out = PassThroughResponse(status=resp.status, reason=resp.reason,
-                                      headers=downstream_response_headers(resp.headers))
+            length = resp.content_length
+            if length is not None and "chunked" in resp.headers.get("Transfer-Encoding",
+                                                                   "").lower():
+                length = None
+            whole = length is not None and length <= CHUNK and request.method != "HEAD"
+            cls = WholePassThroughResponse if whole else PassThroughResponse
+            out = cls(status=resp.status, reason=resp.reason,
+                      headers=downstream_response_headers(resp.headers))
             if REQUEST_ID not in out.headers:
                 out.headers[REQUEST_ID] = rid
-            length = resp.content_length
-            if length is not None and "chunked" not in resp.headers.get(
-                    "Transfer-Encoding", "").lower():
+            if length is not None:
                 out.content_length = length
-                if length <= CHUNK and request.method != "HEAD":
+                if whole:
                     # Small answer (the common case): read it whole before replying, so a
                     # broken upstream body is still a clean 502 and it goes out in one write.
                     try:
@@ -355,8 +367,10 @@ def _caller_gone(request: web.BaseRequest) -> bool:
 
 def _log_request(request: web.BaseRequest, rid: str, outcome: _Outcome,
                  started: float) -> None:
+    """The request's one access line: preformatted into the log batch when our JSON handler
+    is the only one (the same bytes ``logging`` would write), through ``logging`` otherwise."""
     attempts = outcome.attempts
-    log.info("%s %s %s", request.method, outcome.route, outcome.status, extra={"fields": {
+    fields = {
         "event": "request", "request_id": rid, "client": outcome.client,
         "method": request.method[:16], "route": outcome.route, "status": outcome.status,
         "upstream_status": outcome.upstream_status, "error": outcome.error,
@@ -365,4 +379,11 @@ def _log_request(request: web.BaseRequest, rid: str, outcome: _Outcome,
         "bytes_out": outcome.bytes_out,
         "token_generation": outcome.generation, "replayed": outcome.replayed,
         "retried": bool(attempts and attempts.retried),
-        "retries": ",".join(attempts.retried) if attempts and attempts.retried else None}})
+        "retries": ",".join(attempts.retried) if attempts and attempts.retried else None}
+    sink = access_sink(log)
+    if sink is not None:
+        msg = f"{request.method} {outcome.route} {outcome.status}"
+        sink.write(json_line(time.time(), "info", log.name, msg, fields))
+    else:
+        log.info("%s %s %s", request.method, outcome.route, outcome.status,
+                 extra={"fields": fields})

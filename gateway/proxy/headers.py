@@ -12,6 +12,8 @@ application/octet-stream`` and ``Server: Python/… aiohttp/…`` are kept off
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 import uuid
 from typing import Final, cast
@@ -33,17 +35,41 @@ REQUEST_ID: Final = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", []):
-        named.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return named
+_NONE: Final[frozenset[str]] = frozenset()
+#: ``Connection`` values that name no other header (the common ones: nothing to compute).
+_PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names the message's ``Connection`` header lists (hop-by-hop for this hop)."""
+    values = headers.getall("Connection", None)
+    if values is None or (len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION):
+        return _NONE
+    return frozenset(t.strip().lower() for value in values for t in value.split(",")
+                     if t.strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _request_drop(internal: frozenset[str]) -> frozenset[str]:
+    return (HOP_BY_HOP | CALLER_CREDENTIALS | FORWARDING | _REQUEST_FRAMING | internal
+            | {"x-request-id"})
+
+
+_RESPONSE_DROP: Final = HOP_BY_HOP | _RESPONSE_FRAMING
+
+
+#: Fresh request ids: a random per-process prefix and a counter (unique across processes and
+#: restarts without a random draw per request).
+_ID_PREFIX: Final = uuid.uuid4().hex[:16]
+_ids = itertools.count(1)
 
 
 def request_id_of(headers: CIMultiDictProxy[str]) -> str:
     """The caller's ``X-Request-ID`` if it is sane, else a fresh one."""
-    given = headers.get(REQUEST_ID, "")
-    return given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+    given = headers.get(REQUEST_ID)
+    if given is not None and _REQUEST_ID_RE.match(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 def upstream_request_headers(incoming: CIMultiDictProxy[str], request_id: str,
@@ -54,11 +80,13 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], request_id: str,
     ``internal`` names (lower-case) are never forwarded (the client-key header, configured
     internal headers); ``forwarded_for`` adds X-Forwarded-For/-Proto when configured.
     """
-    drop = (HOP_BY_HOP | CALLER_CREDENTIALS | FORWARDING | _REQUEST_FRAMING | internal
-            | _connection_named(incoming))
+    drop = _request_drop(internal)
+    named = _connection_named(incoming)
+    if named:
+        drop = drop | named
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in drop and name.lower() != "x-request-id":
+        if name.lower() not in drop:
             out.add(name, value)
     out[REQUEST_ID] = request_id
     if forwarded_for is not None:
@@ -69,16 +97,17 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], request_id: str,
 
 def with_credentials(headers: CIMultiDict[str], access_token: str,
                      partner_id: str) -> CIMultiDict[str]:
-    """A copy of ``headers`` with ours set last (any earlier values are gone)."""
-    out = headers.copy()
-    out["Authorization"] = f"Bearer {access_token}"
-    out["X-Partner-ID"] = partner_id
-    return out
+    """``headers`` with ours set last, in place (any earlier values are gone; a replay with
+    another token overwrites them). aiohttp copies the headers it sends, so this is safe."""
+    headers["Authorization"] = f"Bearer {access_token}"
+    headers["X-Partner-ID"] = partner_id
+    return headers
 
 
 def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream answer's headers as they may go back to the caller."""
-    drop = HOP_BY_HOP | _RESPONSE_FRAMING | _connection_named(upstream)
+    named = _connection_named(upstream)
+    drop = _RESPONSE_DROP | named if named else _RESPONSE_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in drop:
@@ -104,6 +133,13 @@ class _NoAddedHeaders:
 
 class PassThroughResponse(_NoAddedHeaders, web.StreamResponse):
     """An upstream answer on its way back: its headers, nothing of aiohttp's."""
+
+
+class WholePassThroughResponse(PassThroughResponse):
+    """A small upstream answer sent whole: the head waits for the body so both leave in one
+    write (as ``web.Response`` does; ``_send_headers_immediately`` is aiohttp's switch)."""
+
+    _send_headers_immediately = False
 
 
 class PlainResponse(_NoAddedHeaders, web.Response):

@@ -18,6 +18,7 @@ the grace, then what is left is cancelled at once (aiohttp alone waits the timeo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -68,6 +69,11 @@ ALLOWED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELE
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f#\\]")
 _TARGET_PREFIX = re.compile(rb"^(/|\*|[A-Za-z][A-Za-z0-9+.-]*://)")
+#: A plain target (the common case): segments of unreserved characters that do not start with
+#: a dot, an optional query without '%' or '#'. It is its own decoded form, and holds nothing
+#: the full check refuses but an /auth path.
+_PLAIN_TARGET = re.compile(r"((?:/[A-Za-z0-9_~\-][A-Za-z0-9_~.\-]*)+/?|/)"
+                           r"(?:\?[A-Za-z0-9_~.\-=&+,;:@!$'()*/?]*)?")
 
 
 def check_request(request: web.BaseRequest, auth_paths: tuple[str, ...]) -> str:
@@ -85,9 +91,30 @@ def check_request(request: web.BaseRequest, auth_paths: tuple[str, ...]) -> str:
     return check_target(request.raw_path, auth_paths)
 
 
+@functools.lru_cache(maxsize=8)
+def _forbidden_paths(auth_paths: tuple[str, ...]) -> frozenset[str]:
+    return frozenset({"/auth", *(p.lower().rstrip("/") for p in auth_paths)})
+
+
+def _refuse_auth(decoded: str, auth_paths: tuple[str, ...]) -> None:
+    lowered = decoded.lower().rstrip("/")
+    if lowered in _forbidden_paths(auth_paths) or lowered.startswith("/auth/"):
+        raise RouteForbidden("authentication belongs to the gateway; /auth/* is not proxied")
+
+
 def check_target(raw: str, auth_paths: tuple[str, ...]) -> str:
     """Refuse targets that are not plain origin-form paths, escape the base URL's path prefix,
     carry invalid encoding, or reach ``/auth``. Returns the decoded path."""
+    plain = _PLAIN_TARGET.fullmatch(raw)
+    if plain is not None:  # the common case: nothing to decode, nothing to refuse but /auth
+        decoded = plain.group(1)
+        _refuse_auth(decoded, auth_paths)
+        return decoded
+    return check_target_fully(raw, auth_paths)
+
+
+def check_target_fully(raw: str, auth_paths: tuple[str, ...]) -> str:
+    """:func:`check_target` without the plain-target shortcut (its reference)."""
     if not raw.startswith("/") or raw.startswith("//"):
         raise BadRequest("the request target must be a path starting with a single /",
                          code="invalid_target")
@@ -106,10 +133,7 @@ def check_target(raw: str, auth_paths: tuple[str, ...]) -> str:
                          code="invalid_path")
     if any(seg in (".", "..") for seg in decoded.split("/")):
         raise BadRequest("the request path may not contain dot segments", code="invalid_path")
-    lowered = decoded.lower().rstrip("/")
-    forbidden = {"/auth", *(p.lower().rstrip("/") for p in auth_paths)}
-    if lowered in forbidden or lowered.startswith("/auth/"):
-        raise RouteForbidden("authentication belongs to the gateway; /auth/* is not proxied")
+    _refuse_auth(decoded, auth_paths)
     return decoded
 
 
@@ -130,15 +154,55 @@ def _parse_error(exc: BaseException | None, status: int) -> GatewayError:
     return BadRequest("the request is not valid HTTP/1.1", code="malformed_request")
 
 
+class HeaderDeadlines:
+    """Connections waiting for request headers, each with its deadline, swept by one timer
+    per server (not a timer per request): a connection past its deadline is closed, with a
+    408 if it had sent part of a request. The sweep runs every quarter of the timeout (at most
+    every second), so a deadline is enforced within that much."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._every = min(1.0, timeout / 4)
+        self._waiting: dict[GatewayRequestHandler, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def wait(self, conn: GatewayRequestHandler) -> None:
+        if conn in self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        self._waiting[conn] = loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = loop.call_later(self._every, self._sweep)
+
+    def done(self, conn: GatewayRequestHandler) -> None:
+        self._waiting.pop(conn, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = [conn for conn, deadline in self._waiting.items() if deadline <= now]
+        for conn in late:
+            del self._waiting[conn]
+            conn._headers_too_slow()
+        if self._waiting:
+            self._timer = loop.call_later(self._every, self._sweep)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiting.clear()
+
+
 class GatewayRequestHandler(web.RequestHandler):
     """aiohttp's connection protocol, plus a header deadline and JSON parse errors."""
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, on_reject: OnReject,
+    def __init__(self, manager: web.Server, *, deadlines: HeaderDeadlines, on_reject: OnReject,
                  **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._header_timeout = header_timeout
+        self._deadlines = deadlines
         self._on_reject = on_reject
-        self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._silent = True  # no byte received yet
 
@@ -146,29 +210,24 @@ class GatewayRequestHandler(web.RequestHandler):
         super().connection_made(transport)
         # A connection that never sends a byte gets the header timeout too, not the
         # (longer) keep-alive timeout.
-        self._header_timer = asyncio.get_running_loop().call_later(
-            self._header_timeout, self._headers_too_slow)
+        self._deadlines.wait(self)
 
     def data_received(self, data: bytes) -> None:
         if data:
             self._silent = False
-        if data and not self._in_request and self._header_timer is None:
-            self._header_timer = asyncio.get_running_loop().call_later(
-                self._header_timeout, self._headers_too_slow)
+            if not self._in_request:
+                self._deadlines.wait(self)
         super().data_received(data)
 
     def begin_request(self) -> None:
         """The handler has the request: its headers arrived in time."""
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._deadlines.done(self)
         self._in_request = True
 
     def end_request(self) -> None:
         self._in_request = False
 
     def _headers_too_slow(self) -> None:
-        self._header_timer = None
         transport = self.transport
         if self._in_request or transport is None or transport.is_closing():
             return
@@ -189,9 +248,7 @@ class GatewayRequestHandler(web.RequestHandler):
             "event": "rejected", "status": 408, "error": "request_timeout"}})
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._deadlines.done(self)
         super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
@@ -220,12 +277,12 @@ class ProxyServer(web.Server):
         super().__init__(handler, handler_cancellation=True, **kwargs)
         self._proxy = handler
         self._protocol_kwargs = kwargs
-        self._header_timeout = header_timeout
+        self._deadlines = HeaderDeadlines(header_timeout)
         self._on_reject = on_reject
 
     def __call__(self) -> web.RequestHandler:
         return GatewayRequestHandler(self, loop=asyncio.get_running_loop(),
-                                     header_timeout=self._header_timeout,
+                                     deadlines=self._deadlines,
                                      on_reject=self._on_reject, **self._protocol_kwargs)
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -239,3 +296,4 @@ class ProxyServer(web.Server):
             await asyncio.wait(tasks, timeout=grace - 2 * cut_off)
         self._proxy.stopping = True
         await super().shutdown(cut_off)
+        self._deadlines.close()

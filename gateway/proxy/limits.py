@@ -20,6 +20,8 @@ clamped, so no input can grow memory or overflow arithmetic.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import math
 from collections.abc import Callable
@@ -190,31 +192,55 @@ class CircuitBreaker:
 
 
 class UpstreamSlots:
-    """At most ``limit`` upstream exchanges at once; wait up to ``wait`` seconds for one."""
+    """At most ``limit`` upstream exchanges at once; wait up to ``wait`` seconds for one.
+
+    A free slot is taken without a coroutine (:meth:`try_acquire`, the common case); waiters
+    are served first come, first served, a released slot handed straight to the next."""
 
     def __init__(self, limit: int, wait: float, *, reason: str) -> None:
         self.limit = limit
         self._wait = wait
         self._reason = reason
-        self._sem = asyncio.Semaphore(limit)
+        self._free = limit
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.in_use = 0
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now (nobody waiting before us)."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            self.in_use += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
-        if self._sem.locked():  # the fast path takes no timer
-            try:
-                async with asyncio.timeout(self._wait):
-                    await self._sem.acquire()
-            except TimeoutError:
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._wait):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as we gave up: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
                 raise UpstreamBusy(f"all {self.limit} upstream slots ({self._reason}) stayed "
                                    f"busy for {self._wait:g}s", retry_after=1.0) from None
-        else:
-            await self._sem.acquire()
-        self.in_use += 1
+            raise
 
     def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes to it: still in use
+                return
+        self._free += 1
         self.in_use -= 1
-        self._sem.release()
-
 
 class TokenBucket:
     """``rate`` tokens a second up to ``burst``; :meth:`take` spends one or says how long to
@@ -258,10 +284,9 @@ class ClientLimits:
         self._buckets: dict[str, TokenBucket] = {}
         self._inflight: dict[str, int] = {}
         self._on_reject = on_reject
+        #: Any limit at all (else admission skips this object).
+        self.active = bool(self._global or client_rate or client_concurrency)
 
-    @property
-    def active(self) -> bool:
-        return bool(self._global or self._client_rate or self._client_concurrency)
 
     def admit(self, client: str) -> None:
         """Raise 429 if ``client`` (or everyone) is over a limit; else count it in flight

@@ -1,14 +1,16 @@
 """The retry policy of proxied requests: what may be sent again, when, and how often overall.
 
-aiohttp-retry runs the attempts (its ``RetryClient`` loop, with options set here explicitly:
-methods, no blanket status list, one exception class). What it cannot express is wrapped
-around it, not re-written:
+aiohttp-retry runs the retries (its ``RetryClient`` loop, with options set here explicitly:
+methods, no blanket status list, one exception class); the first attempt goes out directly,
+through the same sender and the same decisions, so a request with nothing to retry pays none of
+its set-up. What it cannot express is wrapped around it, not re-written:
 
 - :class:`_AttemptSender` stands in for the ``ClientSession`` it calls: before each attempt it
   checks that the caller is still there and the request's deadline has time left; after a
   failure it decides whether the failure may be retried at all (connection refused: any
   method, nothing was sent; a *reused* keep-alive connection that failed before the status
-  line: idempotent methods only; a timeout or a cut body: never) and raises
+  line, as :class:`~gateway.proxy.upstream.ReuseMarkingConnector` tells: idempotent methods
+  only; a timeout or a cut body: never) and raises
   :class:`RetryableFailure` only then.
 - Statuses are judged in ``evaluate_response_callback`` (aiohttp-retry's own status list would
   retry without asking): only those in ``GATEWAY_RETRY_ON_STATUS``, for idempotent methods,
@@ -23,10 +25,12 @@ streamed body is sent once. A 401 replay with a new token is not a retry: the ha
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, NoReturn, cast
 
 import aiohttp
 from aiohttp_retry import RetryClient, RetryOptionsBase
@@ -36,7 +40,7 @@ from yarl import URL
 from gateway.clock import Clock
 from gateway.errors import ClientClosedRequest, DeadlineExceeded, GatewayError
 from gateway.proxy.limits import WindowCounter
-from gateway.proxy.upstream import Body, translate
+from gateway.proxy.upstream import CONNECTION_REUSED, Body, translate
 from gateway.retry_after import parse_retry_after
 
 #: Methods whose repeat has the same effect as one send (RFC 9110 §9.2.2), minus TRACE.
@@ -99,13 +103,6 @@ class RetryableFailure(Exception):
 
 
 @dataclass
-class _Probe:
-    """Filled in by the session's trace hooks during one attempt."""
-
-    reused: bool = False
-
-
-@dataclass
 class Attempts:
     """One request's retry state, shared by the attempts and the callbacks."""
 
@@ -143,18 +140,37 @@ class RetryPolicy:
 
     async def send(self, url: URL, headers: CIMultiDict[str], body: Body,
                    attempts: Attempts) -> aiohttp.ClientResponse:
-        """The upstream's response (headers read), or a :class:`GatewayError`."""
-        options = _Options(self, attempts)
+        """The upstream's response (headers read), or a :class:`GatewayError`.
+
+        The first attempt is sent right here (the common case: nothing to retry, and no
+        coroutine layers to pass on every suspension); when the policy allows a retry,
+        aiohttp-retry runs the rest, through :meth:`attempt`."""
+        kwargs: dict[str, Any] = {"data": body, "allow_redirects": False}
+        self._before(attempts)  # the first attempt has the whole deadline: no timeout kwarg
+        started = self._clock.monotonic()
+        try:
+            resp = await self._session.request(attempts.method, url, headers=headers, **kwargs)
+        except GatewayError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            with contextlib.suppress(RetryableFailure):  # allowed, counted, its wait set
+                self._failed(exc, attempts)
+        else:
+            attempts.on_attempt(resp, self._clock.monotonic() - started)
+            if resp.status not in self.config.statuses or await self.final(resp, attempts):
+                return resp
+        await asyncio.sleep(attempts.next_wait)
+        options = _Options(self, attempts, self.config.attempts - attempts.number)
         try:
             return await self._client.request(
-                attempts.method, url, headers=headers, data=body, allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO, retry_options=options,
-                trace_request_ctx={"attempts": attempts})
+                attempts.method, url, headers=headers, retry_options=options,
+                trace_request_ctx={"attempts": attempts}, **kwargs)
         except RetryableFailure as exc:  # out of attempts: the last failure stands
             raise exc.error from exc.__cause__
 
     # -- decisions -----------------------------------------------------------------------------
-    def failure_reason(self, exc: BaseException, probe: _Probe, attempts: Attempts) -> str | None:
+    def failure_reason(self, exc: BaseException, reused: bool,
+                       attempts: Attempts) -> str | None:
         """Why a failed attempt may be retried, or None. Timeouts never are; a reused
         keep-alive connection that failed before the status line is, for idempotent methods;
         a refused connection (nothing sent) is, for any method."""
@@ -163,7 +179,7 @@ class RetryPolicy:
         if isinstance(exc, aiohttp.ClientConnectorError):
             return "connection_refused" if isinstance(exc.os_error,
                                                       ConnectionRefusedError) else None
-        if probe.reused and attempts.method in IDEMPOTENT and isinstance(
+        if reused and attempts.method in IDEMPOTENT and isinstance(
                 exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
                 | aiohttp.ClientConnectionResetError):
             return "connection_reset"
@@ -192,8 +208,9 @@ class RetryPolicy:
         return backoff(attempts.number, self.config.backoff_min, self.config.backoff_max,
                        self._rand())
 
-    async def attempt(self, url: URL, headers: CIMultiDict[str], attempts: Attempts,
-                      kwargs: dict[str, Any]) -> aiohttp.ClientResponse:
+    def _before(self, attempts: Attempts) -> float | None:
+        """Count the attempt; refuse it if the caller left or the deadline passed. Returns
+        what is left of the deadline."""
         attempts.number += 1
         if attempts.caller_gone():
             raise ClientClosedRequest("the caller left before the request was sent")
@@ -203,33 +220,43 @@ class RetryPolicy:
             if remaining <= 0:
                 raise DeadlineExceeded("the request's deadline (GATEWAY_TOTAL_TIMEOUT) passed "
                                        "before it could be sent")
-        probe = _Probe()
+        CONNECTION_REUSED.set(True)  # until the connector says it opened a new one
+        return remaining
+
+    def _failed(self, exc: BaseException, attempts: Attempts) -> NoReturn:
+        """Blame a failed attempt and raise: the caller's own fault, the caller gone,
+        :class:`RetryableFailure` (allowed and counted), or the upstream's error."""
+        own = attempts.body_error()
+        if own is not None:
+            raise own from exc
+        if attempts.caller_gone():
+            raise ClientClosedRequest("the caller left during the exchange") from exc
+        error = translate(exc)
+        attempts.on_failure(error)
+        reason = self.failure_reason(exc, CONNECTION_REUSED.get(), attempts)
+        if reason is not None and self.allow(attempts, reason, self.wait(attempts)):
+            raise RetryableFailure(error) from exc
+        raise error from exc
+
+    async def attempt(self, url: URL, headers: CIMultiDict[str], attempts: Attempts,
+                      kwargs: dict[str, Any]) -> aiohttp.ClientResponse:
+        """One retry, for aiohttp-retry (the first attempt is :meth:`send`'s)."""
+        remaining = self._before(attempts)
         started = self._clock.monotonic()
         try:
-            resp = await self._session.request(
-                attempts.method, url, headers=headers, timeout=self._timeout(remaining),
-                trace_request_ctx=probe, **kwargs)
+            resp = await self._session.request(attempts.method, url, headers=headers,
+                                               timeout=self._timeout(remaining), **kwargs)
         except GatewayError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            own = attempts.body_error()
-            if own is not None:
-                raise own from exc
-            if attempts.caller_gone():
-                raise ClientClosedRequest("the caller left during the exchange") from exc
-            error = translate(exc)
-            attempts.on_failure(error)
-            reason = self.failure_reason(exc, probe, attempts)
-            if reason is not None and self.allow(attempts, reason, self.wait(attempts)):
-                raise RetryableFailure(error) from exc
-            raise error from exc
+            self._failed(exc, attempts)
         attempts.on_attempt(resp, self._clock.monotonic() - started)
         return resp
 
     async def final(self, resp: aiohttp.ClientResponse, attempts: Attempts) -> bool:
         """aiohttp-retry's response callback: True to keep ``resp``, False to retry (after
         releasing it)."""
-        if resp.status not in self.config.statuses:
+        if resp.status not in self.config.statuses or attempts.method not in IDEMPOTENT:
             return True
         delay = parse_retry_after(resp.headers.get("Retry-After"), self._clock.time())
         if delay is not None and delay > self.config.retry_after_max:
@@ -239,10 +266,6 @@ class RetryPolicy:
             return True
         resp.release()
         return False
-
-
-#: Headers aiohttp would add on its own; the caller's are forwarded instead.
-SKIP_AUTO: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 class _AttemptSender:
@@ -264,9 +287,9 @@ class _AttemptSender:
 class _Options(RetryOptionsBase):
     """aiohttp-retry's options for one request, set explicitly."""
 
-    def __init__(self, policy: RetryPolicy, attempts: Attempts) -> None:
+    def __init__(self, policy: RetryPolicy, attempts: Attempts, left: int) -> None:
         super().__init__(
-            attempts=policy.config.attempts if attempts.replayable else 1,
+            attempts=left,
             statuses=(),  # judged in final(): budget, Retry-After and deadline may veto
             exceptions=(RetryableFailure,),
             methods=IDEMPOTENT,  # for statuses; failures are judged in failure_reason()
@@ -292,18 +315,4 @@ class _Quiet:
 
 
 _QUIET: Final = _Quiet()
-
-
-def trace_config() -> aiohttp.TraceConfig:
-    """The upstream session's hook that tells a reused keep-alive connection from a new one."""
-    config = aiohttp.TraceConfig()
-
-    async def reused(_session: aiohttp.ClientSession, ctx: Any,
-                     _params: aiohttp.TraceConnectionReuseconnParams) -> None:
-        probe = ctx.trace_request_ctx
-        if isinstance(probe, _Probe):
-            probe.reused = True
-
-    config.on_connection_reuseconn.append(reused)
-    return config
 

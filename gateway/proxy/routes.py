@@ -3,6 +3,7 @@ like; anything else is ``other``. Label values never hold raw ids or caller-chos
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 #: Known Repairy routes (relative to the base URL), from the partner documentation.
@@ -23,6 +24,7 @@ _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 _SPLIT: Final = tuple((t, t.strip("/").split("/")) for t in TEMPLATES)
 
 
+@functools.lru_cache(maxsize=4096)
 def route_template(path: str) -> str:
     """The template a decoded request path matches, else ``other``."""
     segments = path.strip("/").split("/")

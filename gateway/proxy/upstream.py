@@ -11,9 +11,10 @@ types here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
@@ -32,18 +33,37 @@ if TYPE_CHECKING:
     from gateway.proxy.retry import RetryPolicy
 
 Body = bytes | AsyncIterable[bytes] | None
+#: Headers aiohttp would add on its own; the caller's are forwarded instead.
+SKIP_AUTO: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+#: Whether the connection of the current attempt came from the keep-alive pool. Set by
+#: :class:`ReuseMarkingConnector` in the task that sends the request (aiohttp awaits
+#: ``connector.connect`` directly), read by the retry policy after a failure.
+CONNECTION_REUSED: ContextVar[bool] = ContextVar("connection_reused", default=False)
 
 
-def create_session(settings: Settings,
-                   trace_configs: Iterable[aiohttp.TraceConfig] = ()) -> aiohttp.ClientSession:
+class ReuseMarkingConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that tells a new connection from a pooled (reused) one: the retry
+    policy sets :data:`CONNECTION_REUSED` before each attempt, and opening a new connection
+    clears it. ``_create_connection`` is aiohttp's private hook for exactly that, called only
+    for new connections (so a reused one costs nothing); a test fails if it stops being
+    called (a reset on a fresh connection would then look retryable)."""
+
+    async def _create_connection(self, req: aiohttp.ClientRequest, traces: list[Any],
+                                 timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
+                                 ) -> aiohttp.client_proto.ResponseHandler:
+        CONNECTION_REUSED.set(False)
+        return await super()._create_connection(req, traces, timeout)
+
+
+def create_session(settings: Settings) -> aiohttp.ClientSession:
     """The one upstream session of a process (create inside the running loop)."""
-    connector = aiohttp.TCPConnector(limit=settings.pool_size,
-                                     ssl=upstream_tls(settings.upstream_ca_file),
-                                     keepalive_timeout=settings.keepalive_timeout)
+    connector = ReuseMarkingConnector(limit=settings.pool_size,
+                                      ssl=upstream_tls(settings.upstream_ca_file),
+                                      keepalive_timeout=settings.keepalive_timeout)
     session = aiohttp.ClientSession(connector=connector, timeout=attempt_timeout(settings, None),
                                     auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                                     trust_env=False, raise_for_status=False,
-                                    trace_configs=list(trace_configs) or None)
+                                    skip_auto_headers=SKIP_AUTO)
     disable_silent_resend(session)
     return session
 

@@ -58,6 +58,10 @@ class TokenSource(Protocol):
     @property
     def current(self) -> Token | None: ...
 
+    def usable(self) -> Token | None:
+        """The current token if it is usable now (no waiting); else None: call :meth:`get`."""
+        ...
+
     async def get(self, newer_than: int = 0) -> Token: ...
 
     def invalidate(self, generation: int, reason: str) -> bool: ...
@@ -144,6 +148,12 @@ class TokenManager:
             self._events.token_changed(initial)
 
     # -- the request path ----------------------------------------------------------------------
+    def usable(self) -> Token | None:
+        tok = self._state.token
+        if tok is not None and is_usable(tok, self._clock.monotonic(), self._policy.margin):
+            return tok
+        return None
+
     async def get(self, newer_than: int = 0) -> Token:
         """A usable token (of a generation above ``newer_than``), waiting (bounded) for the
         renewal under way if none is held; :class:`TokenUnavailable` when none can be had."""
