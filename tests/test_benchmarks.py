@@ -1,0 +1,30 @@
+"""Smoke tests of the benchmark harnesses: they run end to end from a clean checkout (nginx and
+wrk are installed on demand) and print what they promise. Their numbers are not asserted: the
+machine is shared and noisy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.tools import require_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmarks_speed_harness_runs_every_contender_for_a_second() -> None:
+    require_binary("nginx", "nginx")
+    require_binary("wrk", "wrk")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--seconds", "1", "--rounds", "1",
+         "--no-stream", "--no-save"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = result.stdout
+    for contender in ("direct", "nginx-proxy", "floor", "gateway", "gateway-2w"):
+        assert f"| {contender} |" in table
+    assert "gateway CPU per request / floor's" in table
+    assert "2 workers / 1 worker throughput" in table
+    assert "p99 while the token renews" in table
+    assert "non-2xx 0)" in table  # every renewal under load went unnoticed by callers
