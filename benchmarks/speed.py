@@ -15,9 +15,9 @@ wrk (Debian) drives the load. Contenders, interleaved over ``--rounds`` rounds:
 
 For each: requests/s and p50/p99 at 32 connections, p50 at 1 connection (added over
 ``direct``), CPU microseconds per request from ``/proc`` (summed over every process of the
-contender, workers included), idle and peak RSS. Then, through the gateway: a 1 GiB download and
-upload (MB/s, RSS growth), and p99 under load while the token renews every ~2.4 s against p99
-with a long-lived token. A Markdown table is printed and saved under ``benchmarks/results/``.
+contender, workers included), idle and peak RSS. Then, through the gateway: a 1 GiB download
+(after one unmeasured warm-up download) and upload (MB/s, RSS growth), and p99 under load
+while the token renews every ~2.4 s against p99 with a long-lived token. A Markdown table is printed and saved under ``benchmarks/results/``.
 nginx and wrk are installed with apt-get when missing (as root). The numbers are the machine's
 and its neighbours': compare the rows of one run, not runs of different machines.
 """
@@ -261,6 +261,9 @@ async def stream(url: str, pids: list[int]) -> dict[str, float]:
     before = rss_kib(pids)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.get(url + "/big") as resp:  # warm-up: nginx's page cache, windows
+            async for _ in resp.content.iter_chunked(1 << 20):
+                pass
         t0 = time.perf_counter()
         got = 0
         async with http.get(url + "/big") as resp:

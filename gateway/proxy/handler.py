@@ -319,7 +319,7 @@ class Proxy:
                     return out
             await self._send(request, out, None, outcome)
             try:
-                async for chunk in resp.content.iter_chunked(CHUNK):
+                async for chunk in resp.content.iter_any():
                     try:
                         await out.write(chunk)
                     except ConnectionError:  # aiohttp's ClientConnectionResetError included
