@@ -17,9 +17,10 @@ For each: requests/s and p50/p99 at 32 connections, p50 at 1 connection (added o
 ``direct``), CPU microseconds per request from ``/proc`` (summed over every process of the
 contender, workers included), idle and peak RSS. Then, through the gateway: a 1 GiB download
 (after one unmeasured warm-up download) and upload (MB/s, RSS growth), and p99 under load
-while the token renews every ~2.4 s against p99 with a long-lived token. A Markdown table is printed and saved under ``benchmarks/results/``.
-nginx and wrk are installed with apt-get when missing (as root). The numbers are the machine's
-and its neighbours': compare the rows of one run, not runs of different machines.
+while the token renews every ~2.4 s against p99 with a long-lived token. A Markdown table is
+printed and saved under ``benchmarks/results/``. nginx and wrk are installed with apt-get when
+missing (as root). The numbers are the machine's and its neighbours': compare the rows of one
+run, not runs of different machines.
 """
 
 from __future__ import annotations
