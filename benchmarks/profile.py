@@ -15,6 +15,7 @@ neighbours the way requests/s do.
 from __future__ import annotations
 
 import argparse
+import os
 import collections
 import re
 import subprocess
@@ -90,6 +91,8 @@ def main() -> None:
         rps = re.search(r"Requests/sec:\s+(\S+)", out)
         print(f"wrk: {rps.group(1) if rps else '?'} requests/s while sampled")
         print(summarise(raw))
+        if os.environ.get("PROFILE_RAW"):
+            Path(os.environ["PROFILE_RAW"]).write_text(raw.read_text())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ the upstream's faults 502/504 and the upstream metrics; the gateway's own limits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -99,17 +100,25 @@ class Proxy:
         self._auth_paths = (s.auth_token_path, s.auth_refresh_path)
         self._internal = frozenset({s.client_key_header.lower(), *s.strip_headers})
         #: Requests in progress (the server's shutdown waits for them, to one deadline).
-        self.tasks: set[asyncio.Task[object]] = set()
+        self.active = 0
+        self._drained: asyncio.Event | None = None
         self.stopping = False
+
+    async def drain(self, within: float) -> None:
+        """Wait up to ``within`` seconds for the requests in progress to finish."""
+        if self.active == 0 or within <= 0:
+            return
+        self._drained = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._drained.wait()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         gw = self.state
         protocol = request.protocol
         if isinstance(protocol, GatewayRequestHandler):
             protocol.begin_request()
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
+        self.active += 1
         rid = request_id_of(request.headers)
         started = time.monotonic()
         outcome = _Outcome(metrics=gw.metrics, method=request.method)
@@ -143,8 +152,9 @@ class Proxy:
             raise
         finally:
             gw.metrics.inflight_count -= 1
-            if task is not None:
-                self.tasks.discard(task)
+            self.active -= 1
+            if self.active == 0 and self._drained is not None:
+                self._drained.set()
             if isinstance(protocol, GatewayRequestHandler):
                 protocol.end_request()
             _log_request(request, rid, outcome, started)
@@ -233,7 +243,7 @@ class Proxy:
                                                  token, resp, attempts, outcome)
                 else:
                     gw.route_401.answered(outcome.route, token.generation)
-                return await self._stream_back(request, resp, rid, outcome)
+                return await self._answer(request, resp, rid, outcome)
             finally:
                 upstream.slots.release()
         finally:
@@ -288,36 +298,47 @@ class Proxy:
         if isinstance(error, UpstreamError):
             self.state.metrics.upstream_error(error.kind)
 
+    async def _answer(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
+                      rid: str, outcome: _Outcome) -> web.StreamResponse:
+        """The upstream's answer for the caller. A small one (the common case) is read whole
+        first, so a broken upstream body is still a clean 502, and handed back unsent: aiohttp
+        sends head and body in one write. Anything else is streamed."""
+        length = resp.content_length
+        if length is None or length > CHUNK or request.method == "HEAD" or (
+                "chunked" in resp.headers.get("Transfer-Encoding", "").lower()):
+            return await self._stream_back(request, resp, rid, outcome)
+        try:
+            body = await resp.read()
+        except TimeoutError as exc:
+            self.state.metrics.upstream_error("timeout")
+            raise UpstreamTimeout("the upstream's answer stalled") from exc
+        except aiohttp.ClientError as exc:
+            self.state.metrics.upstream_error("protocol")
+            raise UpstreamInvalidResponse("the upstream response body broke") from exc
+        finally:
+            resp.release()
+        out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
+        if REQUEST_ID not in out.headers:
+            out.headers[REQUEST_ID] = rid
+        outcome.bytes_out = len(body)
+        return out
+
     async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                            rid: str, outcome: _Outcome) -> web.StreamResponse:
+        """Stream the answer chunk by chunk, as it comes."""
         try:
-            length = resp.content_length
-            if length is not None and "chunked" in resp.headers.get("Transfer-Encoding",
-                                                                   "").lower():
-                length = None
-            whole = length is not None and length <= CHUNK and request.method != "HEAD"
-            cls = WholePassThroughResponse if whole else PassThroughResponse
-            out = cls(status=resp.status, reason=resp.reason,
-                      headers=downstream_response_headers(resp.headers))
+            out = PassThroughResponse(status=resp.status, reason=resp.reason)
+            downstream_response_headers(resp.headers, out.headers)
             if REQUEST_ID not in out.headers:
                 out.headers[REQUEST_ID] = rid
-            if length is not None:
+            length = resp.content_length
+            if length is not None and "chunked" not in resp.headers.get(
+                    "Transfer-Encoding", "").lower():
                 out.content_length = length
-                if whole:
-                    # Small answer (the common case): read it whole before replying, so a
-                    # broken upstream body is still a clean 502 and it goes out in one write.
-                    try:
-                        body = await resp.read()
-                    except TimeoutError as exc:
-                        self.state.metrics.upstream_error("timeout")
-                        raise UpstreamTimeout("the upstream's answer stalled") from exc
-                    except aiohttp.ClientError as exc:
-                        self.state.metrics.upstream_error("protocol")
-                        raise UpstreamInvalidResponse(
-                            "the upstream response body broke") from exc
-                    await self._send(request, out, body, outcome)
-                    return out
-            await self._send(request, out, None, outcome)
+            try:
+                await out.prepare(request)
+            except ConnectionError:
+                raise ClientClosedRequest("the caller left before its answer was sent") from None
             try:
                 async for chunk in resp.content.iter_any():
                     try:
@@ -346,18 +367,6 @@ class Proxy:
             return out
         finally:
             resp.release()
-
-    @staticmethod
-    async def _send(request: web.BaseRequest, out: web.StreamResponse, body: bytes | None,
-                    outcome: _Outcome) -> None:
-        """Send the headers (and a whole small body); a caller gone by now is a 499."""
-        try:
-            await out.prepare(request)
-            if body is not None:
-                await out.write_eof(body)
-                outcome.bytes_out = len(body)
-        except ConnectionError:
-            raise ClientClosedRequest("the caller left before its answer was sent") from None
 
 
 def _caller_gone(request: web.BaseRequest) -> bool:

@@ -104,11 +104,14 @@ def with_credentials(headers: CIMultiDict[str], access_token: str,
     return headers
 
 
-def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream answer's headers as they may go back to the caller."""
+def downstream_response_headers(upstream: CIMultiDictProxy[str],
+                                 out: CIMultiDict[str] | None = None) -> CIMultiDict[str]:
+    """The upstream answer's headers as they may go back to the caller, added to ``out`` (a
+    response's own headers: no copy in between) or a new multidict."""
     named = _connection_named(upstream)
     drop = _RESPONSE_DROP | named if named else _RESPONSE_DROP
-    out: CIMultiDict[str] = CIMultiDict()
+    if out is None:
+        out = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in drop:
             out.add(name, value)
@@ -117,12 +120,16 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[
 
 class _NoAddedHeaders:
     """aiohttp's ``StreamResponse._prepare_headers`` (private) adds ``Content-Type`` and
-    ``Server`` when absent; take back what it added. A test fails if an aiohttp upgrade
-    changes where they come from."""
+    ``Server`` when absent (and ``Response.body``'s setter a ``Content-Type``); take back what
+    it added. A test fails if an aiohttp upgrade changes where they come from."""
+
+    #: Whether the ``Content-Type`` is the upstream's (None: whatever is there at prepare).
+    own_content_type: bool | None = None
 
     async def _prepare_headers(self) -> None:
         headers = cast(web.StreamResponse, self).headers
-        had_type = hdrs.CONTENT_TYPE in headers
+        had_type = (hdrs.CONTENT_TYPE in headers if self.own_content_type is None
+                    else self.own_content_type)
         had_server = hdrs.SERVER in headers
         await super()._prepare_headers()  # type: ignore[misc]
         if not had_type:
@@ -135,11 +142,18 @@ class PassThroughResponse(_NoAddedHeaders, web.StreamResponse):
     """An upstream answer on its way back: its headers, nothing of aiohttp's."""
 
 
-class WholePassThroughResponse(PassThroughResponse):
-    """A small upstream answer sent whole: the head waits for the body so both leave in one
-    write (as ``web.Response`` does; ``_send_headers_immediately`` is aiohttp's switch)."""
+class WholePassThroughResponse(_NoAddedHeaders, web.Response):
+    """A small upstream answer, read whole: returned unsent, aiohttp sends head and body in
+    one write. Build with :meth:`of`."""
 
-    _send_headers_immediately = False
+    @classmethod
+    def of(cls, status: int, reason: str | None, upstream: CIMultiDictProxy[str],
+           body: bytes) -> WholePassThroughResponse:
+        out = cls(status=status, reason=reason)
+        downstream_response_headers(upstream, out.headers)
+        out.own_content_type = hdrs.CONTENT_TYPE in out.headers
+        out.body = body  # after the headers: the setter adds a Content-Type only if missing
+        return out
 
 
 class PlainResponse(_NoAddedHeaders, web.Response):

@@ -51,8 +51,9 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 class Drainable(Protocol):
     """The handler's view the server needs to drain: its requests in progress."""
 
-    tasks: set[asyncio.Task[object]]
     stopping: bool
+
+    async def drain(self, within: float) -> None: ...
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse: ...
 
@@ -291,9 +292,7 @@ class ProxyServer(web.Server):
         within ``timeout``."""
         grace = timeout or 0.0
         cut_off = min(_CUT_OFF, grace / 4)  # the last bit of the grace: cancel and close
-        tasks = set(self._proxy.tasks)
-        if tasks and grace > 0:
-            await asyncio.wait(tasks, timeout=grace - 2 * cut_off)
+        await self._proxy.drain(grace - 2 * cut_off)
         self._proxy.stopping = True
         await super().shutdown(cut_off)
         self._deadlines.close()

@@ -9,7 +9,7 @@ its set-up. What it cannot express is wrapped around it, not re-written:
   checks that the caller is still there and the request's deadline has time left; after a
   failure it decides whether the failure may be retried at all (connection refused: any
   method, nothing was sent; a *reused* keep-alive connection that failed before the status
-  line, as :class:`~gateway.proxy.upstream.ReuseMarkingConnector` tells: idempotent methods
+  line, as :data:`~gateway.proxy.upstream.NEW_CONNECTIONS` tells: idempotent methods
   only; a timeout or a cut body: never) and raises
   :class:`RetryableFailure` only then.
 - Statuses are judged in ``evaluate_response_callback`` (aiohttp-retry's own status list would
@@ -40,7 +40,7 @@ from yarl import URL
 from gateway.clock import Clock
 from gateway.errors import ClientClosedRequest, DeadlineExceeded, GatewayError
 from gateway.proxy.limits import WindowCounter
-from gateway.proxy.upstream import CONNECTION_REUSED, Body, translate
+from gateway.proxy.upstream import NEW_CONNECTIONS, Body, translate
 from gateway.retry_after import parse_retry_after
 
 #: Methods whose repeat has the same effect as one send (RFC 9110 §9.2.2), minus TRACE.
@@ -115,6 +115,7 @@ class Attempts:
     body_error: Callable[[], GatewayError | None]
     on_failure: Callable[[GatewayError], None]  # an upstream fault (counted per attempt)
     number: int = 0
+    connections: int = 0  # NEW_CONNECTIONS when the current attempt started
     retried: list[str] = field(default_factory=list)  # the reasons, in order
     next_wait: float = 0.0
 
@@ -220,7 +221,7 @@ class RetryPolicy:
             if remaining <= 0:
                 raise DeadlineExceeded("the request's deadline (GATEWAY_TOTAL_TIMEOUT) passed "
                                        "before it could be sent")
-        CONNECTION_REUSED.set(True)  # until the connector says it opened a new one
+        attempts.connections = NEW_CONNECTIONS.get()  # unchanged after it: a reused connection
         return remaining
 
     def _failed(self, exc: BaseException, attempts: Attempts) -> NoReturn:
@@ -233,7 +234,8 @@ class RetryPolicy:
             raise ClientClosedRequest("the caller left during the exchange") from exc
         error = translate(exc)
         attempts.on_failure(error)
-        reason = self.failure_reason(exc, CONNECTION_REUSED.get(), attempts)
+        reused = NEW_CONNECTIONS.get() == attempts.connections
+        reason = self.failure_reason(exc, reused, attempts)
         if reason is not None and self.allow(attempts, reason, self.wait(attempts)):
             raise RetryableFailure(error) from exc
         raise error from exc

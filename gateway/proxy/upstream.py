@@ -35,23 +35,24 @@ if TYPE_CHECKING:
 Body = bytes | AsyncIterable[bytes] | None
 #: Headers aiohttp would add on its own; the caller's are forwarded instead.
 SKIP_AUTO: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-#: Whether the connection of the current attempt came from the keep-alive pool. Set by
-#: :class:`ReuseMarkingConnector` in the task that sends the request (aiohttp awaits
-#: ``connector.connect`` directly), read by the retry policy after a failure.
-CONNECTION_REUSED: ContextVar[bool] = ContextVar("connection_reused", default=False)
+#: How many connections the current task has opened (its attempts' new connections). Bumped
+#: by :class:`ReuseMarkingConnector` in the task that sends the request (aiohttp awaits the
+#: connector directly); the retry policy compares it across an attempt: unchanged means the
+#: attempt ran on a reused keep-alive connection. Set only when a connection is opened, so a
+#: reused one costs a read.
+NEW_CONNECTIONS: ContextVar[int] = ContextVar("new_connections", default=0)
 
 
 class ReuseMarkingConnector(aiohttp.TCPConnector):
-    """A ``TCPConnector`` that tells a new connection from a pooled (reused) one: the retry
-    policy sets :data:`CONNECTION_REUSED` before each attempt, and opening a new connection
-    clears it. ``_create_connection`` is aiohttp's private hook for exactly that, called only
-    for new connections (so a reused one costs nothing); a test fails if it stops being
-    called (a reset on a fresh connection would then look retryable)."""
+    """A ``TCPConnector`` that counts the connections each task opens (see
+    :data:`NEW_CONNECTIONS`). ``_create_connection`` is aiohttp's private hook for exactly
+    that, called only for new connections; a test fails if it stops being called (a reset on
+    a fresh connection would then look retryable)."""
 
     async def _create_connection(self, req: aiohttp.ClientRequest, traces: list[Any],
                                  timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
                                  ) -> aiohttp.client_proto.ResponseHandler:
-        CONNECTION_REUSED.set(False)
+        NEW_CONNECTIONS.set(NEW_CONNECTIONS.get() + 1)
         return await super()._create_connection(req, traces, timeout)
 
 

@@ -36,7 +36,7 @@ from gateway.token.auth_client import Exchange, token_from_exchange
 from gateway.token.fleet import Fleet, local_renewal_at
 from gateway.token.renewal import Failure, RenewalPolicy, RenewalState
 from gateway.token.store import StoreError, owner_key
-from gateway.token.value import RenewalKind, Token, is_usable
+from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 
 log = logging.getLogger("gateway.token")
 #: The longest the loop sleeps before deciding again (a host may be suspended meanwhile).
@@ -142,6 +142,8 @@ class TokenManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._last_outcome: str | None = None
         self._last_renewal_wall: float | None = None
+        self._usable_token: Token | None = None  # usable(): its usable end, computed once
+        self._usable_until = 0.0
         if initial is not None:  # a stored token from an earlier run
             self._state = renewal.succeeded(self._state, initial, self._policy,
                                             self._rng.random())
@@ -150,9 +152,12 @@ class TokenManager:
     # -- the request path ----------------------------------------------------------------------
     def usable(self) -> Token | None:
         tok = self._state.token
-        if tok is not None and is_usable(tok, self._clock.monotonic(), self._policy.margin):
-            return tok
-        return None
+        if tok is None:
+            return None
+        if tok is not self._usable_token:  # once per token, not per request
+            self._usable_token = tok
+            self._usable_until = usable_until(tok, self._policy.margin)
+        return tok if self._clock.monotonic() < self._usable_until else None
 
     async def get(self, newer_than: int = 0) -> Token:
         """A usable token (of a generation above ``newer_than``), waiting (bounded) for the
@@ -296,6 +301,7 @@ class TokenManager:
             self._state = renewal.ended(self._state)
             raise
         self._auth, self._s, self._policy = auth, settings, policy_of(settings)
+        self._usable_token = None  # the margin may have changed
         if self._fleet is not None:  # the new credentials' token lives under their own key
             self._fleet.store.rekey(owner_key(str(settings.base_url),
                                               settings.app_key.fingerprint, settings.partner_id))
