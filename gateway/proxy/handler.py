@@ -301,8 +301,8 @@ class Proxy:
     async def _answer(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                       rid: str, outcome: _Outcome) -> web.StreamResponse:
         """The upstream's answer for the caller. A small one (the common case) is read whole
-        first, so a broken upstream body is still a clean 502, and handed back unsent: aiohttp
-        sends head and body in one write. Anything else is streamed."""
+        first, so a broken upstream body is still a clean 502, and sent as one write (head
+        and body together). Anything else is streamed."""
         length = resp.content_length
         if length is None or length > CHUNK or request.method == "HEAD" or (
                 "chunked" in resp.headers.get("Transfer-Encoding", "").lower()):
@@ -320,6 +320,11 @@ class Proxy:
         out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
         if REQUEST_ID not in out.headers:
             out.headers[REQUEST_ID] = rid
+        try:  # sent here, before the log line is made: that is the caller's latency
+            await out.prepare(request)
+            await out.write_eof()
+        except ConnectionError:
+            raise ClientClosedRequest("the caller left before its answer was sent") from None
         outcome.bytes_out = len(body)
         return out
 

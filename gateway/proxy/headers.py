@@ -143,8 +143,8 @@ class PassThroughResponse(_NoAddedHeaders, web.StreamResponse):
 
 
 class WholePassThroughResponse(_NoAddedHeaders, web.Response):
-    """A small upstream answer, read whole: returned unsent, aiohttp sends head and body in
-    one write. Build with :meth:`of`."""
+    """A small upstream answer, read whole: head and body leave in one write (``web.Response``
+    holds the head back for its body). Build with :meth:`of`."""
 
     @classmethod
     def of(cls, status: int, reason: str | None, upstream: CIMultiDictProxy[str],
