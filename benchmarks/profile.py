@@ -15,8 +15,8 @@ neighbours the way requests/s do.
 from __future__ import annotations
 
 import argparse
-import os
 import collections
+import os
 import re
 import subprocess
 import sys
