@@ -1,6 +1,6 @@
 """Where the gateway's CPU goes under load: py-spy on ``repairy-gateway serve`` behind wrk.
 
-    .venv/bin/pip install -e '.[dev]'        # py-spy, pyinstrument
+    .venv/bin/pip install -e '.[dev]'        # py-spy
     .venv/bin/python -m benchmarks.profile [--seconds 10] [GATEWAY_X=value ...]
 
 Starts nginx as the upstream (as :mod:`benchmarks.speed` does), the gateway with its defaults

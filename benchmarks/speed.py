@@ -154,6 +154,9 @@ class Contender:
     p50_1c_ms: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
     peak_rss_kib: int = 0
+    idle_rss_max_kib: int = 0  # the largest single process (workers: each one)
+    rss_after_round_kib: list[int] = field(default_factory=list)  # the soak: growth over rounds
+    requests: float = 0.0
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid) if self.proc is not None else []
@@ -240,6 +243,7 @@ def measure(c: Contender, binary: str, seconds: float) -> None:
     if r["non_2xx"]:
         raise RuntimeError(f"{c.name}: {r['non_2xx']:.0f} non-2xx answers")
     c.rps.append(r["rps"])
+    c.requests += r["requests"]
     c.p50_ms.append(r["p50"])
     c.p99_ms.append(r["p99"])
     if pids:
@@ -332,10 +336,12 @@ def run(seconds: float, rounds: int, streaming: bool) -> str:
             time.sleep(1.0)
             for c in contenders:
                 c.idle_rss_kib = rss_kib(c.pids())
+                c.idle_rss_max_kib = max((rss_kib([pid]) for pid in c.pids()), default=0)
                 wrk(wrk_bin, c.url + PATH, 1, 8)  # warm up: connections, caches
             for _ in range(rounds):
                 for c in contenders:
                     measure(c, wrk_bin, seconds)
+                    c.rss_after_round_kib.append(rss_kib(c.pids()))
             extra_rows: dict[str, Any] = {}
             if streaming:
                 extra_rows["stream"] = asyncio.run(stream(by_name["gateway"].url,
@@ -355,7 +361,7 @@ def renewal(d: Path, py: str, upstream_url: str, wrk_bin: str, seconds: float) -
             _wait_ready(admin)
             wrk(wrk_bin, f"http://127.0.0.1:{port}{PATH}", 1, 8)
             # Long enough for a few renewals (one every ~2.4 s): 6 s runs at the default 5 s.
-            runs = [wrk(wrk_bin, f"http://127.0.0.1:{port}{PATH}", max(2, round(seconds * 1.2)),
+            runs = [wrk(wrk_bin, f"http://127.0.0.1:{port}{PATH}", max(3, round(seconds * 1.2)),
                         32) for _ in range(2)]
         out[label] = statistics.median(r["p99"] for r in runs)
         out[f"{label}_non_2xx"] = sum(r["non_2xx"] for r in runs)
@@ -402,6 +408,12 @@ def report(contenders: list[Contender], extra: dict[str, Any], seconds: float,
         f"- 2 workers / 1 worker throughput: {_med(by['gateway-2w'].rps) / _med(gw.rps):.2f}x "
         "(goal >= 1.3x)",
     ]
+    for name in ("gateway", "gateway-2w"):
+        c = by[name]
+        grown = (c.rss_after_round_kib[-1] - c.rss_after_round_kib[0]) / 1024
+        lines.append(f"- {name}: idle RSS {c.idle_rss_max_kib / 1024:.1f} MiB for its largest "
+                     f"process (goal <= 50 MB each); RSS {grown:+.1f} MiB from the first round "
+                     f"to the last, over {c.requests:,.0f} requests (goal: no growth)")
     if "stream" in extra:
         s = extra["stream"]
         lines.append(f"- 1 GiB through the gateway: download {s['download_MBps']:.0f} MB/s, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import threading
 from datetime import UTC, datetime
@@ -37,19 +38,28 @@ def iso_ms(created: float) -> str:
 
 
 class _Timestamps:
-    """:func:`iso_ms` with the whole-second part cached (the same text, cheaper)."""
+    """:func:`iso_ms` with the whole-second part cached: the same text, cheaper. Like
+    ``datetime.fromtimestamp`` it first rounds to the microsecond (half to even), then
+    ``isoformat`` cuts to the millisecond."""
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
 
     def __call__(self, created: float) -> str:
-        millis = int(created * 1000)  # what isoformat(timespec="milliseconds") truncates to
-        second, ms = divmod(millis, 1000)
+        frac, whole = math.modf(created)
+        us = round(frac * 1e6)
+        second = int(whole)
+        if us >= 1_000_000:
+            second += 1
+            us -= 1_000_000
+        elif us < 0:
+            second -= 1
+            us += 1_000_000
         if second != self._second:
             self._second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{ms:03d}Z"
+        return f"{self._prefix}.{us // 1000:03d}Z"
 
 
 fast_iso_ms = _Timestamps()
@@ -68,6 +78,11 @@ def json_line(created: float, level: str, logger: str, msg: str,
 _ENCODER: Final = json.JSONEncoder(default=str)
 
 
+#: The most one write may carry and stay whole on a pipe shared with other processes (POSIX
+#: PIPE_BUF): batches are cut at line ends below it, so workers' lines never interleave.
+ATOMIC_WRITE: Final = 4096
+
+
 class BatchWriter:
     """Text to a stream in batches: at least every :data:`FLUSH_EVERY` seconds while an event
     loop runs in the writing thread, at once otherwise (or when :meth:`flush` is called)."""
@@ -76,33 +91,55 @@ class BatchWriter:
         self.stream = stream
         self._lock = threading.Lock()
         self._batch: list[str] = []
-        self._armed = False
+        self._armed: asyncio.AbstractEventLoop | None = None  # the loop whose timer flushes
 
     def write(self, text: str) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: nothing would flush later
+            loop = None
         with self._lock:
             self._batch.append(text)
-            full = len(self._batch) >= FLUSH_LINES
-            arm = not self._armed and not full
+            later = (loop is not None and len(self._batch) < FLUSH_LINES
+                     and (self._armed is loop or self._armed is None))
+            arm = later and self._armed is None
             if arm:
-                self._armed = True
-        if full:
+                self._armed = loop
+        if not later:  # no loop, a full batch, or a timer on another (maybe closed) loop
             self.flush()
         elif arm:
-            try:
-                asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
-            except RuntimeError:  # no loop in this thread: nothing would flush later
-                self.flush()
+            assert loop is not None
+            loop.call_later(FLUSH_EVERY, self.flush)
 
     def flush(self) -> None:
         with self._lock:
             batch, self._batch = self._batch, []
-            self._armed = False
+            self._armed = None
             if batch:
                 try:
-                    self.stream.write("".join(batch))
-                    self.stream.flush()
+                    for chunk in _chunks(batch):
+                        self.stream.write(chunk)
+                        self.stream.flush()
                 except (OSError, ValueError):
                     pass  # a closed or broken stream: logging must never take the gateway down
+
+
+def _chunks(lines: list[str]) -> list[str]:
+    """Lines joined into writes of at most :data:`ATOMIC_WRITE` bytes, cut at line ends (a
+    longer line goes alone)."""
+    out: list[str] = []
+    part: list[str] = []
+    size = 0
+    for line in lines:
+        n = len(line) if line.isascii() else len(line.encode())
+        if part and size + n > ATOMIC_WRITE:
+            out.append("".join(part))
+            part, size = [], 0
+        part.append(line)
+        size += n
+    if part:
+        out.append("".join(part))
+    return out
 
 
 class BatchedHandler(logging.Handler):
@@ -132,13 +169,20 @@ _installed: BatchedHandler | None = None
 
 def access_sink(logger: logging.Logger) -> BatchWriter | None:
     """The batch to write an access line straight into, or None to go through ``logging``:
-    only when our JSON handler is the root's one handler and ``logger`` logs at info."""
+    only when nothing but our JSON handler on the root would see the record (no other handler,
+    filter or ``propagate=False`` from ``logger`` up) and ``logger`` logs at info."""
     handler = _installed
     if handler is None or not isinstance(handler.formatter, JsonFormatter):
         return None
+    if not logger.isEnabledFor(logging.INFO) or handler.filters:
+        return None
+    node: logging.Logger | None = logger
+    while node is not None and node is not logging.root:
+        if node.handlers or node.filters or not node.propagate:
+            return None
+        node = node.parent
     handlers = logging.root.handlers
-    if len(handlers) != 1 or handlers[0] is not handler or logger.handlers or (
-            not logger.isEnabledFor(logging.INFO)):
+    if len(handlers) != 1 or handlers[0] is not handler or logging.root.filters:
         return None
     return handler.writer
 

@@ -6,13 +6,27 @@ import asyncio
 import io
 import json
 import logging
+import threading
 import time
 from typing import Any
 
 import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.app import GatewayServer
-from gateway.logs import JsonFormatter, access_sink, flush, json_line, setup_logging
+from gateway.logs import (
+    ATOMIC_WRITE,
+    BatchWriter,
+    JsonFormatter,
+    _chunks,
+    access_sink,
+    fast_iso_ms,
+    flush,
+    iso_ms,
+    json_line,
+    setup_logging,
+)
 from gateway.sandbox import Sandbox
 from tests.conftest import LEAK_MARKERS, LogCapture
 from tests.sandbox_helpers import faults
@@ -164,3 +178,77 @@ def test_logs_access_lines_go_through_logging_when_another_handler_listens(
         assert access_sink(logging.getLogger("gateway.proxy")) is None
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+@given(created=st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False))
+@settings(max_examples=2000)
+def test_logs_fast_timestamp_is_the_formatters_for_any_time(created: float) -> None:
+    """The cached timestamp rounds like datetime (to the microsecond, then cut to ms)."""
+    assert fast_iso_ms(created) == iso_ms(created)
+
+
+def test_logs_fast_timestamp_edge_cases() -> None:
+    for created in (1_800_000_858.7939997, 1_800_000_000.9999995, 1_800_000_000.0005,
+                    1_800_000_000.0004999, 1_799_999_999.9999999, 0.0):
+        assert fast_iso_ms(created) == iso_ms(created)
+
+
+def test_logs_batches_are_written_in_pipe_atomic_pieces_at_line_ends() -> None:
+    """A batch shared with other processes' output is cut into writes of at most 4 KiB, each
+    ending at a line end (so lines from workers never interleave)."""
+    lines = [json.dumps({"n": i, "pad": "x" * (i % 300)}) + "\n" for i in range(500)]
+    lines.append("y" * 10_000 + "\n")  # a line longer than a piece goes alone
+    pieces = _chunks(lines)
+    assert "".join(pieces) == "".join(lines)
+    for piece in pieces:
+        assert piece.endswith("\n")
+        assert len(piece.encode()) <= ATOMIC_WRITE or piece.count("\n") == 1
+
+
+def test_logs_do_not_wait_for_the_timer_of_a_closed_loop() -> None:
+    """A line batched inside a loop that then closed, before its timer fired: the next line
+    (outside any loop, or in another thread) writes both at once."""
+    stream = io.StringIO()
+    writer = BatchWriter(stream)
+
+    async def inside() -> None:
+        writer.write("first\n")
+
+    asyncio.run(inside())
+    assert stream.getvalue() == ""  # batched; its loop is gone
+    writer.write("second\n")
+    assert stream.getvalue() == "first\nsecond\n"
+    thread = threading.Thread(target=writer.write, args=("third\n",))
+    thread.start()
+    thread.join()
+    assert stream.getvalue().endswith("third\n")
+
+
+def test_logs_access_fast_path_respects_the_logger_tree() -> None:
+    """A handler, a filter or propagate=False anywhere from gateway.proxy up sends the access
+    line through logging."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not getattr(h, "_repairy_gateway", False)]
+    for h in others:
+        root.removeHandler(h)
+    handler = setup_logging("info", "json", stream=stream)
+    proxy_log, parent = logging.getLogger("gateway.proxy"), logging.getLogger("gateway")
+    extra = logging.NullHandler()
+    try:
+        assert access_sink(proxy_log) is not None
+        parent.addHandler(extra)
+        assert access_sink(proxy_log) is None
+        parent.removeHandler(extra)
+        proxy_log.propagate = False
+        assert access_sink(proxy_log) is None
+        proxy_log.propagate = True
+        parent.addFilter(lambda record: True)
+        assert access_sink(proxy_log) is None
+    finally:
+        parent.removeHandler(extra)
+        parent.filters.clear()
+        proxy_log.propagate = True
+        root.removeHandler(handler)
+        for h in others:
+            root.addHandler(h)

@@ -24,8 +24,23 @@ _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 _SPLIT: Final = tuple((t, t.strip("/").split("/")) for t in TEMPLATES)
 
 
-@functools.lru_cache(maxsize=4096)
+#: Paths longer than this are matched each time (the cache stays small: 1,024 x 256 bytes).
+_CACHED_PATH_LENGTH: Final = 256
+
+
 def route_template(path: str) -> str:
+    """The template a decoded request path matches, else ``other`` (short paths cached)."""
+    if len(path) <= _CACHED_PATH_LENGTH:
+        return _cached_template(path)
+    return _template(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_template(path: str) -> str:
+    return _template(path)
+
+
+def _template(path: str) -> str:
     """The template a decoded request path matches, else ``other``."""
     segments = path.strip("/").split("/")
     for template, parts in _SPLIT:
