@@ -241,7 +241,8 @@ SPECS: tuple[Spec, ...] = (
     _spec("allowed_routes", "GATEWAY_ALLOWED_ROUTES", parse_routes, "*",
           "Comma-separated 'METHOD /glob' or '/glob' allow-list; /auth/* is always refused.", IN),
     _spec("header_timeout", "GATEWAY_HEADER_TIMEOUT", parse_positive_duration, "10s",
-          "A client must send complete request headers within this time.", IN),
+          "A client must send complete request headers within this time (checked every "
+          "quarter of it, at most every second).", IN),
     _spec("client_body_timeout", "GATEWAY_CLIENT_BODY_TIMEOUT", parse_positive_duration, "30s",
           "Longest pause allowed while a client sends its request body (then 408).", IN),
     _spec("client_keepalive_timeout", "GATEWAY_CLIENT_KEEPALIVE_TIMEOUT", parse_duration,
