@@ -30,6 +30,7 @@ from gateway.config_values import TcpAddress, UnixAddress
 from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
+from gateway.proxy.cache import GetCache
 from gateway.proxy.handler import Proxy
 from gateway.proxy.inbound import ProxyServer
 from gateway.proxy.limits import (
@@ -112,13 +113,23 @@ def build_limits(s: Settings, clock: Clock, metrics: Metrics) -> ClientLimits:
                             limit, client).inc())
 
 
+def build_cache(s: Settings, clock: Clock, metrics: Metrics) -> GetCache:
+    cache = GetCache(s.cache_routes, max_bytes=s.cache_max_bytes,
+                     max_entries=s.cache_max_entries, max_entry=s.cache_max_entry, clock=clock,
+                     on_evict=metrics.cache_evictions.inc)
+    metrics.cache_bytes.set_function(lambda: float(cache.stored_bytes))
+    metrics.cache_entries.set_function(lambda: float(len(cache)))
+    return cache
+
+
 def build_state(s: Settings, tokens: TokenSource, clock: Clock,
                 metrics: Metrics) -> GatewayState:
     """The state a proxy listener needs (in the gateway process or a worker)."""
     return GatewayState(settings=s, tokens=tokens, upstream=build_upstream(s, clock, metrics),
                         metrics=metrics, access=build_access_policy(s),
                         route_401=route_401_tracker(s, clock, metrics),
-                        limits=build_limits(s, clock, metrics), clock=clock)
+                        limits=build_limits(s, clock, metrics), clock=clock,
+                        cache=build_cache(s, clock, metrics))
 
 
 def build_access_policy(s: Settings) -> AccessPolicy:

@@ -114,6 +114,19 @@ class Metrics:
             f"{NS}_limited_requests", "Requests refused by a gateway limit: rate (429), "
             "client_rate (429), client_concurrency (429 client_busy), upstream_slots (503 "
             "upstream_busy), by client.", ["limit", "client"], registry=r)
+        self.cache_requests = Counter(
+            f"{NS}_cache_requests", "GET cache lookups on cached routes: hit, miss, coalesced "
+            "(answered from a concurrent miss's upstream call), bypass (Cache-Control: "
+            "no-cache).", ["result"], registry=r)
+        self.cache_stored = Counter(
+            f"{NS}_cache_stored", "Answers the GET cache kept.", registry=r)
+        self.cache_evictions = Counter(
+            f"{NS}_cache_evictions", "Answers the GET cache dropped for room (not expiry).",
+            registry=r)
+        self.cache_bytes = Gauge(f"{NS}_cache_bytes", "Memory the GET cache holds.",
+                                 registry=r)
+        self.cache_entries = Gauge(f"{NS}_cache_entries", "Answers the GET cache holds.",
+                                   registry=r)
         self.upstream_slots_in_use = Gauge(
             f"{NS}_upstream_slots_in_use", "Upstream exchanges in progress (bounded by "
             "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE).", registry=r)
@@ -226,7 +239,8 @@ class Metrics:
 
 #: Gauges that add up over processes; every other gauge is this process's own (the token's,
 #: readiness, the build), the workers' copies of those are left out.
-SUMMED_GAUGES = frozenset({f"{NS}_inflight_requests", f"{NS}_upstream_slots_in_use"})
+SUMMED_GAUGES = frozenset({f"{NS}_inflight_requests", f"{NS}_upstream_slots_in_use",
+                           f"{NS}_cache_bytes", f"{NS}_cache_entries"})
 #: Gauges whose fleet-of-workers value is the largest (any worker's open breaker shows).
 MAX_GAUGES = frozenset({f"{NS}_circuit_breaker_state"})
 

@@ -53,6 +53,7 @@ from gateway.proxy.access import (
     parse_header_names,
     parse_routes,
 )
+from gateway.proxy.cache import CacheRule, parse_cache_routes
 from gateway.redact import Secret
 
 
@@ -84,6 +85,11 @@ def _spec(key: str, env: str, parse: Callable[[object], Any], default: str | Non
 
 
 U, A, T, F, R = "upstream", "auth", "token", "fleet", "retries and limits"
+C = "cache"
+
+
+def parse_cache_route_list(value: object) -> tuple[CacheRule, ...]:
+    return parse_cache_routes(value, parse_positive_duration)
 P, IN, S, L = "proxy", "inbound", "server", "logging"
 #: Every setting, in documentation order. ``default=None`` means required (for ``serve``).
 SPECS: tuple[Spec, ...] = (
@@ -165,6 +171,15 @@ SPECS: tuple[Spec, ...] = (
           "0", "Per-client burst (0: one second's worth).", R),
     _spec("client_concurrency", "GATEWAY_CLIENT_CONCURRENCY", bounded_int(0, 100000), "0",
           "Most requests in flight per client (429 client_busy above; 0: no limit).", R),
+    _spec("cache_routes", "GATEWAY_CACHE_ROUTES", parse_cache_route_list, "",
+          "GET answers to cache, comma-separated 'GET /path-glob=TTL' (e.g. "
+          "GET /workshops/*/services=60s; empty: no cache). Per process.", C),
+    _spec("cache_max_bytes", "GATEWAY_CACHE_MAX_BYTES", parse_size, "32MiB",
+          "Most memory the GET cache holds (bodies, headers and keys).", C),
+    _spec("cache_max_entries", "GATEWAY_CACHE_MAX_ENTRIES", bounded_int(1, 10**7), "10000",
+          "Most answers the GET cache holds.", C),
+    _spec("cache_max_entry", "GATEWAY_CACHE_MAX_ENTRY", parse_size, "1MiB",
+          "Largest answer body the GET cache keeps.", C),
     _spec("auth_token_path", "REPAIRY_AUTH_TOKEN_PATH", parse_path, "/auth/token",
           "Login endpoint, relative to the base URL.", A),
     _spec("auth_refresh_path", "REPAIRY_AUTH_REFRESH_PATH", parse_path, "/auth/refresh",
@@ -311,6 +326,10 @@ class Settings:
     client_rate_limit: float
     client_rate_limit_burst: int
     client_concurrency: int
+    cache_routes: tuple[CacheRule, ...]
+    cache_max_bytes: int
+    cache_max_entries: int
+    cache_max_entry: int
     auth_token_path: str
     auth_refresh_path: str
     auth_app_key_field: str

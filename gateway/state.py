@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.clock import Clock
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
+from gateway.proxy.cache import GetCache
 from gateway.proxy.limits import ClientLimits
 from gateway.proxy.upstream import Upstream
 from gateway.settings import Settings
@@ -28,6 +29,7 @@ class GatewayState:
     route_401: Persistent401
     limits: ClientLimits
     clock: Clock
+    cache: GetCache
     draining: bool = False
     #: With worker processes: their status, for /healthz.
     workers: Callable[[], list[dict[str, Any]]] | None = None

@@ -42,8 +42,10 @@ from gateway.logs import access_sink, json_line
 from gateway.metrics import Metrics
 from gateway.proxy.access import ANONYMOUS
 from gateway.proxy.body import CHUNK, NO_BODY, BodyReader, check_declared_size, take_body
+from gateway.proxy.cache import X_CACHE, CachedAnswer, CacheRule
 from gateway.proxy.headers import (
     REQUEST_ID,
+    CachedResponse,
     PassThroughResponse,
     WholePassThroughResponse,
     downstream_response_headers,
@@ -61,6 +63,7 @@ from gateway.token.value import Token
 from gateway.urls import target_url
 
 log = logging.getLogger("gateway.proxy")
+_CACHEABLE: Final = frozenset({"GET", "HEAD"})
 #: Breaker outcomes of the upstream errors: only connection failures and timeouts count.
 _BREAKER_FAILURE_KINDS: Final = frozenset({"connect", "timeout"})
 
@@ -80,6 +83,12 @@ class _Outcome:
     reader: BodyReader | None = None
     attempts: Attempts | None = None
     counted: bool = False  # in the per-client limits (to hand back)
+    path: str = ""
+    cache: str | None = None  # HIT, MISS, COALESCED on cached routes
+    cache_rule: CacheRule | None = None
+    cache_key: str = ""
+    cache_leader: bool = False  # leads the single flight for cache_key (to land)
+    source: str = "upstream"
     metrics: Metrics | None = None
     method: str = "GET"
 
@@ -127,7 +136,7 @@ class Proxy:
             response = await self._forward(request, rid, outcome)
             if outcome.status is None:  # not a caller who left mid-answer
                 outcome.status = response.status
-                gw.metrics.response("upstream", response.status, "none")
+                gw.metrics.response(outcome.source, response.status, "none")
             return response
         except ClientClosedRequest:
             self._gone(outcome)
@@ -177,6 +186,7 @@ class Proxy:
         gw.metrics.client_request(outcome.client)
         access.check_route(request.method, decoded)
         outcome.route = route_template(decoded)
+        outcome.path = decoded
         expect = request.headers.get(hdrs.EXPECT)
         if expect is not None and expect.strip().lower() != "100-continue":
             raise ExpectationFailed("only 'Expect: 100-continue' is supported")
@@ -197,6 +207,10 @@ class Proxy:
             if self._admit(request, outcome) and request.version == aiohttp.HttpVersion11 and (
                     request.body_exists):
                 send_continue(request)
+            if gw.cache.enabled and request.method in _CACHEABLE:
+                cached = await self._cached(request, rid, outcome)
+                if cached is not None:
+                    return cached
             caller_gone = functools.partial(_caller_gone, request)
             reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
                                                  s.max_body_size, caller_gone)
@@ -249,6 +263,53 @@ class Proxy:
         finally:
             if outcome.counted:
                 gw.limits.done(outcome.client)
+            if outcome.cache_leader:
+                gw.cache.landed(outcome.cache_key)
+
+    async def _cached(self, request: web.BaseRequest, rid: str,
+                      outcome: _Outcome) -> web.StreamResponse | None:
+        """A cached route: the answer from the cache (a hit, or what a concurrent miss
+        stored), or None to go upstream (this caller then leads the single flight)."""
+        cache, metrics = self.state.cache, self.state.metrics
+        rule = cache.rule_for(outcome.path)
+        if rule is None:
+            return None
+        outcome.cache_rule, outcome.cache_key = rule, f"GET {request.raw_path}"
+        if "no-cache" in request.headers.get("Cache-Control", "").lower():
+            metrics.cache_requests.labels("bypass").inc()
+            outcome.cache = "MISS"
+            return None
+        entry = cache.lookup(outcome.cache_key, request.headers)
+        if entry is None and request.method == "GET":
+            flight = cache.leader(outcome.cache_key)
+            if flight is None:
+                outcome.cache_leader = True
+            else:  # a miss for this key is on its way upstream: wait for what it stores
+                await asyncio.shield(flight)
+                entry = cache.lookup(outcome.cache_key, request.headers)
+                if entry is not None:
+                    return await self._from_cache(request, entry, "COALESCED", rid, outcome)
+        if entry is not None:
+            return await self._from_cache(request, entry, "HIT", rid, outcome)
+        metrics.cache_requests.labels("miss").inc()
+        outcome.cache = "MISS"
+        return None
+
+    async def _from_cache(self, request: web.BaseRequest, entry: CachedAnswer, how: str,
+                          rid: str, outcome: _Outcome) -> web.StreamResponse:
+        self.state.metrics.cache_requests.labels(how.lower()).inc()
+        out = CachedResponse.of(entry, self.state.cache.age(entry), how)
+        out.headers[REQUEST_ID] = rid
+        outcome.cache = how
+        outcome.upstream_status = None
+        try:
+            await out.prepare(request)
+            await out.write_eof()
+        except ConnectionError:
+            raise ClientClosedRequest("the caller left before its answer was sent") from None
+        outcome.bytes_out = 0 if request.method == "HEAD" else len(entry.body)
+        outcome.source = "cache"
+        return out
 
     async def _after_401(self, url: URL, headers: CIMultiDict[str], data: Body,
                          replayable: bool, token: Token, resp: aiohttp.ClientResponse,
@@ -304,7 +365,9 @@ class Proxy:
         first, so a broken upstream body is still a clean 502, and sent as one write (head
         and body together). Anything else is streamed."""
         length = resp.content_length
-        if length is None or length > CHUNK or request.method == "HEAD" or (
+        whole_limit = CHUNK if outcome.cache_rule is None else max(
+            CHUNK, self.state.cache.max_entry)
+        if length is None or length > whole_limit or request.method == "HEAD" or (
                 "chunked" in resp.headers.get("Transfer-Encoding", "").lower()):
             return await self._stream_back(request, resp, rid, outcome)
         try:
@@ -318,6 +381,11 @@ class Proxy:
         finally:
             resp.release()
         out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
+        if outcome.cache_rule is not None:
+            if self.state.cache.store(outcome.cache_key, outcome.cache_rule, resp.status,
+                                      resp.reason or "", out.headers, body, request.headers):
+                self.state.metrics.cache_stored.inc()
+            out.headers[X_CACHE] = "MISS"
         if REQUEST_ID not in out.headers:
             out.headers[REQUEST_ID] = rid
         try:  # sent here, before the log line is made: that is the caller's latency
@@ -393,7 +461,8 @@ def _log_request(request: web.BaseRequest, rid: str, outcome: _Outcome,
         "bytes_out": outcome.bytes_out,
         "token_generation": outcome.generation, "replayed": outcome.replayed,
         "retried": bool(attempts and attempts.retried),
-        "retries": ",".join(attempts.retried) if attempts and attempts.retried else None}
+        "retries": ",".join(attempts.retried) if attempts and attempts.retried else None,
+        "cache": outcome.cache}
     sink = access_sink(log)
     if sink is not None:
         msg = f"{request.method} {outcome.route} {outcome.status}"

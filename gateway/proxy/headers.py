@@ -16,10 +16,13 @@ import functools
 import itertools
 import re
 import uuid
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from gateway.proxy.cache import CachedAnswer
 
 HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -153,6 +156,20 @@ class WholePassThroughResponse(_NoAddedHeaders, web.Response):
         downstream_response_headers(upstream, out.headers)
         out.own_content_type = hdrs.CONTENT_TYPE in out.headers
         out.body = body  # after the headers: the setter adds a Content-Type only if missing
+        return out
+
+
+class CachedResponse(_NoAddedHeaders, web.Response):
+    """An answer from the GET cache, with ``Age`` and ``X-Cache``."""
+
+    @classmethod
+    def of(cls, entry: CachedAnswer, age: int, how: str) -> CachedResponse:
+        out = cls(status=entry.status, reason=entry.reason)
+        out.headers.extend(entry.headers)
+        out.own_content_type = hdrs.CONTENT_TYPE in out.headers
+        out.headers["Age"] = str(age)
+        out.headers["X-Cache"] = how
+        out.body = entry.body
         return out
 
 

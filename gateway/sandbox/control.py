@@ -32,6 +32,7 @@ class Fault:
     ``chunk`` sends the answer (the fault's own, or the real one when the fault sets no
     status) with chunked transfer in pieces of that many bytes, ``chunk_delay`` apart;
     ``retry_after_date`` sends ``Retry-After`` as an HTTP date instead of seconds.
+    ``headers`` adds response headers to the answer (``Cache-Control``, ``Vary``, ...).
     ``reset`` closes the connection at once, before any byte of an answer (a keep-alive
     connection the server dropped); ``bare`` answers ``status`` (default 200) with ``body``
     and no ``Content-Type`` or ``Server`` header.
@@ -53,6 +54,7 @@ class Fault:
     persistent: bool = False
     reset: bool = False
     bare: bool = False
+    headers: dict[str, str] | None = None
 
     @classmethod
     def from_json(cls, spec: object, now: float = 0.0) -> Fault:
@@ -60,7 +62,8 @@ class Fault:
             raise ControlError("a fault is a JSON object")
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
                                "scope", "body", "length", "chunk", "chunk_delay",
-                               "retry_after_date", "duration", "persistent", "reset", "bare"}
+                               "retry_after_date", "duration", "persistent", "reset", "bare",
+                               "headers"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -108,13 +111,18 @@ class Fault:
         bare = spec.get("bare", False)
         if not isinstance(reset, bool) or not isinstance(bare, bool):
             raise ControlError("reset and bare must be true or false")
-        if status is None and not (drop or latency or reset or bare) and chunk is None:
+        headers = spec.get("headers")
+        if headers is not None and (not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+            raise ControlError("headers must be an object of header names to string values")
+        if status is None and not (drop or latency or reset or bare or headers) and (
+                chunk is None):
             raise ControlError("a fault needs at least one of status, latency, drop, reset, "
-                               "bare, chunk")
+                               "bare, headers, chunk")
         return cls(count, status, retry_after, float(latency), drop, path, scope, body, length,
                    chunk, float(chunk_delay), retry_after_date,
                    None if duration is None else now + float(duration), persistent, reset,
-                   bare)
+                   bare, headers)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":

@@ -106,6 +106,8 @@ async def _faulted_or_handled(request: web.Request, handler: Handler, state: San
                               kind: Kind) -> web.StreamResponse:
     fault = state.control.take_fault(request.path, kind, state.clock())
     resp = await _apply_fault(request, handler, state, kind, fault)
+    if fault is not None and fault.headers and not resp.prepared:
+        resp.headers.update(fault.headers)
     if fault is not None and fault.chunk is not None:
         return await _send_chunked(request, resp, fault.chunk, fault.chunk_delay)
     return resp

@@ -1,0 +1,198 @@
+"""The GET cache: read-mostly routes answered from memory, concurrent misses coalesced.
+
+Off by default; ``GATEWAY_CACHE_ROUTES`` turns it on per route pattern with a lifetime
+(``GET /workshops/*/services=60s``). Only answers that are safe to share are kept:
+
+* status 200 to a GET, with a known length within ``GATEWAY_CACHE_MAX_ENTRY``;
+* the upstream's ``Cache-Control`` allows it (``no-store``, ``private`` and ``no-cache`` keep
+  it out; ``max-age``/``s-maxage`` cap the configured lifetime); ``Vary: *`` keeps it out;
+* the key is the method, the raw path and query, plus the values of the headers the answer's
+  ``Vary`` names (the gateway never decompresses: a gzip body must never reach a caller that
+  did not accept it).
+
+A HEAD is answered from the GET entry's head. Concurrent misses for one key make one upstream
+call (single flight): the others wait for it and are answered from what it stored (or go
+upstream themselves if it stored nothing). A caller's ``Cache-Control: no-cache`` bypasses
+the cache and refreshes it. Answers carry ``Age`` and ``X-Cache: HIT|MISS|COALESCED``.
+
+Memory is bounded in bytes and entries (``cachetools.TLRUCache``, each entry expiring at its
+own time); the cache is per process (each worker and replica keeps its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from cachetools import TLRUCache
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.clock import Clock
+
+X_CACHE: Final = "X-Cache"
+_MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d{1,10})\"?\s*(?=,|$)", re.I)
+_ENTRY_OVERHEAD: Final = 512  # bytes counted per entry beyond its body and headers
+
+
+@dataclass(frozen=True)
+class CacheRule:
+    pattern: str  # fnmatch glob over the decoded path
+    ttl: float
+
+    def matches(self, path: str) -> bool:
+        return fnmatch.fnmatchcase(path, self.pattern)
+
+
+def parse_cache_routes(value: object, parse_duration: Callable[[object], float]
+                       ) -> tuple[CacheRule, ...]:
+    """``GET /glob=60s`` entries (``GET`` may be left out), comma-separated."""
+    rules = []
+    for raw in str(value).split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        route, sep, ttl_text = entry.rpartition("=")
+        parts = route.split()
+        if not sep or not parts or len(parts) > 2 or (len(parts) == 2
+                                                      and parts[0].upper() != "GET"):
+            raise ValueError(f"{entry!r} is not 'GET /path-glob=TTL' (e.g. "
+                             "GET /workshops/*/services=60s)")
+        pattern = parts[-1]
+        if not pattern.startswith("/"):
+            raise ValueError(f"{entry!r}: the path glob must start with /")
+        ttl = parse_duration(ttl_text.strip())
+        if ttl <= 0:
+            raise ValueError(f"{entry!r}: the lifetime must be above zero")
+        rules.append(CacheRule(pattern, ttl))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]  # as passed back (hop-by-hop already dropped)
+    body: bytes
+    vary: tuple[str, ...]  # lower-case header names
+    vary_values: tuple[str | None, ...]
+    stored_at: float  # wall-clock seconds, for Age
+    expires_at: float  # monotonic
+    size: int
+
+
+def answer_lifetime(headers: CIMultiDictProxy[str] | CIMultiDict[str],
+                    configured: float) -> float | None:
+    """How long the upstream lets a shared cache keep this answer (None: not at all)."""
+    control = ",".join(headers.getall("Cache-Control", [])).lower()
+    if any(word in control for word in ("no-store", "private", "no-cache")):
+        return None
+    if "*" in [v.strip() for v in ",".join(headers.getall("Vary", [])).split(",")]:
+        return None
+    ages = {m.group(1).lower(): int(m.group(2)) for m in _MAX_AGE.finditer(control)}
+    limit = ages.get("s-maxage", ages.get("max-age"))
+    ttl = configured if limit is None else min(configured, float(limit))
+    return ttl if ttl > 0 else None
+
+
+def vary_names(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[str, ...]:
+    names = {v.strip().lower() for v in ",".join(headers.getall("Vary", [])).split(",")}
+    return tuple(sorted(n for n in names if n))
+
+
+class GetCache:
+    """The per-process GET cache (see the module's docstring)."""
+
+    def __init__(self, rules: tuple[CacheRule, ...], *, max_bytes: int, max_entries: int,
+                 max_entry: int, clock: Clock,
+                 on_evict: Callable[[], None] | None = None) -> None:
+        self.rules = rules
+        self.max_entry = max_entry
+        self._clock = clock
+        self._on_evict = on_evict
+        self._max_entries = max_entries
+        cache = self
+
+        class _Store(TLRUCache[str, CachedAnswer]):
+            def popitem(self) -> tuple[str, CachedAnswer]:
+                item = super().popitem()
+                if cache._on_evict is not None:
+                    cache._on_evict()
+                return item
+
+        self._store: TLRUCache[str, CachedAnswer] = _Store(
+            maxsize=max_bytes, ttu=lambda _key, value, _now: value.expires_at,
+            timer=clock.monotonic, getsizeof=lambda value: value.size)
+        self._flights: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self._store.currsize)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def rule_for(self, path: str) -> CacheRule | None:
+        for rule in self.rules:
+            if rule.matches(path):
+                return rule
+        return None
+
+    def lookup(self, key: str, request_headers: CIMultiDictProxy[str]) -> CachedAnswer | None:
+        entry = self._store.get(key)
+        if entry is None:
+            return None
+        if tuple(request_headers.get(name) for name in entry.vary) != entry.vary_values:
+            return None
+        return entry
+
+    def store(self, key: str, rule: CacheRule, status: int, reason: str,
+              headers: CIMultiDict[str], body: bytes,
+              request_headers: CIMultiDictProxy[str]) -> bool:
+        """Keep a 200 answer if the upstream allows it; True if kept."""
+        if status != 200 or len(body) > self.max_entry:
+            return False
+        ttl = answer_lifetime(headers, rule.ttl)
+        if ttl is None:
+            return False
+        vary = vary_names(headers)
+        kept = tuple((k, v) for k, v in headers.items()
+                     if k.lower() not in ("age", "x-cache", "x-request-id"))
+        size = len(body) + sum(len(k) + len(v) for k, v in kept) + len(key) + _ENTRY_OVERHEAD
+        if size > self._store.maxsize:
+            return False
+        while len(self._store) >= self._max_entries:
+            self._store.popitem()
+        self._store[key] = CachedAnswer(
+            status, reason, kept, body, vary,
+            tuple(request_headers.get(name) for name in vary), self._clock.time(),
+            self._clock.monotonic() + ttl, size)
+        return True
+
+    def forget(self, key: str) -> None:
+        self._store.pop(key, None)
+
+    # -- single flight -------------------------------------------------------------------------
+    def leader(self, key: str) -> asyncio.Future[None] | None:
+        """None if this caller leads the upstream call for ``key`` (call :meth:`landed`
+        after); else the future to wait on."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            return flight
+        self._flights[key] = asyncio.get_running_loop().create_future()
+        return None
+
+    def landed(self, key: str) -> None:
+        flight = self._flights.pop(key, None)
+        if flight is not None and not flight.done():
+            flight.set_result(None)
+
+    def age(self, entry: CachedAnswer) -> int:
+        return max(0, int(self._clock.time() - entry.stored_at))
