@@ -9,6 +9,7 @@
 - :mod:`~gateway.proxy.upstream`: the pooled upstream client and its error translation.
 - :mod:`~gateway.proxy.retry`: the retry policy (aiohttp-retry) and the retry budget.
 - :mod:`~gateway.proxy.limits`: circuit breaker, concurrency and rate limits.
+- :mod:`~gateway.proxy.cache`: the GET cache and its single flight.
 - :mod:`~gateway.proxy.handler`: the request handler tying them together.
 
 Nothing here renews tokens: the handler asks a :class:`~gateway.token.manager.TokenSource`.
