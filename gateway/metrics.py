@@ -77,8 +77,9 @@ class Metrics:
         self.store_errors = Counter(
             f"{NS}_store_errors", "Failed operations on the shared token store, by operation.",
             ["op"], registry=r)
-        self.store_up = Gauge(f"{NS}_store_up", "1 while the shared token store answers (0: "
-                              "down; absent without a store).", registry=r)
+        #: Registered on the first report of a store (absent without one: a 0 would read as
+        #: "down" on a dashboard).
+        self.store_up: Gauge | None = None
         self.credential_reloads = Counter(
             f"{NS}_credential_reloads", "Credential file checks that found a change, by "
             "outcome (success: switched; failure: kept the old ones).", ["outcome"], registry=r)
@@ -200,6 +201,9 @@ class Metrics:
         self.store_errors.labels(op).inc()
 
     def store_is_up(self, up: bool) -> None:
+        if self.store_up is None:
+            self.store_up = Gauge(f"{NS}_store_up", "1 while the shared token store answers "
+                                  "(0: down; absent without a store).", registry=self.registry)
         self.store_up.set(1 if up else 0)
 
     # -- proxy (per request: label children are looked up once, then cached) -----------------

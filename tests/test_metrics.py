@@ -227,3 +227,13 @@ def test_metrics_merge_shows_the_most_open_breaker_and_sums_slots() -> None:
     assert values["repairy_gateway_circuit_breaker_state"] == 2
     assert values["repairy_gateway_upstream_slots_in_use"] == 7
     assert values["repairy_gateway_token_generation"] == 7
+
+
+def test_metrics_store_up_is_absent_without_a_store() -> None:
+    """No shared store: no store_up series at all (a 0 would read as "store down")."""
+    metrics = Metrics()
+    assert b"repairy_gateway_store_up" not in metrics.render()
+    metrics.store_is_up(True)
+    assert b"repairy_gateway_store_up 1.0" in metrics.render()
+    metrics.store_is_up(False)
+    assert b"repairy_gateway_store_up 0.0" in metrics.render()

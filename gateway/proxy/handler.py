@@ -146,6 +146,7 @@ class Proxy:
             outcome.status = exc.status
             gw.metrics.response("gateway", exc.status, exc.code)
             response = error_response(exc, rid)
+            outcome.bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
             if exc.status in (400, 408, 413, 417):
                 response.force_close()  # the rest of the body is not worth reading
             return response
