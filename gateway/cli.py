@@ -121,6 +121,21 @@ def _setup_logging(level: str, fmt: str) -> None:
     setup_logging(level, fmt)
 
 
+def _warn_unknown_variables() -> None:
+    """A mistyped GATEWAY_*/REPAIRY_* variable would be silently ignored: say so."""
+    import logging
+    import os
+
+    from gateway.settings import unknown_variables
+
+    for name, close in unknown_variables(os.environ):
+        hint = f"; did you mean {close}?" if close else ""
+        logging.getLogger("gateway.settings").warning(
+            "%s is not a setting of repairy-gateway: ignored%s", name, hint,
+            extra={"fields": {"event": "unknown_setting", "variable": name,
+                              "did_you_mean": close}})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -138,12 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = load_settings(config_file=args.config)
             _setup_logging(settings.log_level, settings.log_format)
+            _warn_unknown_variables()
             return run(serve(settings), settings.event_loop)
         if args.command == "check":
             from gateway.commands import check
 
             settings = load_settings(config_file=args.config)
             _setup_logging("warning", settings.log_format)
+            _warn_unknown_variables()
             return asyncio.run(check(settings, _print))
         if args.command == "demo":
             from gateway.commands import demo
@@ -152,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(demo(_sandbox_config(args), args.listen, args.admin_listen,
                                     args.sandbox_port, args.once, _print))
     except SettingsError as exc:
-        print(f"repairy-gateway: {exc}", file=sys.stderr)
+        for name, why in exc.problems:  # every bad setting, one line each
+            print(f"repairy-gateway: invalid setting {name}: {why}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:
         print(f"repairy-gateway: {exc}", file=sys.stderr)

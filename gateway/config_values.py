@@ -130,7 +130,10 @@ def parse_renew_fraction(value: object) -> float:
 
 
 def parse_positive_int(value: object) -> int:
-    number = int(str(value))
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number (e.g. 4)") from None
     if number < 1:
         raise ValueError("must be a positive integer")
     return number

@@ -9,12 +9,13 @@ This is the only module that reads the environment.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from yarl import URL
 
@@ -58,12 +59,16 @@ from gateway.redact import Secret
 
 
 class SettingsError(Exception):
-    """A setting is missing or invalid; ``str()`` is one line naming it."""
+    """Settings are missing or invalid: ``setting``/``problem`` name the first, ``problems``
+    all of them; ``str()`` is one line for each."""
 
-    def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"invalid setting {setting}: {problem}")
+    def __init__(self, setting: str, problem: str,
+                 more: Sequence[tuple[str, str]] = ()) -> None:
         self.setting = setting
         self.problem = problem
+        self.problems: list[tuple[str, str]] = [(setting, problem), *more]
+        super().__init__("\n".join(f"invalid setting {name}: {why}"
+                                    for name, why in self.problems))
 
 
 @dataclass(frozen=True)
@@ -408,7 +413,7 @@ def _load_file(path: str) -> dict[str, Any]:
 
 def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | None = None,
                   overrides: Mapping[str, object] | None = None) -> Settings:
-    """Load and validate every setting; raise :class:`SettingsError` naming the first bad one.
+    """Load and validate every setting; raise :class:`SettingsError` naming every bad one.
 
     ``env`` defaults to the process environment; ``overrides`` (by file key) win over all.
     """
@@ -417,6 +422,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
     from_file = _load_file(config_file) if config_file else {}
     values: dict[str, Any] = {}
     secret_files: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = []
     for spec in SPECS:
         raw: object | None = spec.default
         origin = spec.env
@@ -425,8 +431,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
         file_var = f"{spec.env}_FILE"
         if spec.file_variant and env.get(file_var):
             if env.get(spec.env):
-                raise SettingsError(spec.env, f"set either {spec.env} or {file_var}, not both")
-            raw, origin = _read_file_setting(spec, env[file_var]), file_var
+                problems.append((spec.env, f"set either {spec.env} or {file_var}, not both"))
+                continue
+            try:
+                raw, origin = _read_file_setting(spec, env[file_var]), file_var
+            except SettingsError as exc:
+                problems.extend(exc.problems)
+                continue
             secret_files.append((spec.key, env[file_var]))
         elif env.get(spec.env, "") != "":
             raw, origin = env[spec.env], spec.env
@@ -434,14 +445,37 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
             raw, origin = overrides[spec.key], spec.env
         if raw is None:
             extra = f" (or {file_var})" if spec.file_variant else ""
-            raise SettingsError(spec.env, f"required; set {spec.env}{extra}")
+            problems.append((spec.env, f"required; set {spec.env}{extra}"))
+            continue
         try:
             values[spec.key] = spec.parse(raw)
         except (ValueError, TypeError) as exc:
-            raise SettingsError(origin, str(exc) or "invalid value") from None
+            problems.append((origin, str(exc) or "invalid value"))
+    if problems:  # every one at once: fixing them one run at a time is no fun
+        raise SettingsError(*problems[0], more=problems[1:])
     settings = Settings(**values, config_file=config_file, secret_files=tuple(secret_files))
     _check_consistency(settings)
     return settings
+
+
+#: Every environment variable the gateway reads (``_FILE`` variants included).
+KNOWN_VARIABLES: Final = frozenset(
+    {CONFIG_ENV, *(spec.env for spec in SPECS),
+     *(f"{spec.env}_FILE" for spec in SPECS if spec.file_variant)})
+_PREFIXES: Final = ("GATEWAY_", "REPAIRY_")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``GATEWAY_*``/``REPAIRY_*`` variables the gateway does not read (a typo is silently
+    ignored otherwise), each with the closest known name, if any."""
+    found = []
+    for name in sorted(env):
+        if name.startswith(_PREFIXES) and name not in KNOWN_VARIABLES:
+            prefix = name[:name.index("_") + 1]  # compare what follows the shared prefix
+            rest = {k[len(prefix):]: k for k in KNOWN_VARIABLES if k.startswith(prefix)}
+            close = difflib.get_close_matches(name[len(prefix):], rest, n=1, cutoff=0.75)
+            found.append((name, rest[close[0]] if close else None))
+    return found
 
 
 def _check_consistency(s: Settings) -> None:

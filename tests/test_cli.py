@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from gateway.sandbox import Sandbox
+from gateway.settings import unknown_variables
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults, stats
 
@@ -63,8 +64,29 @@ async def test_cli_bad_settings_exit_2_naming_the_setting(env: dict[str, str],
     assert code == 2
     assert named in err
     assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    lines = err.strip().splitlines()
+    assert all(line.startswith("repairy-gateway: invalid setting ") for line in lines)
+    assert len(lines) == (4 if not env else 1)
     assert "top-secret-value" not in err
+
+
+async def test_cli_reports_every_bad_setting_at_once_and_warns_of_unknown_ones() -> None:
+    """All the missing and invalid settings in one run (exit 2), each named, with what was
+    expected rather than Python's own message; a mistyped variable is a warning naming the
+    closest real one."""
+    code, _, err = await run("serve", env=clean_env(
+        REPAIRY_BASE_URL="https://x.test", GATEWAY_POOL_SIZE="lots",
+        GATEWAY_RETRY_ON_STATUS="abc"))
+    assert code == 2
+    named = [line.split()[3].rstrip(":") for line in err.strip().splitlines()]
+    assert named == ["REPAIRY_APP_KEY", "REPAIRY_APP_SECRET", "REPAIRY_PARTNER_ID",
+                     "GATEWAY_POOL_SIZE", "GATEWAY_RETRY_ON_STATUS"]
+    assert "invalid literal" not in err and "'lots' is not a whole number" in err
+    assert unknown_variables({"GATEWAY_RETRY_ATTEMPT": "3", "GATEWAY_LISTEN": "x",
+                              "REPAIRY_APP_SECRET_FILE": "/f", "GATEWAY_ZZZ": "1",
+                              "OTHER": "1"}) == [("GATEWAY_RETRY_ATTEMPT",
+                                                  "GATEWAY_RETRY_ATTEMPTS"),
+                                                 ("GATEWAY_ZZZ", None)]
 
 
 async def test_cli_check_logs_in_and_prints_expiry_not_token(sandbox: Sandbox) -> None:
@@ -75,6 +97,13 @@ async def test_cli_check_logs_in_and_prints_expiry_not_token(sandbox: Sandbox) -
     assert "expires" in out and "fp:" in out
     assert "sbx_at_" not in out + err and "sbx_rt_" not in out + err
     assert sandbox.state.control.counters["token_requests"] == 1
+
+
+async def test_cli_warns_of_a_mistyped_variable_naming_the_real_one(sandbox: Sandbox) -> None:
+    code, _, err = await run("check", env=sandbox_env(sandbox) | {"GATEWAY_RETRY_ATTEMPT": "3"})
+    assert code == 0, err
+    assert "GATEWAY_RETRY_ATTEMPT is not a setting" in err
+    assert "did you mean GATEWAY_RETRY_ATTEMPTS" in err
 
 
 async def test_cli_check_fails_on_rejected_credentials(sandbox: Sandbox) -> None:
