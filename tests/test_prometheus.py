@@ -31,7 +31,7 @@ def test_prometheus_alert_rules_pass_promtool_check(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8 rules found" in result.stdout
+    assert "10 rules found" in result.stdout
 
 
 def test_prometheus_alert_rules_unit_tests_pass(promtool: str) -> None:
