@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Self
@@ -42,7 +43,7 @@ from gateway.proxy.limits import (
 )
 from gateway.proxy.retry import RetryBudget, RetryConfig, RetryPolicy
 from gateway.proxy.upstream import Upstream, attempt_timeout, create_session
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 from gateway.state import GatewayState
 from gateway.supervisor import WorkerPool, bind_listener
 from gateway.token.auth_client import AuthClient, create_auth_session
@@ -167,12 +168,14 @@ class _TokenEvents:
         self.metrics.invalidated(reason)
 
 
-def _site(runner: web.BaseRunner, address: TcpAddress | UnixAddress) -> web.BaseSite:
-    if isinstance(address, UnixAddress):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address.path)  # a stale socket from an earlier run
-        return web.UnixSite(runner, address.path)
-    return web.TCPSite(runner, address.host, address.port, reuse_address=True)
+def _bind(setting: str, address: TcpAddress | UnixAddress) -> socket.socket:
+    """A bound, listening socket for ``address`` (a stale unix socket file is replaced), or a
+    :class:`SettingsError` naming ``setting``."""
+    try:
+        return bind_listener(address)
+    except OSError as exc:
+        raise SettingsError(setting, f"cannot listen on {address}: "
+                                     f"{exc.strerror or exc}") from None
 
 
 def _url_of(runner: web.BaseRunner, address: TcpAddress | UnixAddress) -> str:
@@ -211,6 +214,14 @@ class GatewayServer:
 
     async def start(self) -> None:
         s = self.settings
+        # Both listeners first: a busy port is a start-up error naming its setting, before
+        # any login, session or task exists.
+        listener = _bind("GATEWAY_LISTEN", s.listen)
+        try:
+            admin_sock = _bind("GATEWAY_ADMIN_LISTEN", s.admin_listen)
+        except BaseException:
+            listener.close()
+            raise
         initial, persist = None, None
         fleet = self._fleet(s)
         if s.token_file and fleet is not None:
@@ -234,27 +245,26 @@ class GatewayServer:
                                            self._reload_settings)
         await self.reloader.start()
         if s.workers > 1:
-            await self._start_workers(events)
+            await self._start_workers(events, listener)
         else:
             self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
                                                   shutdown_timeout=s.shutdown_grace)
             await self._proxy_runner.setup()
-            await _site(self._proxy_runner, s.listen).start()
+            await web.SockSite(self._proxy_runner, listener).start()
             self.url = _url_of(self._proxy_runner, s.listen)
         self._admin_runner = web.AppRunner(build_admin_app(self._state), handle_signals=False,
                                            access_log=None, shutdown_timeout=1.0)
         await self._admin_runner.setup()
-        await _site(self._admin_runner, s.admin_listen).start()
+        await web.SockSite(self._admin_runner, admin_sock).start()
         self.admin_url = _url_of(self._admin_runner, s.admin_listen)
         log.info("gateway listening", extra={"fields": {
             "event": "started", "proxy": self.url, "admin": self.admin_url,
             "upstream": str(s.base_url), "partner_id": s.partner_id,
             "app_key_fp": s.app_key.fingerprint}})
 
-    async def _start_workers(self, events: _TokenEvents) -> None:
+    async def _start_workers(self, events: _TokenEvents, listener: socket.socket) -> None:
         """GATEWAY_WORKERS > 1: this process supervises; workers run the proxy listener."""
         s, state = self.settings, self.state
-        listener = bind_listener(s.listen)
         self._pool = pool = WorkerPool(s.workers, listener, state.manager)
         events.on_token = pool.broadcast_token
         assert self.reloader is not None

@@ -185,3 +185,20 @@ async def test_cli_sigterm_lets_in_flight_requests_finish(
         async with http.get(url + SERVICES):
             pass
     assert (await stats(http, sandbox))["statuses"]["200"] == 6  # login + five requests
+
+
+async def test_cli_busy_port_is_a_start_up_error_naming_the_setting(sandbox: Sandbox) -> None:
+    """A port in use: exit 2 naming GATEWAY_LISTEN (or GATEWAY_ADMIN_LISTEN), before any
+    login is tried, without a traceback or an unclosed session."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for setting in ("GATEWAY_LISTEN", "GATEWAY_ADMIN_LISTEN"):
+            code, _, err = await run("serve", env=sandbox_env(sandbox) | {
+                setting: f"127.0.0.1:{port}"})
+            assert code == 2, err
+            assert f"invalid setting {setting}: cannot listen on 127.0.0.1:{port}" in err
+            assert "Traceback" not in err and "Unclosed" not in err
+            assert "login" not in err
+    assert sandbox.state.control.counters["token_requests"] == 0
