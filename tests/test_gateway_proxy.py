@@ -300,3 +300,17 @@ async def test_proxy_small_body_broken_upstream_is_a_clean_502(
         assert (await resp.json())["error"]["code"] == "upstream_invalid_response"
     assert gateway.metrics.registry.get_sample_value(
         "repairy_gateway_upstream_errors_total", {"kind": "protocol"}) == 1
+
+
+async def test_proxy_passes_trace_context_untouched(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """W3C trace context reaches Repairy exactly as the caller sent it."""
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    state = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    async with http.get(gateway.url + SERVICES, headers={"traceparent": parent,
+                                                         "tracestate": state}) as resp:
+        assert resp.status == 200
+    headers = {name.lower(): value for name, value in
+               (await last_request(http, sandbox))["headers"]}
+    assert headers["traceparent"] == parent
+    assert headers["tracestate"] == state
