@@ -18,6 +18,7 @@ from gateway.token import renewal
 from gateway.token.auth_client import AuthClient, create_auth_session, token_from_exchange
 from gateway.token.store import StoreError, store_for
 from gateway.token.value import is_usable
+from gateway.urls import target_url
 
 Print = Callable[[str], None]
 
@@ -54,8 +55,9 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
 
 
 async def check(settings: Settings, out: Print) -> int:
-    """Log in once against the configured upstream (or, with a shared store holding a
-    usable token, report that one); print the expiry, never the token."""
+    """Log in once against the configured upstream and make one cheap authenticated call
+    (or, with a shared store holding a usable token, report that one); print the expiry,
+    never the token."""
     if settings.redis_url:
         code = await _check_store(settings, out)
         if code is not None:
@@ -67,9 +69,14 @@ async def check(settings: Settings, out: Print) -> int:
         except AuthError as exc:
             out(f"check failed: login to {settings.base_url} {exc.reason}: {exc.message}")
             return 1
-    tok = token_from_exchange(ex, generation=1, via="login", previous=None,
-                              default_ttl=settings.access_token_default_ttl,
-                              default_refresh_ttl=settings.refresh_token_default_ttl)
+        tok = token_from_exchange(ex, generation=1, via="login", previous=None,
+                                  default_ttl=settings.access_token_default_ttl,
+                                  default_refresh_ttl=settings.refresh_token_default_ttl)
+        if settings.check_path:
+            refused = await probe(session, settings, tok.access)
+            if refused is not None:
+                out(f"check failed: logged in, but {refused}")
+                return 1
     stated = "stated" if ex.grant.expires_in is not None else "assumed (not in the response)"
     out(f"ok: logged in to {settings.base_url} as partner {settings.partner_id}")
     out(f"  access token fp:{tok.fingerprint} expires {_iso(tok.wall(tok.expires_at))} "
@@ -80,6 +87,30 @@ async def check(settings: Settings, out: Print) -> int:
     else:
         out("  no refresh token: the gateway will log in again before expiry")
     return 0
+
+
+async def probe(session: aiohttp.ClientSession, settings: Settings,
+                access_token: str) -> str | None:
+    """One cheap authenticated call (``GATEWAY_CHECK_PATH``): None if Repairy took the token
+    and the Partner ID (any 2xx, or 404: the resource need not exist), else what it refused.
+    A login alone cannot tell a wrong Partner ID."""
+    url = target_url(settings.base_url, settings.check_path)
+    headers = {"Authorization": f"Bearer {access_token}",
+               "X-Partner-ID": settings.partner_id}
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"the probe GET {settings.check_path} failed ({type(exc).__name__})"
+    if 200 <= status < 300 or status == 404:
+        return None
+    if status == 401:
+        return (f"Repairy refused the token on GET {settings.check_path} (401): check "
+                "REPAIRY_APP_KEY / REPAIRY_APP_SECRET and the auth settings")
+    if status == 403:
+        return (f"Repairy refused Partner ID {settings.partner_id!r} on GET "
+                f"{settings.check_path} (403): check REPAIRY_PARTNER_ID")
+    return f"GET {settings.check_path} answered {status} (GATEWAY_CHECK_PATH)"
 
 
 async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_port: int,

@@ -93,6 +93,12 @@ U, A, T, F, R = "upstream", "auth", "token", "fleet", "retries and limits"
 C = "cache"
 
 
+def parse_optional_api_path(value: object) -> str:
+    """An API path, or ``off`` (or empty in the TOML file): none."""
+    text = str(value).strip()
+    return "" if text.lower() in ("", "off", "none") else parse_path(text)
+
+
 def parse_cache_route_list(value: object) -> tuple[CacheRule, ...]:
     return parse_cache_routes(value, parse_positive_duration)
 P, IN, S, L = "proxy", "inbound", "server", "logging"
@@ -199,6 +205,9 @@ SPECS: tuple[Spec, ...] = (
           "Encoding of auth request bodies: json or form (urlencoded).", A),
     _spec("auth_refresh_bearer", "REPAIRY_AUTH_REFRESH_BEARER", parse_bool, "true",
           "Send the current access token as Bearer on refresh.", A),
+    _spec("check_path", "GATEWAY_CHECK_PATH", parse_optional_api_path,
+          "/bookings/000000000000000000000000", "What 'check' GETs after logging in to prove "
+          "the token and the Partner ID work (2xx or 404 pass; off: no call).", A),
     _spec("auth_timeout", "GATEWAY_AUTH_TIMEOUT", parse_positive_duration, "10s",
           "Time allowed for one login or refresh call.", A),
     _spec("access_token_default_ttl", "REPAIRY_ACCESS_TOKEN_TTL", parse_positive_duration, "48h",
@@ -342,6 +351,7 @@ class Settings:
     auth_refresh_token_field: str
     auth_body_format: str
     auth_refresh_bearer: bool
+    check_path: str
     auth_timeout: float
     access_token_default_ttl: float
     refresh_token_default_ttl: float

@@ -97,6 +97,7 @@ async def test_cli_check_logs_in_and_prints_expiry_not_token(sandbox: Sandbox) -
     assert "expires" in out and "fp:" in out
     assert "sbx_at_" not in out + err and "sbx_rt_" not in out + err
     assert sandbox.state.control.counters["token_requests"] == 1
+    assert sandbox.state.control.counters["api_requests"] == 1  # the probe (a 404 passes)
 
 
 async def test_cli_warns_of_a_mistyped_variable_naming_the_real_one(sandbox: Sandbox) -> None:
@@ -104,6 +105,22 @@ async def test_cli_warns_of_a_mistyped_variable_naming_the_real_one(sandbox: San
     assert code == 0, err
     assert "GATEWAY_RETRY_ATTEMPT is not a setting" in err
     assert "did you mean GATEWAY_RETRY_ATTEMPTS" in err
+
+
+async def test_cli_check_catches_a_wrong_partner_id_with_one_api_call(
+        sandbox: Sandbox) -> None:
+    """The login works with any Partner ID; check's one authenticated GET does not: exit 1
+    naming REPAIRY_PARTNER_ID. With GATEWAY_CHECK_PATH=off, no call is made."""
+    code, out, _ = await run("check", env=sandbox_env(sandbox)
+                             | {"REPAIRY_PARTNER_ID": "someone-else"})
+    assert code == 1
+    assert "Repairy refused Partner ID 'someone-else'" in out
+    assert "REPAIRY_PARTNER_ID" in out
+    before = sandbox.state.control.counters["api_requests"]
+    code, out, _ = await run("check", env=sandbox_env(sandbox)
+                             | {"REPAIRY_PARTNER_ID": "someone-else", "GATEWAY_CHECK_PATH": "off"})
+    assert code == 0, out
+    assert sandbox.state.control.counters["api_requests"] == before
 
 
 async def test_cli_check_fails_on_rejected_credentials(sandbox: Sandbox) -> None:
