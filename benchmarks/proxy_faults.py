@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.proxy_overhead import _free_port
+from benchmarks.speed import _wait_ready
 from benchmarks.token_failures import _settings, _stats, _wait
 from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox
@@ -158,14 +159,8 @@ async def sigterm(http: aiohttp.ClientSession, grace: float) -> dict[str, Any]:
             sys.executable, "-m", "gateway", "serve", env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         try:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+            # off the loop: the sandbox the gateway logs in to runs on it
+            await asyncio.to_thread(_wait_ready, admin)
             pending = [asyncio.ensure_future(http.get(f"http://127.0.0.1:{port}{SERVICES}"))
                        for _ in range(5)]
             await asyncio.sleep(0.5)

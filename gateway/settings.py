@@ -98,9 +98,6 @@ def parse_optional_api_path(value: object) -> str:
     text = str(value).strip()
     return "" if text.lower() in ("", "off", "none") else parse_path(text)
 
-
-def parse_cache_route_list(value: object) -> tuple[CacheRule, ...]:
-    return parse_cache_routes(value, parse_positive_duration)
 P, IN, S, L = "proxy", "inbound", "server", "logging"
 #: Every setting, in documentation order. ``default=None`` means required (for ``serve``).
 SPECS: tuple[Spec, ...] = (
@@ -182,7 +179,7 @@ SPECS: tuple[Spec, ...] = (
           "0", "Per-client burst (0: one second's worth).", R),
     _spec("client_concurrency", "GATEWAY_CLIENT_CONCURRENCY", bounded_int(0, 100000), "0",
           "Most requests in flight per client (429 client_busy above; 0: no limit).", R),
-    _spec("cache_routes", "GATEWAY_CACHE_ROUTES", parse_cache_route_list, "",
+    _spec("cache_routes", "GATEWAY_CACHE_ROUTES", parse_cache_routes, "",
           "GET answers to cache, comma-separated 'GET /path-glob=TTL' (e.g. "
           "GET /workshops/*/services=60s; empty: no cache). Per process.", C),
     _spec("cache_max_bytes", "GATEWAY_CACHE_MAX_BYTES", parse_size, "32MiB",

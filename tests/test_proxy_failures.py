@@ -298,37 +298,34 @@ async def test_dropped_keepalive_connection_is_one_counted_retry(
     re-sent once, counted, and logged as retried."""
     gw = await started(settings_for(sandbox, retry_attempts="1"))
     try:
-        async with http.get(gw.url + SERVICES) as resp:  # opens the keep-alive connection
-            assert resp.status == 200
-        before = (await stats(http, sandbox))["api_requests"]
-        await faults(http, sandbox, {"reset": True, "scope": "api"})
-        async with http.get(gw.url + SERVICES) as resp:
-            assert resp.status == 502
-        assert (await stats(http, sandbox))["api_requests"] - before == 1
+        assert await dropped_reused(gw, sandbox, http, "GET", SERVICES) == (502, 1)
         assert sample(gw, "retries_total", reason="connection_reset") == 0
     finally:
         await gw.stop()
     gw = await started(settings_for(sandbox))
     try:
-        async with http.get(gw.url + SERVICES) as resp:
-            assert resp.status == 200
-        before = (await stats(http, sandbox))["api_requests"]
-        await faults(http, sandbox, {"reset": True, "scope": "api"})
-        async with http.get(gw.url + SERVICES) as resp:
-            assert resp.status == 200
-        assert (await stats(http, sandbox))["api_requests"] - before == 2
+        assert await dropped_reused(gw, sandbox, http, "GET", SERVICES) == (200, 2)
         assert sample(gw, "retries_total", reason="connection_reset") == 1
         assert request_lines(log_capture)[-1]["retried"] is True
         # A POST on such a connection is not re-sent: nothing proves it was not received.
-        async with http.post(gw.url + "/__sandbox/echo", data=b"x") as resp:
-            assert resp.status == 200
-        before = (await stats(http, sandbox))["api_requests"]
-        await faults(http, sandbox, {"reset": True, "scope": "api"})
-        async with http.post(gw.url + "/__sandbox/echo", data=b"x") as resp:
-            assert resp.status == 502
-        assert (await stats(http, sandbox))["api_requests"] - before == 1
+        assert await dropped_reused(gw, sandbox, http, "POST", "/__sandbox/echo") == (502, 1)
     finally:
         await gw.stop()
+
+
+async def dropped_reused(gw: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession,
+                         method: str, path: str) -> tuple[int, int]:
+    """Open a keep-alive connection with one request, have the upstream drop it without an
+    answer on the next: that one's status, and how many requests the upstream saw for it."""
+    async with http.request(method, gw.url + path, data=b"x" if method == "POST" else None
+                            ) as resp:
+        assert resp.status == 200
+    before = (await stats(http, sandbox))["api_requests"]
+    await faults(http, sandbox, {"reset": True, "scope": "api"})
+    async with http.request(method, gw.url + path,
+                            data=b"x" if method == "POST" else None) as resp:
+        status = resp.status
+    return status, (await stats(http, sandbox))["api_requests"] - before
 
 
 async def test_reset_on_a_fresh_connection_is_not_retried(

@@ -32,6 +32,7 @@ from cachetools import TLRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.clock import Clock
+from gateway.config_values import parse_positive_duration
 
 X_CACHE: Final = "X-Cache"
 _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d{1,10})\"?\s*(?=,|$)", re.I)
@@ -47,8 +48,7 @@ class CacheRule:
         return fnmatch.fnmatchcase(path, self.pattern)
 
 
-def parse_cache_routes(value: object, parse_duration: Callable[[object], float]
-                       ) -> tuple[CacheRule, ...]:
+def parse_cache_routes(value: object) -> tuple[CacheRule, ...]:
     """``GET /glob=60s`` entries (``GET`` may be left out), comma-separated."""
     rules = []
     for raw in str(value).split(","):
@@ -64,9 +64,10 @@ def parse_cache_routes(value: object, parse_duration: Callable[[object], float]
         pattern = parts[-1]
         if not pattern.startswith("/"):
             raise ValueError(f"{entry!r}: the path glob must start with /")
-        ttl = parse_duration(ttl_text.strip())
-        if ttl <= 0:
-            raise ValueError(f"{entry!r}: the lifetime must be above zero")
+        try:
+            ttl = parse_positive_duration(ttl_text.strip())
+        except ValueError as exc:
+            raise ValueError(f"{entry!r}: the lifetime {exc}") from None
         rules.append(CacheRule(pattern, ttl))
     return tuple(rules)
 
