@@ -33,6 +33,8 @@ from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.cache import GetCache
 from gateway.proxy.handler import Proxy
+from gateway.proxy.idempotency_store import IdempotencyStore, LocalStore
+from gateway.proxy.idempotency_store import RedisStore as RedisIdempotency
 from gateway.proxy.inbound import ProxyServer
 from gateway.proxy.limits import (
     BreakerConfig,
@@ -51,7 +53,7 @@ from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager, TokenSource
 from gateway.token.route_401 import Persistent401
-from gateway.token.store import store_for
+from gateway.token.store import redis_client, store_for
 from gateway.token.value import RenewalKind, Token
 
 log = logging.getLogger("gateway.app")
@@ -123,14 +125,38 @@ def build_cache(s: Settings, clock: Clock, metrics: Metrics) -> GetCache:
     return cache
 
 
-def build_state(s: Settings, tokens: TokenSource, clock: Clock,
-                metrics: Metrics) -> GatewayState:
+def build_local_idempotency(s: Settings, clock: Clock, metrics: Metrics) -> LocalStore:
+    store = LocalStore(max_bytes=s.idempotency_max_bytes, max_entries=s.idempotency_max_entries,
+                       clock=clock, on_evict=metrics.idempotency_evictions.inc)
+    metrics.idempotency_bytes.set_function(lambda: float(store.stored_bytes))
+    metrics.idempotency_entries.set_function(lambda: float(len(store)))
+    return store
+
+
+def build_idempotency(s: Settings, clock: Clock, metrics: Metrics,
+                      remote: IdempotencyStore | None = None) -> IdempotencyStore | None:
+    """Where Idempotency-Key records live: the fleet's Redis when GATEWAY_REDIS_URL is set,
+    else ``remote`` (a worker: the supervisor's store), else this process's memory."""
+    if not s.idempotency_routes:
+        return None
+    if s.redis_url:
+        client = redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
+                              timeout=2.0)
+        return RedisIdempotency(client, prefix=s.redis_key_prefix, store_key=s.store_key,
+                                clock=clock)
+    if remote is not None:
+        return remote
+    return build_local_idempotency(s, clock, metrics)
+
+
+def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics,
+                idempotency: IdempotencyStore | None = None) -> GatewayState:
     """The state a proxy listener needs (in the gateway process or a worker)."""
     return GatewayState(settings=s, tokens=tokens, upstream=build_upstream(s, clock, metrics),
                         metrics=metrics, access=build_access_policy(s),
                         route_401=route_401_tracker(s, clock, metrics),
                         limits=build_limits(s, clock, metrics), clock=clock,
-                        cache=build_cache(s, clock, metrics))
+                        cache=build_cache(s, clock, metrics), idempotency=idempotency)
 
 
 def build_access_policy(s: Settings) -> AccessPolicy:
@@ -238,7 +264,11 @@ class GatewayServer:
         events = _TokenEvents(self.metrics)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
                               events, initial=initial, persist=persist, fleet=fleet)
-        self._state = build_state(s, tokens, self.clock, self.metrics)
+        # With workers and no Redis, this process holds the Idempotency-Key store for them.
+        idempotency = (build_local_idempotency(s, self.clock, self.metrics)
+                       if s.workers > 1 and s.idempotency_routes and not s.redis_url
+                       else build_idempotency(s, self.clock, self.metrics))
+        self._state = build_state(s, tokens, self.clock, self.metrics, idempotency)
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
@@ -265,7 +295,9 @@ class GatewayServer:
     async def _start_workers(self, events: _TokenEvents, listener: socket.socket) -> None:
         """GATEWAY_WORKERS > 1: this process supervises; workers run the proxy listener."""
         s, state = self.settings, self.state
-        self._pool = pool = WorkerPool(s.workers, listener, state.manager)
+        self._pool = pool = WorkerPool(s.workers, listener, state.manager,
+                                       state.idempotency if isinstance(
+                                           state.idempotency, LocalStore) else None)
         events.on_token = pool.broadcast_token
         assert self.reloader is not None
         self.reloader.on_client_keys = pool.broadcast_client_keys
@@ -311,6 +343,8 @@ class GatewayServer:
         grace = min(self.settings.auth_timeout, max(0.0, deadline - loop.time()))
         await self._state.manager.stop(grace)
         await self._state.upstream.close()
+        if self._state.idempotency is not None:
+            await self._state.idempotency.close()
         await self._auth_session.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

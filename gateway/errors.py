@@ -23,6 +23,7 @@
     ├── CircuitOpen                 503 upstream_circuit_open (+ Retry-After)
     ├── ShuttingDown                503 shutting_down       (cut off by the shutdown deadline)
     └── UpstreamError               502 upstream_unreachable
+        ├── UpstreamUnreachable     502 upstream_unreachable (no connection: nothing was sent)
         ├── UpstreamInvalidResponse 502 upstream_invalid_response
         ├── UpstreamTLSError        502 upstream_tls_error
         └── UpstreamTimeout         504 upstream_timeout
@@ -176,6 +177,10 @@ class UpstreamError(GatewayError):
     status = 502
     default_code = "upstream_unreachable"
     kind: ClassVar[str] = "connect"  # the upstream_errors_total{kind} label
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection could be made: the request was certainly not sent."""
 
 
 class UpstreamInvalidResponse(UpstreamError):

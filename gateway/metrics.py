@@ -128,6 +128,24 @@ class Metrics:
                                  registry=r)
         self.cache_entries = Gauge(f"{NS}_cache_entries", "Answers the GET cache holds.",
                                    registry=r)
+        self.idempotency_requests = Counter(
+            f"{NS}_idempotency_requests", "Requests with an Idempotency-Key on a protected "
+            "route: new (sent), replayed (the kept answer), in_flight (409), "
+            "idempotency_key_mismatch (422), outcome_unknown (502), idempotent_answer_not_kept "
+            "(409).", ["result"], registry=r)
+        self.idempotency_settled = Counter(
+            f"{NS}_idempotency_settled", "How keys of sent requests settled: done (answer "
+            "kept), not_kept (too large), unknown (the upstream may have acted), released "
+            "(nothing done: a retry may send).", ["state"], registry=r)
+        self.idempotency_evictions = Counter(
+            f"{NS}_idempotency_evictions", "Kept answers dropped for room before their time "
+            "(in-process store).", registry=r)
+        self.idempotency_bytes = Gauge(
+            f"{NS}_idempotency_bytes", "Memory the in-process Idempotency-Key store holds.",
+            registry=r)
+        self.idempotency_entries = Gauge(
+            f"{NS}_idempotency_entries", "Keys the in-process Idempotency-Key store holds.",
+            registry=r)
         self.upstream_slots_in_use = Gauge(
             f"{NS}_upstream_slots_in_use", "Upstream exchanges in progress (bounded by "
             "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE).", registry=r)

@@ -55,6 +55,7 @@ from gateway.proxy.access import (
     parse_routes,
 )
 from gateway.proxy.cache import CacheRule, parse_cache_routes
+from gateway.proxy.idempotency import IdempotencyRule, parse_idempotency_routes
 from gateway.redact import Secret
 
 
@@ -90,7 +91,7 @@ def _spec(key: str, env: str, parse: Callable[[object], Any], default: str | Non
 
 
 U, A, T, F, R = "upstream", "auth", "token", "fleet", "retries and limits"
-C = "cache"
+C, ID = "cache", "idempotency"
 
 
 def parse_optional_api_path(value: object) -> str:
@@ -188,6 +189,23 @@ SPECS: tuple[Spec, ...] = (
           "Most answers the GET cache holds.", C),
     _spec("cache_max_entry", "GATEWAY_CACHE_MAX_ENTRY", parse_size, "1MiB",
           "Largest answer body the GET cache keeps.", C),
+    _spec("idempotency_routes", "GATEWAY_IDEMPOTENCY_ROUTES", parse_idempotency_routes,
+          "POST /bookings,POST /bookings/*/*",
+          "Routes where a caller's Idempotency-Key is honoured, comma-separated "
+          "'METHOD /path-glob' (off: none). See 'Idempotency-Key' in the README.", ID),
+    _spec("idempotency_ttl", "GATEWAY_IDEMPOTENCY_TTL", parse_positive_duration, "24h",
+          "How long the answer to a request with an Idempotency-Key is kept for repeats.", ID),
+    _spec("idempotency_wait", "GATEWAY_IDEMPOTENCY_WAIT", parse_duration, "10s",
+          "How long a repeat waits for the first request still in flight before 409 "
+          "idempotency_in_flight.", ID),
+    _spec("idempotency_max_body", "GATEWAY_IDEMPOTENCY_MAX_BODY", parse_size, "256KiB",
+          "Largest answer body kept for repeats (a larger answer is passed on and its key "
+          "answers repeats with 409 idempotent_answer_not_kept).", ID),
+    _spec("idempotency_max_bytes", "GATEWAY_IDEMPOTENCY_MAX_BYTES", parse_size, "64MiB",
+          "Most memory the kept answers hold, without Redis (the oldest go first).", ID),
+    _spec("idempotency_max_entries", "GATEWAY_IDEMPOTENCY_MAX_ENTRIES",
+          bounded_int(1, 10**7), "100000",
+          "Most keys kept, without Redis.", ID),
     _spec("auth_token_path", "REPAIRY_AUTH_TOKEN_PATH", parse_path, "/auth/token",
           "Login endpoint, relative to the base URL.", A),
     _spec("auth_refresh_path", "REPAIRY_AUTH_REFRESH_PATH", parse_path, "/auth/refresh",
@@ -341,6 +359,12 @@ class Settings:
     cache_max_bytes: int
     cache_max_entries: int
     cache_max_entry: int
+    idempotency_routes: tuple[IdempotencyRule, ...]
+    idempotency_ttl: float
+    idempotency_wait: float
+    idempotency_max_body: int
+    idempotency_max_bytes: int
+    idempotency_max_entries: int
     auth_token_path: str
     auth_refresh_path: str
     auth_app_key_field: str

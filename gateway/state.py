@@ -12,6 +12,7 @@ from gateway.clock import Clock
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.cache import GetCache
+from gateway.proxy.idempotency_store import IdempotencyStore
 from gateway.proxy.limits import ClientLimits
 from gateway.proxy.upstream import Upstream
 from gateway.settings import Settings
@@ -30,6 +31,8 @@ class GatewayState:
     limits: ClientLimits
     clock: Clock
     cache: GetCache
+    #: Idempotency-Key records (None: no protected routes).
+    idempotency: IdempotencyStore | None = None
     draining: bool = False
     #: With worker processes: their status, for /healthz.
     workers: Callable[[], list[dict[str, Any]]] | None = None

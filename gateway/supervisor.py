@@ -31,6 +31,7 @@ from gateway.config_values import ListenAddress, UnixAddress
 from gateway.errors import TokenUnavailable
 from gateway.metrics import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
+from gateway.proxy.idempotency_store import LocalStore, serve_remote
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
 from gateway.worker import send, token_to_wire
@@ -72,9 +73,11 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, count: int, listener: socket.socket, manager: TokenManager) -> None:
+    def __init__(self, count: int, listener: socket.socket, manager: TokenManager,
+                 idempotency: LocalStore | None = None) -> None:
         self._listener = listener
         self._manager = manager
+        self._idempotency = idempotency
         self._workers = [_Worker(i) for i in range(count)]
         self._stopping = False
         self._answers: set[asyncio.Task[None]] = set()
@@ -110,6 +113,10 @@ class WorkerPool:
                 task = asyncio.create_task(self._answer(worker, int(doc.get("newer_than", 0))))
                 self._answers.add(task)
                 task.add_done_callback(self._answers.discard)
+            elif kind == "idem" and self._idempotency is not None:
+                task = asyncio.create_task(self._idem(worker, doc))
+                self._answers.add(task)
+                task.add_done_callback(self._answers.discard)
             elif kind == "invalidate":
                 self._manager.invalidate(int(doc["generation"]), str(doc.get("reason", "")))
             elif kind == "metrics":
@@ -126,6 +133,12 @@ class WorkerPool:
             message = {"type": "token", "newer_than": newer_than, "token": token_to_wire(tok)}
         if worker.writer is not None and not worker.writer.is_closing():
             send(worker.writer, message)
+
+    async def _idem(self, worker: _Worker, doc: dict[str, Any]) -> None:
+        assert self._idempotency is not None
+        reply = await serve_remote(self._idempotency, doc)
+        if worker.writer is not None and not worker.writer.is_closing():
+            send(worker.writer, reply)
 
     async def _watch(self, worker: _Worker) -> None:
         assert worker.proc is not None

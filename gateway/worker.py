@@ -6,9 +6,10 @@ credential reloading. A worker inherits the bound proxy socket and one end of a 
 over it, one JSON object a line:
 
 * supervisor → worker: ``token`` (each new token, and answers to ``get``), ``error`` (no token
-  can be had: the caller gets the same 503), ``client_keys`` (after a reload);
+  can be had: the caller gets the same 503), ``client_keys`` (after a reload), ``idem_reply``;
 * worker → supervisor: ``get`` (a token newer than a generation), ``invalidate`` (the upstream
-  refused generation G), ``metrics`` (this worker's exposition, every second and at exit).
+  refused generation G), ``metrics`` (this worker's exposition, every second and at exit),
+  ``idem`` (an operation on the supervisor's Idempotency-Key store, without Redis).
 
 A worker exits when the supervisor goes away (end of the pipe), and drains on SIGTERM.
 Run as ``python -m gateway.worker LISTEN_FD CONTROL_FD`` by the supervisor only.
@@ -34,6 +35,7 @@ from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy, ClientKey
+from gateway.proxy.idempotency_store import RemoteStore
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.token.renewal import token_from_dict, token_to_dict
@@ -126,7 +128,7 @@ class RemoteTokens:
 
 
 async def _control(reader: asyncio.StreamReader, tokens: RemoteTokens, state: GatewayState,
-                   ended: asyncio.Event) -> None:
+                   ended: asyncio.Event, idempotency: RemoteStore | None) -> None:
     try:
         while line := await reader.readline():
             doc = json.loads(line)
@@ -135,6 +137,8 @@ async def _control(reader: asyncio.StreamReader, tokens: RemoteTokens, state: Ga
                 tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"))
             elif kind == "error":
                 tokens.on_error(int(doc.get("newer_than", 0)), doc)
+            elif kind == "idem_reply" and idempotency is not None:
+                idempotency.on_reply(doc)
             elif kind == "client_keys":
                 s = state.settings
                 keys = tuple(ClientKey(name, bytes.fromhex(digest))
@@ -152,7 +156,7 @@ async def _push_metrics(writer: asyncio.StreamWriter, metrics: Metrics) -> None:
 
 
 async def run(listen_fd: int, control_fd: int) -> int:
-    from gateway.app import build_proxy_server, build_state
+    from gateway.app import build_idempotency, build_proxy_server, build_state
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
@@ -161,7 +165,9 @@ async def run(listen_fd: int, control_fd: int) -> int:
     clock = SystemClock()
     metrics = Metrics()
     tokens = RemoteTokens(writer, settings, clock)
-    state = build_state(settings, tokens, clock, metrics)
+    remote = RemoteStore(lambda message: send(writer, message), timeout=5.0)
+    idempotency = build_idempotency(settings, clock, metrics, remote)
+    state = build_state(settings, tokens, clock, metrics, idempotency)
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, ended.set)
@@ -170,7 +176,9 @@ async def run(listen_fd: int, control_fd: int) -> int:
     runner = web.ServerRunner(build_proxy_server(state), shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     await web.SockSite(runner, listener).start()
-    background = [asyncio.create_task(_control(reader, tokens, state, ended)),
+    background = [asyncio.create_task(_control(
+                      reader, tokens, state, ended,
+                      idempotency if isinstance(idempotency, RemoteStore) else None)),
                   asyncio.create_task(_push_metrics(writer, metrics))]
     send(writer, {"type": "get", "newer_than": 0})  # the current token, at once
     await ended.wait()
@@ -183,6 +191,8 @@ async def run(listen_fd: int, control_fd: int) -> int:
         await writer.drain()
         writer.close()
     await state.upstream.close()
+    if idempotency is not None:
+        await idempotency.close()
     flush_logs()
     return 0
 

@@ -19,8 +19,9 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -28,7 +29,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import (
+    BodyTooLarge,
     ClientClosedRequest,
+    DeadlineExceeded,
     ExpectationFailed,
     GatewayError,
     ShuttingDown,
@@ -36,12 +39,20 @@ from gateway.errors import (
     UpstreamError,
     UpstreamInvalidResponse,
     UpstreamTimeout,
+    UpstreamUnreachable,
     error_response,
 )
 from gateway.logs import access_sink, json_line
 from gateway.metrics import Metrics
 from gateway.proxy.access import ANONYMOUS
-from gateway.proxy.body import CHUNK, NO_BODY, BodyReader, check_declared_size, take_body
+from gateway.proxy.body import (
+    CHUNK,
+    NO_BODY,
+    BodyReader,
+    TakenBody,
+    check_declared_size,
+    take_body,
+)
 from gateway.proxy.cache import X_CACHE, CachedAnswer, CacheRule
 from gateway.proxy.headers import (
     REQUEST_ID,
@@ -53,6 +64,20 @@ from gateway.proxy.headers import (
     upstream_request_headers,
     with_credentials,
 )
+from gateway.proxy.idempotency import (
+    IDEMPOTENCY_KEY,
+    REPLAYED,
+    IdempotencyInFlight,
+    Record,
+    fingerprint,
+    kept_headers,
+    parse_key,
+    refusal,
+    rule_for,
+    settle_status,
+    storage_key,
+)
+from gateway.proxy.idempotency_store import IdempotencyStore
 from gateway.proxy.inbound import GatewayRequestHandler, check_request, send_continue
 from gateway.proxy.limits import Outcome
 from gateway.proxy.retry import Attempts
@@ -64,6 +89,7 @@ from gateway.urls import target_url
 
 log = logging.getLogger("gateway.proxy")
 _CACHEABLE: Final = frozenset({"GET", "HEAD"})
+_UNSAFE: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Breaker outcomes of the upstream errors: only connection failures and timeouts count.
 _BREAKER_FAILURE_KINDS: Final = frozenset({"connect", "timeout"})
 
@@ -91,6 +117,7 @@ class _Outcome:
     source: str = "upstream"
     metrics: Metrics | None = None
     method: str = "GET"
+    idempotency: str | None = None  # new, replayed, or the refusal's code
 
     def answered(self, resp: aiohttp.ClientResponse, seconds: float) -> None:
         """An upstream attempt got its status line."""
@@ -98,6 +125,17 @@ class _Outcome:
         if self.metrics is not None:
             self.metrics.upstream_response(method_label(self.method), self.route, resp.status,
                                            seconds)
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """What is sent upstream: the target, the headers (credentials added at each send), the
+    body, and its reader (for blame)."""
+
+    url: URL
+    headers: CIMultiDict[str]
+    body: TakenBody
+    reader: BodyReader
 
 
 class Proxy:
@@ -108,6 +146,13 @@ class Proxy:
         s = state.settings
         self._auth_paths = (s.auth_token_path, s.auth_refresh_path)
         self._internal = frozenset({s.client_key_header.lower(), *s.strip_headers})
+        #: Idempotency-Keys are scoped per upstream and partner (not per App Key: a retry
+        #: across a credential rotation must still find its answer).
+        self._idempotency_scope = f"{s.base_url}|{s.partner_id}"
+        #: How long a claim may stay in flight before repeats count it "unknown": the
+        #: waits before the first send plus the request's own deadline, with a margin.
+        self._lease = (s.token_wait_timeout + s.connect_timeout + (s.total_timeout or 3600.0)
+                       + 30.0)
         #: Requests in progress (the server's shutdown waits for them, to one deadline).
         self.active = 0
         self._drained: asyncio.Event | None = None
@@ -212,6 +257,12 @@ class Proxy:
                 cached = await self._cached(request, rid, outcome)
                 if cached is not None:
                     return cached
+            idempotency_key = None
+            if gw.idempotency is not None and request.method in _UNSAFE:
+                header = request.headers.get(IDEMPOTENCY_KEY)
+                if header is not None and rule_for(s.idempotency_routes, request.method,
+                                                   outcome.path):
+                    idempotency_key = parse_key(header)
             caller_gone = functools.partial(_caller_gone, request)
             reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
                                                  s.max_body_size, caller_gone)
@@ -223,41 +274,16 @@ class Proxy:
                 forwarded_for=(request.remote or "unix") if s.forwarded_headers else None)
             if not body.replayable and request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
+            if idempotency_key is not None:
+                return await self._idempotent(request, rid, outcome, idempotency_key,
+                                              _Exchange(url, headers, body, reader))
             token = gw.tokens.usable() or await gw.tokens.get()
             upstream = gw.upstream
             if not upstream.slots.try_acquire():
-                try:
-                    await upstream.slots.acquire()
-                except UpstreamBusy:
-                    gw.metrics.limited.labels("upstream_slots", outcome.client).inc()
-                    raise
+                await self._wait_slot(outcome)
             try:
-                outcome.attempts = attempts = Attempts(
-                    method=request.method, replayable=body.replayable,
-                    deadline=(gw.clock.monotonic() + s.total_timeout) if s.total_timeout
-                    else None, caller_gone=caller_gone, on_attempt=outcome.answered,
-                    body_error=reader.failed, on_failure=self._upstream_failed)
-                upstream.retry.budget.request()
-                # Under a breaker ticket until the upstream answered (its status line) or
-                # failed: only connection failures and timeouts count against it.
-                ticket = upstream.breaker.admit()
-                result: Outcome = "neutral"
-                outcome.generation = token.generation
-                try:
-                    resp = await upstream.retry.send(
-                        url, with_credentials(headers, token.access, token.partner_id),
-                        body.data, attempts)
-                    result = "success"
-                except UpstreamError as exc:
-                    result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
-                    raise
-                finally:
-                    upstream.breaker.record(ticket, result)
-                if resp.status == 401:
-                    resp = await self._after_401(url, headers, body.data, body.replayable,
-                                                 token, resp, attempts, outcome)
-                else:
-                    gw.route_401.answered(outcome.route, token.generation)
+                resp = await self._send(_Exchange(url, headers, body, reader), token,
+                                        caller_gone, outcome)
                 return await self._answer(request, resp, rid, outcome)
             finally:
                 upstream.slots.release()
@@ -266,6 +292,189 @@ class Proxy:
                 gw.limits.done(outcome.client)
             if outcome.cache_leader:
                 gw.cache.landed(outcome.cache_key)
+
+    async def _wait_slot(self, outcome: _Outcome) -> None:
+        try:
+            await self.state.upstream.slots.acquire()
+        except UpstreamBusy:
+            self.state.metrics.limited.labels("upstream_slots", outcome.client).inc()
+            raise
+
+    async def _send(self, exchange: _Exchange, token: Token, caller_gone: Callable[[], bool],
+                    outcome: _Outcome) -> aiohttp.ClientResponse:
+        """The exchange with its retries, and at most one replay after an upstream 401 (the
+        caller holds an upstream slot)."""
+        gw, s = self.state, self.state.settings
+        upstream = gw.upstream
+        body = exchange.body
+        outcome.attempts = attempts = Attempts(
+            method=outcome.method, replayable=body.replayable,
+            deadline=(gw.clock.monotonic() + s.total_timeout) if s.total_timeout
+            else None, caller_gone=caller_gone, on_attempt=outcome.answered,
+            body_error=exchange.reader.failed, on_failure=self._upstream_failed)
+        upstream.retry.budget.request()
+        # Under a breaker ticket until the upstream answered (its status line) or
+        # failed: only connection failures and timeouts count against it.
+        ticket = upstream.breaker.admit()
+        result: Outcome = "neutral"
+        outcome.generation = token.generation
+        try:
+            resp = await upstream.retry.send(
+                exchange.url, with_credentials(exchange.headers, token.access, token.partner_id),
+                body.data, attempts)
+            result = "success"
+        except UpstreamError as exc:
+            result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
+            raise
+        finally:
+            upstream.breaker.record(ticket, result)
+        if resp.status == 401:
+            return await self._after_401(exchange.url, exchange.headers, body.data,
+                                         body.replayable, token, resp, attempts, outcome)
+        gw.route_401.answered(outcome.route, token.generation)
+        return resp
+
+    # -- Idempotency-Key -----------------------------------------------------------------------
+    async def _idempotent(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
+                          key_text: str, exchange: _Exchange) -> web.StreamResponse:
+        """A request with an Idempotency-Key on a protected route: lead (claim the key, send,
+        keep the answer) or answer a repeat from the key's record."""
+        gw, s = self.state, self.state.settings
+        store = gw.idempotency
+        assert store is not None
+        data = exchange.body.data
+        if data is not None and not isinstance(data, bytes):
+            raise BodyTooLarge("a request with an Idempotency-Key may carry at most "
+                               f"{s.replay_body_limit} bytes (GATEWAY_REPLAY_BODY_LIMIT)",
+                               code="idempotency_body_too_large")
+        fp = fingerprint(request.method, request.raw_path, data or b"")
+        key = storage_key(self._idempotency_scope, outcome.client, key_text)
+        counted = gw.metrics.idempotency_requests
+        for _ in range(3):  # a claim released while a repeat waited: claim it again
+            claim = Record.claim(fp, rid, gw.clock.time() + self._lease)
+            record = await store.claim(key, claim, s.idempotency_ttl)
+            if record is None:
+                counted.labels("new").inc()
+                outcome.idempotency = "new"
+                return await self._lead(request, rid, outcome, exchange, key, claim)
+            if record.fingerprint == fp and record.in_flight_at(gw.clock.time()):
+                record = await store.wait(key, s.idempotency_wait)
+                if record is None:
+                    continue
+                if record.in_flight_at(gw.clock.time()):
+                    counted.labels("in_flight").inc()
+                    outcome.idempotency = "in_flight"
+                    raise IdempotencyInFlight(
+                        "the first request with this Idempotency-Key is still in flight "
+                        f"(first request {record.request_id}): retry later", retry_after=1.0)
+            refused = refusal(record, fp, gw.clock.time())
+            if refused is not None:
+                counted.labels(refused.code).inc()
+                outcome.idempotency = refused.code
+                raise refused
+            counted.labels("replayed").inc()
+            return await self._replay(request, record, outcome)
+        raise IdempotencyInFlight("the Idempotency-Key kept changing hands: retry later",
+                                  retry_after=1.0)
+
+    async def _replay(self, request: web.BaseRequest, record: Record,
+                      outcome: _Outcome) -> web.StreamResponse:
+        out = CachedResponse.kept(record.status, record.reason, record.headers, record.body)
+        out.headers[REPLAYED] = "true"
+        out.headers[REQUEST_ID] = record.request_id
+        outcome.idempotency, outcome.source = "replayed", "replay"
+        try:
+            await out.prepare(request)
+            await out.write_eof()
+        except ConnectionError:
+            raise ClientClosedRequest("the caller left before its answer was sent") from None
+        outcome.bytes_out = len(record.body)
+        return out
+
+    async def _lead(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
+                    exchange: _Exchange, key: str, claim: Record) -> web.StreamResponse:
+        """Send the claimed request in a task of its own, shielded: if the caller leaves, the
+        exchange still runs to its end (within the upstream timeouts) and its answer is kept,
+        so the caller's retry finds it."""
+        task = asyncio.create_task(self._settle(exchange, key, claim, outcome))
+        self.active += 1  # the drain waits for it
+        task.add_done_callback(self._lead_done)
+        try:
+            led = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(_orphaned, rid))
+            raise
+        resp, body, whole = led
+        if not whole:
+            return await self._stream_back(request, resp, rid, outcome, body)
+        return await self._whole(request, resp, body, rid, outcome)
+
+    def _lead_done(self, _task: asyncio.Task[Any]) -> None:
+        self.active -= 1
+        if self.active == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def _settle(self, exchange: _Exchange, key: str, claim: Record,
+                      outcome: _Outcome) -> tuple[aiohttp.ClientResponse, bytes, bool]:
+        """The leader's exchange, and the key's record from how it ended. Returns the answer,
+        its body (or what was read of it), and whether that is all of it (else: too large to
+        keep, stream the rest)."""
+        gw, s = self.state, self.state.settings
+        store = gw.idempotency
+        assert store is not None
+        kept: Record | None = None  # what the key will hold (None: release it)
+        try:
+            token = gw.tokens.usable() or await gw.tokens.get()
+            upstream = gw.upstream
+            if not upstream.slots.try_acquire():
+                await self._wait_slot(outcome)
+            try:
+                resp = await self._send(exchange, token, _never, outcome)
+                state = settle_status(resp.status)
+                limit = s.idempotency_max_body
+                body = b""
+                if resp.content_length is None or resp.content_length <= limit:
+                    body = await self._read_up_to(resp, limit)
+                if len(body) > limit or (resp.content_length or 0) > limit:
+                    if state is not None:
+                        kept = claim.settled("not_kept", resp.status)
+                    return resp, body, False
+                resp.release()
+                if state is not None:
+                    kept = claim.settled(state, resp.status, resp.reason or "",
+                                         kept_headers(downstream_response_headers(
+                                             resp.headers)), body if state == "done" else b"")
+                return resp, body, True
+            finally:
+                upstream.slots.release()
+        except GatewayError as exc:
+            if isinstance(exc, UpstreamError) and not isinstance(
+                    exc, UpstreamUnreachable | DeadlineExceeded):
+                kept = claim.settled("unknown")
+            raise
+        except BaseException:
+            if outcome.attempts is not None and outcome.attempts.number:
+                kept = claim.settled("unknown")  # sent, and then something broke
+            raise
+        finally:
+            await self._record(store, key, claim, kept)
+
+    async def _record(self, store: IdempotencyStore, key: str, claim: Record,
+                      kept: Record | None) -> None:
+        """Settle the key: keep the record, or release the claim (so a retry may send)."""
+        gw = self.state
+        try:
+            if kept is None:
+                await store.release(key, claim.owner)
+            else:
+                await store.finish(key, kept, gw.settings.idempotency_ttl)
+        except GatewayError as exc:  # the store is down: the claim's lease will tell repeats
+            log.warning("could not settle an Idempotency-Key: repeats will get "
+                        "outcome_unknown when its lease runs out", extra={"fields": {
+                            "event": "idempotency_settle_failed", "error": exc.code,
+                            "request_id": claim.request_id}})
+        gw.metrics.idempotency_settled.labels(
+            "released" if kept is None else kept.state).inc()
 
     async def _cached(self, request: web.BaseRequest, rid: str,
                       outcome: _Outcome) -> web.StreamResponse | None:
@@ -381,6 +590,30 @@ class Proxy:
             raise UpstreamInvalidResponse("the upstream response body broke") from exc
         finally:
             resp.release()
+        return await self._whole(request, resp, body, rid, outcome)
+
+    async def _read_up_to(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+        """The answer's body, or its first ``limit`` + 1 bytes if it is longer."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while size <= limit:
+                chunk = await resp.content.read(limit + 1 - size)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+        except TimeoutError as exc:
+            self.state.metrics.upstream_error("timeout")
+            raise UpstreamTimeout("the upstream's answer stalled") from exc
+        except aiohttp.ClientError as exc:
+            self.state.metrics.upstream_error("protocol")
+            raise UpstreamInvalidResponse("the upstream response body broke") from exc
+        return b"".join(parts)
+
+    async def _whole(self, request: web.BaseRequest, resp: aiohttp.ClientResponse, body: bytes,
+                     rid: str, outcome: _Outcome) -> web.StreamResponse:
+        """An answer read whole, sent as one write."""
         out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
         if outcome.cache_rule is not None:
             if self.state.cache.store(outcome.cache_key, outcome.cache_rule, resp.status,
@@ -398,8 +631,10 @@ class Proxy:
         return out
 
     async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
-                           rid: str, outcome: _Outcome) -> web.StreamResponse:
-        """Stream the answer chunk by chunk, as it comes."""
+                           rid: str, outcome: _Outcome,
+                           prefix: bytes = b"") -> web.StreamResponse:
+        """Stream the answer chunk by chunk, as it comes (``prefix``: what was read of it
+        already)."""
         try:
             out = PassThroughResponse(status=resp.status, reason=resp.reason)
             downstream_response_headers(resp.headers, out.headers)
@@ -414,7 +649,8 @@ class Proxy:
             except ConnectionError:
                 raise ClientClosedRequest("the caller left before its answer was sent") from None
             try:
-                async for chunk in resp.content.iter_any():
+                chunks = _prefixed(prefix, resp) if prefix else resp.content.iter_any()
+                async for chunk in chunks:
                     try:
                         await out.write(chunk)
                     except ConnectionError:  # aiohttp's ClientConnectionResetError included
@@ -443,6 +679,32 @@ class Proxy:
             resp.release()
 
 
+async def _prefixed(prefix: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    yield prefix
+    async for chunk in resp.content.iter_any():
+        yield chunk
+
+
+def _never() -> bool:
+    return False
+
+
+def _orphaned(rid: str, task: asyncio.Task[tuple[aiohttp.ClientResponse, bytes, bool]]) -> None:
+    """The leader of an Idempotency-Key finished after its caller left: release what it
+    holds, and say how it ended."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is None:
+        resp, _, _ = task.result()
+        resp.release()
+    log.info("request with an Idempotency-Key completed after its caller left",
+             extra={"fields": {"event": "idempotent_completed", "request_id": rid,
+                               "upstream_status": None if error else task.result()[0].status,
+                               "error": getattr(error, "code", type(error).__name__)
+                               if error else None}})
+
+
 def _caller_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -463,7 +725,7 @@ def _log_request(request: web.BaseRequest, rid: str, outcome: _Outcome,
         "token_generation": outcome.generation, "replayed": outcome.replayed,
         "retried": bool(attempts and attempts.retried),
         "retries": ",".join(attempts.retried) if attempts and attempts.retried else None,
-        "cache": outcome.cache}
+        "cache": outcome.cache, "idempotency": outcome.idempotency}
     sink = access_sink(log)
     if sink is not None:
         msg = f"{request.method} {outcome.route} {outcome.status}"

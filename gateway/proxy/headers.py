@@ -160,16 +160,23 @@ class WholePassThroughResponse(_NoAddedHeaders, web.Response):
 
 
 class CachedResponse(_NoAddedHeaders, web.Response):
-    """An answer from the GET cache, with ``Age`` and ``X-Cache``."""
+    """An answer from the GET cache (with ``Age`` and ``X-Cache``), or a kept one."""
 
     @classmethod
     def of(cls, entry: CachedAnswer, age: int, how: str) -> CachedResponse:
-        out = cls(status=entry.status, reason=entry.reason)
-        out.headers.extend(entry.headers)
-        out.own_content_type = hdrs.CONTENT_TYPE in out.headers
+        out = cls.kept(entry.status, entry.reason, entry.headers, entry.body)
         out.headers["Age"] = str(age)
         out.headers["X-Cache"] = how
-        out.body = entry.body
+        return out
+
+    @classmethod
+    def kept(cls, status: int, reason: str, headers: tuple[tuple[str, str], ...],
+             body: bytes) -> CachedResponse:
+        """A kept answer (the GET cache's, or an Idempotency-Key's), as it was."""
+        out = cls(status=status, reason=reason or None)
+        out.headers.extend(headers)
+        out.own_content_type = hdrs.CONTENT_TYPE in out.headers
+        out.body = body
         return out
 
 

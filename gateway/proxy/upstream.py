@@ -24,6 +24,7 @@ from gateway.errors import (
     UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamTLSError,
+    UpstreamUnreachable,
 )
 from gateway.settings import Settings
 from gateway.urls import upstream_tls
@@ -107,7 +108,7 @@ def translate(exc: BaseException) -> GatewayError:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout("the upstream did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("cannot connect to the upstream")
+        return UpstreamUnreachable("cannot connect to the upstream")
     if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
                   | aiohttp.ClientResponseError):
         return UpstreamInvalidResponse("the upstream closed the connection or sent an invalid "

@@ -88,33 +88,56 @@ def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
 
 
 class Sealer:
-    """AES-GCM over the serialised state, keyed from the configured store key (HKDF)."""
+    """AES-GCM over the serialised state, keyed from the configured store key (HKDF with
+    ``info`` naming the use), ``owner`` (or ``aad``) bound as associated data."""
 
-    def __init__(self, key: Secret, owner: str) -> None:
+    def __init__(self, key: Secret, owner: str, info: bytes = b"token-state-v1") -> None:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
         derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"repairy-gateway-store",
-                       info=b"token-state-v1").derive(key.reveal().encode())
+                       info=info).derive(key.reveal().encode())
         self._aead = AESGCM(derived)
         self._aad = owner.encode()
 
-    def seal(self, data: bytes) -> str:
+    def seal(self, data: bytes, aad: bytes | None = None) -> str:
         nonce = os.urandom(12)
-        sealed = nonce + self._aead.encrypt(nonce, data, self._aad)
+        sealed = nonce + self._aead.encrypt(nonce, data, self._aad if aad is None else aad)
         return "gcm:" + base64.b64encode(sealed).decode()
 
-    def open(self, text: str) -> bytes:
+    def open(self, text: str, aad: bytes | None = None) -> bytes:
         from cryptography.exceptions import InvalidTag
 
         if not text.startswith("gcm:"):
             raise StoreCorrupt("the stored state is not encrypted, but a store key is set")
         raw = base64.b64decode(text[4:])
         try:
-            return self._aead.decrypt(raw[:12], raw[12:], self._aad)
+            return self._aead.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
         except InvalidTag:
             raise StoreCorrupt("the stored state does not decrypt with this store key") from None
+
+
+def redis_client(url: str, *, password: Secret | None, ca_file: str, timeout: float) -> Redis:
+    """A Redis client for GATEWAY_REDIS_URL (``redis`` imported here, only when used)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    # One immediate retry: a restarted Redis leaves dead connections in the pool, and the
+    # first command on each must not count as "the store is down".
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "health_check_interval": 30, "decode_responses": True,
+                              "retry": Retry(NoBackoff(), 1),
+                              "retry_on_error": [RedisConnectionError]}
+    if password is not None:
+        kwargs["password"] = password.reveal()
+    if ca_file and url.startswith("rediss://"):
+        kwargs["ssl_ca_certs"] = ca_file
+        kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    client: Redis = aioredis.from_url(url, **kwargs)
+    return client
 
 
 class RedisStore:
@@ -122,23 +145,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, owner: str, prefix: str, password: Secret | None,
                  ca_file: str, store_key: Secret | None, timeout: float) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        # One immediate retry: a restarted Redis leaves dead connections in the pool, and the
-        # first command on each must not count as "the store is down".
-        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                                  "health_check_interval": 30, "decode_responses": True,
-                                  "retry": Retry(NoBackoff(), 1),
-                                  "retry_on_error": [RedisConnectionError]}
-        if password is not None:
-            kwargs["password"] = password.reveal()
-        if ca_file and url.startswith("rediss://"):
-            kwargs["ssl_ca_certs"] = ca_file
-            kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-        self._redis: Redis = aioredis.from_url(url, **kwargs)
+        self._redis = redis_client(url, password=password, ca_file=ca_file, timeout=timeout)
         self._prefix, self._store_key = prefix, store_key
         self.rekey(owner)
         #: This process's id in the fleet: who holds the lease, who renewed last.
@@ -214,7 +221,7 @@ class RedisStore:
                     yield None
         finally:
             with contextlib.suppress(Exception):  # the connection is gone already
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def store_for(settings: Settings, timeout: float) -> RedisStore:

@@ -1,0 +1,320 @@
+"""Where Idempotency-Key records live: in this process, in the supervisor, or in Redis.
+
+Every store offers the same five operations on a record (:class:`~gateway.proxy.idempotency.
+Record`), named by its storage key:
+
+* ``claim``: atomically, write the in-flight record if the key has none and return None (the
+  caller leads), or return the record already there;
+* ``finish``: write the final record (kept for ``GATEWAY_IDEMPOTENCY_TTL``);
+* ``release``: delete the key if it still holds the caller's claim (nothing was done);
+* ``wait``: wait until the key's in-flight record settles (or ``timeout``), return the record;
+* ``close``.
+
+:class:`LocalStore` is a bounded :class:`cachetools.TLRUCache` (limits in bytes and entries);
+in-flight claims sit apart from it, so memory pressure never evicts a claim (their number is
+bounded by the requests in progress, and by ``max_entries``). With worker processes the
+supervisor holds one (:class:`RemoteStore` is a worker's view of it, over the worker's pipe).
+:class:`RedisStore` is the fleet's: ``SET NX PX`` claims, records sealed with the store key when
+one is set. Each store's waits poll or wake with a floor delay and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from cachetools import TLRUCache
+
+from gateway.clock import Clock
+from gateway.proxy.idempotency import IdempotencyUnavailable, Record
+from gateway.redact import Secret
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger("gateway.idempotency")
+#: Polling a shared store for a settling record: first delay, and the longest.
+POLL_FLOOR: Final = 0.025
+POLL_CAP: Final = 0.5
+#: Release a claim only if it is still the caller's (the owner id leads the stored value).
+_RELEASE: Final = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, key: str, record: Record, ttl: float) -> Record | None: ...
+
+    async def finish(self, key: str, record: Record, ttl: float) -> None: ...
+
+    async def release(self, key: str, owner: str) -> None: ...
+
+    async def wait(self, key: str, within: float) -> Record | None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalStore:
+    """Records in this process's memory (see the module's docstring)."""
+
+    def __init__(self, *, max_bytes: int, max_entries: int, clock: Clock,
+                 on_evict: Callable[[], None] | None = None) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._on_evict = on_evict
+        store = self
+
+        class _Done(TLRUCache[str, tuple[Record, float]]):
+            def popitem(self) -> tuple[str, tuple[Record, float]]:
+                item = super().popitem()
+                if store._on_evict is not None:
+                    store._on_evict()
+                return item
+
+        # Values: (record, when it expires on the monotonic clock).
+        self._done: TLRUCache[str, tuple[Record, float]] = _Done(
+            maxsize=max_bytes, ttu=lambda _key, value, _now: value[1], timer=clock.monotonic,
+            getsizeof=lambda value: value[0].size)
+        self._in_flight: dict[str, Record] = {}
+        self._settled: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self._done.currsize) + sum(r.size for r in self._in_flight.values())
+
+    def __len__(self) -> int:
+        return len(self._done) + len(self._in_flight)
+
+    def _get(self, key: str) -> Record | None:
+        held = self._in_flight.get(key)
+        if held is not None:
+            return held
+        kept = self._done.get(key)
+        return None if kept is None else kept[0]
+
+    async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
+        existing = self._get(key)
+        if existing is not None:
+            return existing
+        if len(self._in_flight) >= self._max_entries:
+            raise IdempotencyUnavailable("too many requests with an Idempotency-Key in flight",
+                                         retry_after=1.0)
+        self._in_flight[key] = record
+        return None
+
+    async def finish(self, key: str, record: Record, ttl: float) -> None:
+        self._in_flight.pop(key, None)
+        if record.size <= self._done.maxsize:
+            self._done.pop(key, None)
+            while len(self._done) >= self._max_entries:
+                self._done.popitem()
+            self._done[key] = (record, self._clock.monotonic() + ttl)
+        self._wake(key)
+
+    async def release(self, key: str, owner: str) -> None:
+        held = self._in_flight.get(key)
+        if held is not None and held.owner == owner:
+            del self._in_flight[key]
+            self._wake(key)
+
+    async def wait(self, key: str, within: float) -> Record | None:
+        record = self._get(key)
+        if record is None or record.state != "in_flight":
+            return record
+        future = self._settled.get(key)
+        if future is None:
+            future = self._settled[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(max(0.0, within)):
+                await asyncio.shield(future)
+        except TimeoutError:
+            pass
+        return self._get(key)
+
+    def _wake(self, key: str) -> None:
+        future = self._settled.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisStore:
+    """Records in the fleet's Redis: ``<prefix>:idem:<storage key>`` holds ``owner|payload``
+    (payload: the record's JSON, or sealed with the store key), expiring on its own."""
+
+    def __init__(self, redis: Redis, *, prefix: str, store_key: Secret | None,
+                 clock: Clock) -> None:
+        from gateway.token.store import Sealer
+
+        self._redis = redis
+        self._prefix = f"{prefix}:idem:"
+        self._clock = clock
+        self._sealer = (Sealer(store_key, "", info=b"idempotency-v1")
+                        if store_key is not None else None)
+
+    def _encode(self, key: str, record: Record) -> str:
+        data = json.dumps(record.to_dict(), separators=(",", ":")).encode()
+        payload = (self._sealer.seal(data, key.encode()) if self._sealer is not None
+                   else "plain:" + data.decode())
+        return f"{record.owner}|{payload}"
+
+    def _decode(self, key: str, value: str) -> Record:
+        _, _, payload = value.partition("|")
+        try:
+            if self._sealer is not None:
+                data = self._sealer.open(payload, key.encode())
+            elif payload.startswith("plain:"):
+                data = payload[len("plain:"):].encode()
+            else:
+                raise ValueError("a sealed record, but no store key is set")
+            return Record.from_dict(json.loads(data))
+        except Exception as exc:  # unreadable: another key, garbled
+            raise IdempotencyUnavailable("the Idempotency-Key record in Redis is unreadable "
+                                         f"({type(exc).__name__})") from None
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except Exception as exc:  # connection, timeout: the request cannot be protected
+            log.warning("idempotency store unreachable", extra={"fields": {
+                "event": "idempotency_store_error", "error": type(exc).__name__}})
+            raise IdempotencyUnavailable("the Idempotency-Key store (Redis) is unreachable",
+                                         retry_after=1.0) from None
+
+    async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
+        name = self._prefix + key
+        for _ in range(3):  # a record that expires between SET NX and GET: try again
+            if await self._call(self._redis.set(name, self._encode(key, record), nx=True,
+                                                px=_millis(ttl))):
+                return None
+            value = await self._call(self._redis.get(name))
+            if value is not None:
+                return self._decode(key, value)
+        raise IdempotencyUnavailable("the Idempotency-Key record kept changing", retry_after=1.0)
+
+    async def _get(self, key: str) -> Record | None:
+        value = await self._call(self._redis.get(self._prefix + key))
+        return None if value is None else self._decode(key, value)
+
+    async def finish(self, key: str, record: Record, ttl: float) -> None:
+        await self._call(self._redis.set(self._prefix + key, self._encode(key, record),
+                                         px=_millis(ttl)))
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._call(self._redis.eval(_RELEASE, 1, self._prefix + key, owner))
+
+    async def wait(self, key: str, within: float) -> Record | None:
+        """Poll until the record settles, on :func:`poll_delays`."""
+        record = await self._get(key)
+        for delay in poll_delays(within):
+            if record is None or record.state != "in_flight":
+                break
+            await self._clock.sleep(delay)
+            record = await self._get(key)
+        return record
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def poll_delays(within: float) -> Iterator[float]:
+    """The pauses between reads while waiting ``within`` seconds: POLL_FLOOR, doubling to
+    POLL_CAP, the last one cut to what is left (so at most within / POLL_FLOOR + 1 reads,
+    and about 7 + within / POLL_CAP)."""
+    left = max(0.0, within) if within == within else 0.0  # NaN: no wait
+    delay = POLL_FLOOR
+    while left > 0:
+        pause = min(delay, left)
+        yield pause
+        left -= pause
+        delay = min(delay * 2, POLL_CAP)
+
+
+class RemoteStore:
+    """A worker's view of the supervisor's :class:`LocalStore`: each operation is one message
+    over the worker's pipe (``idem``), answered by ``idem_reply`` with the same id."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], timeout: float) -> None:
+        self._send = send
+        self._timeout = timeout  # for an answer, beyond the operation's own wait
+        self._calls: dict[int, asyncio.Future[Record | None]] = {}
+        self._next = 0
+
+    async def _ask(self, op: str, key: str, wait: float = 0.0, **args: Any) -> Record | None:
+        self._next += 1
+        call = self._next
+        future = self._calls[call] = asyncio.get_running_loop().create_future()
+        self._send({"type": "idem", "id": call, "op": op, "key": key, **args})
+        try:
+            async with asyncio.timeout(self._timeout + wait):
+                result: Record | None = await future
+                return result
+        except TimeoutError:
+            raise IdempotencyUnavailable("the supervisor did not answer for the "
+                                         "Idempotency-Key store", retry_after=1.0) from None
+        finally:
+            self._calls.pop(call, None)
+
+    def on_reply(self, doc: dict[str, Any]) -> None:
+        future = self._calls.get(int(doc.get("id", 0)))
+        if future is None or future.done():
+            return
+        if doc.get("error"):
+            future.set_exception(IdempotencyUnavailable(str(doc["error"]), retry_after=1.0))
+        else:
+            raw = doc.get("record")
+            future.set_result(None if raw is None else Record.from_dict(raw))
+
+    async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
+        return await self._ask("claim", key, record=record.to_dict(), ttl=ttl)
+
+    async def finish(self, key: str, record: Record, ttl: float) -> None:
+        await self._ask("finish", key, record=record.to_dict(), ttl=ttl)
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._ask("release", key, owner=owner)
+
+    async def wait(self, key: str, within: float) -> Record | None:
+        return await self._ask("wait", key, wait=within, within=within)
+
+    async def close(self) -> None:
+        for future in self._calls.values():
+            if not future.done():
+                future.cancel()
+
+
+async def serve_remote(store: LocalStore, doc: dict[str, Any]) -> dict[str, Any]:
+    """The supervisor's side of :class:`RemoteStore`: run one operation, make the reply."""
+    reply: dict[str, Any] = {"type": "idem_reply", "id": doc.get("id")}
+    try:
+        op, key = doc["op"], str(doc["key"])
+        result: Record | None = None
+        if op == "claim":
+            result = await store.claim(key, Record.from_dict(doc["record"]), float(doc["ttl"]))
+        elif op == "finish":
+            await store.finish(key, Record.from_dict(doc["record"]), float(doc["ttl"]))
+        elif op == "release":
+            await store.release(key, str(doc["owner"]))
+        elif op == "wait":
+            result = await store.wait(key, min(float(doc["within"]), 600.0))
+        else:
+            raise ValueError(f"unknown operation {op!r}")
+        reply["record"] = None if result is None else result.to_dict()
+    except IdempotencyUnavailable as exc:
+        reply["error"] = exc.message
+    except (KeyError, ValueError, TypeError) as exc:
+        reply["error"] = f"bad idempotency message ({type(exc).__name__})"
+    return reply
+
+
+def _millis(seconds: float) -> int:
+    return max(1, min(int(seconds * 1000), 10**12))
