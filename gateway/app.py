@@ -32,6 +32,7 @@ from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.cache import GetCache
+from gateway.proxy.cache_shared import SharedCache
 from gateway.proxy.handler import Proxy
 from gateway.proxy.idempotency_store import IdempotencyStore, LocalStore
 from gateway.proxy.idempotency_store import RedisStore as RedisIdempotency
@@ -122,6 +123,13 @@ def build_cache(s: Settings, clock: Clock, metrics: Metrics) -> GetCache:
                      on_evict=metrics.cache_evictions.inc)
     metrics.cache_bytes.set_function(lambda: float(cache.stored_bytes))
     metrics.cache_entries.set_function(lambda: float(len(cache)))
+    if s.cache_shared and s.cache_routes:
+        cache.shared = SharedCache(
+            redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
+                         timeout=0.5),
+            prefix=s.redis_key_prefix, scope=f"{s.base_url}|{s.partner_id}",
+            store_key=s.store_key, clock=clock,
+            on_error=lambda op: metrics.cache_shared_errors.labels(op).inc())
     return cache
 
 
@@ -157,6 +165,14 @@ def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics
                         route_401=route_401_tracker(s, clock, metrics),
                         limits=build_limits(s, clock, metrics), clock=clock,
                         cache=build_cache(s, clock, metrics), idempotency=idempotency)
+
+
+async def close_stores(state: GatewayState) -> None:
+    """Close the Idempotency-Key store and the shared cache's client, if any."""
+    if state.idempotency is not None:
+        await state.idempotency.close()
+    if state.cache.shared is not None:
+        await state.cache.shared.close()
 
 
 def build_access_policy(s: Settings) -> AccessPolicy:
@@ -343,8 +359,7 @@ class GatewayServer:
         grace = min(self.settings.auth_timeout, max(0.0, deadline - loop.time()))
         await self._state.manager.stop(grace)
         await self._state.upstream.close()
-        if self._state.idempotency is not None:
-            await self._state.idempotency.close()
+        await close_stores(self._state)
         await self._auth_session.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

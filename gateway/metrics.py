@@ -116,9 +116,12 @@ class Metrics:
             "client_rate (429), client_concurrency (429 client_busy), upstream_slots (503 "
             "upstream_busy), by client.", ["limit", "client"], registry=r)
         self.cache_requests = Counter(
-            f"{NS}_cache_requests", "GET cache lookups on cached routes: hit, miss, coalesced "
-            "(answered from a concurrent miss's upstream call), bypass (Cache-Control: "
-            "no-cache).", ["result"], registry=r)
+            f"{NS}_cache_requests", "GET cache lookups on cached routes: hit, shared_hit "
+            "(found in the fleet's Redis), miss, coalesced (answered from a concurrent miss's "
+            "upstream call), bypass (Cache-Control: no-cache).", ["result"], registry=r)
+        self.cache_shared_errors = Counter(
+            f"{NS}_cache_shared_errors", "Shared GET cache operations that failed (get, set, "
+            "decode): each counted as a miss, never a failed request.", ["op"], registry=r)
         self.cache_stored = Counter(
             f"{NS}_cache_stored", "Answers the GET cache kept.", registry=r)
         self.cache_evictions = Counter(

@@ -189,6 +189,9 @@ SPECS: tuple[Spec, ...] = (
           "Most answers the GET cache holds.", C),
     _spec("cache_max_entry", "GATEWAY_CACHE_MAX_ENTRY", parse_size, "1MiB",
           "Largest answer body the GET cache keeps.", C),
+    _spec("cache_shared", "GATEWAY_CACHE_SHARED", parse_bool, "false",
+          "Share the GET cache's answers through GATEWAY_REDIS_URL too, so one replica's "
+          "upstream call serves the fleet.", C),
     _spec("idempotency_routes", "GATEWAY_IDEMPOTENCY_ROUTES", parse_idempotency_routes,
           "POST /bookings,POST /bookings/*/*",
           "Routes where a caller's Idempotency-Key is honoured, comma-separated "
@@ -252,8 +255,9 @@ SPECS: tuple[Spec, ...] = (
     _spec("token_file", "GATEWAY_TOKEN_FILE", parse_optional_path, "",
           "Keep the token in this file (0600) so a restart reuses it (empty: memory only).", T),
     _spec("redis_url", "GATEWAY_REDIS_URL", parse_redis_url, "",
-          "Shared token store for a fleet (redis:// or rediss://); set, it takes precedence "
-          "over GATEWAY_TOKEN_FILE. Empty: this process keeps its own token.", F),
+          "Shared store for a fleet (redis:// or rediss://): the token (taking precedence over "
+          "GATEWAY_TOKEN_FILE), Idempotency-Key records, the GET cache if shared. Empty: this "
+          "process keeps its own.", F),
     _spec("redis_password", "GATEWAY_REDIS_PASSWORD", parse_optional_secret, "",
           "Redis password (or GATEWAY_REDIS_PASSWORD_FILE).", F, True),
     _spec("redis_ca_file", "GATEWAY_REDIS_CA_FILE", parse_optional_file, "",
@@ -359,6 +363,7 @@ class Settings:
     cache_max_bytes: int
     cache_max_entries: int
     cache_max_entry: int
+    cache_shared: bool
     idempotency_routes: tuple[IdempotencyRule, ...]
     idempotency_ttl: float
     idempotency_wait: float
@@ -518,6 +523,9 @@ def _check_consistency(s: Settings) -> None:
     if (s.redis_password is not None or s.store_key is not None) and not s.redis_url:
         raise SettingsError("GATEWAY_REDIS_URL", "GATEWAY_REDIS_PASSWORD / GATEWAY_STORE_KEY "
                             "are set, but no GATEWAY_REDIS_URL: set it, or drop them")
+    if s.cache_shared and not s.redis_url:
+        raise SettingsError("GATEWAY_CACHE_SHARED", "needs GATEWAY_REDIS_URL (the fleet's "
+                            "Redis) to share the cache through")
     if s.redis_ca_file and not s.redis_url.startswith("rediss://"):
         raise SettingsError("GATEWAY_REDIS_CA_FILE", "only applies to a rediss:// "
                             "GATEWAY_REDIS_URL (TLS)")

@@ -156,7 +156,7 @@ async def _push_metrics(writer: asyncio.StreamWriter, metrics: Metrics) -> None:
 
 
 async def run(listen_fd: int, control_fd: int) -> int:
-    from gateway.app import build_idempotency, build_proxy_server, build_state
+    from gateway.app import build_idempotency, build_proxy_server, build_state, close_stores
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
@@ -191,8 +191,7 @@ async def run(listen_fd: int, control_fd: int) -> int:
         await writer.drain()
         writer.close()
     await state.upstream.close()
-    if idempotency is not None:
-        await idempotency.close()
+    await close_stores(state)
     flush_logs()
     return 0
 

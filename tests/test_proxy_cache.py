@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox
-from tests.gateway_helpers import SERVICES, settings_for
+from gateway.settings import SettingsError
+from tests.fleet_helpers import RedisServer
+from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 from tests.test_proxy_failures import sample, started
 
@@ -183,3 +186,67 @@ def test_cache_routes_setting_is_checked() -> None:
         with pytest.raises(SettingsError) as err:
             load_settings({**base, "GATEWAY_CACHE_ROUTES": bad})
         assert err.value.setting == "GATEWAY_CACHE_ROUTES"
+
+
+async def redis_values(redis_server: RedisServer, pattern: str) -> list[str]:
+    client = await redis_server.client()
+    try:
+        return [await client.get(k) async for k in client.scan_iter(pattern)]
+    finally:
+        await client.aclose()
+
+
+async def test_cache_shared_through_redis_one_upstream_call_serves_two_replicas(
+        sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    """GATEWAY_CACHE_SHARED: replica two answers from what replica one fetched (sealed in
+    Redis with the store key), with the remaining lifetime."""
+    shared = {"redis_url": redis_server.url, "store_key": "s" * 40, "cache_shared": "true"}
+    one = await cache_gateway(sandbox, **shared)
+    two = await cache_gateway(sandbox, **shared)
+    try:
+        before = await api_count(http, sandbox)
+        async with http.get(one.url + SERVICES) as resp:
+            assert resp.headers["X-Cache"] == "MISS"
+            body = await resp.read()
+
+        async def written() -> bool:
+            return len(await redis_values(redis_server, "*:cache:*")) == 1
+
+        await wait_until(written)
+        for _ in range(3):
+            async with http.get(two.url + SERVICES) as resp:
+                assert resp.status == 200 and resp.headers["X-Cache"] == "HIT"
+                assert await resp.read() == body
+        assert await api_count(http, sandbox) - before == 1
+        assert sample(two, "cache_requests_total", result="shared_hit") == 1
+        assert sample(two, "cache_requests_total", result="hit") == 2  # then from memory
+        (value,) = await redis_values(redis_server, "*:cache:*")
+        assert value.startswith("gcm:") and b"Logbook" not in value.encode()
+    finally:
+        await one.stop()
+        await two.stop()
+
+
+async def test_cache_shared_never_writes_uncacheable_answers_and_survives_redis_down(
+        sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    gw = await cache_gateway(sandbox, redis_url=redis_server.url, cache_shared="true")
+    try:
+        await faults(http, sandbox, {"headers": {"Cache-Control": "no-store"}, "scope": "api",
+                                     "count": 1})
+        async with http.get(gw.url + SERVICES) as resp:
+            assert resp.status == 200
+        await asyncio.sleep(0.2)
+        assert await redis_values(redis_server, "*:cache:*") == []
+        await redis_server.stop()
+        gw.state.cache.forget(f"GET {SERVICES}")
+        async with http.get(gw.url + SERVICES) as resp:
+            assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
+        assert sample(gw, "cache_shared_errors_total", op="get") >= 1
+    finally:
+        await gw.stop()
+
+
+def test_cache_shared_needs_redis() -> None:
+    with pytest.raises(SettingsError) as info:
+        settings_for("http://127.0.0.1:1", cache_shared="true")
+    assert info.value.setting == "GATEWAY_CACHE_SHARED"

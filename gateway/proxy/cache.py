@@ -16,7 +16,9 @@ upstream themselves if it stored nothing). A caller's ``Cache-Control: no-cache`
 the cache and refreshes it. Answers carry ``Age`` and ``X-Cache: HIT|MISS|COALESCED``.
 
 Memory is bounded in bytes and entries (``cachetools.TLRUCache``, each entry expiring at its
-own time); the cache is per process (each worker and replica keeps its own).
+own time); the cache is per process (each worker and replica keeps its own), and with
+``GATEWAY_CACHE_SHARED`` also shared through the fleet's Redis
+(:mod:`gateway.proxy.cache_shared`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cachetools import TLRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.clock import Clock
 from gateway.config_values import parse_positive_duration
+
+if TYPE_CHECKING:
+    from gateway.proxy.cache_shared import SharedCache
 
 X_CACHE: Final = "X-Cache"
 _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d{1,10})\"?\s*(?=,|$)", re.I)
@@ -99,6 +104,15 @@ def answer_lifetime(headers: CIMultiDictProxy[str] | CIMultiDict[str],
     return ttl if ttl > 0 else None
 
 
+def matching(entry: CachedAnswer | None,
+             request_headers: CIMultiDictProxy[str]) -> CachedAnswer | None:
+    """``entry`` if it was stored for the values this request has of the ``Vary`` headers."""
+    if entry is None or tuple(request_headers.get(name) for name in entry.vary) != (
+            entry.vary_values):
+        return None
+    return entry
+
+
 def vary_names(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[str, ...]:
     names = {v.strip().lower() for v in ",".join(headers.getall("Vary", [])).split(",")}
     return tuple(sorted(n for n in names if n))
@@ -128,6 +142,8 @@ class GetCache:
             maxsize=max_bytes, ttu=lambda _key, value, _now: value.expires_at,
             timer=clock.monotonic, getsizeof=lambda value: value.size)
         self._flights: dict[str, asyncio.Future[None]] = {}
+        #: The fleet's layer (GATEWAY_CACHE_SHARED), or None.
+        self.shared: SharedCache | None = None
 
     @property
     def enabled(self) -> bool:
@@ -147,12 +163,14 @@ class GetCache:
         return None
 
     def lookup(self, key: str, request_headers: CIMultiDictProxy[str]) -> CachedAnswer | None:
-        entry = self._store.get(key)
-        if entry is None:
-            return None
-        if tuple(request_headers.get(name) for name in entry.vary) != entry.vary_values:
-            return None
-        return entry
+        return matching(self._store.get(key), request_headers)
+
+    def adopt(self, key: str, entry: CachedAnswer) -> None:
+        """Keep an entry read from the fleet's layer (within this process's limits)."""
+        if entry.size <= self._store.maxsize:
+            while len(self._store) >= self._max_entries:
+                self._store.popitem()
+            self._store[key] = entry
 
     def store(self, key: str, rule: CacheRule, status: int, reason: str,
               headers: CIMultiDict[str], body: bytes,
@@ -171,10 +189,12 @@ class GetCache:
             return False
         while len(self._store) >= self._max_entries:
             self._store.popitem()
-        self._store[key] = CachedAnswer(
+        entry = self._store[key] = CachedAnswer(
             status, reason, kept, body, vary,
             tuple(request_headers.get(name) for name in vary), self._clock.time(),
             self._clock.monotonic() + ttl, size)
+        if self.shared is not None:
+            self.shared.put(key, entry)
         return True
 
     def forget(self, key: str) -> None:

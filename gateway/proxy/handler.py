@@ -53,7 +53,7 @@ from gateway.proxy.body import (
     check_declared_size,
     take_body,
 )
-from gateway.proxy.cache import X_CACHE, CachedAnswer, CacheRule
+from gateway.proxy.cache import X_CACHE, CachedAnswer, CacheRule, matching
 from gateway.proxy.headers import (
     REQUEST_ID,
     CachedResponse,
@@ -494,6 +494,13 @@ class Proxy:
             flight = cache.leader(outcome.cache_key)
             if flight is None:
                 outcome.cache_leader = True
+                if cache.shared is not None:  # another replica may have fetched it
+                    entry = matching(await cache.shared.get(outcome.cache_key),
+                                     request.headers)
+                    if entry is not None:
+                        cache.adopt(outcome.cache_key, entry)
+                        return await self._from_cache(request, entry, "HIT", rid, outcome,
+                                                      "shared_hit")
             else:  # a miss for this key is on its way upstream: wait for what it stores
                 await asyncio.shield(flight)
                 entry = cache.lookup(outcome.cache_key, request.headers)
@@ -506,8 +513,9 @@ class Proxy:
         return None
 
     async def _from_cache(self, request: web.BaseRequest, entry: CachedAnswer, how: str,
-                          rid: str, outcome: _Outcome) -> web.StreamResponse:
-        self.state.metrics.cache_requests.labels(how.lower()).inc()
+                          rid: str, outcome: _Outcome,
+                          result: str | None = None) -> web.StreamResponse:
+        self.state.metrics.cache_requests.labels(result or how.lower()).inc()
         out = CachedResponse.of(entry, self.state.cache.age(entry), how)
         out.headers[REQUEST_ID] = rid
         outcome.cache = how
