@@ -28,3 +28,16 @@ def test_benchmarks_speed_harness_runs_every_contender_for_a_second() -> None:
     assert "2 workers / 1 worker throughput" in table
     assert "p99 while the token renews" in table
     assert "non-2xx 0)" in table  # every renewal under load went unnoticed by callers
+
+
+def test_benchmarks_idempotency_flood_real_memory_stays_within_the_limit() -> None:
+    """The store's byte count is honest: under a flood of distinct keys with booking-sized
+    answers, what Python really holds for the store stays within the configured limit."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.idempotency_flood", "--keys", "12000",
+         "--max-bytes", "4MiB"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ratio = float(result.stdout.rsplit("real / limit", 1)[1].split()[0])
+    assert 0.8 <= ratio <= 1.02, result.stdout
+    assert "evicted" in result.stdout

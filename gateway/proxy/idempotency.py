@@ -43,7 +43,10 @@ RETRYABLE_STATUSES: Final = frozenset({401, 408, 425, 429, 503})
 #: Headers of a kept answer that belong to the first exchange only.
 _NOT_KEPT_HEADERS: Final = frozenset({"x-request-id", "x-cache", "age", "date"})
 _SF_STRING = re.compile(r'^"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"$')
-_RECORD_OVERHEAD: Final = 256  # bytes counted per record beyond its body, headers and key
+#: Bytes counted per record and per kept header beyond their text: what Python really holds
+#: for them, with the store's own bookkeeping (measured: benchmarks/idempotency_flood.py).
+_RECORD_OVERHEAD: Final = 580
+_HEADER_OVERHEAD: Final = 100
 
 State = Literal["in_flight", "done", "not_kept", "unknown"]
 
@@ -138,7 +141,7 @@ def fingerprint(method: str, raw_path: str, body: bytes) -> str:
     return digest.hexdigest()[:32]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """What a key holds. ``owner`` names the claim (only it may release the key)."""
 
@@ -166,7 +169,7 @@ class Record:
 
     @property
     def size(self) -> int:
-        return (len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
+        return (len(self.body) + sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in self.headers)
                 + len(self.request_id) + _RECORD_OVERHEAD)
 
     def to_dict(self) -> dict[str, Any]:
