@@ -148,6 +148,10 @@ def build_idempotency(s: Settings, clock: Clock, metrics: Metrics,
     if not s.idempotency_routes:
         return None
     if s.redis_url:
+        if s.store_key is None:
+            log.warning("Idempotency-Key records (booking answers) are kept in Redis in clear: "
+                        "set GATEWAY_STORE_KEY to seal them", extra={"fields": {
+                            "event": "idempotency_unsealed"}})
         client = redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
                               timeout=2.0)
         return RedisIdempotency(client, prefix=s.redis_key_prefix, store_key=s.store_key,

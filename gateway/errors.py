@@ -177,10 +177,15 @@ class UpstreamError(GatewayError):
     status = 502
     default_code = "upstream_unreachable"
     kind: ClassVar[str] = "connect"  # the upstream_errors_total{kind} label
+    #: False when the request certainly never left (no connection, TLS refused, connect
+    #: timeout): what an Idempotency-Key's record depends on.
+    sent: bool = True
 
 
 class UpstreamUnreachable(UpstreamError):
     """No connection could be made: the request was certainly not sent."""
+
+    sent = False
 
 
 class UpstreamInvalidResponse(UpstreamError):

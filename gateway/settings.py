@@ -523,6 +523,11 @@ def _check_consistency(s: Settings) -> None:
     if (s.redis_password is not None or s.store_key is not None) and not s.redis_url:
         raise SettingsError("GATEWAY_REDIS_URL", "GATEWAY_REDIS_PASSWORD / GATEWAY_STORE_KEY "
                             "are set, but no GATEWAY_REDIS_URL: set it, or drop them")
+    if s.idempotency_max_body > 8 * 1024 * 1024:
+        raise SettingsError("GATEWAY_IDEMPOTENCY_MAX_BODY", "must be at most 8MiB")
+    if s.idempotency_max_bytes < 2 * s.idempotency_max_body:
+        raise SettingsError("GATEWAY_IDEMPOTENCY_MAX_BYTES", "must hold at least two answers "
+                            "of GATEWAY_IDEMPOTENCY_MAX_BODY")
     if s.cache_shared and not s.redis_url:
         raise SettingsError("GATEWAY_CACHE_SHARED", "needs GATEWAY_REDIS_URL (the fleet's "
                             "Redis) to share the cache through")

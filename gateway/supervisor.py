@@ -34,7 +34,7 @@ from gateway.proxy.access import ClientKey
 from gateway.proxy.idempotency_store import LocalStore, serve_remote
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
-from gateway.worker import send, token_to_wire
+from gateway.worker import PIPE_LIMIT, send, token_to_wire
 
 log = logging.getLogger("gateway.supervisor")
 MIN_RESTART_DELAY: Final = 1.0
@@ -70,6 +70,8 @@ class _Worker:
     delay: float = MIN_RESTART_DELAY
     metrics: str = ""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Its Idempotency-Key claims in flight (key, owner): "unknown" if it dies.
+    claims: set[tuple[str, str]] = field(default_factory=set)
 
 
 class WorkerPool:
@@ -96,7 +98,7 @@ class WorkerPool:
             pass_fds=(listen_fd, control_fd), stdin=asyncio.subprocess.DEVNULL)
         theirs.close()
         worker.started = time.monotonic()
-        reader, worker.writer = await asyncio.open_connection(sock=ours)
+        reader, worker.writer = await asyncio.open_connection(sock=ours, limit=PIPE_LIMIT)
         worker.tasks = [asyncio.create_task(self._serve(worker, reader)),
                         asyncio.create_task(self._watch(worker))]
         log.info("worker started", extra={"fields": {
@@ -136,7 +138,9 @@ class WorkerPool:
 
     async def _idem(self, worker: _Worker, doc: dict[str, Any]) -> None:
         assert self._idempotency is not None
-        reply = await serve_remote(self._idempotency, doc)
+        reply = await serve_remote(self._idempotency, doc, worker.claims)
+        if not reply.get("id"):
+            return  # a fire-and-forget release
         if worker.writer is not None and not worker.writer.is_closing():
             send(worker.writer, reply)
 
@@ -153,6 +157,13 @@ class WorkerPool:
             "code": code, "lived_s": round(lived, 1)}})
         if worker.writer is not None:
             worker.writer.close()
+        if worker.claims and self._idempotency is not None:
+            log.warning("a dead worker's requests with an Idempotency-Key have an unknown "
+                        "outcome", extra={"fields": {"event": "idempotency_orphaned",
+                                                     "slot": worker.slot,
+                                                     "claims": len(worker.claims)}})
+            self._idempotency.orphan(worker.claims)
+            worker.claims = set()
         if worker.metrics:  # keep what it counted (up to its last push) in the totals
             texts = [t for t in (self._retired, counters_only(worker.metrics)) if t]
             self._retired = merge_expositions(texts).decode()

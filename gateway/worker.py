@@ -43,6 +43,8 @@ from gateway.token.value import Token, is_usable
 
 log = logging.getLogger("gateway.worker")
 METRICS_EVERY = 1.0
+#: Longest line on the pipe (a kept answer of GATEWAY_IDEMPOTENCY_MAX_BODY, base64, fits).
+PIPE_LIMIT = 32 * 1024 * 1024
 
 
 def token_to_wire(tok: Token) -> dict[str, Any]:
@@ -161,7 +163,8 @@ async def run(listen_fd: int, control_fd: int) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     listener = socket.socket(fileno=listen_fd)
-    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd),
+                                                   limit=PIPE_LIMIT)
     clock = SystemClock()
     metrics = Metrics()
     tokens = RemoteTokens(writer, settings, clock)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from typing import Any
 
 import aiohttp
@@ -26,6 +28,7 @@ from tests.fake_clock import FakeClock
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import settings_for
 from tests.sandbox_helpers import faults
+from tests.test_proxy_cache import api_count
 from tests.test_proxy_failures import sample, started
 from tests.test_proxy_retries import closed_port
 from tests.test_sandbox_api import booking_body
@@ -140,16 +143,15 @@ async def test_idempotency_upstream_may_have_acted_repeats_get_outcome_unknown(
 
 async def test_idempotency_try_again_answers_are_not_kept(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
-    """503 and 429 from Repairy, and a request refused before it was sent: the key is free
-    again, and the retry books."""
+    """503, 429, 408 and 425 from Repairy: the key is free again, and the retry books."""
     gw = await started(settings_for(sandbox))
     try:
-        for status in (503, 429):
+        for status in (503, 429, 408, 425):
             await faults(http, sandbox, {"status": status, "path": "/bookings", "count": 1})
             assert (await book(http, gw.url, f"busy-{status}"))[0] == status
             assert (await book(http, gw.url, f"busy-{status}"))[0] == 201
-        assert bookings(sandbox) == 2
-        assert sample(gw, "idempotency_settled_total", state="released") == 2
+        assert bookings(sandbox) == 4
+        assert sample(gw, "idempotency_settled_total", state="released") == 4
     finally:
         await gw.stop()
 
@@ -250,7 +252,8 @@ async def test_idempotency_two_replicas_sharing_redis_one_booking(
         finally:
             await client.aclose()
         assert len(values) == 1
-        assert "Sam" not in values[0] and body["data"]["id"] not in values[0]
+        _, _, sealed = values[0].partition("|")
+        assert sealed.startswith("gcm:") and body["data"]["id"] not in values[0]
     finally:
         await one.stop()
         await two.stop()
@@ -258,16 +261,56 @@ async def test_idempotency_two_replicas_sharing_redis_one_booking(
 
 async def test_idempotency_workers_share_the_supervisors_store(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """GATEWAY_WORKERS=2 without Redis: repeats landing on either worker are answered from
+    the supervisor's store (a 100 KiB answer crosses the pipe), one upstream call in all."""
+    big = json.dumps({"success": True, "data": {"id": "b" * 24, "pad": "x" * 100_000}})
     gw = GatewayProcess(sandbox, {"GATEWAY_WORKERS": "2"})
     await gw.start()
     try:
         await gw.ready(http)
+        await faults(http, sandbox, {"status": 201, "body": big, "path": "/bookings",
+                                     "count": 1})
+        before = await api_count(http, sandbox)
         connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
         async with aiohttp.ClientSession(connector=connector) as fresh:
-            results = [await book(fresh, gw.url, "w-1") for _ in range(8)]
+            async def stream() -> list[tuple[int, dict[str, str], Any]]:
+                return [await book(fresh, gw.url, "w-1") for _ in range(10)]
+
+            results = [r for part in await asyncio.gather(*(stream() for _ in range(4)))
+                       for r in part]
         assert {s for s, _, _ in results} == {201}
-        assert len({b["data"]["id"] for _, _, b in results}) == 1
-        assert bookings(sandbox) == 1
+        assert {b["data"]["id"] for _, _, b in results} == {"b" * 24}
+        assert sum(h.get("Idempotent-Replayed") == "true" for _, h, _ in results) == 39
+        assert await api_count(http, sandbox) - before == 1
+        await asyncio.sleep(1.5)  # the workers' next metrics push
+        async with http.get(gw.admin + "/healthz") as resp:
+            workers = (await resp.json())["workers"]
+        assert all(w["alive"] and w["requests"] > 0 for w in workers), workers
+    finally:
+        assert await gw.stop() == 0
+
+
+async def test_idempotency_a_dead_workers_claims_become_unknown(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A worker killed mid-request: the upstream may have acted, so a repeat gets 502
+    outcome_unknown at once (not 409 after waiting, and never a second send)."""
+    gw = GatewayProcess(sandbox, {"GATEWAY_WORKERS": "2"})
+    await gw.start()
+    try:
+        await gw.ready(http)
+        await faults(http, sandbox, {"latency": 3.0, "path": "/bookings", "count": 1})
+        first = asyncio.ensure_future(book(http, gw.url, "doomed"))
+        await asyncio.sleep(0.5)
+        async with http.get(gw.admin + "/healthz") as resp:
+            pids = [w["pid"] for w in (await resp.json())["workers"]]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(aiohttp.ClientError):
+            await first
+        before = await api_count(http, sandbox)
+        status, _, body = await book(http, gw.url, "doomed")
+        assert status == 502 and body["error"]["code"] == "outcome_unknown"
+        assert await api_count(http, sandbox) == before
     finally:
         assert await gw.stop() == 0
 
@@ -275,7 +318,7 @@ async def test_idempotency_workers_share_the_supervisors_store(
 async def test_idempotency_memory_stays_within_limits_under_a_key_flood(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     gw = await started(settings_for(sandbox, idempotency_max_bytes="64KiB",
-                                    idempotency_max_entries="40"))
+                                    idempotency_max_body="8KiB", idempotency_max_entries="40"))
     try:
         sem = asyncio.Semaphore(20)
 
@@ -292,6 +335,62 @@ async def test_idempotency_memory_stays_within_limits_under_a_key_flood(
         await gw.stop()
 
 
+async def test_idempotency_upstream_401_is_replayed_with_a_new_token_and_kept(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    gw = await started(settings_for(sandbox))
+    try:
+        await faults(http, sandbox, {"status": 401, "path": "/bookings", "count": 1})
+        status, headers, first = await book(http, gw.url, "after-401")
+        assert status == 201 and "Idempotent-Replayed" not in headers
+        assert sample(gw, "requests_replayed_total", reason="upstream_401") == 1
+        status, headers, again = await book(http, gw.url, "after-401")
+        assert headers["Idempotent-Replayed"] == "true"
+        assert again["data"]["id"] == first["data"]["id"] and bookings(sandbox) == 1
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize("fault", [{"status": 502}, {"drop": True, "length": 5000}],
+                         ids=["then-502", "then-cut"])
+async def test_idempotency_caller_leaves_and_upstream_then_fails_outcome_unknown(
+        sandbox: Sandbox, http: aiohttp.ClientSession, fault: dict[str, Any]) -> None:
+    """The caller left; the shielded request then fails in a way Repairy may have acted on:
+    the repeat is told so, and nothing leaks (an unretrieved exception fails the test)."""
+    gw = await started(settings_for(sandbox))
+    try:
+        await faults(http, sandbox, {"latency": 0.5, "path": "/bookings", "count": 1,
+                                     **fault})
+        with pytest.raises(TimeoutError):
+            async with http.post(gw.url + "/bookings", json=booking_body(),
+                                 headers={"Idempotency-Key": "left"},
+                                 timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
+                await resp.read()
+        await asyncio.sleep(0.8)
+        status, _, body = await book(http, gw.url, "left")
+        assert status == 502 and body["error"]["code"] == "outcome_unknown"
+        assert sample(gw, "idempotency_settled_total", state="unknown") == 1
+        assert gw.state.upstream.slots.in_use == 0
+    finally:
+        await gw.stop()
+
+
+async def test_idempotency_shutdown_waits_for_a_leader_whose_caller_left(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    gw = await started(settings_for(sandbox))
+    await faults(http, sandbox, {"latency": 0.8, "path": "/bookings", "count": 1})
+    with pytest.raises(TimeoutError):
+        async with http.post(gw.url + "/bookings", json=booking_body(),
+                             headers={"Idempotency-Key": "drain"},
+                             timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
+            await resp.read()
+    store = gw.state.idempotency
+    assert isinstance(store, LocalStore)
+    await gw.stop()  # drains: the leader finishes its booking first
+    assert bookings(sandbox) == 1
+    assert (await store.claim("x", Record.claim("fp", "r", 1e12), 60)) is None
+    assert len(store) == 2  # the settled key, and the probe
+
+
 # -- the policy and the store, without sockets ---------------------------------------------
 
 
@@ -299,6 +398,11 @@ def test_idempotency_settings_parse_routes_and_name_bad_ones() -> None:
     rules = parse_idempotency_routes("POST /bookings, PUT /bookings/*")
     assert [(r.method, r.pattern) for r in rules] == [("POST", "/bookings"),
                                                        ("PUT", "/bookings/*")]
+    post, put = rules
+    assert post.matches("POST", "/bookings") and post.matches("POST", "/bookings/")
+    assert not post.matches("PUT", "/bookings") and not post.matches("POST", "/bookingsx")
+    assert put.matches("PUT", "/bookings/abc") and put.matches("PUT", "/bookings/abc/")
+    assert not put.matches("PUT", "/bookings/abc/def") and not put.matches("PUT", "/bookings/")
     assert parse_idempotency_routes("off") == ()
     with pytest.raises(SettingsError) as info:
         settings_for("http://127.0.0.1:1", idempotency_routes="GET /bookings")
@@ -344,7 +448,7 @@ def test_idempotency_local_store_never_exceeds_its_limits(
                 await store.finish(key, claims.pop(key).settled("done", 201, "",
                                                                 (), b"x" * body_size), 60)
             elif key not in claims:
-                claim = Record.claim("fp", "rid", 1e9)
+                claim = Record.claim("fp", "rid", 1e12)
                 try:
                     if await store.claim(key, claim, 60) is None:
                         claims[key] = claim

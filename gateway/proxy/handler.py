@@ -31,7 +31,6 @@ from yarl import URL
 from gateway.errors import (
     BodyTooLarge,
     ClientClosedRequest,
-    DeadlineExceeded,
     ExpectationFailed,
     GatewayError,
     ShuttingDown,
@@ -39,7 +38,6 @@ from gateway.errors import (
     UpstreamError,
     UpstreamInvalidResponse,
     UpstreamTimeout,
-    UpstreamUnreachable,
     error_response,
 )
 from gateway.logs import access_sink, json_line
@@ -122,6 +120,8 @@ class _Outcome:
     def answered(self, resp: aiohttp.ClientResponse, seconds: float) -> None:
         """An upstream attempt got its status line."""
         self.upstream_status = resp.status
+        if resp.status >= 500 and resp.status != 503 and self.attempts is not None:
+            self.attempts.maybe_acted = True
         if self.metrics is not None:
             self.metrics.upstream_response(method_label(self.method), self.route, resp.status,
                                            seconds)
@@ -149,10 +149,13 @@ class Proxy:
         #: Idempotency-Keys are scoped per upstream and partner (not per App Key: a retry
         #: across a credential rotation must still find its answer).
         self._idempotency_scope = f"{s.base_url}|{s.partner_id}"
-        #: How long a claim may stay in flight before repeats count it "unknown": the
-        #: waits before the first send plus the request's own deadline, with a margin.
-        self._lease = (s.token_wait_timeout + s.connect_timeout + (s.total_timeout or 3600.0)
-                       + 30.0)
+        #: How long a claim may stay in flight before repeats count it "unknown": every wait
+        #: its leader may go through (token, upstream slot, the request's deadline, and again
+        #: for a replay after a 401), with a margin.
+        self._lease = 2 * (s.token_wait_timeout + s.connect_timeout
+                           + (s.total_timeout or 3600.0)) + 30.0
+        #: Leaders of Idempotency-Keys in flight (a task must be referenced to live).
+        self._leaders: set[asyncio.Task[Any]] = set()
         #: Requests in progress (the server's shutdown waits for them, to one deadline).
         self.active = 0
         self._drained: asyncio.Event | None = None
@@ -357,6 +360,10 @@ class Proxy:
                 counted.labels("new").inc()
                 outcome.idempotency = "new"
                 return await self._lead(request, rid, outcome, exchange, key, claim)
+            if record.owner == claim.owner:  # ours: the claim's reply was lost and resent
+                counted.labels("new").inc()
+                outcome.idempotency = "new"
+                return await self._lead(request, rid, outcome, exchange, key, claim)
             if record.fingerprint == fp and record.in_flight_at(gw.clock.time()):
                 record = await store.wait(key, s.idempotency_wait)
                 if record is None:
@@ -398,6 +405,7 @@ class Proxy:
         so the caller's retry finds it."""
         task = asyncio.create_task(self._settle(exchange, key, claim, outcome))
         self.active += 1  # the drain waits for it
+        self._leaders.add(task)
         task.add_done_callback(self._lead_done)
         try:
             led = await asyncio.shield(task)
@@ -409,7 +417,8 @@ class Proxy:
             return await self._stream_back(request, resp, rid, outcome, body)
         return await self._whole(request, resp, body, rid, outcome)
 
-    def _lead_done(self, _task: asyncio.Task[Any]) -> None:
+    def _lead_done(self, task: asyncio.Task[Any]) -> None:
+        self._leaders.discard(task)
         self.active -= 1
         if self.active == 0 and self._drained is not None:
             self._drained.set()
@@ -418,11 +427,17 @@ class Proxy:
                       outcome: _Outcome) -> tuple[aiohttp.ClientResponse, bytes, bool]:
         """The leader's exchange, and the key's record from how it ended. Returns the answer,
         its body (or what was read of it), and whether that is all of it (else: too large to
-        keep, stream the rest)."""
+        keep, stream the rest).
+
+        The key is released (a retry may send) only when no attempt can have made Repairy act:
+        nothing left (no connection, a gateway limit, no token) or a "try again" answer. An
+        answer whose body then breaks, a timeout after sending, a 5xx: "unknown"."""
         gw, s = self.state, self.state.settings
         store = gw.idempotency
         assert store is not None
         kept: Record | None = None  # what the key will hold (None: release it)
+        resp: aiohttp.ClientResponse | None = None
+        whole = False
         try:
             token = gw.tokens.usable() or await gw.tokens.get()
             upstream = gw.upstream
@@ -436,10 +451,11 @@ class Proxy:
                 if resp.content_length is None or resp.content_length <= limit:
                     body = await self._read_up_to(resp, limit)
                 if len(body) > limit or (resp.content_length or 0) > limit:
-                    if state is not None:
-                        kept = claim.settled("not_kept", resp.status)
+                    if state is not None:  # the booking exists: say so, without its answer
+                        kept = claim.settled("not_kept" if state == "done" else state,
+                                             resp.status)
                     return resp, body, False
-                resp.release()
+                whole = True
                 if state is not None:
                     kept = claim.settled(state, resp.status, resp.reason or "",
                                          kept_headers(downstream_response_headers(
@@ -447,16 +463,16 @@ class Proxy:
                 return resp, body, True
             finally:
                 upstream.slots.release()
-        except GatewayError as exc:
-            if isinstance(exc, UpstreamError) and not isinstance(
-                    exc, UpstreamUnreachable | DeadlineExceeded):
-                kept = claim.settled("unknown")
-            raise
         except BaseException:
-            if outcome.attempts is not None and outcome.attempts.number:
-                kept = claim.settled("unknown")  # sent, and then something broke
+            attempts = outcome.attempts
+            if resp is not None or (attempts is not None and attempts.maybe_acted):
+                kept = claim.settled("unknown")  # it may have acted; nobody knows how
+            if resp is not None:
+                resp.release()
             raise
         finally:
+            if whole and resp is not None:
+                resp.release()
             await self._record(store, key, claim, kept)
 
     async def _record(self, store: IdempotencyStore, key: str, claim: Record,

@@ -26,7 +26,7 @@ The stores are in :mod:`gateway.proxy.idempotency_store`; the handler drives the
 from __future__ import annotations
 
 import base64
-import fnmatch
+import functools
 import hashlib
 import re
 import secrets
@@ -82,14 +82,24 @@ class IdempotencyUnavailable(GatewayError):
 @dataclass(frozen=True)
 class IdempotencyRule:
     method: str
-    pattern: str  # fnmatch glob over the decoded path
+    pattern: str  # a path whose ``*`` stands for one segment
+
+    @property
+    def _regex(self) -> re.Pattern[str]:
+        return _segment_glob(self.pattern)
 
     def matches(self, method: str, path: str) -> bool:
-        return method == self.method and fnmatch.fnmatchcase(path, self.pattern)
+        return method == self.method and self._regex.fullmatch(path.rstrip("/") or "/") is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern.rstrip("/") or "/").replace(r"\*", "[^/]+"))
 
 
 def parse_idempotency_routes(value: object) -> tuple[IdempotencyRule, ...]:
-    """``METHOD /path-glob`` entries, comma-separated; ``off`` or empty: none."""
+    """``METHOD /path`` entries, comma-separated, ``*`` standing for one path segment (a
+    trailing slash is ignored); ``off`` or empty: none."""
     text = str(value).strip()
     if text.lower() in ("", "off", "none"):
         return ()

@@ -82,12 +82,13 @@ class LocalStore:
         self._done: TLRUCache[str, tuple[Record, float]] = _Done(
             maxsize=max_bytes, ttu=lambda _key, value, _now: value[1], timer=clock.monotonic,
             getsizeof=lambda value: value[0].size)
-        self._in_flight: dict[str, Record] = {}
+        #: Claims in flight, with the lifetime their record is to have.
+        self._in_flight: dict[str, tuple[Record, float]] = {}
         self._settled: dict[str, asyncio.Future[None]] = {}
 
     @property
     def stored_bytes(self) -> int:
-        return int(self._done.currsize) + sum(r.size for r in self._in_flight.values())
+        return int(self._done.currsize) + sum(r.size for r, _ in self._in_flight.values())
 
     def __len__(self) -> int:
         return len(self._done) + len(self._in_flight)
@@ -95,34 +96,51 @@ class LocalStore:
     def _get(self, key: str) -> Record | None:
         held = self._in_flight.get(key)
         if held is not None:
-            return held
+            if held[0].in_flight_at(self._clock.time()):
+                return held[0]
+            self._settle(key, held[0].settled("unknown"), held[1])  # its leader is gone
         kept = self._done.get(key)
         return None if kept is None else kept[0]
+
+    def _settle(self, key: str, record: Record, ttl: float) -> None:
+        self._in_flight.pop(key, None)
+        if record.size > self._done.maxsize:  # never forget that it was done
+            record = record.settled("not_kept", record.status)
+        self._done.pop(key, None)
+        while len(self._done) >= self._max_entries:
+            self._done.popitem()
+        self._done[key] = (record, self._clock.monotonic() + ttl)
+        self._wake(key)
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
         existing = self._get(key)
         if existing is not None:
             return existing
         if len(self._in_flight) >= self._max_entries:
-            raise IdempotencyUnavailable("too many requests with an Idempotency-Key in flight",
-                                         retry_after=1.0)
-        self._in_flight[key] = record
+            for stale in list(self._in_flight):
+                self._get(stale)  # claims past their lease become "unknown"
+            if len(self._in_flight) >= self._max_entries:
+                raise IdempotencyUnavailable("too many requests with an Idempotency-Key in "
+                                             "flight", retry_after=1.0)
+        self._in_flight[key] = (record, ttl)
         return None
 
     async def finish(self, key: str, record: Record, ttl: float) -> None:
-        self._in_flight.pop(key, None)
-        if record.size <= self._done.maxsize:
-            self._done.pop(key, None)
-            while len(self._done) >= self._max_entries:
-                self._done.popitem()
-            self._done[key] = (record, self._clock.monotonic() + ttl)
-        self._wake(key)
+        self._settle(key, record, ttl)
 
     async def release(self, key: str, owner: str) -> None:
         held = self._in_flight.get(key)
-        if held is not None and held.owner == owner:
+        if held is not None and held[0].owner == owner:
             del self._in_flight[key]
             self._wake(key)
+
+    def orphan(self, claims: set[tuple[str, str]]) -> None:
+        """The leaders of these (key, owner) claims are gone (their worker died): the
+        upstream may have acted, so the keys' outcome is unknown."""
+        for key, owner in claims:
+            held = self._in_flight.get(key)
+            if held is not None and held[0].owner == owner:
+                self._settle(key, held[0].settled("unknown"), held[1])
 
     async def wait(self, key: str, within: float) -> Record | None:
         record = self._get(key)
@@ -275,7 +293,12 @@ class RemoteStore:
             future.set_result(None if raw is None else Record.from_dict(raw))
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
-        return await self._ask("claim", key, record=record.to_dict(), ttl=ttl)
+        try:
+            return await self._ask("claim", key, record=record.to_dict(), ttl=ttl)
+        except IdempotencyUnavailable:  # it may have landed: take it back, nothing was sent
+            self._send({"type": "idem", "id": 0, "op": "release", "key": key,
+                        "owner": record.owner})
+            raise
 
     async def finish(self, key: str, record: Record, ttl: float) -> None:
         await self._ask("finish", key, record=record.to_dict(), ttl=ttl)
@@ -292,18 +315,26 @@ class RemoteStore:
                 future.cancel()
 
 
-async def serve_remote(store: LocalStore, doc: dict[str, Any]) -> dict[str, Any]:
-    """The supervisor's side of :class:`RemoteStore`: run one operation, make the reply."""
+async def serve_remote(store: LocalStore, doc: dict[str, Any],
+                       claims: set[tuple[str, str]]) -> dict[str, Any]:
+    """The supervisor's side of :class:`RemoteStore`: run one operation, make the reply.
+    ``claims`` tracks the (key, owner) claims of the asking worker in flight."""
     reply: dict[str, Any] = {"type": "idem_reply", "id": doc.get("id")}
     try:
         op, key = doc["op"], str(doc["key"])
         result: Record | None = None
         if op == "claim":
-            result = await store.claim(key, Record.from_dict(doc["record"]), float(doc["ttl"]))
+            record = Record.from_dict(doc["record"])
+            result = await store.claim(key, record, float(doc["ttl"]))
+            if result is None:
+                claims.add((key, record.owner))
         elif op == "finish":
-            await store.finish(key, Record.from_dict(doc["record"]), float(doc["ttl"]))
+            record = Record.from_dict(doc["record"])
+            await store.finish(key, record, float(doc["ttl"]))
+            claims.discard((key, record.owner))
         elif op == "release":
             await store.release(key, str(doc["owner"]))
+            claims.discard((key, str(doc["owner"])))
         elif op == "wait":
             result = await store.wait(key, min(float(doc["within"]), 600.0))
         else:

@@ -118,6 +118,9 @@ class Attempts:
     connections: int = 0  # NEW_CONNECTIONS when the current attempt started
     retried: list[str] = field(default_factory=list)  # the reasons, in order
     next_wait: float = 0.0
+    #: An attempt may have made the upstream act (sent, then failed or a 5xx other than
+    #: 503): an Idempotency-Key's outcome is then unknown.
+    maybe_acted: bool = False
 
 
 class RetryPolicy:
@@ -233,6 +236,8 @@ class RetryPolicy:
         if attempts.caller_gone():
             raise ClientClosedRequest("the caller left during the exchange") from exc
         error = translate(exc)
+        if getattr(error, "sent", True):
+            attempts.maybe_acted = True
         attempts.on_failure(error)
         reused = NEW_CONNECTIONS.get() == attempts.connections
         reason = self.failure_reason(exc, reused, attempts)

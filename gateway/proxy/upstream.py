@@ -102,15 +102,21 @@ class Upstream:
 
 
 def translate(exc: BaseException) -> GatewayError:
-    """Map a client-side failure to the gateway's error tree (no URLs or secrets in text)."""
+    """Map a client-side failure to the gateway's error tree (no URLs or secrets in text).
+    Failures before a connection existed are marked ``sent = False``."""
+    error: UpstreamError
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return UpstreamTLSError("TLS with the upstream failed", code="upstream_tls_error")
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout("the upstream did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable("cannot connect to the upstream")
-    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
-                  | aiohttp.ClientResponseError):
-        return UpstreamInvalidResponse("the upstream closed the connection or sent an invalid "
-                                       "response")
-    return UpstreamError(f"upstream request failed ({type(exc).__name__})")
+        error = UpstreamTLSError("TLS with the upstream failed", code="upstream_tls_error")
+    elif isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        error = UpstreamTimeout("the upstream did not answer in time")
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        error = UpstreamUnreachable("cannot connect to the upstream")
+    elif isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+                    | aiohttp.ClientResponseError):
+        error = UpstreamInvalidResponse("the upstream closed the connection or sent an "
+                                        "invalid response")
+    else:
+        error = UpstreamError(f"upstream request failed ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        error.sent = False
+    return error
