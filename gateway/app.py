@@ -29,7 +29,9 @@ from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
 from gateway.credentials import CredentialReloader
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
+from gateway.probe import probe
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.cache import GetCache
 from gateway.proxy.cache_shared import SharedCache
@@ -341,6 +343,26 @@ class GatewayServer:
         return Fleet(store, lease_ttl=s.redis_lease_ttl, down_policy=s.redis_down_policy,
                      clock=self.clock, events=self.metrics)
 
+    async def startup_probe(self) -> None:
+        """``serve``'s one probe (GATEWAY_CHECK_PATH) once the first token is in: a wrong
+        Partner ID or a refused token is logged as a warning, never fatal."""
+        s = self.settings
+        if not s.check_path:
+            return
+        try:
+            token = await self.state.tokens.get()
+        except GatewayError as exc:
+            log.warning("start-up probe skipped: no token yet (%s)", exc.code, extra={
+                "fields": {"event": "startup_probe_skipped", "error": exc.code}})
+            return
+        refused = await probe(self._auth_session, s, token.access)
+        if refused is None:
+            log.info("start-up probe ok: Repairy took the token and the Partner ID", extra={
+                "fields": {"event": "startup_probe_ok", "path": s.check_path}})
+        else:
+            log.warning("start-up probe: %s", refused, extra={"fields": {
+                "event": "startup_probe_failed", "path": s.check_path}})
+
     async def stop(self) -> None:
         if self._state is None:
             return
@@ -404,7 +426,11 @@ async def serve(settings: Settings) -> int:
     try:
         async with GatewayServer(settings, process_metrics=True) as server:
             assert server.reloader is not None
-            await wait_for_signal(on_hangup=server.reloader.trigger)
+            probing = asyncio.create_task(server.startup_probe())
+            try:
+                await wait_for_signal(on_hangup=server.reloader.trigger)
+            finally:
+                probing.cancel()
     finally:
         logs.flush()
     return 0

