@@ -23,11 +23,12 @@ from tests.helm_helpers import (
     helm,
     render,
     render_app_chart,
+    values_table,
 )
 from tests.tools import require_binary, require_helm
 
 K8S_VERSION = "1.35.0"  # a current release (native sidecars are GA since 1.33)
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "PodMonitor"}
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +296,122 @@ def test_helm_chart_metadata() -> None:
     assert chart["appVersion"] == __version__
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     assert f'{{{{- define "repairy-gateway.appVersion" -}}}}{__version__}' in helpers
+
+
+def test_helm_readme_values_table_is_generated_from_values() -> None:
+    """The chart README's values table is exactly what values.yaml's comments say."""
+    readme = (CHART / "README.md").read_text()
+    assert readme.endswith(values_table()), "regenerate with tests.helm_helpers.values_table()"
+
+
+def test_helm_extension_points_render_valid_pods(helm_bin: str) -> None:
+    """extraEnv/extraEnvFrom/extraVolumes/extraVolumeMounts (a private CA), pod labels and
+    annotations, image digest, priority class, topology spread: all in the pod, all valid."""
+    digest = "sha256:" + "ab" * 32
+    extra = {
+        "image": {"digest": digest}, "priorityClassName": "gateways",
+        "podLabels": {"team": "bookings"}, "podAnnotations": {"note": "hi"},
+        "extraEnv": [{"name": "GATEWAY_UPSTREAM_CA_FILE",
+                      "value": "/etc/repairy-gateway/ca/ca.crt"}],
+        "extraEnvFrom": [{"secretRef": {"name": "more-settings"}}],
+        "extraVolumes": [{"name": "private-ca", "configMap": {"name": "corp-ca"}}],
+        "extraVolumeMounts": [{"name": "private-ca", "mountPath": "/etc/repairy-gateway/ca",
+                               "readOnly": True}],
+    }
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"), *_set_json(extra))
+    k8s_validate(docs)
+    pod = by_kind(docs, "Deployment")["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["image"].endswith(f":0.1.0@{digest}")
+    assert pod["spec"]["priorityClassName"] == "gateways"
+    assert pod["metadata"]["labels"]["team"] == "bookings"
+    assert pod["metadata"]["annotations"]["note"] == "hi"
+    assert {"name": "GATEWAY_UPSTREAM_CA_FILE", "value": "/etc/repairy-gateway/ca/ca.crt"} in c[
+        "env"]
+    assert {"secretRef": {"name": "more-settings"}} in c["envFrom"]
+    assert any(e.get("configMapRef") for e in c["envFrom"])  # the settings stay
+    assert "private-ca" in {v["name"] for v in pod["spec"]["volumes"]}
+    assert "/etc/repairy-gateway/ca" in {m["mountPath"] for m in c["volumeMounts"]}
+    assert pod["spec"]["topologySpreadConstraints"]
+
+
+def _set_json(values: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in values.items():
+        out += ["--set-json", f"{key}={json.dumps(value)}"]
+    return out
+
+
+def test_helm_probes_are_named_and_the_startup_budget_is_a_value(helm_bin: str) -> None:
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-standalone.yaml"),
+                  "--set", "startupProbe.budgetSeconds=61", "--set",
+                  "startupProbe.periodSeconds=10", "--set", "livenessProbe.periodSeconds=7")
+    (c,) = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 61
+    assert c["startupProbe"]["failureThreshold"] == 7  # ceil(61 / 10)
+    assert c["livenessProbe"]["periodSeconds"] == 7
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-standalone.yaml"),
+                  "--set", "startupProbe.enabled=false")
+    (c,) = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "startupProbe" not in c and "readinessProbe" in c
+
+
+def test_helm_pdb_only_where_it_cannot_block_a_drain_with_max_unavailable(
+        helm_bin: str) -> None:
+    single = ["-f", str(EXAMPLES / "values-standalone.yaml"), "--set", "replicaCount=1"]
+    assert not [d for d in render(helm_bin, *single) if d["kind"] == "PodDisruptionBudget"]
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"),
+                  "--set", "podDisruptionBudget.maxUnavailable=25%")
+    spec = by_kind(docs, "PodDisruptionBudget")["spec"]
+    assert spec["maxUnavailable"] == "25%" and "minAvailable" not in spec
+    k8s_validate(docs)
+
+
+def test_helm_service_monitor_takes_scrape_timeout_and_relabelings(helm_bin: str) -> None:
+    relabel = [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"),
+                  "--set", "metrics.serviceMonitor.scrapeTimeout=10s",
+                  *_set_json({"metrics.serviceMonitor.relabelings": relabel,
+                              "metrics.serviceMonitor.metricRelabelings": [
+                                  {"action": "drop", "regex": "python_.*",
+                                   "sourceLabels": ["__name__"]}]}))
+    (endpoint,) = by_kind(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scrapeTimeout"] == "10s"
+    assert endpoint["relabelings"] == relabel
+    assert endpoint["metricRelabelings"][0]["action"] == "drop"
+
+
+def test_helm_sidecar_mode_keeps_monitoring(helm_bin: str, tmp_path: Path) -> None:
+    """In sidecar mode a PodMonitor (selecting the app's pods), the PrometheusRule and the
+    dashboard are rendered; a PodMonitor without a selector is refused."""
+    sub = "repairy-gateway.metrics"
+    rendered = render_app_chart(
+        helm_bin, tmp_path, "--set", f"{sub}.podMonitor.enabled=true",
+        "--set", f"{sub}.podMonitor.selector.app=booking-app",
+        "--set", f"{sub}.prometheusRule.enabled=true",
+        "--set", f"{sub}.grafanaDashboard.enabled=true")
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    monitor = by_kind(docs, "PodMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"] == {"app": "booking-app"}
+    assert monitor["podMetricsEndpoints"][0]["port"] == "admin"
+    assert by_kind(docs, "PrometheusRule")
+    assert [d for d in docs if d["kind"] == "ConfigMap"
+            and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert not [d for d in docs if d["kind"] == "Service"]  # still no standalone parts
+    k8s_validate(docs)
+    copy = tmp_path / "app-chart"
+    result = helm(helm_bin, "template", "demo", str(copy), "--set",
+                  f"{sub}.podMonitor.enabled=true")
+    assert result.returncode != 0 and "podMonitor.selector" in result.stderr
+
+
+def test_helm_grafana_dashboard_configmap_carries_the_shipped_dashboard(helm_bin: str) -> None:
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-standalone.yaml"),
+                  "--set", "metrics.grafanaDashboard.enabled=true")
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"]]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = (ROOT / "config" / "grafana" / "repairy-gateway.json").read_text()
+    assert json.loads(cm["data"]["repairy-gateway.json"]) == json.loads(shipped)
+    assert (CHART / "dashboards" / "repairy-gateway.json").read_text() == shipped
+    k8s_validate([cm])

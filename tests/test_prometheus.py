@@ -124,3 +124,78 @@ async def test_prometheus_server_scrapes_token_expiry_and_upstream_counter(
     assert float(value[1]) == 3
     (ready,) = await _query(http, prometheus_server, "repairy_gateway_ready")
     assert isinstance(ready["value"], list) and ready["value"][1] == "1"
+
+
+DASHBOARD = ROOT / "config" / "grafana" / "repairy-gateway.json"
+#: Grafana's variables, as Grafana would substitute them ("All" selected).
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana's variables substituted) for every panel target."""
+    import json
+
+    board = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(name, value)
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_prometheus_dashboard_is_well_formed() -> None:
+    """The Grafana dashboard: a stable uid, unique panel ids, every panel on the grid and
+    querying through the datasource variable, the job/instance variables defined."""
+    import json
+
+    board = json.loads(DASHBOARD.read_text())
+    assert board["uid"] == "repairy-gateway" and board["title"] == "repairy-gateway"
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert variables == {"datasource", "job", "instance"}
+    for panel in board["panels"]:
+        assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert "$__rate_interval" in target["expr"] or "rate(" not in target["expr"]
+    assert len(dashboard_queries()) >= 15
+
+
+async def test_prometheus_dashboard_queries_run_on_a_live_scrape(
+        prometheus_server: str, gateway: GatewayServer, http: aiohttp.ClientSession) -> None:
+    """Every dashboard query parses and runs against a real Prometheus scraping the gateway;
+    the core panels have data; every metric a query names exists in a live scrape."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(3):
+        async with http.get(gateway.url + SERVICES) as resp:
+            await resp.read()
+    counter = 'repairy_gateway_upstream_requests_total{route="/workshops/{id}/services"}'
+
+    async def scraped_twice() -> bool:  # rate() needs two samples
+        found = await _query(http, prometheus_server, f"count_over_time({counter}[1m])")
+        return bool(found) and float(found[0]["value"][1]) >= 2  # type: ignore[index]
+
+    await wait_until(scraped_twice, within=30, interval=0.25)
+    async with http.get(gateway.admin_url + "/metrics") as resp:
+        families = {f.name for f in text_string_to_metric_families(await resp.text())}
+    empty = []
+    for title, expr in dashboard_queries():
+        async with http.get(f"{prometheus_server}/api/v1/query",
+                            params={"query": expr}) as resp:
+            body = await resp.json()
+        assert resp.status == 200 and body["status"] == "success", (title, expr, body)
+        if not body["data"]["result"]:
+            empty.append(title)
+        for name in re.findall(r"repairy_gateway_[a-z0-9_]+", expr):
+            base = re.sub(r"(_total|_bucket|_count|_sum)$", "", name)
+            assert base in families, f"{title}: {name} is not exported"
+    for core in ("Access token expires in", "Ready", "Requests per second by route",
+                 "Upstream latency p95 by route", "In flight"):
+        assert core not in empty, f"{core} has no data"

@@ -60,7 +60,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The image reference; "appVersion" is passed in because a parent chart's .Chart differs. */}}
 {{- define "repairy-gateway.image" -}}
+{{- if .v.image.digest }}
+{{- printf "%s:%s@%s" .v.image.repository (.v.image.tag | default .appVersion) .v.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .v.image.repository (.v.image.tag | default .appVersion) }}
+{{- end }}
 {{- end }}
 
 {{/* This chart's appVersion, for callers that render the sidecar from another chart. */}}
@@ -128,15 +132,26 @@ One gateway container (a list item). Dict arguments:
   restartPolicy: Always
   {{- end }}
   args: ["serve"]
-  {{- if .configMap }}
+  {{- if or .configMap $v.extraEnvFrom }}
   envFrom:
+    {{- if .configMap }}
     - configMapRef:
         name: {{ .configMap }}
-  {{- else }}
+    {{- end }}
+    {{- with $v.extraEnvFrom }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+  {{- if or (not .configMap) $v.extraEnv }}
   env:
+    {{- if not .configMap }}
     {{- range $name, $value := (include "repairy-gateway.settingsEnv" . | fromYaml) }}
     - name: {{ $name }}
       value: {{ $value | toString | quote }}
+    {{- end }}
+    {{- end }}
+    {{- with $v.extraEnv }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- end }}
   ports:
@@ -146,27 +161,35 @@ One gateway container (a list item). Dict arguments:
     - name: admin
       containerPort: {{ $v.gateway.adminPort }}
       protocol: TCP
+  {{- if $v.startupProbe.enabled }}
   startupProbe:
     httpGet:
       path: /readyz
       port: admin
-    periodSeconds: {{ $v.probes.startup.periodSeconds }}
-    timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
-    failureThreshold: {{ $v.probes.startup.failureThreshold }}
+    periodSeconds: {{ $v.startupProbe.periodSeconds }}
+    timeoutSeconds: {{ $v.startupProbe.timeoutSeconds }}
+    failureThreshold: {{ max 1 (div (add $v.startupProbe.budgetSeconds $v.startupProbe.periodSeconds -1) $v.startupProbe.periodSeconds) }}
+  {{- end }}
+  {{- if $v.livenessProbe.enabled }}
   livenessProbe:
     httpGet:
       path: /healthz
       port: admin
-    periodSeconds: {{ $v.probes.liveness.periodSeconds }}
-    timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
-    failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+    initialDelaySeconds: {{ $v.livenessProbe.initialDelaySeconds }}
+    periodSeconds: {{ $v.livenessProbe.periodSeconds }}
+    timeoutSeconds: {{ $v.livenessProbe.timeoutSeconds }}
+    failureThreshold: {{ $v.livenessProbe.failureThreshold }}
+  {{- end }}
+  {{- if $v.readinessProbe.enabled }}
   readinessProbe:
     httpGet:
       path: /readyz
       port: admin
-    periodSeconds: {{ $v.probes.readiness.periodSeconds }}
-    timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
-    failureThreshold: {{ $v.probes.readiness.failureThreshold }}
+    initialDelaySeconds: {{ $v.readinessProbe.initialDelaySeconds }}
+    periodSeconds: {{ $v.readinessProbe.periodSeconds }}
+    timeoutSeconds: {{ $v.readinessProbe.timeoutSeconds }}
+    failureThreshold: {{ $v.readinessProbe.failureThreshold }}
+  {{- end }}
   resources:
     {{- toYaml $v.resources | nindent 4 }}
   securityContext:
@@ -198,6 +221,9 @@ One gateway container (a list item). Dict arguments:
     - name: repairy-redis-ca
       mountPath: /etc/repairy-gateway/redis-ca
       readOnly: true
+    {{- end }}
+    {{- with $v.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end }}
 
@@ -256,5 +282,8 @@ One gateway container (a list item). Dict arguments:
     items:
       - key: ca.crt
         path: ca.crt
+{{- end }}
+{{- with $v.extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
