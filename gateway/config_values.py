@@ -264,6 +264,23 @@ def parse_redis_url(value: object) -> str:
     return text
 
 
+def parse_egress_proxy(value: object) -> str:
+    """Empty (direct), or an http:// proxy URL (a user name may be in it; the password goes in
+    GATEWAY_EGRESS_PROXY_PASSWORD)."""
+    text = str(value).strip()
+    if not text or text.lower() == "off":
+        return ""
+    url = URL(text)
+    if url.scheme != "http" or not url.host:
+        raise ValueError("must be an http:// proxy URL such as http://proxy.corp:3128 (the "
+                         "upstream's TLS goes through it in a CONNECT tunnel)")
+    if url.password:
+        raise ValueError("must not carry a password: set GATEWAY_EGRESS_PROXY_PASSWORD(_FILE)")
+    if url.path not in ("", "/") or url.query_string:
+        raise ValueError("must be just scheme, host and port (http://proxy.corp:3128)")
+    return text
+
+
 def parse_optional_file(value: object) -> str:
     """A readable file path, or empty for none."""
     path = str(value).strip()

@@ -29,6 +29,7 @@ from gateway.config_values import (
     parse_base_url,
     parse_bool,
     parse_duration,
+    parse_egress_proxy,
     parse_fraction,
     parse_listen,
     parse_name,
@@ -126,6 +127,12 @@ SPECS: tuple[Spec, ...] = (
           "PEM CA bundle to verify the upstream's TLS certificate (empty: system CAs).", U),
     _spec("allow_insecure_upstream", "GATEWAY_ALLOW_INSECURE_UPSTREAM", parse_bool, "false",
           "Allow an http:// base URL that is not loopback (tokens would travel in clear).", U),
+    _spec("egress_proxy", "GATEWAY_EGRESS_PROXY", parse_egress_proxy, "",
+          "HTTP proxy for the calls to Repairy (proxied requests and logins; not Redis): "
+          "http://[user@]host:port, https upstreams tunnelled with CONNECT. Empty: direct.", U),
+    _spec("egress_proxy_password", "GATEWAY_EGRESS_PROXY_PASSWORD", parse_optional_secret, "",
+          "Password for the egress proxy's user (or GATEWAY_EGRESS_PROXY_PASSWORD_FILE).", U,
+          True),
     _spec("strip_headers", "GATEWAY_STRIP_HEADERS", parse_header_names, "",
           "Comma-separated internal headers never forwarded upstream.", U),
     _spec("forwarded_headers", "GATEWAY_FORWARDED_HEADERS", parse_bool, "false",
@@ -337,6 +344,8 @@ class Settings:
     keepalive_timeout: float
     upstream_ca_file: str
     allow_insecure_upstream: bool
+    egress_proxy: str
+    egress_proxy_password: Secret | None
     strip_headers: tuple[str, ...]
     forwarded_headers: bool
     retry_attempts: int
@@ -531,6 +540,9 @@ def _check_consistency(s: Settings) -> None:
     if s.cache_shared and not s.redis_url:
         raise SettingsError("GATEWAY_CACHE_SHARED", "needs GATEWAY_REDIS_URL (the fleet's "
                             "Redis) to share the cache through")
+    if s.egress_proxy_password is not None and not URL(s.egress_proxy).user:
+        raise SettingsError("GATEWAY_EGRESS_PROXY_PASSWORD", "is set, but GATEWAY_EGRESS_PROXY "
+                            "names no user (http://user@proxy:3128)")
     if s.redis_ca_file and not s.redis_url.startswith("rediss://"):
         raise SettingsError("GATEWAY_REDIS_CA_FILE", "only applies to a rediss:// "
                             "GATEWAY_REDIS_URL (TLS)")

@@ -1,12 +1,17 @@
 """Addressing the upstream, shared by the proxy and the auth calls: the configured base URL
-joined with a path, and the TLS trust to verify it with."""
+joined with a path, the TLS trust to verify it with, and the egress proxy to go through."""
 
 from __future__ import annotations
 
 import functools
 import ssl
+import warnings
+from typing import Any
 
+import aiohttp
 from yarl import URL
+
+from gateway.redact import Secret
 
 
 def upstream_tls(ca_file: str) -> ssl.SSLContext | bool:
@@ -22,3 +27,22 @@ def _prefix(base: URL) -> str:
 def target_url(base: URL, raw_path_and_query: str) -> URL:
     """``base`` (with its path prefix) + the caller's path and query, bytes unchanged."""
     return URL(_prefix(base) + raw_path_and_query, encoded=True)
+
+
+def egress_session(proxy: str, password: Secret | None,
+                   **kwargs: Any) -> aiohttp.ClientSession:
+    """A ``ClientSession`` going through GATEWAY_EGRESS_PROXY (direct when empty): the proxy is
+    set once per session, never per request, and never from the environment (``trust_env``
+    stays off). The session-wide ``proxy_auth`` is deprecated for aiohttp 4 (the project pins
+    aiohttp < 4): its warning is silenced here, where it is raised once."""
+    if proxy:
+        url = URL(proxy)
+        kwargs["proxy"] = url.with_user(None)
+        if url.user:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                kwargs["proxy_auth"] = aiohttp.BasicAuth(
+                    url.user, password.reveal() if password is not None else "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return aiohttp.ClientSession(**kwargs)

@@ -62,7 +62,8 @@ async def gateway(sandbox: Sandbox) -> AsyncIterator[GatewayServer]:
 #: Substrings that must never reach a log line: sandbox tokens carry these prefixes, and these
 #: are the App Keys/Secrets the tests use.
 LEAK_MARKERS = ("sbx_at_", "sbx_rt_", "sandbox-app-secret", "sandbox-app-key",
-                "rotated-secret", "old-app-secret", "new-app-secret", "client-key-")
+                "rotated-secret", "old-app-secret", "new-app-secret", "client-key-",
+                "egress-proxy-secret")
 
 
 class LogCapture(logging.Handler):

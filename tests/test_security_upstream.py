@@ -3,6 +3,7 @@ accident, and auth error bodies scrubbed before logging."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError, load_settings
 from tests.conftest import LogCapture
+from tests.egress_proxy import EgressProxy
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults
 from tests.tools import require_binary
@@ -118,3 +120,79 @@ async def test_security_auth_error_bodies_are_scrubbed_before_logging(
     assert "bad_secret" in logged  # the code made it, the message did not
     assert "malformed_response" in logged and "server_error" in logged
     # the autouse leak check asserts the secret itself appears nowhere
+
+
+@pytest.fixture
+async def egress() -> AsyncIterator[EgressProxy]:
+    proxy = EgressProxy(user="gw", password="egress-proxy-secret")
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+async def test_security_egress_proxy_tunnels_https_logins_and_requests(
+        tls_sandbox: Sandbox, tls_files: dict[str, Path], egress: EgressProxy,
+        http: aiohttp.ClientSession) -> None:
+    """GATEWAY_EGRESS_PROXY: the login and the proxied calls to an https upstream go through
+    the proxy in CONNECT tunnels (authenticated), and to nowhere else."""
+    settings = settings_for(tls_sandbox, upstream_ca_file=str(tls_files["ca"]),
+                            egress_proxy=egress.url.replace("http://", "http://gw@"),
+                            egress_proxy_password="egress-proxy-secret")
+    async with GatewayServer(settings) as gw:
+        await wait_until(gw.state.tokens.ready)
+        for _ in range(3):
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+    upstream = tls_sandbox.url.removeprefix("https://")
+    assert egress.targets and set(egress.targets) == {f"CONNECT {upstream}"}
+    assert egress.refused == 0
+    assert tls_sandbox.state.control.counters["token_requests"] == 1
+
+
+async def test_security_egress_proxy_carries_plain_http_and_refuses_other_hosts(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """An http upstream through the proxy (absolute-form requests): only the configured
+    upstream is ever asked for, a caller's absolute target is still refused, and a wrong
+    proxy password keeps the gateway unready without leaking it."""
+    proxy = EgressProxy()
+    await proxy.start()
+    try:
+        async with GatewayServer(settings_for(sandbox, egress_proxy=proxy.url)) as gw:
+            await wait_until(gw.state.tokens.ready)
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+            reader, writer = await asyncio.open_connection(
+                *gw.url.removeprefix("http://").rsplit(":", 1))
+            writer.write(b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n"
+                         b"Connection: close\r\n\r\n")
+            assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+            writer.close()
+        prefix = f"{sandbox.url}/"
+        assert proxy.targets and all(t.split(" ", 1)[1].startswith(prefix)
+                                     for t in proxy.targets), proxy.targets
+        assert any("/auth/token" in t for t in proxy.targets)
+    finally:
+        await proxy.stop()
+    locked = EgressProxy(user="gw", password="right")
+    await locked.start()
+    try:
+        settings = settings_for(sandbox, egress_proxy=locked.url.replace("http://", "http://gw@"),
+                                egress_proxy_password="egress-proxy-secret")
+        async with GatewayServer(settings) as gw:
+            await wait_until(lambda: locked.refused > 0)
+            assert not gw.state.tokens.ready()
+    finally:
+        await locked.stop()
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("https://proxy.corp:3128", "http://"), ("http://u:pw@proxy.corp:3128", "password"),
+    ("http://proxy.corp:3128/path", "just scheme"), ("proxy.corp:3128", "http://")])
+def test_security_egress_proxy_setting_is_checked(value: str, why: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings_for("http://127.0.0.1:1", egress_proxy=value)
+    assert info.value.setting == "GATEWAY_EGRESS_PROXY" and why in str(info.value)
+    with pytest.raises(SettingsError) as info:
+        settings_for("http://127.0.0.1:1", egress_proxy="http://proxy.corp:3128",
+                     egress_proxy_password="x")
+    assert info.value.setting == "GATEWAY_EGRESS_PROXY_PASSWORD"

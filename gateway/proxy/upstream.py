@@ -27,7 +27,7 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.settings import Settings
-from gateway.urls import upstream_tls
+from gateway.urls import egress_session, upstream_tls
 
 if TYPE_CHECKING:
     from gateway.proxy.limits import CircuitBreaker, UpstreamSlots
@@ -62,10 +62,11 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
     connector = ReuseMarkingConnector(limit=settings.pool_size,
                                       ssl=upstream_tls(settings.upstream_ca_file),
                                       keepalive_timeout=settings.keepalive_timeout)
-    session = aiohttp.ClientSession(connector=connector, timeout=attempt_timeout(settings, None),
-                                    auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                    trust_env=False, raise_for_status=False,
-                                    skip_auto_headers=SKIP_AUTO)
+    session = egress_session(settings.egress_proxy, settings.egress_proxy_password,
+                             connector=connector, timeout=attempt_timeout(settings, None),
+                             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                             trust_env=False, raise_for_status=False,
+                             skip_auto_headers=SKIP_AUTO)
     disable_silent_resend(session)
     return session
 

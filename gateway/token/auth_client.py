@@ -36,7 +36,7 @@ from gateway.retry_after import parse_retry_after
 from gateway.settings import Settings
 from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 from gateway.token.value import RenewalKind, Token
-from gateway.urls import target_url, upstream_tls
+from gateway.urls import egress_session, target_url, upstream_tls
 
 log = logging.getLogger("gateway.token")
 MAX_AUTH_BODY = 64 * 1024
@@ -74,8 +74,9 @@ def create_auth_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE,
                                      ssl=upstream_tls(settings.upstream_ca_file),
                                      force_close=True)
-    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                 trust_env=False, trace_configs=[trace])
+    return egress_session(settings.egress_proxy, settings.egress_proxy_password,
+                          connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                          trust_env=False, trace_configs=[trace])
 
 
 class AuthClient:
