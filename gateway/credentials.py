@@ -1,7 +1,9 @@
 """Hot credential rotation: re-read ``*_FILE`` credentials and client keys, switch safely.
 
-Kubernetes updates mounted secrets in place. Every ``secrets_poll_interval`` (and on SIGHUP)
-the files are compared with what was last applied:
+Kubernetes updates mounted secrets in place. Every ``secrets_poll_interval`` (and on SIGHUP,
+which also re-reads the config file and the environment: any other changed setting is named
+in a warning, as it takes effect only after a restart) the files are compared with what was
+last applied:
 
 * when the App Key, App Secret or Partner ID changed, the gateway logs in with the new values
   *in the background* while the old token keeps serving, and only once that login works does
@@ -28,7 +30,7 @@ import aiohttp
 from gateway.clock import Clock
 from gateway.errors import AuthError
 from gateway.proxy.access import AccessPolicy, ClientKey, parse_client_keys
-from gateway.settings import Settings, SettingsError
+from gateway.settings import SPECS, Settings, SettingsError
 from gateway.state import GatewayState
 from gateway.token.auth_client import AuthClient
 
@@ -48,6 +50,21 @@ def _files_digest(settings: Settings) -> str:
         except OSError:
             digest.update(b"\0unreadable")
     return digest.hexdigest()
+
+
+#: Settings applied while running: the credentials (with a login first) and the client keys.
+LIVE_KEYS = frozenset({*CREDENTIAL_KEYS, "client_keys"})
+
+
+def _note_restart_needed(loaded: Settings, running: Settings) -> None:
+    """Say which re-read settings (config file or environment) differ from the running ones
+    and only take effect after a restart."""
+    changed = [spec.env for spec in SPECS if spec.key not in LIVE_KEYS
+               and getattr(loaded, spec.key) != getattr(running, spec.key)]
+    if changed:
+        log.warning("settings changed but need a restart to take effect: %s",
+                    ", ".join(changed), extra={"fields": {
+                        "event": "settings_need_restart", "settings": changed}})
 
 
 def _same_credentials(a: Settings, b: Settings) -> bool:
@@ -131,6 +148,7 @@ class CredentialReloader:
             self._failed = digest
             self._retry_at = self._clock.monotonic() + current.login_retry_interval
             return self._outcome("failure", f"settings invalid: {exc}", digest)
+        _note_restart_needed(loaded, current)
         if _same_credentials(loaded, current):
             self._applied, self._failed, self._retry_at = digest, None, None
             return self._outcome("unchanged", None, None)

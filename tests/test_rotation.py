@@ -268,3 +268,30 @@ async def test_rotation_on_sighup(tmp_path: Path, http: aiohttp.ClientSession) -
         logs = (await proc.stderr.read()).decode()
         assert '"event": "credentials_rotated"' in logs
         assert "new-app-secret" not in logs and "old-app-secret" not in logs
+
+
+async def test_rotation_sighup_rereads_the_config_file_and_names_what_needs_a_restart(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """serve with GATEWAY_CONFIG: SIGHUP re-reads the file; a changed setting that is not
+    applied live is named in a warning (and the gateway keeps serving)."""
+    from tests.fleet_helpers import GatewayProcess
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nread_timeout = "60s"\n')
+    async with Sandbox() as sb:
+        gw = GatewayProcess(sb, {"GATEWAY_CONFIG": str(config),
+                                 "GATEWAY_SECRETS_POLL_INTERVAL": "0"})
+        await gw.start()
+        try:
+            await gw.ready(http)
+            config.write_text('[gateway]\nread_timeout = "30s"\nlog_format = "json"\n')
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: "settings_need_restart" in gw.log.read_text())
+            line = next(x for x in gw.log.read_text().splitlines()
+                        if "settings_need_restart" in x)
+            assert "GATEWAY_READ_TIMEOUT" in line and "GATEWAY_LOG_FORMAT" not in line
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+        finally:
+            assert await gw.stop() == 0
