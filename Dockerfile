@@ -1,19 +1,27 @@
 # syntax=docker/dockerfile:1
-# repairy-gateway container image.
+# repairy-gateway container image (Python 3.11 on Debian bookworm, as the tests run).
 #   docker build -t repairy-gateway .
-#   docker run --read-only -v gw-state:/var/lib/repairy-gateway \
+# Pin the base by digest where a registry is reachable (look it up, never invent it):
+#   docker buildx imagetools inspect python:3.11.11-slim-bookworm   # -> Digest: sha256:...
+#   docker build --build-arg PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:<digest> .
+# The proxy listens on 127.0.0.1 inside the container (the safe default, for a sidecar). To
+# publish it, listen on all interfaces and require client keys:
+#   docker run --read-only -p 8080:8080 -v gw-state:/var/lib/repairy-gateway \
+#     -e GATEWAY_LISTEN=0.0.0.0:8080 -e GATEWAY_CLIENT_KEYS=me=<a long random key> \
 #     -e REPAIRY_BASE_URL=... -e REPAIRY_APP_KEY_FILE=... repairy-gateway
-ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # --- build: install the package into a self-contained virtualenv --------------------------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies from the lock file, every one checked against its hash; then the package alone.
+COPY pyproject.toml README.md requirements.lock ./
 COPY gateway ./gateway
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-compile . \
+ && /opt/venv/bin/pip install --no-compile --require-hashes -r requirements.lock \
+ && /opt/venv/bin/pip install --no-compile --no-deps . \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # --- runtime: no compilers, no build tools, non-root ----------------------------------------

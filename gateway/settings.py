@@ -2,7 +2,7 @@
 
 Sources, later wins: built-in defaults → the TOML file named by ``GATEWAY_CONFIG`` → the
 environment. Each setting is declared once in :data:`SPECS` (file key, environment variable,
-parser, default, one line of documentation); the example config file and the README table are
+parser, default, one line of documentation); the example config file and docs/settings.md are
 checked against that list. Credentials may come as ``<NAME>_FILE`` (a Kubernetes secret mount).
 This is the only module that reads the environment.
 """
@@ -139,7 +139,7 @@ SPECS: tuple[Spec, ...] = (
           "Add X-Forwarded-For/-Proto upstream (callers' X-Forwarded-* are always dropped).", U),
     _spec("retry_attempts", "GATEWAY_RETRY_ATTEMPTS", bounded_int(1, 10), "2",
           "Most sends of one request in all, the first included (1: no retries). Only safe "
-          "cases are retried: see 'Retries' in the README.", R),
+          "cases are retried: see 'Retries' in docs/how-it-works.md.", R),
     _spec("retry_on_status", "GATEWAY_RETRY_ON_STATUS", parse_status_list, "",
           "Comma-separated statuses retried for idempotent methods (e.g. 502,503,504,429; "
           "empty: answers pass through).", R),
@@ -202,7 +202,7 @@ SPECS: tuple[Spec, ...] = (
     _spec("idempotency_routes", "GATEWAY_IDEMPOTENCY_ROUTES", parse_idempotency_routes,
           "POST /bookings,POST /bookings/*/*",
           "Routes where a caller's Idempotency-Key is honoured, comma-separated "
-          "'METHOD /path-glob' (off: none). See 'Idempotency-Key' in the README.", ID),
+          "'METHOD /path-glob' (off: none). See 'Idempotency-Key' in docs/how-it-works.md.", ID),
     _spec("idempotency_ttl", "GATEWAY_IDEMPOTENCY_TTL", parse_positive_duration, "24h",
           "How long the answer to a request with an Idempotency-Key is kept for repeats.", ID),
     _spec("idempotency_wait", "GATEWAY_IDEMPOTENCY_WAIT", parse_duration, "10s",
@@ -600,7 +600,7 @@ def render_example_config() -> str:
 
 
 def render_settings_table() -> str:
-    """The README's settings table (Markdown), from :data:`SPECS`."""
+    """docs/settings.md's settings table (Markdown), from :data:`SPECS`."""
     rows = ["| Variable | File key | Default | Meaning |", "|---|---|---|---|",
             f"| `{CONFIG_ENV}` | - | none | Optional TOML config file ([gateway] table of the "
             "file keys below). |"]

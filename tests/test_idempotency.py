@@ -24,6 +24,7 @@ from gateway.proxy.idempotency import (
 from gateway.proxy.idempotency_store import POLL_CAP, POLL_FLOOR, LocalStore, poll_delays
 from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError
+from tests.docs_helpers import python_block
 from tests.fake_clock import FakeClock
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import settings_for
@@ -479,22 +480,11 @@ def test_idempotency_polling_a_shared_store_is_floored_capped_and_bounded(
     assert len(delays) <= 7 + within / POLL_CAP  # doubling to the cap, then at the cap
 
 
-def readme_example(name: str) -> dict[str, Any]:
-    """The namespace of the README's code block marked ``<!-- example: name -->``."""
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split(f"<!-- example: {name} -->\n```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict[str, Any] = {}
-    exec(compile(block, f"README.md:{name}", "exec"), namespace)
-    return namespace
-
-
 async def test_idempotency_readme_safe_booking_example_books_once(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """The README's safe-booking code, against the gateway: its first attempt times out on
     the caller's side and a 503 follows; it still ends with exactly one booking."""
-    book_once = readme_example("safe-booking")["book"]
+    book_once = python_block("README.md", "safe-booking")["book"]
     gw = await started(settings_for(sandbox))
     try:
         await faults(http, sandbox, {"latency": 0.6, "path": "/bookings", "count": 1})

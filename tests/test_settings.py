@@ -193,8 +193,8 @@ def test_settings_example_config_lists_every_setting_and_loads() -> None:
     load_settings({**BASE, "GATEWAY_CONFIG": str(example)})  # all commented: still valid
 
 
-def test_settings_readme_table_lists_every_setting() -> None:
-    """The README's settings table is the one generated from the settings declarations."""
-    readme = (ROOT / "README.md").read_text()
+def test_settings_docs_table_lists_every_setting() -> None:
+    """docs/settings.md's table is the one generated from the settings declarations."""
+    readme = (ROOT / "docs" / "settings.md").read_text()
     assert render_settings_table() in readme
     assert all(f"`{s.env}`" in readme for s in SPECS)
