@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.sandbox.control import redacted_headers
 from gateway.sandbox.data import ApiError
+from gateway.sandbox.openapi import openapi
 from gateway.sandbox.state import PARTNER, STATE, bearer, error, json_body, ok
 from gateway.sandbox.tokens import Issued, TokenRejected
 
@@ -97,6 +98,11 @@ async def send_reminder(request: web.Request) -> web.StreamResponse:
 
 async def get_reminder(request: web.Request) -> web.StreamResponse:
     return ok(request.app[STATE].data.reminder(request[PARTNER], request.match_info["id"]))
+
+
+async def openapi_document(request: web.Request) -> web.StreamResponse:
+    """The OpenAPI 3.1 description of this API (no token needed)."""
+    return web.json_response(openapi())
 
 
 # -- diagnostics (authenticated like the API; for proxy tests) --------------------------------

@@ -20,6 +20,7 @@ from gateway.proxy.headers import PlainResponse
 from gateway.sandbox import control_api, handlers
 from gateway.sandbox.control import ControlState, Fault, Kind
 from gateway.sandbox.data import ApiError, SandboxData
+from gateway.sandbox.openapi import OPENAPI_PATH
 from gateway.sandbox.state import (
     PARTNER,
     STATE,
@@ -44,7 +45,9 @@ def _kind(path: str) -> Kind:
 
 
 def _is_control(path: str) -> bool:
-    return path.startswith(CONTROL_PREFIX) and not path.startswith(_DIAGNOSTIC_PREFIXES)
+    """The sandbox's own endpoints (and its OpenAPI document): no token, not counted."""
+    return path == OPENAPI_PATH or (path.startswith(CONTROL_PREFIX)
+                                    and not path.startswith(_DIAGNOSTIC_PREFIXES))
 
 
 async def _drop_connection(request: web.Request, length: int) -> web.StreamResponse:
@@ -187,6 +190,7 @@ def create_app(config: SandboxConfig | None = None,
     r.add_post("/quotes", handlers.create_quote)
     r.add_post("/reminders/services", handlers.send_reminder)
     r.add_get("/reminders/services/{id}", handlers.get_reminder)
+    r.add_get(OPENAPI_PATH, handlers.openapi_document)
     r.add_route("*", "/__sandbox/echo", handlers.echo)
     r.add_route("*", "/__sandbox/echo/{tail:.*}", handlers.echo)
     r.add_get("/__sandbox/bytes/{n}", handlers.download)
