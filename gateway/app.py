@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import logs
+from gateway import __version__, logs
 from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
@@ -58,6 +58,7 @@ from gateway.token.manager import TokenManager, TokenSource
 from gateway.token.route_401 import Persistent401
 from gateway.token.store import redis_client, store_for
 from gateway.token.value import RenewalKind, Token
+from gateway.tracing import Tracing, tracing_for
 
 log = logging.getLogger("gateway.app")
 
@@ -164,21 +165,26 @@ def build_idempotency(s: Settings, clock: Clock, metrics: Metrics,
 
 
 def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics,
-                idempotency: IdempotencyStore | None = None) -> GatewayState:
+                idempotency: IdempotencyStore | None = None,
+                tracing: Tracing | None = None) -> GatewayState:
     """The state a proxy listener needs (in the gateway process or a worker)."""
     return GatewayState(settings=s, tokens=tokens, upstream=build_upstream(s, clock, metrics),
                         metrics=metrics, access=build_access_policy(s),
                         route_401=route_401_tracker(s, clock, metrics),
                         limits=build_limits(s, clock, metrics), clock=clock,
-                        cache=build_cache(s, clock, metrics), idempotency=idempotency)
+                        cache=build_cache(s, clock, metrics), idempotency=idempotency,
+                        tracing=tracing)
 
 
 async def close_stores(state: GatewayState) -> None:
-    """Close the Idempotency-Key store and the shared cache's client, if any."""
+    """Close the Idempotency-Key store and the shared cache's client, if any, and send the
+    spans still pending."""
     if state.idempotency is not None:
         await state.idempotency.close()
     if state.cache.shared is not None:
         await state.cache.shared.close()
+    if state.tracing is not None:
+        await asyncio.to_thread(state.tracing.shutdown)
 
 
 def build_access_policy(s: Settings) -> AccessPolicy:
@@ -198,14 +204,17 @@ def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics) -> Persistent
 
 
 class _TokenEvents:
-    """Metrics, and a callback on each new token (the worker pool's broadcast)."""
+    """Metrics, spans, and a callback on each new token (the worker pool's broadcast)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, tracing: Tracing | None) -> None:
         self.metrics = metrics
+        self.tracing = tracing
         self.on_token: Callable[[Token | None], None] | None = None
 
     def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
         self.metrics.renewal(kind, ok, reason, seconds)
+        if self.tracing is not None:
+            self.tracing.renewal(kind, ok, reason, seconds)
 
     def token_changed(self, token: Token | None) -> None:
         self.metrics.token_changed(token)
@@ -283,14 +292,15 @@ class GatewayServer:
                 save_token(path, token, current)
 
         self._auth_session = create_auth_session(s)
-        events = _TokenEvents(self.metrics)
+        tracing = tracing_for(s.otel_endpoint, __version__)
+        events = _TokenEvents(self.metrics, tracing)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
                               events, initial=initial, persist=persist, fleet=fleet)
         # With workers and no Redis, this process holds the Idempotency-Key store for them.
         idempotency = (build_local_idempotency(s, self.clock, self.metrics)
                        if s.workers > 1 and s.idempotency_routes and not s.redis_url
                        else build_idempotency(s, self.clock, self.metrics))
-        self._state = build_state(s, tokens, self.clock, self.metrics, idempotency)
+        self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing)
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,

@@ -14,7 +14,7 @@ from gateway.clock import SystemClock
 from gateway.errors import AuthError
 from gateway.probe import probe
 from gateway.sandbox import Sandbox, SandboxConfig
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 from gateway.token import renewal
 from gateway.token.auth_client import AuthClient, create_auth_session, token_from_exchange
 from gateway.token.store import StoreError, store_for
@@ -79,6 +79,8 @@ async def check(settings: Settings, out: Print) -> int:
                 return 1
     stated = "stated" if ex.grant.expires_in is not None else "assumed (not in the response)"
     out(f"ok: logged in to {settings.base_url} as partner {settings.partner_id}")
+    if settings.check_path:
+        out(f"  GET {settings.check_path} with the token: accepted (2xx or 404)")
     out(f"  access token fp:{tok.fingerprint} expires {_iso(tok.wall(tok.expires_at))} "
         f"(in {tok.lifetime:.0f}s, {stated})")
     if tok.refresh_expires_at is not None:
@@ -97,7 +99,16 @@ async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_po
             "base_url": sb.url, "app_key": config.app_key, "app_secret": config.app_secret,
             "partner_id": config.partner_id, "listen": listen, "admin_listen": admin_listen,
             "log_format": "text"})
-        async with GatewayServer(settings) as gw:
+        gw = GatewayServer(settings)
+        try:
+            await gw.start()
+        except SettingsError as exc:  # the demo's listeners come from its options
+            option = {"GATEWAY_LISTEN": "--listen",
+                      "GATEWAY_ADMIN_LISTEN": "--admin-listen"}.get(exc.setting)
+            if option is None:
+                raise
+            raise SettingsError(option, exc.problem) from None
+        try:
             workshop = next(iter(sb.state.data.workshops))
             path = f"/workshops/{workshop}/services"
             out(f"sandbox (fake Repairy): {sb.url}")
@@ -122,4 +133,6 @@ async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_po
                 return 0
             out("serving; Ctrl-C to stop")
             await wait_for_signal()
+        finally:
+            await gw.stop()
     return 0

@@ -281,6 +281,20 @@ def parse_egress_proxy(value: object) -> str:
     return text
 
 
+def parse_otlp_endpoint(value: object) -> str:
+    """Empty (no spans), or the OTLP/HTTP base URL (http:// or https://, no credentials: use
+    OTEL_EXPORTER_OTLP_HEADERS)."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL such as http://collector:4318")
+    if url.user or url.password:
+        raise ValueError("must not carry credentials: use OTEL_EXPORTER_OTLP_HEADERS")
+    return text
+
+
 def parse_optional_file(value: object) -> str:
     """A readable file path, or empty for none."""
     path = str(value).strip()

@@ -36,6 +36,7 @@ from gateway.config_values import (
     parse_optional_file,
     parse_optional_path,
     parse_optional_secret,
+    parse_otlp_endpoint,
     parse_path,
     parse_positive_duration,
     parse_positive_int,
@@ -324,6 +325,10 @@ SPECS: tuple[Spec, ...] = (
           "info", "Log level: debug, info, warning or error.", L),
     _spec("log_format", "GATEWAY_LOG_FORMAT", choice("json", "text"), "json",
           "Log format: json (one object a line) or text (for terminals).", L),
+    _spec("otel_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", parse_otlp_endpoint, "",
+          "OpenTelemetry: send spans of upstream calls and renewals over OTLP/HTTP to this "
+          "collector (needs the otel extra; empty: off). The SDK's other OTEL_* variables "
+          "apply.", L),
 )
 CONFIG_ENV = "GATEWAY_CONFIG"
 _BY_KEY = {s.key: s for s in SPECS}
@@ -427,6 +432,7 @@ class Settings:
     shutdown_grace: float
     log_level: str
     log_format: str
+    otel_endpoint: str
     config_file: str | None = field(default=None)
     #: (setting key, path) for every setting read from a ``*_FILE`` (watched for rotation).
     secret_files: tuple[tuple[str, str], ...] = field(default=())

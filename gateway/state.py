@@ -18,6 +18,7 @@ from gateway.proxy.upstream import Upstream
 from gateway.settings import Settings
 from gateway.token.manager import TokenManager, TokenSource
 from gateway.token.route_401 import Persistent401
+from gateway.tracing import Tracing
 
 
 @dataclass
@@ -33,6 +34,8 @@ class GatewayState:
     cache: GetCache
     #: Idempotency-Key records (None: no protected routes).
     idempotency: IdempotencyStore | None = None
+    #: OpenTelemetry spans (None: off, the default).
+    tracing: Tracing | None = None
     draining: bool = False
     #: With worker processes: their status, for /healthz.
     workers: Callable[[], list[dict[str, Any]]] | None = None

@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import __version__
 from gateway.clock import Clock, SystemClock
 from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.logs import flush as flush_logs
@@ -40,6 +41,7 @@ from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.token.renewal import token_from_dict, token_to_dict
 from gateway.token.value import Token, is_usable
+from gateway.tracing import tracing_for
 
 log = logging.getLogger("gateway.worker")
 METRICS_EVERY = 1.0
@@ -170,7 +172,8 @@ async def run(listen_fd: int, control_fd: int) -> int:
     tokens = RemoteTokens(writer, settings, clock)
     remote = RemoteStore(lambda message: send(writer, message), timeout=5.0)
     idempotency = build_idempotency(settings, clock, metrics, remote)
-    state = build_state(settings, tokens, clock, metrics, idempotency)
+    state = build_state(settings, tokens, clock, metrics, idempotency,
+                        tracing_for(settings.otel_endpoint, __version__))
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, ended.set)

@@ -206,6 +206,20 @@ async def test_cli_sigterm_lets_in_flight_requests_finish(
     assert (await stats(http, sandbox))["statuses"]["200"] == 6  # login + five requests
 
 
+async def test_cli_demo_busy_port_names_its_option() -> None:
+    """The demo's listeners come from --listen/--admin-listen: a busy port names those."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPAIRY_", "GATEWAY_"))}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = await run("demo", "--once", "--listen", f"127.0.0.1:{port}",
+                                 "--admin-listen", "127.0.0.1:0", env=env)
+    assert code == 2, err
+    assert f"--listen: cannot listen on 127.0.0.1:{port}" in err
+    assert "GATEWAY_LISTEN" not in err and "Traceback" not in err
+
+
 async def test_cli_busy_port_is_a_start_up_error_naming_the_setting(sandbox: Sandbox) -> None:
     """A port in use: exit 2 naming GATEWAY_LISTEN (or GATEWAY_ADMIN_LISTEN), before any
     login is tried, without a traceback or an unclosed session."""
@@ -213,8 +227,9 @@ async def test_cli_busy_port_is_a_start_up_error_naming_the_setting(sandbox: San
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        free = {"GATEWAY_LISTEN": "127.0.0.1:0", "GATEWAY_ADMIN_LISTEN": "127.0.0.1:0"}
         for setting in ("GATEWAY_LISTEN", "GATEWAY_ADMIN_LISTEN"):
-            code, _, err = await run("serve", env=sandbox_env(sandbox) | {
+            code, _, err = await run("serve", env=sandbox_env(sandbox) | free | {
                 setting: f"127.0.0.1:{port}"})
             assert code == 2, err
             assert f"invalid setting {setting}: cannot listen on 127.0.0.1:{port}" in err

@@ -156,6 +156,8 @@ class Proxy:
                            + (s.total_timeout or 3600.0)) + 30.0
         #: Leaders of Idempotency-Keys in flight (a task must be referenced to live).
         self._leaders: set[asyncio.Task[Any]] = set()
+        #: The upstream send, traced or not: chosen once, so no request pays for tracing off.
+        self._send_upstream = self._send if state.tracing is None else self._traced_send
         #: Requests in progress (the server's shutdown waits for them, to one deadline).
         self.active = 0
         self._drained: asyncio.Event | None = None
@@ -285,8 +287,8 @@ class Proxy:
             if not upstream.slots.try_acquire():
                 await self._wait_slot(outcome)
             try:
-                resp = await self._send(_Exchange(url, headers, body, reader), token,
-                                        caller_gone, outcome)
+                resp = await self._send_upstream(_Exchange(url, headers, body, reader),
+                                                 token, caller_gone, outcome)
                 return await self._answer(request, resp, rid, outcome)
             finally:
                 upstream.slots.release()
@@ -336,6 +338,20 @@ class Proxy:
                                          body.replayable, token, resp, attempts, outcome)
         gw.route_401.answered(outcome.route, token.generation)
         return resp
+
+    async def _traced_send(self, exchange: _Exchange, token: Token,
+                           caller_gone: Callable[[], bool],
+                           outcome: _Outcome) -> aiohttp.ClientResponse:
+        """:meth:`_send` in an OpenTelemetry span (GATEWAY tracing on)."""
+        tracing = self.state.tracing
+        assert tracing is not None
+        with tracing.upstream(outcome.method, outcome.route, exchange.url.raw_path,
+                              exchange.headers) as span:
+            resp = await self._send(exchange, token, caller_gone, outcome)
+            attempts = outcome.attempts
+            tracing.answered(span, resp.status, len(attempts.retried) if attempts else 0,
+                             outcome.replayed)
+            return resp
 
     # -- Idempotency-Key -----------------------------------------------------------------------
     async def _idempotent(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
@@ -444,7 +460,7 @@ class Proxy:
             if not upstream.slots.try_acquire():
                 await self._wait_slot(outcome)
             try:
-                resp = await self._send(exchange, token, _never, outcome)
+                resp = await self._send_upstream(exchange, token, _never, outcome)
                 state = settle_status(resp.status)
                 limit = s.idempotency_max_body
                 body = b""
