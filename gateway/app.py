@@ -18,7 +18,7 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import Final, Self
 
 import aiohttp
 from aiohttp import web
@@ -29,7 +29,6 @@ from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
 from gateway.credentials import CredentialReloader
-from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.probe import probe
 from gateway.proxy.access import AccessPolicy
@@ -61,6 +60,8 @@ from gateway.token.value import RenewalKind, Token
 from gateway.tracing import Tracing, tracing_for
 
 log = logging.getLogger("gateway.app")
+#: How long ``serve``'s start-up probe waits for the first token before giving up (seconds).
+STARTUP_PROBE_WAIT: Final = 600.0
 
 
 def build_proxy_server(state: GatewayState) -> ProxyServer:
@@ -359,11 +360,16 @@ class GatewayServer:
         s = self.settings
         if not s.check_path:
             return
-        try:
-            token = await self.state.tokens.get()
-        except GatewayError as exc:
-            log.warning("start-up probe skipped: no token yet (%s)", exc.code, extra={
-                "fields": {"event": "startup_probe_skipped", "error": exc.code}})
+        # Wait (calling nothing) for the first token, as long as the renewal policy may take
+        # to get it, checking once a second.
+        for _ in range(int(STARTUP_PROBE_WAIT)):
+            token = self.state.tokens.usable()
+            if token is not None:
+                break
+            await asyncio.sleep(1.0)
+        else:
+            log.warning("start-up probe skipped: no token after %gs", STARTUP_PROBE_WAIT,
+                        extra={"fields": {"event": "startup_probe_skipped"}})
             return
         refused = await probe(self._auth_session, s, token.access)
         if refused is None:

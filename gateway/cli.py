@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("sandbox", help="run the built-in Repairy sandbox (a fake Repairy API)")
     sb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sb.add_argument("--port", type=int, default=8090, help="port (default 8090; 0 picks a free one)")
+    sb.add_argument("--port", type=int, default=8090,
+                    help="port (default 8090; 0 picks a free one)")
     _add_sandbox_options(sb)
 
     serve = sub.add_parser("serve", help="run the gateway (settings from the environment)")

@@ -1,9 +1,8 @@
 """Hot credential rotation: re-read ``*_FILE`` credentials and client keys, switch safely.
 
 Kubernetes updates mounted secrets in place. Every ``secrets_poll_interval`` (and on SIGHUP,
-which also re-reads the config file and the environment: any other changed setting is named
-in a warning, as it takes effect only after a restart) the files are compared with what was
-last applied:
+which also re-reads the config file: any other changed setting is named in a warning, as it
+takes effect only after a restart) the files are compared with what was last applied:
 
 * when the App Key, App Secret or Partner ID changed, the gateway logs in with the new values
   *in the background* while the old token keeps serving, and only once that login works does
@@ -52,15 +51,19 @@ def _files_digest(settings: Settings) -> str:
     return digest.hexdigest()
 
 
-#: Settings applied while running: the credentials (with a login first) and the client keys.
-LIVE_KEYS = frozenset({*CREDENTIAL_KEYS, "client_keys"})
-
-
 def _note_restart_needed(loaded: Settings, running: Settings) -> None:
-    """Say which re-read settings (config file or environment) differ from the running ones
-    and only take effect after a restart."""
-    changed = [spec.env for spec in SPECS if spec.key not in LIVE_KEYS
+    """Say which re-read settings (the config file, the mounted files) differ from the running
+    ones and only take effect after a restart: all but the credentials (applied after a
+    login) and client keys kept in GATEWAY_CLIENT_KEYS_FILE (applied at once); inline client
+    keys, or a file that now has another path, need a restart."""
+    live = set(CREDENTIAL_KEYS)
+    if "client_keys" in dict(running.secret_files):
+        live.add("client_keys")
+    changed = [spec.env for spec in SPECS if spec.key not in live
                and getattr(loaded, spec.key) != getattr(running, spec.key)]
+    paths, loaded_paths = dict(running.secret_files), dict(loaded.secret_files)
+    changed += [f"{spec.env}_FILE" for spec in SPECS if spec.file_variant
+                and paths.get(spec.key) != loaded_paths.get(spec.key)]
     if changed:
         log.warning("settings changed but need a restart to take effect: %s",
                     ", ".join(changed), extra={"fields": {

@@ -18,9 +18,16 @@ async def probe(session: aiohttp.ClientSession, settings: Settings,
     headers = {"Authorization": f"Bearer {access_token}",
                "X-Partner-ID": settings.partner_id}
     try:
-        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+        timeout = aiohttp.ClientTimeout(total=settings.auth_timeout,
+                                        sock_connect=min(settings.connect_timeout,
+                                                         settings.auth_timeout))
+        async with session.get(url, headers=headers, allow_redirects=False,
+                               timeout=timeout) as resp:
             status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TimeoutError:
+        return (f"the probe GET {settings.check_path} got no answer within "
+                f"{settings.auth_timeout:g}s")
+    except aiohttp.ClientError as exc:
         return f"the probe GET {settings.check_path} failed ({type(exc).__name__})"
     if 200 <= status < 300 or status == 404:
         return None

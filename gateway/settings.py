@@ -326,9 +326,9 @@ SPECS: tuple[Spec, ...] = (
     _spec("log_format", "GATEWAY_LOG_FORMAT", choice("json", "text"), "json",
           "Log format: json (one object a line) or text (for terminals).", L),
     _spec("otel_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", parse_otlp_endpoint, "",
-          "OpenTelemetry: send spans of upstream calls and renewals over OTLP/HTTP to this "
-          "collector (needs the otel extra; empty: off). The SDK's other OTEL_* variables "
-          "apply.", L),
+          "OpenTelemetry: send spans of upstream calls and renewals over OTLP/HTTP (protobuf) to "
+          "<this>/v1/traces (needs the otel extra; empty: off). OTEL_SERVICE_NAME, "
+          "OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS apply.", L),
 )
 CONFIG_ENV = "GATEWAY_CONFIG"
 _BY_KEY = {s.key: s for s in SPECS}

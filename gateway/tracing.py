@@ -4,8 +4,10 @@ Off by default, and free when off: nothing is imported and the request path take
 per request (the handler picks its traced or plain send once). On when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the ``otel`` extra is installed
 (``pip install 'repairy-gateway[otel]'``: ``opentelemetry-sdk`` and the OTLP/HTTP exporter);
-set without it, a warning says what to install. Spans go out in batches over OTLP/HTTP to
-``<endpoint>/v1/traces`` from a provider of the gateway's own (no global state is touched).
+set without it, a warning says what to install. Spans go out in batches over OTLP/HTTP
+(protobuf) to ``<endpoint>/v1/traces`` from a provider of the gateway's own (no global state
+is touched); ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_HEADERS``
+and ``OTEL_BSP_*`` apply, the per-signal endpoint and the protocol variables do not.
 
 * ``repairy.upstream`` (client span): the exchange with Repairy up to its answer's head, retries
   and the 401 replay included; a child of the caller's ``traceparent`` when it sent one. The
@@ -38,8 +40,10 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
-        resource = Resource.create({"service.name": "repairy-gateway",
-                                    "service.version": service_version})
+        # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win; "repairy-gateway" otherwise.
+        resource = Resource.create({"service.version": service_version})
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "repairy-gateway"}))
         self._provider = TracerProvider(resource=resource)
         self._provider.add_span_processor(BatchSpanProcessor(
             OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")))

@@ -63,7 +63,9 @@ async def gateway(sandbox: Sandbox) -> AsyncIterator[GatewayServer]:
 #: are the App Keys/Secrets the tests use.
 LEAK_MARKERS = ("sbx_at_", "sbx_rt_", "sandbox-app-secret", "sandbox-app-key",
                 "rotated-secret", "old-app-secret", "new-app-secret", "client-key-",
-                "egress-proxy-secret")
+                "egress-proxy-secret",
+                # the egress proxy's Basic credentials as they would travel (gw:egress-proxy-secret)
+                "Z3c6ZWdyZXNzLXByb3h5LXNlY3JldA")
 
 
 class LogCapture(logging.Handler):

@@ -13,6 +13,9 @@ from yarl import URL
 
 class EgressProxy:
     def __init__(self, user: str | None = None, password: str | None = None) -> None:
+        #: Answer tunnels with this status instead of connecting (a proxy that cannot reach
+        #: the upstream, or forbids it).
+        self.refuse_connect: int | None = None
         self._auth = None if user is None else "Basic " + base64.b64encode(
             f"{user}:{password or ''}".encode()).decode()
         self.targets: list[str] = []  # "CONNECT host:port" or "GET http://host:port/path"
@@ -65,6 +68,11 @@ class EgressProxy:
             await writer.drain()
             return
         self.targets.append(f"{method} {target}")
+        if method == "CONNECT" and self.refuse_connect is not None:
+            writer.write(f"HTTP/1.1 {self.refuse_connect} Refused\r\nContent-Length: 0\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            await writer.drain()
+            return
         if method == "CONNECT":
             host, _, port = target.rpartition(":")
             up_reader, up_writer = await asyncio.open_connection(host, int(port))

@@ -394,7 +394,7 @@ def test_helm_sidecar_mode_keeps_monitoring(helm_bin: str, tmp_path: Path) -> No
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     monitor = by_kind(docs, "PodMonitor")["spec"]
     assert monitor["selector"]["matchLabels"] == {"app": "booking-app"}
-    assert monitor["podMetricsEndpoints"][0]["port"] == "admin"
+    assert monitor["podMetricsEndpoints"][0]["port"] == "gw-admin"
     assert by_kind(docs, "PrometheusRule")
     assert [d for d in docs if d["kind"] == "ConfigMap"
             and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
@@ -415,3 +415,34 @@ def test_helm_grafana_dashboard_configmap_carries_the_shipped_dashboard(helm_bin
     assert json.loads(cm["data"]["repairy-gateway.json"]) == json.loads(shipped)
     assert (CHART / "dashboards" / "repairy-gateway.json").read_text() == shipped
     k8s_validate([cm])
+
+
+def test_helm_egress_proxy_settings_secret_and_network_policy(helm_bin: str) -> None:
+    """egressProxy: the setting and the password file reach the pod, and the NetworkPolicy
+    lets it reach the proxy instead of the upstream."""
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-full.yaml"),
+                  "--set", "egressProxy.url=http://gw@proxy.corp:3128",
+                  "--set", "egressProxy.passwordSecret=proxy-pw",
+                  "--set-json", 'egressProxy.cidrs=["10.9.0.0/16"]')
+    k8s_validate(docs)
+    env = by_kind(docs, "ConfigMap")["data"]
+    assert env["GATEWAY_EGRESS_PROXY"] == "http://gw@proxy.corp:3128"
+    assert env["GATEWAY_EGRESS_PROXY_PASSWORD_FILE"] == "/etc/repairy-gateway/egress-proxy/password"
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    assert "repairy-egress-proxy" in {v["name"] for v in pod["volumes"]}
+    egress = by_kind(docs, "NetworkPolicy")["spec"]["egress"]
+    cidrs = [b["ipBlock"]["cidr"] for rule in egress for b in rule.get("to", [])]
+    assert "10.9.0.0/16" in cidrs and "203.0.113.0/24" not in cidrs
+    assert {"port": 3128, "protocol": "TCP"} in [p for r in egress for p in r["ports"]]
+    result = helm(helm_bin, "template", "t", str(CHART), "-f", str(EXAMPLES / "values-full.yaml"),
+                  "--set", "egressProxy.url=http://proxy.corp:3128")
+    assert result.returncode != 0 and "egressProxy.cidrs" in result.stderr
+
+
+def test_helm_pod_labels_cannot_break_the_selector(helm_bin: str) -> None:
+    docs = render(helm_bin, "-f", str(EXAMPLES / "values-standalone.yaml"), "--set-json",
+                  'podLabels={"app.kubernetes.io/name":"other","team":"x"}')
+    deployment = by_kind(docs, "Deployment")["spec"]
+    labels = deployment["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "repairy-gateway" and labels["team"] == "x"
+    assert deployment["selector"]["matchLabels"].items() <= labels.items()

@@ -138,3 +138,41 @@ async def test_openapi_matches_the_sandboxs_real_answers(
                      headers={"X-Partner-ID": "someone-else"})
     documented = {(m.upper(), p) for p, ops in openapi()["paths"].items() for m in ops}
     assert documented == {(m, p) for m, p, _ in check.seen}, "every operation is exercised"
+
+
+async def test_openapi_describes_the_gateways_own_answers(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Answers the gateway makes itself validate too: a wrong client key (401), a refused
+    Idempotency-Key repeat (422), an upstream the gateway cannot reach (502), no token (503)."""
+    from tests.gateway_helpers import settings_for, wait_until
+    from tests.test_sandbox_api import booking_body
+
+    spec = OpenAPI.from_dict(openapi())
+    keys = {"X-Gateway-Key": "client-key-orders-0001"}
+    seen = []
+
+    async def check(gw: GatewayServer, method: str, path: str, expect: int,
+                    headers: dict[str, str], body: Any = None) -> None:
+        data = None if body is None else json.dumps(body).encode()
+        sent = {**headers, **({"Content-Type": "application/json"} if data else {})}
+        async with http.request(method, gw.url + path, data=data, headers=sent) as resp:
+            raw, status = await resp.read(), resp.status
+            answer = dict(resp.headers)
+        assert status == expect, raw[:300]
+        request = MockRequest(gw.url, method.lower(), path, headers=sent, data=data)
+        spec.validate_response(request, MockResponse(raw, status_code=status, headers=answer))
+        seen.append((status, answer.get("X-Repairy-Gateway-Error")))
+
+    async with GatewayServer(settings_for(sandbox, client_keys="orders=client-key-orders-0001")
+                             ) as gw:
+        await wait_until(gw.state.tokens.ready)
+        await check(gw, "GET", f"/workshops/{WORKSHOP}/services", 401, {})
+        await check(gw, "POST", "/bookings", 201, {**keys, "Idempotency-Key": "k"},
+                    booking_body())
+        await check(gw, "POST", "/bookings", 422, {**keys, "Idempotency-Key": "k"},
+                    booking_body(notes="other"))
+    async with GatewayServer(settings_for("http://127.0.0.1:9", token_wait_timeout="0.1s")
+                             ) as gw:
+        await check(gw, "GET", f"/workshops/{WORKSHOP}/services", 503, {})
+    assert [code for _, code in seen] == ["client_unauthenticated", None,
+                                          "idempotency_key_mismatch", "token_unavailable"]

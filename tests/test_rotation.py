@@ -284,13 +284,16 @@ async def test_rotation_sighup_rereads_the_config_file_and_names_what_needs_a_re
         await gw.start()
         try:
             await gw.ready(http)
-            config.write_text('[gateway]\nread_timeout = "30s"\nlog_format = "json"\n')
+            config.write_text('[gateway]\nread_timeout = "30s"\nlog_format = "json"\n'
+                              'client_keys = "ops=client-key-ops-00000001"\n')
             assert gw.proc is not None
             gw.proc.send_signal(signal.SIGHUP)
             await wait_until(lambda: "settings_need_restart" in gw.log.read_text())
             line = next(x for x in gw.log.read_text().splitlines()
                         if "settings_need_restart" in x)
             assert "GATEWAY_READ_TIMEOUT" in line and "GATEWAY_LOG_FORMAT" not in line
+            assert "GATEWAY_CLIENT_KEYS" in line  # inline keys are not applied live
+            assert "client-key-ops" not in gw.log.read_text()
             async with http.get(gw.url + SERVICES) as resp:
                 assert resp.status == 200
         finally:

@@ -196,3 +196,31 @@ def test_security_egress_proxy_setting_is_checked(value: str, why: str) -> None:
         settings_for("http://127.0.0.1:1", egress_proxy="http://proxy.corp:3128",
                      egress_proxy_password="x")
     assert info.value.setting == "GATEWAY_EGRESS_PROXY_PASSWORD"
+
+
+async def test_security_egress_proxy_refusing_the_tunnel_is_unreachable_not_sent(
+        tls_sandbox: Sandbox, tls_files: dict[str, Path], egress: EgressProxy,
+        http: aiohttp.ClientSession) -> None:
+    """A proxy that refuses the CONNECT (it cannot reach Repairy, or forbids it): nothing
+    reached Repairy, so it is 502 upstream_unreachable, counted as a connect failure, and an
+    Idempotency-Key is released (the retry books once the proxy lets it through)."""
+    from tests.test_proxy_failures import sample
+    from tests.test_sandbox_api import booking_body
+
+    settings = settings_for(tls_sandbox, upstream_ca_file=str(tls_files["ca"]),
+                            egress_proxy=egress.url.replace("http://", "http://gw@"),
+                            egress_proxy_password="egress-proxy-secret", retry_attempts="1")
+    async with GatewayServer(settings) as gw:
+        await wait_until(gw.state.tokens.ready)
+        egress.refuse_connect = 503
+        async with http.post(gw.url + "/bookings", json=booking_body(),
+                             headers={"Idempotency-Key": "via-proxy"}) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"]["code"] == "upstream_unreachable"
+        assert sample(gw, "upstream_errors_total", kind="connect") == 1
+        assert sample(gw, "idempotency_settled_total", state="released") == 1
+        egress.refuse_connect = None
+        async with http.post(gw.url + "/bookings", json=booking_body(),
+                             headers={"Idempotency-Key": "via-proxy"}) as resp:
+            assert resp.status == 201
+    assert len(tls_sandbox.state.data.bookings) == 1

@@ -106,6 +106,10 @@ def translate(exc: BaseException) -> GatewayError:
     """Map a client-side failure to the gateway's error tree (no URLs or secrets in text).
     Failures before a connection existed are marked ``sent = False``."""
     error: UpstreamError
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the egress proxy refused the tunnel
+        error = UpstreamUnreachable(f"the egress proxy refused the connection ({exc.status})")
+        error.sent = False
+        return error
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         error = UpstreamTLSError("TLS with the upstream failed", code="upstream_tls_error")
     elif isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):

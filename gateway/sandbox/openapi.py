@@ -45,20 +45,31 @@ def _errors(*statuses: int) -> JSON:
                404: "No such resource (other partners' resources do not exist)",
                409: "Not allowed in the resource's current state",
                422: "Validation failed: error.fields names each bad field"}
-    return {str(s): {"description": reasons[s], "content": {"application/json": {
-        "schema": _ref("ErrorEnvelope")}}} for s in statuses}
+    return {str(s): {"description": reasons[s] + " (or an answer the gateway made itself)",
+                     "content": {"application/json": {"schema": _EITHER}}} for s in statuses}
 
 
+#: An error answer: Repairy's envelope, or one the gateway made (then without ``success``).
+_EITHER: Final = {"anyOf": [_ref("ErrorEnvelope"), _ref("GatewayError")]}
 _GATEWAY_ERROR = {"description": "An answer made by repairy-gateway itself (the "
                   "X-Repairy-Gateway-Error header names its code): see docs/calling.md",
                   "headers": {"X-Repairy-Gateway-Error": {"schema": {"type": "string"}}},
                   "content": {"application/json": {"schema": _ref("GatewayError")}}}
+#: What the gateway answers itself on every route, beside the route's own answers.
+_GATEWAY_STATUSES: Final = {
+    "429": "A gateway rate or concurrency limit (Retry-After)",
+    "502": "Repairy unreachable, its answer broken, or an Idempotency-Key's outcome unknown",
+    "503": "No usable token, the circuit breaker open, or the gateway busy (Retry-After)",
+    "504": "Repairy did not answer in time"}
 
 
 def _op(summary: str, responses: JSON, *, tag: str, body: JSON | None = None,
         params: list[JSON] | None = None, auth: bool = True) -> JSON:
-    op: JSON = {"summary": summary, "tags": [tag], "responses": {**responses,
-                                                                 "default": _GATEWAY_ERROR}}
+    gateway = {status: {**_GATEWAY_ERROR, "description": why,
+                        "content": {"application/json": {"schema": _EITHER}}}
+               for status, why in _GATEWAY_STATUSES.items()}
+    op: JSON = {"summary": summary, "tags": [tag],
+                "responses": {**gateway, **responses, "default": _GATEWAY_ERROR}}
     if body is not None:
         op["requestBody"] = body
     if params:

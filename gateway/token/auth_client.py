@@ -134,6 +134,9 @@ class AuthClient:
             raise AuthError("timeout", f"{kind} not sent: no connection in time") from None
         except aiohttp.ClientConnectorError as exc:
             raise AuthError("connect_error", f"{kind}: cannot connect: {exc.os_error}") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise AuthError("connect_error", f"{kind}: the egress proxy refused the connection "
+                            f"({exc.status})") from None
         except aiohttp.ClientError as exc:
             raise AuthError("connect_error", f"{kind}: connection failed: {type(exc).__name__}",
                             ambiguous=trace["sent"]) from None

@@ -107,6 +107,12 @@ GATEWAY_REDIS_CA_FILE: "/etc/repairy-gateway/redis-ca/ca.crt"
 {{- if .clientKeys }}
 GATEWAY_CLIENT_KEYS_FILE: "/etc/repairy-gateway/client-keys/client-keys"
 {{- end }}
+{{- if $v.egressProxy.url }}
+GATEWAY_EGRESS_PROXY: {{ $v.egressProxy.url | quote }}
+{{- if $v.egressProxy.passwordSecret }}
+GATEWAY_EGRESS_PROXY_PASSWORD_FILE: "/etc/repairy-gateway/egress-proxy/password"
+{{- end }}
+{{- end }}
 {{- with $v.inbound.allowedCidrs }}
 GATEWAY_ALLOWED_CIDRS: {{ join "," . | quote }}
 {{- end }}
@@ -125,6 +131,9 @@ One gateway container (a list item). Dict arguments:
 */}}
 {{- define "repairy-gateway.container" -}}
 {{- $v := .v -}}
+{{- /* In someone else's pod, port names that cannot clash with the app's. */}}
+{{- $admin := ternary "gw-admin" "admin" (.sidecar | default false) -}}
+{{- $proxy := ternary "gw-proxy" "proxy" (.sidecar | default false) -}}
 - name: {{ .name }}
   image: {{ .image | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -155,17 +164,17 @@ One gateway container (a list item). Dict arguments:
     {{- end }}
   {{- end }}
   ports:
-    - name: proxy
+    - name: {{ $proxy }}
       containerPort: {{ $v.gateway.port }}
       protocol: TCP
-    - name: admin
+    - name: {{ $admin }}
       containerPort: {{ $v.gateway.adminPort }}
       protocol: TCP
   {{- if $v.startupProbe.enabled }}
   startupProbe:
     httpGet:
       path: /readyz
-      port: admin
+      port: {{ $admin }}
     periodSeconds: {{ $v.startupProbe.periodSeconds }}
     timeoutSeconds: {{ $v.startupProbe.timeoutSeconds }}
     failureThreshold: {{ max 1 (div (add $v.startupProbe.budgetSeconds $v.startupProbe.periodSeconds -1) $v.startupProbe.periodSeconds) }}
@@ -174,7 +183,7 @@ One gateway container (a list item). Dict arguments:
   livenessProbe:
     httpGet:
       path: /healthz
-      port: admin
+      port: {{ $admin }}
     initialDelaySeconds: {{ $v.livenessProbe.initialDelaySeconds }}
     periodSeconds: {{ $v.livenessProbe.periodSeconds }}
     timeoutSeconds: {{ $v.livenessProbe.timeoutSeconds }}
@@ -184,7 +193,7 @@ One gateway container (a list item). Dict arguments:
   readinessProbe:
     httpGet:
       path: /readyz
-      port: admin
+      port: {{ $admin }}
     initialDelaySeconds: {{ $v.readinessProbe.initialDelaySeconds }}
     periodSeconds: {{ $v.readinessProbe.periodSeconds }}
     timeoutSeconds: {{ $v.readinessProbe.timeoutSeconds }}
@@ -220,6 +229,11 @@ One gateway container (a list item). Dict arguments:
     {{- if and $v.redis.url $v.redis.caSecret }}
     - name: repairy-redis-ca
       mountPath: /etc/repairy-gateway/redis-ca
+      readOnly: true
+    {{- end }}
+    {{- if and $v.egressProxy.url $v.egressProxy.passwordSecret }}
+    - name: repairy-egress-proxy
+      mountPath: /etc/repairy-gateway/egress-proxy
       readOnly: true
     {{- end }}
     {{- with $v.extraVolumeMounts }}
@@ -282,6 +296,15 @@ One gateway container (a list item). Dict arguments:
     items:
       - key: ca.crt
         path: ca.crt
+{{- end }}
+{{- if and $v.egressProxy.url $v.egressProxy.passwordSecret }}
+- name: repairy-egress-proxy
+  secret:
+    secretName: {{ $v.egressProxy.passwordSecret }}
+    defaultMode: 288
+    items:
+      - key: {{ $v.egressProxy.passwordKey }}
+        path: password
 {{- end }}
 {{- with $v.extraVolumes }}
 {{ toYaml . }}
