@@ -622,12 +622,8 @@ class Proxy:
             return await self._stream_back(request, resp, rid, outcome)
         try:
             body = await resp.read()
-        except TimeoutError as exc:
-            self.state.metrics.upstream_error("timeout")
-            raise UpstreamTimeout("the upstream's answer stalled") from exc
-        except aiohttp.ClientError as exc:
-            self.state.metrics.upstream_error("protocol")
-            raise UpstreamInvalidResponse("the upstream response body broke") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._broken_body(exc) from exc
         finally:
             resp.release()
         return await self._whole(request, resp, body, rid, outcome)
@@ -643,13 +639,17 @@ class Proxy:
                     break
                 parts.append(chunk)
                 size += len(chunk)
-        except TimeoutError as exc:
-            self.state.metrics.upstream_error("timeout")
-            raise UpstreamTimeout("the upstream's answer stalled") from exc
-        except aiohttp.ClientError as exc:
-            self.state.metrics.upstream_error("protocol")
-            raise UpstreamInvalidResponse("the upstream response body broke") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._broken_body(exc) from exc
         return b"".join(parts)
+
+    def _broken_body(self, exc: BaseException) -> UpstreamError:
+        """The error (counted) for an upstream answer whose body stalled or broke."""
+        if isinstance(exc, TimeoutError):
+            self.state.metrics.upstream_error("timeout")
+            return UpstreamTimeout("the upstream's answer stalled")
+        self.state.metrics.upstream_error("protocol")
+        return UpstreamInvalidResponse("the upstream response body broke")
 
     async def _whole(self, request: web.BaseRequest, resp: aiohttp.ClientResponse, body: bytes,
                      rid: str, outcome: _Outcome) -> web.StreamResponse:
