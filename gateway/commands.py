@@ -21,6 +21,14 @@ from gateway.token.store import StoreError, store_for
 from gateway.token.value import is_usable
 
 Print = Callable[[str], None]
+#: What to look at when ``check``'s login fails, by reason.
+_LOGIN_HINTS = {
+    "invalid_credentials": "check REPAIRY_APP_KEY and REPAIRY_APP_SECRET (or their _FILE)",
+    "endpoint_misconfigured": "check REPAIRY_BASE_URL and REPAIRY_AUTH_TOKEN_PATH",
+    "request_rejected": "check the REPAIRY_AUTH_* body settings",
+    "connect_error": "check REPAIRY_BASE_URL, the network path and GATEWAY_EGRESS_PROXY",
+    "timeout": "check the network path to REPAIRY_BASE_URL (GATEWAY_AUTH_TIMEOUT)",
+}
 
 
 def _iso(unix: float) -> str:
@@ -67,7 +75,9 @@ async def check(settings: Settings, out: Print) -> int:
         try:
             ex = await AuthClient(session, settings, clock).login()
         except AuthError as exc:
-            out(f"check failed: login to {settings.base_url} {exc.reason}: {exc.message}")
+            hint = _LOGIN_HINTS.get(exc.reason)
+            out(f"check failed: login to {settings.base_url} {exc.reason}: {exc.message}"
+                + (f": {hint}" if hint else ""))
             return 1
         tok = token_from_exchange(ex, generation=1, via="login", previous=None,
                                   default_ttl=settings.access_token_default_ttl,

@@ -129,7 +129,7 @@ async def test_cli_check_fails_on_rejected_credentials(sandbox: Sandbox) -> None
     code, out, err = await run("check", env=sandbox_env(sandbox)
                                | {"REPAIRY_APP_SECRET": "wrong-secret-xyz"})
     assert code == 1
-    assert "invalid_credentials" in out
+    assert "invalid_credentials" in out and "check REPAIRY_APP_KEY and REPAIRY_APP_SECRET" in out
     assert "wrong-secret-xyz" not in out + err
 
 
