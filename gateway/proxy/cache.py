@@ -30,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from cachetools import TLRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.clock import Clock
 from gateway.config_values import parse_positive_duration
+from gateway.proxy.bounded import BoundedCache
 
 if TYPE_CHECKING:
     from gateway.proxy.cache_shared import SharedCache
@@ -127,20 +127,9 @@ class GetCache:
         self.rules = rules
         self.max_entry = max_entry
         self._clock = clock
-        self._on_evict = on_evict
-        self._max_entries = max_entries
-        cache = self
-
-        class _Store(TLRUCache[str, CachedAnswer]):
-            def popitem(self) -> tuple[str, CachedAnswer]:
-                item = super().popitem()
-                if cache._on_evict is not None:
-                    cache._on_evict()
-                return item
-
-        self._store: TLRUCache[str, CachedAnswer] = _Store(
-            maxsize=max_bytes, ttu=lambda _key, value, _now: value.expires_at,
-            timer=clock.monotonic, getsizeof=lambda value: value.size)
+        self._store: BoundedCache[str, CachedAnswer] = BoundedCache(
+            max_size=max_bytes, max_entries=max_entries, expires=lambda value: value.expires_at,
+            timer=clock.monotonic, getsizeof=lambda value: value.size, on_evict=on_evict)
         self._flights: dict[str, asyncio.Future[None]] = {}
         #: The fleet's layer (GATEWAY_CACHE_SHARED), or None.
         self.shared: SharedCache | None = None
@@ -167,10 +156,7 @@ class GetCache:
 
     def adopt(self, key: str, entry: CachedAnswer) -> None:
         """Keep an entry read from the fleet's layer (within this process's limits)."""
-        if entry.size <= self._store.maxsize:
-            while len(self._store) >= self._max_entries:
-                self._store.popitem()
-            self._store[key] = entry
+        self._store.put(key, entry)
 
     def store(self, key: str, rule: CacheRule, status: int, reason: str,
               headers: CIMultiDict[str], body: bytes,
@@ -185,14 +171,11 @@ class GetCache:
         kept = tuple((k, v) for k, v in headers.items()
                      if k.lower() not in ("age", "x-cache", "x-request-id"))
         size = len(body) + sum(len(k) + len(v) for k, v in kept) + len(key) + _ENTRY_OVERHEAD
-        if size > self._store.maxsize:
+        entry = CachedAnswer(status, reason, kept, body, vary,
+                             tuple(request_headers.get(name) for name in vary),
+                             self._clock.time(), self._clock.monotonic() + ttl, size)
+        if not self._store.put(key, entry):
             return False
-        while len(self._store) >= self._max_entries:
-            self._store.popitem()
-        entry = self._store[key] = CachedAnswer(
-            status, reason, kept, body, vary,
-            tuple(request_headers.get(name) for name in vary), self._clock.time(),
-            self._clock.monotonic() + ttl, size)
         if self.shared is not None:
             self.shared.put(key, entry)
         return True

@@ -10,10 +10,11 @@ Record`), named by its storage key:
 * ``wait``: wait until the key's in-flight record settles (or ``timeout``), return the record;
 * ``close``.
 
-:class:`LocalStore` is a bounded :class:`cachetools.TLRUCache` (limits in bytes and entries);
-in-flight claims sit apart from it, so memory pressure never evicts a claim (their number is
-bounded by the requests in progress, and by ``max_entries``). With worker processes the
-supervisor holds one (:class:`RemoteStore` is a worker's view of it, over the worker's pipe).
+:class:`LocalStore` keeps answers in a :class:`~gateway.proxy.bounded.BoundedCache` (limits in
+bytes and entries); in-flight claims sit apart from it, so memory pressure never evicts a claim
+(their number is bounded by the requests in progress, and by ``max_entries``). With worker
+processes the supervisor holds one (:class:`RemoteStore` is a worker's view of it, over the
+worker's pipe).
 :class:`RedisStore` is the fleet's: ``SET NX PX`` claims, records sealed with the store key when
 one is set. Each store's waits poll or wake with a floor delay and a deadline.
 """
@@ -26,9 +27,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from cachetools import TLRUCache
-
 from gateway.clock import Clock
+from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
 from gateway.redact import Secret
 
@@ -68,20 +68,10 @@ class LocalStore:
                  on_evict: Callable[[], None] | None = None) -> None:
         self._clock = clock
         self._max_entries = max_entries
-        self._on_evict = on_evict
-        store = self
-
-        class _Done(TLRUCache[str, tuple[Record, float]]):
-            def popitem(self) -> tuple[str, tuple[Record, float]]:
-                item = super().popitem()
-                if store._on_evict is not None:
-                    store._on_evict()
-                return item
-
         # Values: (record, when it expires on the monotonic clock).
-        self._done: TLRUCache[str, tuple[Record, float]] = _Done(
-            maxsize=max_bytes, ttu=lambda _key, value, _now: value[1], timer=clock.monotonic,
-            getsizeof=lambda value: value[0].size)
+        self._done: BoundedCache[str, tuple[Record, float]] = BoundedCache(
+            max_size=max_bytes, max_entries=max_entries, expires=lambda value: value[1],
+            timer=clock.monotonic, getsizeof=lambda value: value[0].size, on_evict=on_evict)
         #: Claims in flight, with the lifetime their record is to have.
         self._in_flight: dict[str, tuple[Record, float]] = {}
         self._settled: dict[str, asyncio.Future[None]] = {}
@@ -104,12 +94,9 @@ class LocalStore:
 
     def _settle(self, key: str, record: Record, ttl: float) -> None:
         self._in_flight.pop(key, None)
-        if record.size > self._done.maxsize:  # never forget that it was done
-            record = record.settled("not_kept", record.status)
-        self._done.pop(key, None)
-        while len(self._done) >= self._max_entries:
-            self._done.popitem()
-        self._done[key] = (record, self._clock.monotonic() + ttl)
+        expires = self._clock.monotonic() + ttl
+        if not self._done.put(key, (record, expires)):  # never forget that it was done
+            self._done.put(key, (record.settled("not_kept", record.status), expires))
         self._wake(key)
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
