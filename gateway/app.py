@@ -297,9 +297,9 @@ class GatewayServer:
         events = _TokenEvents(self.metrics, tracing)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
                               events, initial=initial, persist=persist, fleet=fleet)
-        # With workers and no Redis, this process holds the Idempotency-Key store for them.
-        idempotency = (build_local_idempotency(s, self.clock, self.metrics)
-                       if s.workers > 1 and s.idempotency_routes and not s.redis_url
+        # With workers this process serves no request: it holds the Idempotency-Key store for
+        # them only without Redis (with it, each worker talks to Redis itself).
+        idempotency = (None if s.workers > 1 and s.redis_url
                        else build_idempotency(s, self.clock, self.metrics))
         self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing)
         self.metrics.bind_ready(self._state.ready)

@@ -56,12 +56,10 @@ def _note_restart_needed(loaded: Settings, running: Settings) -> None:
     ones and only take effect after a restart: all but the credentials (applied after a
     login) and client keys kept in GATEWAY_CLIENT_KEYS_FILE (applied at once); inline client
     keys, or a file that now has another path, need a restart."""
-    live = set(CREDENTIAL_KEYS)
-    if "client_keys" in dict(running.secret_files):
-        live.add("client_keys")
+    paths, loaded_paths = dict(running.secret_files), dict(loaded.secret_files)
+    live = {*CREDENTIAL_KEYS, *(("client_keys",) if "client_keys" in paths else ())}
     changed = [spec.env for spec in SPECS if spec.key not in live
                and getattr(loaded, spec.key) != getattr(running, spec.key)]
-    paths, loaded_paths = dict(running.secret_files), dict(loaded.secret_files)
     changed += [f"{spec.env}_FILE" for spec in SPECS if spec.file_variant
                 and paths.get(spec.key) != loaded_paths.get(spec.key)]
     if changed:

@@ -35,14 +35,12 @@ def egress_session(proxy: str, password: Secret | None,
     set once per session, never per request, and never from the environment (``trust_env``
     stays off). The session-wide ``proxy_auth`` is deprecated for aiohttp 4 (the project pins
     aiohttp < 4): its warning is silenced here, where it is raised once."""
-    if proxy:
-        url = URL(proxy)
-        kwargs["proxy"] = url.with_user(None)
-        if url.user:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                kwargs["proxy_auth"] = aiohttp.BasicAuth(
-                    url.user, password.reveal() if password is not None else "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        if proxy:
+            url = URL(proxy)
+            kwargs["proxy"] = url.with_user(None)
+            if url.user:
+                kwargs["proxy_auth"] = aiohttp.BasicAuth(
+                    url.user, password.reveal() if password is not None else "")
         return aiohttp.ClientSession(**kwargs)

@@ -70,8 +70,8 @@ from gateway.proxy.idempotency import (
     fingerprint,
     kept_headers,
     parse_key,
+    protected,
     refusal,
-    rule_for,
     settle_status,
     storage_key,
 )
@@ -120,7 +120,8 @@ class _Outcome:
     def answered(self, resp: aiohttp.ClientResponse, seconds: float) -> None:
         """An upstream attempt got its status line."""
         self.upstream_status = resp.status
-        if resp.status >= 500 and resp.status != 503 and self.attempts is not None:
+        if resp.status >= 500 and self.attempts is not None and settle_status(
+                resp.status) == "unknown":
             self.attempts.maybe_acted = True
         if self.metrics is not None:
             self.metrics.upstream_response(method_label(self.method), self.route, resp.status,
@@ -212,9 +213,7 @@ class Proxy:
             raise
         finally:
             gw.metrics.inflight_count -= 1
-            self.active -= 1
-            if self.active == 0 and self._drained is not None:
-                self._drained.set()
+            self._finished()
             if isinstance(protocol, GatewayRequestHandler):
                 protocol.end_request()
             _log_request(request, rid, outcome, started)
@@ -265,8 +264,8 @@ class Proxy:
             idempotency_key = None
             if gw.idempotency is not None and request.method in _UNSAFE:
                 header = request.headers.get(IDEMPOTENCY_KEY)
-                if header is not None and rule_for(s.idempotency_routes, request.method,
-                                                   outcome.path):
+                if header is not None and protected(s.idempotency_routes, request.method,
+                                                    outcome.path):
                     idempotency_key = parse_key(header)
             caller_gone = functools.partial(_caller_gone, request)
             reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
@@ -372,11 +371,8 @@ class Proxy:
         for _ in range(3):  # a claim released while a repeat waited: claim it again
             claim = Record.claim(fp, rid, gw.clock.time() + self._lease)
             record = await store.claim(key, claim, s.idempotency_ttl)
-            if record is None:
-                counted.labels("new").inc()
-                outcome.idempotency = "new"
-                return await self._lead(request, rid, outcome, exchange, key, claim)
-            if record.owner == claim.owner:  # ours: the claim's reply was lost and resent
+            # Ours also when the claim landed but its reply was lost, and the claim re-sent.
+            if record is None or record.owner == claim.owner:
                 counted.labels("new").inc()
                 outcome.idempotency = "new"
                 return await self._lead(request, rid, outcome, exchange, key, claim)
@@ -435,6 +431,10 @@ class Proxy:
 
     def _lead_done(self, task: asyncio.Task[Any]) -> None:
         self._leaders.discard(task)
+        self._finished()
+
+    def _finished(self) -> None:
+        """A request or a shielded leader ended: the drain may be over."""
         self.active -= 1
         if self.active == 0 and self._drained is not None:
             self._drained.set()
@@ -453,7 +453,7 @@ class Proxy:
         assert store is not None
         kept: Record | None = None  # what the key will hold (None: release it)
         resp: aiohttp.ClientResponse | None = None
-        whole = False
+        streamed = False  # the caller streams the rest of the answer (and releases it)
         try:
             token = gw.tokens.usable() or await gw.tokens.get()
             upstream = gw.upstream
@@ -470,8 +470,8 @@ class Proxy:
                     if state is not None:  # the booking exists: say so, without its answer
                         kept = claim.settled("not_kept" if state == "done" else state,
                                              resp.status)
+                    streamed = True
                     return resp, body, False
-                whole = True
                 if state is not None:
                     kept = claim.settled(state, resp.status, resp.reason or "",
                                          kept_headers(downstream_response_headers(
@@ -483,11 +483,9 @@ class Proxy:
             attempts = outcome.attempts
             if resp is not None or (attempts is not None and attempts.maybe_acted):
                 kept = claim.settled("unknown")  # it may have acted; nobody knows how
-            if resp is not None:
-                resp.release()
             raise
         finally:
-            if whole and resp is not None:
+            if resp is not None and not streamed:
                 resp.release()
             await self._record(store, key, claim, kept)
 
@@ -735,12 +733,14 @@ def _orphaned(rid: str, task: asyncio.Task[tuple[aiohttp.ClientResponse, bytes, 
     if task.cancelled():
         return
     error = task.exception()
+    status = None
     if error is None:
-        resp, _, _ = task.result()
+        resp = task.result()[0]
         resp.release()
+        status = resp.status
     log.info("request with an Idempotency-Key completed after its caller left",
              extra={"fields": {"event": "idempotent_completed", "request_id": rid,
-                               "upstream_status": None if error else task.result()[0].status,
+                               "upstream_status": status,
                                "error": getattr(error, "code", type(error).__name__)
                                if error else None}})
 

@@ -26,11 +26,10 @@ The stores are in :mod:`gateway.proxy.idempotency_store`; the handler drives the
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from gateway.errors import BadRequest, GatewayError
@@ -83,18 +82,15 @@ class IdempotencyUnavailable(GatewayError):
 class IdempotencyRule:
     method: str
     pattern: str  # a path whose ``*`` stands for one segment
+    #: ``pattern`` compiled once (a trailing slash ignored).
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def _regex(self) -> re.Pattern[str]:
-        return _segment_glob(self.pattern)
+    def __post_init__(self) -> None:
+        compiled = re.compile(re.escape(self.pattern.rstrip("/") or "/").replace(r"\*", "[^/]+"))
+        object.__setattr__(self, "regex", compiled)
 
     def matches(self, method: str, path: str) -> bool:
-        return method == self.method and self._regex.fullmatch(path.rstrip("/") or "/") is not None
-
-
-@functools.lru_cache(maxsize=256)
-def _segment_glob(pattern: str) -> re.Pattern[str]:
-    return re.compile(re.escape(pattern.rstrip("/") or "/").replace(r"\*", "[^/]+"))
+        return method == self.method and self.regex.fullmatch(path.rstrip("/") or "/") is not None
 
 
 def parse_idempotency_routes(value: object) -> tuple[IdempotencyRule, ...]:
@@ -118,7 +114,8 @@ def parse_idempotency_routes(value: object) -> tuple[IdempotencyRule, ...]:
     return tuple(rules)
 
 
-def rule_for(rules: tuple[IdempotencyRule, ...], method: str, path: str) -> bool:
+def protected(rules: tuple[IdempotencyRule, ...], method: str, path: str) -> bool:
+    """Whether a request to ``method path`` honours Idempotency-Key."""
     return any(rule.matches(method, path) for rule in rules)
 
 

@@ -236,7 +236,7 @@ class RetryPolicy:
         if attempts.caller_gone():
             raise ClientClosedRequest("the caller left during the exchange") from exc
         error = translate(exc)
-        if getattr(error, "sent", True):
+        if error.sent:
             attempts.maybe_acted = True
         attempts.on_failure(error)
         reused = NEW_CONNECTIONS.get() == attempts.connections

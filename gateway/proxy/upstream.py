@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 
 from gateway.errors import (
-    GatewayError,
     UpstreamError,
     UpstreamInvalidResponse,
     UpstreamTimeout,
@@ -102,15 +101,13 @@ class Upstream:
         await self.session.close()
 
 
-def translate(exc: BaseException) -> GatewayError:
+def translate(exc: BaseException) -> UpstreamError:
     """Map a client-side failure to the gateway's error tree (no URLs or secrets in text).
     Failures before a connection existed are marked ``sent = False``."""
     error: UpstreamError
     if isinstance(exc, aiohttp.ClientHttpProxyError):  # the egress proxy refused the tunnel
         error = UpstreamUnreachable(f"the egress proxy refused the connection ({exc.status})")
-        error.sent = False
-        return error
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+    elif isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         error = UpstreamTLSError("TLS with the upstream failed", code="upstream_tls_error")
     elif isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         error = UpstreamTimeout("the upstream did not answer in time")
@@ -123,5 +120,5 @@ def translate(exc: BaseException) -> GatewayError:
     else:
         error = UpstreamError(f"upstream request failed ({type(exc).__name__})")
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        error.sent = False
+        error.sent = False  # TLS refused and connect timeouts too (Unreachable already is)
     return error
