@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 from gateway.clock import Clock
 from gateway.proxy.cache import CachedAnswer
 from gateway.redact import Secret
+from gateway.token.store import Sealer, seal, unseal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -35,8 +36,6 @@ class SharedCache:
 
     def __init__(self, redis: Redis, *, prefix: str, scope: str, store_key: Secret | None,
                  clock: Clock, on_error: Callable[[str], None]) -> None:
-        from gateway.token.store import Sealer
-
         self._redis = redis
         self._prefix = f"{prefix}:cache:"
         self._scope = scope
@@ -60,13 +59,7 @@ class SharedCache:
         if not isinstance(value, str):
             return None
         try:
-            if self._sealer is not None:
-                data = self._sealer.open(value, name.encode())
-            elif value.startswith("plain:"):
-                data = value[len("plain:"):].encode()
-            else:
-                raise ValueError("sealed, but no store key is set")
-            doc = json.loads(data)
+            doc = json.loads(unseal(self._sealer, value, name.encode()))
             left = float(doc["x"]) - self._clock.time()
             if left <= 0:
                 return None
@@ -96,8 +89,7 @@ class SharedCache:
             "vv": list(entry.vary_values), "t": entry.stored_at,
             "x": self._clock.time() + ttl, "z": entry.size}
         data = json.dumps(doc, separators=(",", ":")).encode()
-        value = (self._sealer.seal(data, name.encode()) if self._sealer is not None
-                 else "plain:" + data.decode())
+        value = seal(self._sealer, data, name.encode())
         try:
             await self._redis.set(name, value, px=max(1, int(ttl * 1000)))
         except Exception as exc:

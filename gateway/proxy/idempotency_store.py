@@ -31,6 +31,7 @@ from gateway.clock import Clock
 from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
 from gateway.redact import Secret
+from gateway.token.store import Sealer, seal, unseal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -158,8 +159,6 @@ class RedisStore:
 
     def __init__(self, redis: Redis, *, prefix: str, store_key: Secret | None,
                  clock: Clock) -> None:
-        from gateway.token.store import Sealer
-
         self._redis = redis
         self._prefix = f"{prefix}:idem:"
         self._clock = clock
@@ -168,20 +167,12 @@ class RedisStore:
 
     def _encode(self, key: str, record: Record) -> str:
         data = json.dumps(record.to_dict(), separators=(",", ":")).encode()
-        payload = (self._sealer.seal(data, key.encode()) if self._sealer is not None
-                   else "plain:" + data.decode())
-        return f"{record.owner}|{payload}"
+        return f"{record.owner}|{seal(self._sealer, data, key.encode())}"
 
     def _decode(self, key: str, value: str) -> Record:
         _, _, payload = value.partition("|")
         try:
-            if self._sealer is not None:
-                data = self._sealer.open(payload, key.encode())
-            elif payload.startswith("plain:"):
-                data = payload[len("plain:"):].encode()
-            else:
-                raise ValueError("a sealed record, but no store key is set")
-            return Record.from_dict(json.loads(data))
+            return Record.from_dict(json.loads(unseal(self._sealer, payload, key.encode())))
         except Exception as exc:  # unreadable: another key, garbled
             raise IdempotencyUnavailable("the Idempotency-Key record in Redis is unreadable "
                                          f"({type(exc).__name__})") from None

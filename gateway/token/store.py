@@ -174,7 +174,7 @@ class RedisStore:
             return None
         try:
             blob = fields["blob"]
-            data = self._sealer.open(blob) if self._sealer is not None else _plain(blob)
+            data = unseal(self._sealer, blob)
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("owner") != self.owner:
                 raise StoreCorrupt("the stored state belongs to another owner")
@@ -202,7 +202,7 @@ class RedisStore:
         longer ours, or :data:`OLDER` if the store holds a newer generation (``force``: write
         over it anyway, for an entry nobody can read)."""
         data = json.dumps({"owner": self.owner, "state": state}).encode()
-        blob = self._sealer.seal(data) if self._sealer is not None else "plain:" + data.decode()
+        blob = seal(self._sealer, data)
         result = await self._call(self._redis.eval(
             _WRITE, 3, self._state_key, self._lease_key, self._channel, self.replica,
             str(generation), blob, self.replica, "1" if force else "0"))
@@ -232,7 +232,15 @@ def store_for(settings: Settings, timeout: float) -> RedisStore:
                       store_key=settings.store_key, timeout=timeout)
 
 
-def _plain(blob: str) -> bytes:
-    if not blob.startswith("plain:"):
+def seal(sealer: Sealer | None, data: bytes, aad: bytes | None = None) -> str:
+    """``data`` as kept in Redis: sealed with the store key, or marked plain without one."""
+    return sealer.seal(data, aad) if sealer is not None else "plain:" + data.decode()
+
+
+def unseal(sealer: Sealer | None, text: str, aad: bytes | None = None) -> bytes:
+    """What :func:`seal` kept (:class:`StoreError` when it cannot be read with this key)."""
+    if sealer is not None:
+        return sealer.open(text, aad)
+    if not text.startswith("plain:"):
         raise StoreError("the stored state is encrypted, but no store key is set")
-    return blob[len("plain:"):].encode()
+    return text[len("plain:"):].encode()
