@@ -250,32 +250,38 @@ def parse_optional_secret(value: object) -> Secret | None:
     return Secret(text) if text.strip() else None
 
 
+def _service_url(text: str, schemes: tuple[str, ...], example: str,
+                 credentials: str) -> URL:
+    """``text`` as a URL of one of ``schemes`` with a host and no password (``credentials``
+    says where that goes instead)."""
+    url = URL(text)
+    if url.scheme not in schemes or not url.host:
+        names = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"must be a URL ({names}) such as {example}")
+    if url.password:
+        raise ValueError(f"must not carry a password: {credentials}")
+    return url
+
+
 def parse_redis_url(value: object) -> str:
     """Empty (no shared store), or a redis:// or rediss:// URL (no password in it: use
     GATEWAY_REDIS_PASSWORD)."""
     text = str(value).strip()
-    if not text:
-        return ""
-    url = URL(text)
-    if url.scheme not in ("redis", "rediss") or not url.host:
-        raise ValueError("must be a redis:// or rediss:// URL such as redis://redis:6379/0")
-    if url.password:
-        raise ValueError("must not carry a password: set GATEWAY_REDIS_PASSWORD(_FILE)")
+    if text:
+        _service_url(text, ("redis", "rediss"), "redis://redis:6379/0",
+                     "set GATEWAY_REDIS_PASSWORD(_FILE)")
     return text
 
 
 def parse_egress_proxy(value: object) -> str:
     """Empty (direct), or an http:// proxy URL (a user name may be in it; the password goes in
-    GATEWAY_EGRESS_PROXY_PASSWORD)."""
+    GATEWAY_EGRESS_PROXY_PASSWORD). An https upstream is reached through it in a CONNECT
+    tunnel."""
     text = str(value).strip()
     if not text or text.lower() == "off":
         return ""
-    url = URL(text)
-    if url.scheme != "http" or not url.host:
-        raise ValueError("must be an http:// proxy URL such as http://proxy.corp:3128 (the "
-                         "upstream's TLS goes through it in a CONNECT tunnel)")
-    if url.password:
-        raise ValueError("must not carry a password: set GATEWAY_EGRESS_PROXY_PASSWORD(_FILE)")
+    url = _service_url(text, ("http",), "http://proxy.corp:3128",
+                       "set GATEWAY_EGRESS_PROXY_PASSWORD(_FILE)")
     if url.path not in ("", "/") or url.query_string:
         raise ValueError("must be just scheme, host and port (http://proxy.corp:3128)")
     return text
@@ -285,13 +291,11 @@ def parse_otlp_endpoint(value: object) -> str:
     """Empty (no spans), or the OTLP/HTTP base URL (http:// or https://, no credentials: use
     OTEL_EXPORTER_OTLP_HEADERS)."""
     text = str(value).strip()
-    if not text:
-        return ""
-    url = URL(text)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("must be an http:// or https:// URL such as http://collector:4318")
-    if url.user or url.password:
-        raise ValueError("must not carry credentials: use OTEL_EXPORTER_OTLP_HEADERS")
+    if text:
+        url = _service_url(text, ("http", "https"), "http://collector:4318",
+                           "use OTEL_EXPORTER_OTLP_HEADERS")
+        if url.user:
+            raise ValueError("must not carry credentials: use OTEL_EXPORTER_OTLP_HEADERS")
     return text
 
 

@@ -1,5 +1,6 @@
-"""Addressing the upstream, shared by the proxy and the auth calls: the configured base URL
-joined with a path, the TLS trust to verify it with, and the egress proxy to go through."""
+"""Talking to the upstream, shared by the proxy and the auth calls: the configured base URL
+joined with a path, the TLS trust to verify it with, the egress proxy to go through, and
+reading an answer's body within a bound."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def egress_session(proxy: str, password: Secret | None,
                 kwargs["proxy_auth"] = aiohttp.BasicAuth(
                     url.user, password.reveal() if password is not None else "")
         return aiohttp.ClientSession(**kwargs)
+
+
+async def read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's whole body, however many pieces it comes in, or its first ``limit`` + 1
+    bytes if it is longer (so the caller can tell)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await resp.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)

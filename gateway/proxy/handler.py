@@ -83,7 +83,7 @@ from gateway.proxy.routes import method_label, route_template
 from gateway.proxy.upstream import Body
 from gateway.state import GatewayState
 from gateway.token.value import Token
-from gateway.urls import target_url
+from gateway.urls import read_up_to, target_url
 
 log = logging.getLogger("gateway.proxy")
 _CACHEABLE: Final = frozenset({"GET", "HEAD"})
@@ -628,18 +628,10 @@ class Proxy:
 
     async def _read_up_to(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
         """The answer's body, or its first ``limit`` + 1 bytes if it is longer."""
-        parts: list[bytes] = []
-        size = 0
         try:
-            while size <= limit:
-                chunk = await resp.content.read(limit + 1 - size)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                size += len(chunk)
+            return await read_up_to(resp, limit)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._broken_body(exc) from exc
-        return b"".join(parts)
 
     def _broken_body(self, exc: BaseException) -> UpstreamError:
         """The error (counted) for an upstream answer whose body stalled or broke."""

@@ -36,7 +36,7 @@ from gateway.retry_after import parse_retry_after
 from gateway.settings import Settings
 from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 from gateway.token.value import RenewalKind, Token
-from gateway.urls import egress_session, target_url, upstream_tls
+from gateway.urls import egress_session, read_up_to, target_url, upstream_tls
 
 log = logging.getLogger("gateway.token")
 MAX_AUTH_BODY = 64 * 1024
@@ -123,7 +123,7 @@ class AuthClient:
             async with self._session.post(url, data=data, headers=headers, timeout=timeout,
                                           allow_redirects=False,
                                           trace_request_ctx=trace) as resp:
-                raw = await _read_bounded(resp)
+                raw = await read_up_to(resp, MAX_AUTH_BODY)
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"),
                                                 self._clock.time())
@@ -187,19 +187,6 @@ def _reason(kind: RenewalKind, status: int) -> AuthReason:
     if status in (401, 403):
         return "invalid_credentials"
     return "request_rejected"
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole body, however many pieces it comes in; stops past :data:`MAX_AUTH_BODY`."""
-    parts: list[bytes] = []
-    size = 0
-    while size <= MAX_AUTH_BODY:
-        chunk = await resp.content.read(MAX_AUTH_BODY + 1 - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
 
 
 def token_from_exchange(ex: Exchange, *, generation: int, via: RenewalKind,
