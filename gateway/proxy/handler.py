@@ -75,7 +75,7 @@ from gateway.proxy.idempotency import (
     settle_status,
     storage_key,
 )
-from gateway.proxy.idempotency_store import IdempotencyStore
+from gateway.proxy.idempotency_store import CLAIM_ROUNDS, POLL_FLOOR, IdempotencyStore
 from gateway.proxy.inbound import GatewayRequestHandler, check_request, send_continue
 from gateway.proxy.limits import Outcome
 from gateway.proxy.retry import Attempts
@@ -368,7 +368,7 @@ class Proxy:
         fp = fingerprint(request.method, request.raw_path, data or b"")
         key = storage_key(self._idempotency_scope, outcome.client, key_text)
         counted = gw.metrics.idempotency_requests
-        for _ in range(3):  # a claim released while a repeat waited: claim it again
+        for _ in range(CLAIM_ROUNDS):  # released while a repeat waited: claim it again
             claim = Record.claim(fp, rid, gw.clock.time() + self._lease)
             record = await store.claim(key, claim, s.idempotency_ttl)
             # Ours also when the claim landed but its reply was lost, and the claim re-sent.
@@ -379,6 +379,7 @@ class Proxy:
             if record.fingerprint == fp and record.in_flight_at(gw.clock.time()):
                 record = await store.wait(key, s.idempotency_wait)
                 if record is None:
+                    await gw.clock.sleep(POLL_FLOOR)
                     continue
                 if record.in_flight_at(gw.clock.time()):
                     counted.labels("in_flight").inc()

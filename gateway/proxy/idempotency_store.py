@@ -40,6 +40,9 @@ log = logging.getLogger("gateway.idempotency")
 #: Polling a shared store for a settling record: first delay, and the longest.
 POLL_FLOOR: Final = 0.025
 POLL_CAP: Final = 0.5
+#: Most rounds of claiming a key that keeps changing hands (released, expired) in one request;
+#: POLL_FLOOR apart.
+CLAIM_ROUNDS: Final = 3
 #: Release a claim only if it is still the caller's (the owner id leads the stored value).
 _RELEASE: Final = """
 local v = redis.call('GET', KEYS[1])
@@ -188,13 +191,14 @@ class RedisStore:
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
         name = self._prefix + key
-        for _ in range(3):  # a record that expires between SET NX and GET: try again
+        for _ in range(CLAIM_ROUNDS):  # the record expired between SET NX and GET: again
             if await self._call(self._redis.set(name, self._encode(key, record), nx=True,
                                                 px=_millis(ttl))):
                 return None
             value = await self._call(self._redis.get(name))
             if value is not None:
                 return self._decode(key, value)
+            await self._clock.sleep(POLL_FLOOR)
         raise IdempotencyUnavailable("the Idempotency-Key record kept changing", retry_after=1.0)
 
     async def _get(self, key: str) -> Record | None:
