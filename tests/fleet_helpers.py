@@ -69,6 +69,20 @@ class RedisServer:
         return aioredis.from_url(self.url, password=self.password, decode_responses=True)
 
 
+def process_state(pid: int) -> str:
+    """The state letter of a process (R, S, T stopped, Z zombie, ...), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+async def wait_for_state(pids: list[int], state: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not all(process_state(pid) == state for pid in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {pids} not in state {state} in time")
+        await asyncio.sleep(0.005)
+
+
 class GatewayProcess:
     """``python -m gateway serve`` with the given environment, on fixed loopback ports."""
 
@@ -113,6 +127,36 @@ class GatewayProcess:
         async with http.get(self.admin + "/tokenz") as resp:
             body: dict[str, Any] = await resp.json()
             return body
+
+    async def workers(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with http.get(self.admin + "/healthz") as resp:
+            found: list[dict[str, Any]] = (await resp.json())["workers"]
+            return found
+
+    async def pinned(self, http: aiohttp.ClientSession, slot: int,
+                     path: str = "/workshops/5f1a2b3c4d5e6f7a8b9c0d01/services"
+                     ) -> aiohttp.ClientSession:
+        """A session whose one keep-alive connection is held by worker ``slot``: the other
+        workers are stopped (SIGSTOP, confirmed in /proc) while it connects and makes one
+        request, so only that worker can accept it. The kernel's spreading is left out."""
+        workers = await self.workers(http)
+        others = [w["pid"] for w in workers if w["slot"] != slot]
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            limit=1, keepalive_timeout=600))
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await wait_for_state(others, "T")
+            async with session.get(self.url + path) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+        except BaseException:
+            await session.close()
+            raise
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+        return session
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
