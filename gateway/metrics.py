@@ -149,6 +149,10 @@ class Metrics:
         self.idempotency_entries = Gauge(
             f"{NS}_idempotency_entries", "Keys the in-process Idempotency-Key store holds.",
             registry=r)
+        self.channel_faults = Counter(
+            f"{NS}_channel_faults", "Faults on the channels between the supervisor and its "
+            "workers: malformed (a message skipped), overflow (a peer stopped reading: the "
+            "worker is restarted), framing (the channel ended).", ["fault"], registry=r)
         self.upstream_slots_in_use = Gauge(
             f"{NS}_upstream_slots_in_use", "Upstream exchanges in progress (bounded by "
             "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE).", registry=r)

@@ -57,7 +57,11 @@ from gateway.proxy.access import (
     parse_routes,
 )
 from gateway.proxy.cache import CacheRule, parse_cache_routes
-from gateway.proxy.idempotency import IdempotencyRule, parse_idempotency_routes
+from gateway.proxy.idempotency import (
+    IdempotencyRule,
+    leader_deadline,
+    parse_idempotency_routes,
+)
 from gateway.redact import Secret
 
 
@@ -102,6 +106,10 @@ def parse_optional_api_path(value: object) -> str:
     return "" if text.lower() in ("", "off", "none") else parse_path(text)
 
 P, IN, S, L = "proxy", "inbound", "server", "logging"
+#: Most worker processes: each is a whole interpreter with its own upstream pool, and the
+#: supervisor fans every token out to them and merges their metrics every second; past a few
+#: per core they add memory and upstream connections, not throughput.
+MAX_WORKERS: Final = 32
 #: Every setting, in documentation order. ``default=None`` means required (for ``serve``).
 SPECS: tuple[Spec, ...] = (
     _spec("base_url", "REPAIRY_BASE_URL", parse_base_url, None,
@@ -311,9 +319,9 @@ SPECS: tuple[Spec, ...] = (
           "How often *_FILE credentials are checked for changes (0: only on SIGHUP).", IN),
     _spec("admin_listen", "GATEWAY_ADMIN_LISTEN", parse_admin_listen, "127.0.0.1:9091",
           "Admin listener (/healthz, /readyz, /tokenz, /metrics): host:port.", S),
-    _spec("workers", "GATEWAY_WORKERS", parse_positive_int, "1",
-          "Proxy worker processes; above 1 a supervisor keeps the one token and hands it to "
-          "them (one login for all).", S),
+    _spec("workers", "GATEWAY_WORKERS", bounded_int(1, MAX_WORKERS), "1",
+          "Proxy worker processes, 1 to 32; above 1 a supervisor keeps the one token and hands "
+          "it to them (one login for all).", S),
     _spec("event_loop", "GATEWAY_EVENT_LOOP", choice("uvloop", "asyncio"), "uvloop",
           "Event loop: uvloop (faster; falls back to asyncio where it is not installed) or "
           "asyncio.", S),
@@ -543,6 +551,17 @@ def _check_consistency(s: Settings) -> None:
     if s.idempotency_max_bytes < 2 * s.idempotency_max_body:
         raise SettingsError("GATEWAY_IDEMPOTENCY_MAX_BYTES", "must hold at least two answers "
                             "of GATEWAY_IDEMPOTENCY_MAX_BODY")
+    if s.idempotency_routes and not s.total_timeout:
+        raise SettingsError("GATEWAY_TOTAL_TIMEOUT", "must be a duration, not 0 (no limit), "
+                            "while GATEWAY_IDEMPOTENCY_ROUTES is on: a booking's claim must "
+                            "have a bound (or set GATEWAY_IDEMPOTENCY_ROUTES=off)")
+    least = s.idempotency_wait + leader_deadline(s.token_wait_timeout, s.connect_timeout,
+                                                 s.total_timeout)
+    if s.idempotency_routes and s.idempotency_ttl < least:
+        raise SettingsError("GATEWAY_IDEMPOTENCY_TTL", f"must be at least {least:g}s: "
+                            "GATEWAY_IDEMPOTENCY_WAIT + GATEWAY_TOKEN_WAIT_TIMEOUT + "
+                            "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT (a claim must "
+                            "outlive its leader and the repeats waiting on it)")
     if s.cache_shared and not s.redis_url:
         raise SettingsError("GATEWAY_CACHE_SHARED", "needs GATEWAY_REDIS_URL (the fleet's "
                             "Redis) to share the cache through")

@@ -1,40 +1,47 @@
 """Several worker processes on one host (``GATEWAY_WORKERS`` > 1): the supervisor's pool.
 
 The supervisor binds the proxy listener once and hands the bound socket to each worker
-(``python -m gateway.worker``, see there for the pipe protocol), so TCP and unix listeners work
-alike and the kernel spreads connections over the workers. It answers the workers' token
-requests from its one :class:`~gateway.token.manager.TokenManager` (so only one login or
-refresh ever runs, by construction), forwards their 401s as invalidations, pushes every new
-token and client-key change to all of them, and keeps each worker's latest metrics for the
-admin listener's totals. Workers stay in the supervisor's process group and session, exit
-when it does (end of their pipe), and one that dies is logged and restarted, with a delay
-that doubles (up to :data:`MAX_RESTART_DELAY`) while it keeps dying young.
+(``python -m gateway.worker``), so TCP and unix listeners work alike and the kernel spreads
+connections over the workers. Each worker incarnation gets a channel of its own
+(:mod:`gateway.coordination.channel`, where its invariants are): a reply goes back on the
+channel its call came by, so nothing meant for a dead worker reaches its successor, and a
+worker that stops reading (its channel overflows) is killed and restarted like a dead one.
+
+It answers the workers' token requests from its one :class:`~gateway.token.manager.
+TokenManager` (so only one login or refresh ever runs, by construction), forwards their
+401s as invalidations, pushes every new token and client-key change to all of them, and
+keeps each worker's latest metrics for the admin listener's totals. Workers stay in the
+supervisor's process group and session, exit when it does (end of their channel), and one
+that dies is logged and restarted, with a delay that doubles (up to
+:data:`MAX_RESTART_DELAY`) while it keeps dying young.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config_values import ListenAddress, UnixAddress
+from gateway.coordination.channel import Channel, Fault, Message
 from gateway.errors import TokenUnavailable
 from gateway.metrics import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
 from gateway.proxy.idempotency_store import LocalStore, serve_remote
 from gateway.token.manager import TokenManager
+from gateway.token.renewal import token_to_wire
 from gateway.token.value import Token
-from gateway.worker import PIPE_LIMIT, send, token_to_wire
 
 log = logging.getLogger("gateway.supervisor")
 MIN_RESTART_DELAY: Final = 1.0
@@ -61,25 +68,39 @@ def bind_listener(address: ListenAddress, backlog: int = 1024) -> socket.socket:
 
 
 @dataclass
+class _Incarnation:
+    """One life of a worker: its process, its channel, and what it holds in the supervisor."""
+
+    proc: asyncio.subprocess.Process
+    channel: Channel
+    #: Its Idempotency-Key claims in flight (key, owner): settled as a dead worker's.
+    claims: set[tuple[str, str]] = field(default_factory=set)
+    #: Its store calls the supervisor is working on.
+    pending: int = 0
+
+
+@dataclass
 class _Worker:
     slot: int
-    proc: asyncio.subprocess.Process | None = None
-    writer: asyncio.StreamWriter | None = None
+    life: _Incarnation | None = None
     started: float = 0.0
     restarts: int = 0
     delay: float = MIN_RESTART_DELAY
     metrics: str = ""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    #: Its Idempotency-Key claims in flight (key, owner): "unknown" if it dies.
-    claims: set[tuple[str, str]] = field(default_factory=set)
 
 
 class WorkerPool:
     def __init__(self, count: int, listener: socket.socket, manager: TokenManager,
-                 idempotency: LocalStore | None = None) -> None:
+                 idempotency: LocalStore | None = None, *, max_queued: int,
+                 on_fault: Callable[[Fault], None] | None = None,
+                 command: Sequence[str] = (sys.executable, "-m", "gateway.worker")) -> None:
         self._listener = listener
+        self._command = tuple(command)  # run with the listener's and the channel's fds
         self._manager = manager
         self._idempotency = idempotency
+        self._max_queued = max_queued
+        self._on_fault = on_fault
         self._workers = [_Worker(i) for i in range(count)]
         self._stopping = False
         self._answers: set[asyncio.Task[None]] = set()
@@ -93,77 +114,85 @@ class WorkerPool:
     async def _spawn(self, worker: _Worker) -> None:
         ours, theirs = socket.socketpair()
         listen_fd, control_fd = self._listener.fileno(), theirs.fileno()
-        worker.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.worker", str(listen_fd), str(control_fd),
+        proc = await asyncio.create_subprocess_exec(
+            *self._command, str(listen_fd), str(control_fd),
             pass_fds=(listen_fd, control_fd), stdin=asyncio.subprocess.DEVNULL)
         theirs.close()
         worker.started = time.monotonic()
-        reader, worker.writer = await asyncio.open_connection(sock=ours, limit=PIPE_LIMIT)
-        worker.tasks = [asyncio.create_task(self._serve(worker, reader)),
-                        asyncio.create_task(self._watch(worker))]
+        channel = await Channel.open(ours, peer=f"worker {worker.slot} (pid {proc.pid})",
+                                     max_queued=self._max_queued, on_fault=self._on_fault,
+                                     on_overflow=functools.partial(_kill, proc))
+        life = worker.life = _Incarnation(proc, channel)
+        worker.tasks = [
+            asyncio.create_task(channel.serve(functools.partial(self._handle, worker, life))),
+            asyncio.create_task(self._watch(worker, life))]
         log.info("worker started", extra={"fields": {
-            "event": "worker_started", "slot": worker.slot, "pid": worker.proc.pid}})
+            "event": "worker_started", "slot": worker.slot, "pid": proc.pid}})
 
-    async def _serve(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            kind = doc.get("type")
-            if kind == "get":
-                task = asyncio.create_task(self._answer(worker, int(doc.get("newer_than", 0))))
-                self._answers.add(task)
-                task.add_done_callback(self._answers.discard)
-            elif kind == "idem" and self._idempotency is not None:
-                task = asyncio.create_task(self._idem(worker, doc))
-                self._answers.add(task)
-                task.add_done_callback(self._answers.discard)
-            elif kind == "invalidate":
-                self._manager.invalidate(int(doc["generation"]), str(doc.get("reason", "")))
-            elif kind == "metrics":
-                worker.metrics = str(doc.get("text", ""))
+    def _handle(self, worker: _Worker, life: _Incarnation, message: Message) -> None:
+        """One message from one incarnation; what it asks is answered on its own channel."""
+        doc = message.fields
+        if message.kind == "get":
+            self._track(self._answer(life.channel, int(doc["newer_than"])))
+        elif message.kind == "idem":
+            if self._idempotency is None:
+                raise ValueError("no Idempotency-Key store here")
+            self._track(self._idem(life, message))
+        elif message.kind == "invalidate":
+            self._manager.invalidate(int(doc["generation"]), str(doc.get("reason", "")))
+        elif message.kind == "metrics":
+            if worker.life is life:
+                worker.metrics = str(doc["text"])
+        else:
+            raise ValueError(f"{message.kind} is not for the supervisor")
 
-    async def _answer(self, worker: _Worker, newer_than: int) -> None:
+    def _track(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _answer(self, channel: Channel, newer_than: int) -> None:
         try:
             tok = await self._manager.get(newer_than)
         except TokenUnavailable as exc:
-            message: dict[str, Any] = {"type": "error", "newer_than": newer_than,
-                                       "code": exc.code, "message": exc.message,
-                                       "retry_after": exc.retry_after}
+            channel.send("error", {"newer_than": newer_than, "code": exc.code,
+                                   "message": exc.message, "retry_after": exc.retry_after})
         else:
-            message = {"type": "token", "newer_than": newer_than, "token": token_to_wire(tok)}
-        if worker.writer is not None and not worker.writer.is_closing():
-            send(worker.writer, message)
+            channel.send("token", {"newer_than": newer_than, "token": token_to_wire(tok)})
 
-    async def _idem(self, worker: _Worker, doc: dict[str, Any]) -> None:
+    async def _idem(self, life: _Incarnation, message: Message) -> None:
         assert self._idempotency is not None
-        reply = await serve_remote(self._idempotency, doc, worker.claims)
-        if not reply.get("id"):
-            return  # a fire-and-forget release
-        if worker.writer is not None and not worker.writer.is_closing():
-            send(worker.writer, reply)
+        life.pending += 1
+        try:
+            reply, attachment = await serve_remote(self._idempotency, message, life.claims)
+        finally:
+            life.pending -= 1
+        if life.channel.closed:  # its worker died meanwhile: what it now holds is orphaned
+            self._orphan(life)
+            return  # and the reply is dropped: it was meant for that incarnation only
+        if reply.get("id"):  # not a fire-and-forget release
+            life.channel.send("idem_reply", reply, attachment)
 
-    async def _watch(self, worker: _Worker) -> None:
-        assert worker.proc is not None
-        code = await worker.proc.wait()
+    def _orphan(self, life: _Incarnation) -> None:
+        if life.claims and self._idempotency is not None:
+            log.warning("a dead worker's requests with an Idempotency-Key were settled: "
+                        "unknown if they were sending, released if not", extra={"fields": {
+                            "event": "idempotency_orphaned", "claims": len(life.claims)}})
+            self._idempotency.orphan(life.claims)
+            life.claims = set()
+
+    async def _watch(self, worker: _Worker, life: _Incarnation) -> None:
+        code = await life.proc.wait()
+        life.channel.close()
+        self._orphan(life)
         if self._stopping:
             return
         lived = time.monotonic() - worker.started
         worker.delay = MIN_RESTART_DELAY if lived >= HEALTHY_AFTER else min(
             worker.delay * 2, MAX_RESTART_DELAY)
         log.error("worker exited; restarting it in %gs", worker.delay, extra={"fields": {
-            "event": "worker_died", "slot": worker.slot, "pid": worker.proc.pid,
+            "event": "worker_died", "slot": worker.slot, "pid": life.proc.pid,
             "code": code, "lived_s": round(lived, 1)}})
-        if worker.writer is not None:
-            worker.writer.close()
-        if worker.claims and self._idempotency is not None:
-            log.warning("a dead worker's requests with an Idempotency-Key have an unknown "
-                        "outcome", extra={"fields": {"event": "idempotency_orphaned",
-                                                     "slot": worker.slot,
-                                                     "claims": len(worker.claims)}})
-            self._idempotency.orphan(worker.claims)
-            worker.claims = set()
         if worker.metrics:  # keep what it counted (up to its last push) in the totals
             texts = [t for t in (self._retired, counters_only(worker.metrics)) if t]
             self._retired = merge_expositions(texts).decode()
@@ -174,33 +203,38 @@ class WorkerPool:
             await self._spawn(worker)
 
     def broadcast_token(self, tok: Token | None) -> None:
+        """Each worker's channel takes it without waiting: a stalled one overflows and is
+        restarted, never holding up the others."""
         if tok is None:
             return
+        message = {"token": token_to_wire(tok)}
         for worker in self._workers:
-            if worker.writer is not None and not worker.writer.is_closing():
-                send(worker.writer, {"type": "token", "token": token_to_wire(tok)})
+            if worker.life is not None:
+                worker.life.channel.send("token", message)
 
     def broadcast_client_keys(self, keys: tuple[ClientKey, ...]) -> None:
-        message = {"type": "client_keys", "keys": [[k.name, k.digest.hex()] for k in keys]}
+        message = {"keys": [[k.name, k.digest.hex()] for k in keys]}
         for worker in self._workers:
-            if worker.writer is not None and not worker.writer.is_closing():
-                send(worker.writer, message)
+            if worker.life is not None:
+                worker.life.channel.send("client_keys", message)
 
     def metrics_texts(self) -> list[str]:
         texts = [w.metrics for w in self._workers if w.metrics]
         return [*texts, self._retired] if self._retired else texts
 
     def status(self) -> list[dict[str, Any]]:
-        return [{"slot": w.slot, "pid": w.proc.pid if w.proc else None,
-                 "alive": w.proc is not None and w.proc.returncode is None,
-                 "restarts": w.restarts, "requests": _requests(w.metrics)}
+        return [{"slot": w.slot, "pid": w.life.proc.pid if w.life else None,
+                 "alive": w.life is not None and w.life.proc.returncode is None,
+                 "restarts": w.restarts, "requests": _requests(w.metrics),
+                 "store_calls": w.life.pending if w.life else 0,
+                 "channel_queued_bytes": w.life.channel.queued if w.life else 0}
                 for w in self._workers]
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each drains), wait up to ``grace``, then kill the rest."""
         self._stopping = True
-        procs = [w.proc for w in self._workers if w.proc is not None
-                 and w.proc.returncode is None]
+        procs = [w.life.proc for w in self._workers if w.life is not None
+                 and w.life.proc.returncode is None]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -217,9 +251,16 @@ class WorkerPool:
         for worker in self._workers:
             for t in worker.tasks:
                 t.cancel()
-            if worker.writer is not None:
-                worker.writer.close()
+            if worker.life is not None:
+                worker.life.channel.close()
         self._listener.close()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """A worker that stopped reading its channel: killed, then restarted by its watcher."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 def _requests(exposition: str) -> int:

@@ -2,35 +2,30 @@
 the supervisor.
 
 The supervisor (:mod:`gateway.supervisor`) owns the token manager, the admin listener and
-credential reloading. A worker inherits the bound proxy socket and one end of a socket pair;
-over it, one JSON object a line:
+credential reloading. A worker inherits the bound proxy socket and one end of a socket pair,
+its channel to the supervisor (:mod:`gateway.coordination.channel`: the messages and their
+invariants). Over it the worker asks for tokens (``get``), reports upstream 401s
+(``invalidate``) and its metrics (every second and at exit), and calls the supervisor's
+Idempotency-Key store (``idem``) when there is no Redis.
 
-* supervisor → worker: ``token`` (each new token, and answers to ``get``), ``error`` (no token
-  can be had: the caller gets the same 503), ``client_keys`` (after a reload), ``idem_reply``;
-* worker → supervisor: ``get`` (a token newer than a generation), ``invalidate`` (the upstream
-  refused generation G), ``metrics`` (this worker's exposition, every second and at exit),
-  ``idem`` (an operation on the supervisor's Idempotency-Key store, without Redis).
-
-A worker exits when the supervisor goes away (end of the pipe), and drains on SIGTERM.
+A worker exits when the supervisor goes away (end of the channel), and drains on SIGTERM.
 Run as ``python -m gateway.worker LISTEN_FD CONTROL_FD`` by the supervisor only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import signal
 import socket
 import sys
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
+from gateway.coordination.channel import Calls, Channel, Message, queue_bound
 from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
@@ -39,31 +34,21 @@ from gateway.proxy.access import AccessPolicy, ClientKey
 from gateway.proxy.idempotency_store import RemoteStore
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
-from gateway.token.renewal import token_from_dict, token_to_dict
+from gateway.token.renewal import token_from_dict
 from gateway.token.value import Token, is_usable
 from gateway.tracing import tracing_for
 
 log = logging.getLogger("gateway.worker")
 METRICS_EVERY = 1.0
-#: Longest line on the pipe (a kept answer of GATEWAY_IDEMPOTENCY_MAX_BODY, base64, fits).
-PIPE_LIMIT = 32 * 1024 * 1024
-
-
-def token_to_wire(tok: Token) -> dict[str, Any]:
-    """A token for the pipe, without its refresh token (workers never renew). Times stay on
-    CLOCK_BOOTTIME, the same in every process of a host."""
-    return token_to_dict(replace(tok, refresh=None, refresh_expires_at=None))
-
-
-def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+#: How long an Idempotency-Key call may wait for the supervisor, beyond its own wait.
+STORE_CALL_TIMEOUT = 5.0
 
 
 class RemoteTokens:
     """A worker's view of the supervisor's token manager (a ``TokenSource``)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, settings: Settings, clock: Clock) -> None:
-        self._writer = writer
+    def __init__(self, channel: Channel, settings: Settings, clock: Clock) -> None:
+        self._channel = channel
         self._s = settings
         self._clock = clock
         self._current: Token | None = None
@@ -92,7 +77,7 @@ class RemoteTokens:
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._waiting[newer_than] = future
-            send(self._writer, {"type": "get", "newer_than": newer_than})
+            self._channel.send("get", {"newer_than": newer_than})
         try:
             return await asyncio.wait_for(asyncio.shield(future),
                                           self._s.token_wait_timeout + 1)
@@ -109,7 +94,7 @@ class RemoteTokens:
         tok = self._current
         if tok is None or tok.generation != generation:
             return False
-        send(self._writer, {"type": "invalidate", "generation": generation, "reason": reason})
+        self._channel.send("invalidate", {"generation": generation, "reason": reason})
         return True
 
     def on_token(self, tok: Token, newer_than: int | None) -> None:
@@ -120,7 +105,7 @@ class RemoteTokens:
             if not future.done():
                 future.set_result(tok)
 
-    def on_error(self, newer_than: int, doc: dict[str, Any]) -> None:
+    def on_error(self, newer_than: int, doc: Any) -> None:
         future = self._waiting.pop(newer_than, None)
         if future is None or future.done():
             return
@@ -131,31 +116,26 @@ class RemoteTokens:
         future.exception()  # consumed here too: nobody may be waiting any more
 
 
-async def _control(reader: asyncio.StreamReader, tokens: RemoteTokens, state: GatewayState,
-                   ended: asyncio.Event, idempotency: RemoteStore | None) -> None:
-    try:
-        while line := await reader.readline():
-            doc = json.loads(line)
-            kind = doc.get("type")
-            if kind == "token":
-                tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"))
-            elif kind == "error":
-                tokens.on_error(int(doc.get("newer_than", 0)), doc)
-            elif kind == "idem_reply" and idempotency is not None:
-                idempotency.on_reply(doc)
-            elif kind == "client_keys":
-                s = state.settings
-                keys = tuple(ClientKey(name, bytes.fromhex(digest))
-                             for name, digest in doc["keys"])
-                state.access = AccessPolicy(keys, s.allowed_cidrs, s.allowed_routes,
-                                            s.client_key_header)
-    finally:
-        ended.set()  # the supervisor is gone: stop
+def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
+             calls: Calls) -> None:
+    """One message from the supervisor (one that raises is counted and skipped)."""
+    doc = message.fields
+    if message.kind == "token":
+        tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"))
+    elif message.kind == "error":
+        tokens.on_error(int(doc["newer_than"]), doc)
+    elif message.kind == "idem_reply":
+        calls.settle(message)
+    elif message.kind == "client_keys":
+        s = state.settings
+        keys = tuple(ClientKey(str(name), bytes.fromhex(digest)) for name, digest in doc["keys"])
+        state.access = AccessPolicy(keys, s.allowed_cidrs, s.allowed_routes,
+                                    s.client_key_header)
 
 
-async def _push_metrics(writer: asyncio.StreamWriter, metrics: Metrics) -> None:
-    while True:
-        send(writer, {"type": "metrics", "text": metrics.render().decode()})
+async def _push_metrics(channel: Channel, metrics: Metrics) -> None:
+    while not channel.closed:
+        channel.send("metrics", {"text": metrics.render().decode()})
         await asyncio.sleep(METRICS_EVERY)
 
 
@@ -165,16 +145,22 @@ async def run(listen_fd: int, control_fd: int) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     listener = socket.socket(fileno=listen_fd)
-    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd),
-                                                   limit=PIPE_LIMIT)
-    clock = SystemClock()
     metrics = Metrics()
-    tokens = RemoteTokens(writer, settings, clock)
-    remote = RemoteStore(lambda message: send(writer, message), timeout=5.0)
+    channel = await Channel.open(
+        socket.socket(fileno=control_fd), peer="supervisor",
+        max_queued=queue_bound(settings.idempotency_max_body),
+        on_fault=lambda fault: metrics.channel_faults.labels(fault).inc())
+    clock = SystemClock()
+    tokens = RemoteTokens(channel, settings, clock)
+    calls = Calls(channel, "idem")
+    remote = RemoteStore(calls, lambda key, owner: channel.send(
+        "idem", {"id": 0, "op": "release", "key": key, "owner": owner}),
+        timeout=STORE_CALL_TIMEOUT)
     idempotency = build_idempotency(settings, clock, metrics, remote)
     state = build_state(settings, tokens, clock, metrics, idempotency,
                         tracing_for(settings.otel_endpoint, __version__))
     ended = asyncio.Event()
+    channel.on_close(ended.set)  # the supervisor is gone (or the channel broke): stop
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, ended.set)
     loop.add_signal_handler(signal.SIGINT, ended.set)
@@ -182,20 +168,17 @@ async def run(listen_fd: int, control_fd: int) -> int:
     runner = web.ServerRunner(build_proxy_server(state), shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     await web.SockSite(runner, listener).start()
-    background = [asyncio.create_task(_control(
-                      reader, tokens, state, ended,
-                      idempotency if isinstance(idempotency, RemoteStore) else None)),
-                  asyncio.create_task(_push_metrics(writer, metrics))]
-    send(writer, {"type": "get", "newer_than": 0})  # the current token, at once
+    background = [asyncio.create_task(channel.serve(
+                      lambda message: _control(message, tokens, state, calls))),
+                  asyncio.create_task(_push_metrics(channel, metrics))]
+    channel.send("get", {"newer_than": 0})  # the current token, at once
     await ended.wait()
     state.draining = True
     await runner.cleanup()  # stop accepting, let requests in flight finish
-    for task in background:
-        task.cancel()
-    with contextlib.suppress(Exception):
-        send(writer, {"type": "metrics", "text": metrics.render().decode()})
-        await writer.drain()
-        writer.close()
+    background[1].cancel()
+    channel.send("metrics", {"text": metrics.render().decode()})
+    await channel.flush(1.0)
+    background[0].cancel()
     await state.upstream.close()
     await close_stores(state)
     flush_logs()

@@ -64,18 +64,20 @@ from gateway.proxy.headers import (
 )
 from gateway.proxy.idempotency import (
     IDEMPOTENCY_KEY,
+    LEASE_MARGIN,
     REPLAYED,
     IdempotencyInFlight,
     Record,
     fingerprint,
     kept_headers,
+    leader_deadline,
     parse_key,
     protected,
     refusal,
     settle_status,
     storage_key,
 )
-from gateway.proxy.idempotency_store import CLAIM_ROUNDS, POLL_FLOOR, IdempotencyStore
+from gateway.proxy.idempotency_store import CLAIM_ROUNDS, POLL_FLOOR
 from gateway.proxy.inbound import GatewayRequestHandler, check_request, send_continue
 from gateway.proxy.limits import Outcome
 from gateway.proxy.retry import Attempts
@@ -128,6 +130,11 @@ class _Outcome:
                                            seconds)
 
 
+#: What a leader hands its caller: the answer, its body (or the start of it), whether that is
+#: all of it, and else the record to settle its key with after the rest is streamed.
+_Led = tuple[aiohttp.ClientResponse, bytes, bool, Record | None]
+
+
 @dataclass(frozen=True)
 class _Exchange:
     """What is sent upstream: the target, the headers (credentials added at each send), the
@@ -150,13 +157,13 @@ class Proxy:
         #: Idempotency-Keys are scoped per upstream and partner (not per App Key: a retry
         #: across a credential rotation must still find its answer).
         self._idempotency_scope = f"{s.base_url}|{s.partner_id}"
-        #: How long a claim may stay in flight before repeats count it "unknown": every wait
-        #: its leader may go through (token, upstream slot, the request's deadline, and again
-        #: for a replay after a 401), with a margin.
-        self._lease = 2 * (s.token_wait_timeout + s.connect_timeout
-                           + (s.total_timeout or 3600.0)) + 30.0
+        #: How long a leader may work on its key (it is cut off there), and the lease its
+        #: claim carries: past it, repeats count a claim that was sending as "unknown".
+        self._leader_deadline = leader_deadline(s.token_wait_timeout, s.connect_timeout,
+                                                s.total_timeout)
+        self._lease = self._leader_deadline + LEASE_MARGIN
         #: Leaders of Idempotency-Keys in flight (a task must be referenced to live).
-        self._leaders: set[asyncio.Task[Any]] = set()
+        self._leaders: set[asyncio.Future[Any]] = set()
         #: The upstream send, traced or not: chosen once, so no request pays for tracing off.
         self._send_upstream = self._send if state.tracing is None else self._traced_send
         #: Requests in progress (the server's shutdown waits for them, to one deadline).
@@ -387,6 +394,9 @@ class Proxy:
                     raise IdempotencyInFlight(
                         "the first request with this Idempotency-Key is still in flight "
                         f"(first request {record.request_id}): retry later", retry_after=1.0)
+            if record.fingerprint == fp and record.abandoned_at(gw.clock.time()):
+                await gw.clock.sleep(POLL_FLOOR)  # its leader left before sending: take over
+                continue
             refused = refusal(record, fp, gw.clock.time())
             if refused is not None:
                 counted.labels(refused.code).inc()
@@ -414,23 +424,34 @@ class Proxy:
     async def _lead(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
                     exchange: _Exchange, key: str, claim: Record) -> web.StreamResponse:
         """Send the claimed request in a task of its own, shielded: if the caller leaves, the
-        exchange still runs to its end (within the upstream timeouts) and its answer is kept,
+        exchange still runs to its end (within the leader's deadline) and its answer is kept,
         so the caller's retry finds it."""
         task = asyncio.create_task(self._settle(exchange, key, claim, outcome))
-        self.active += 1  # the drain waits for it
+        self._keep(task)
+        try:
+            resp, body, whole, later = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._orphaned, rid, key, claim))
+            raise
+        if whole:
+            return await self._whole(request, resp, body, rid, outcome)
+        # Too large to keep: the caller gets the rest as it comes, and the key is settled by
+        # how that ended (an upstream body that broke leaves the outcome unknown).
+        try:
+            return await self._stream_back(request, resp, rid, outcome, body)
+        finally:  # the caller leaving (or a shutdown) mid-stream leaves the answer whole
+            broken = outcome.error == "stream_broken"
+            self._keep(asyncio.ensure_future(self._record(
+                key, claim, claim.settled("unknown") if broken and later is not None
+                else later)))
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        """Hold a leader's task (or its settling) until it ends; the drain waits for it."""
+        self.active += 1
         self._leaders.add(task)
         task.add_done_callback(self._lead_done)
-        try:
-            led = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(functools.partial(_orphaned, rid))
-            raise
-        resp, body, whole = led
-        if not whole:
-            return await self._stream_back(request, resp, rid, outcome, body)
-        return await self._whole(request, resp, body, rid, outcome)
 
-    def _lead_done(self, task: asyncio.Task[Any]) -> None:
+    def _lead_done(self, task: asyncio.Future[Any]) -> None:
         self._leaders.discard(task)
         self._finished()
 
@@ -441,71 +462,101 @@ class Proxy:
             self._drained.set()
 
     async def _settle(self, exchange: _Exchange, key: str, claim: Record,
-                      outcome: _Outcome) -> tuple[aiohttp.ClientResponse, bytes, bool]:
-        """The leader's exchange, and the key's record from how it ended. Returns the answer,
-        its body (or what was read of it), and whether that is all of it (else: too large to
-        keep, stream the rest).
+                      outcome: _Outcome) -> _Led:
+        """The leader's exchange, within its deadline, and the key's record from how it
+        ended. Returns the answer, its body (or what was read of it), whether that is all of
+        it (then the key is settled here), and else the record to settle the key with once
+        the rest has been streamed to the caller (too large to keep; None: release it).
 
-        The key is released (a retry may send) only when no attempt can have made Repairy act:
-        nothing left (no connection, a gateway limit, no token) or a "try again" answer. An
-        answer whose body then breaks, a timeout after sending, a 5xx: "unknown"."""
+        The claim is marked *sending* before the first send. The key is released (a retry may
+        send) only when no attempt can have made Repairy act: nothing left (no connection, a
+        gateway limit, no token) or a "try again" answer. A status line of 2xx is a booking
+        made: never released. An answer whose body then breaks, a timeout after sending, a
+        5xx: "unknown"."""
         gw, s = self.state, self.state.settings
         store = gw.idempotency
         assert store is not None
         kept: Record | None = None  # what the key will hold (None: release it)
         resp: aiohttp.ClientResponse | None = None
-        streamed = False  # the caller streams the rest of the answer (and releases it)
+        sending = False
+        later = False  # the caller streams the rest of the answer, then settles the key
         try:
-            token = gw.tokens.usable() or await gw.tokens.get()
-            upstream = gw.upstream
-            if not upstream.slots.try_acquire():
-                await self._wait_slot(outcome)
             try:
-                resp = await self._send_upstream(exchange, token, _never, outcome)
-                state = settle_status(resp.status)
-                limit = s.idempotency_max_body
-                body = b""
-                if resp.content_length is None or resp.content_length <= limit:
-                    body = await self._read_up_to(resp, limit)
-                if len(body) > limit or (resp.content_length or 0) > limit:
-                    if state is not None:  # the booking exists: say so, without its answer
-                        kept = claim.settled("not_kept" if state == "done" else state,
-                                             resp.status)
-                    streamed = True
-                    return resp, body, False
-                if state is not None:
-                    kept = claim.settled(state, resp.status, resp.reason or "",
-                                         kept_headers(downstream_response_headers(
-                                             resp.headers)), body if state == "done" else b"")
-                return resp, body, True
-            finally:
-                upstream.slots.release()
+                async with asyncio.timeout(self._leader_deadline):
+                    token = gw.tokens.usable() or await gw.tokens.get()
+                    upstream = gw.upstream
+                    if not upstream.slots.try_acquire():
+                        await self._wait_slot(outcome)
+                    try:
+                        await store.sending(key, claim)
+                        sending = True
+                        resp = await self._send_upstream(exchange, token, _never, outcome)
+                        state = settle_status(resp.status)
+                        limit = s.idempotency_max_body
+                        body = b""
+                        if resp.content_length is None or resp.content_length <= limit:
+                            body = await self._read_up_to(resp, limit)
+                    finally:
+                        upstream.slots.release()
+            except TimeoutError:
+                gw.metrics.upstream_error("timeout")
+                raise UpstreamTimeout("the request's deadline passed") from None
+            if len(body) > limit or (resp.content_length or 0) > limit:
+                later = True
+                return resp, body, False, (None if state is None else claim.settled(
+                    "not_kept" if state == "done" else state, resp.status))
+            if state is not None:
+                kept = claim.settled(state, resp.status, resp.reason or "",
+                                     kept_headers(downstream_response_headers(resp.headers)),
+                                     body if state == "done" else b"")
+            return resp, body, True, None
         except BaseException:
             attempts = outcome.attempts
-            if resp is not None or (attempts is not None and attempts.maybe_acted):
+            if sending and (resp is not None or (attempts is not None and attempts.maybe_acted)):
                 kept = claim.settled("unknown")  # it may have acted; nobody knows how
             raise
         finally:
-            if resp is not None and not streamed:
-                resp.release()
-            await self._record(store, key, claim, kept)
+            if not later:
+                if resp is not None:
+                    resp.release()
+                await self._record(key, claim, kept)
 
-    async def _record(self, store: IdempotencyStore, key: str, claim: Record,
-                      kept: Record | None) -> None:
+    async def _record(self, key: str, claim: Record, kept: Record | None) -> None:
         """Settle the key: keep the record, or release the claim (so a retry may send)."""
         gw = self.state
+        store = gw.idempotency
+        assert store is not None
         try:
             if kept is None:
                 await store.release(key, claim.owner)
             else:
                 await store.finish(key, kept, gw.settings.idempotency_ttl)
-        except GatewayError as exc:  # the store is down: the claim's lease will tell repeats
-            log.warning("could not settle an Idempotency-Key: repeats will get "
-                        "outcome_unknown when its lease runs out", extra={"fields": {
-                            "event": "idempotency_settle_failed", "error": exc.code,
-                            "request_id": claim.request_id}})
+        except GatewayError as exc:  # the store is gone: the caller still gets its answer
+            log.warning("the answer to a request with an Idempotency-Key could not be kept: "
+                        "repeats get outcome_unknown once its lease runs out if it was sent",
+                        extra={"fields": {"event": "idempotency_settle_failed",
+                                          "error": exc.code, "request_id": claim.request_id}})
         gw.metrics.idempotency_settled.labels(
             "released" if kept is None else kept.state).inc()
+
+    def _orphaned(self, rid: str, key: str, claim: Record, task: asyncio.Task[_Led]) -> None:
+        """The leader of an Idempotency-Key finished after its caller left: release what it
+        holds, settle a too-large answer's key (nobody streams it now), say how it ended."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        status = None
+        if error is None:
+            resp, _, whole, later = task.result()
+            status = resp.status
+            if not whole:
+                self._keep(asyncio.ensure_future(self._record(key, claim, later)))
+            resp.release()
+        log.info("request with an Idempotency-Key completed after its caller left",
+                 extra={"fields": {"event": "idempotent_completed", "request_id": rid,
+                                   "upstream_status": status,
+                                   "error": getattr(error, "code", type(error).__name__)
+                                   if error else None}})
 
     async def _cached(self, request: web.BaseRequest, rid: str,
                       outcome: _Outcome) -> web.StreamResponse | None:
@@ -718,24 +769,6 @@ async def _prefixed(prefix: bytes, resp: aiohttp.ClientResponse) -> AsyncIterato
 
 def _never() -> bool:
     return False
-
-
-def _orphaned(rid: str, task: asyncio.Task[tuple[aiohttp.ClientResponse, bytes, bool]]) -> None:
-    """The leader of an Idempotency-Key finished after its caller left: release what it
-    holds, and say how it ended."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    status = None
-    if error is None:
-        resp = task.result()[0]
-        resp.release()
-        status = resp.status
-    log.info("request with an Idempotency-Key completed after its caller left",
-             extra={"fields": {"event": "idempotent_completed", "request_id": rid,
-                               "upstream_status": status,
-                               "error": getattr(error, "code", type(error).__name__)
-                               if error else None}})
 
 
 def _caller_gone(request: web.BaseRequest) -> bool:

@@ -16,9 +16,16 @@ claims it (an *in-flight* record) and is forwarded; its final answer becomes the
 
 A repeat with another request fingerprint (method, raw path and query, body digest) gets 422
 ``idempotency_key_mismatch``; a repeat while the first is in flight waits for it up to
-``GATEWAY_IDEMPOTENCY_WAIT``, then gets 409 ``idempotency_in_flight``. An in-flight record
-whose lease ran out (its gateway died mid-request) counts as ``unknown``. Keys are scoped per
+``GATEWAY_IDEMPOTENCY_WAIT``, then gets 409 ``idempotency_in_flight``. Keys are scoped per
 calling client and per credential owner, and stored only as a digest.
+
+An in-flight record goes *claimed* → *sending* → settled: the leader marks it *sending* in the
+store before its first upstream send. The leader is bounded by its deadline
+(:func:`leader_deadline`) and its record carries a lease of that deadline plus
+:data:`LEASE_MARGIN`. Past the lease (its leader died or lost the store), a *sending* record
+counts as ``unknown``, and a merely *claimed* one (nothing was sent) may be taken over by a
+repeat. Records carry a format version (:data:`RECORD_VERSION`): one of a version this release
+does not know reads as in flight (until its lease) or ``unknown``, never as absent.
 
 The stores are in :mod:`gateway.proxy.idempotency_store`; the handler drives the policy.
 """
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from gateway.errors import BadRequest, GatewayError
+from gateway.proxy.routes import comparable_path
 
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 REPLAYED: Final = "Idempotent-Replayed"
@@ -46,6 +54,10 @@ _SF_STRING = re.compile(r'^"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"$')
 #: for them, with the store's own bookkeeping (measured: benchmarks/idempotency_flood.py).
 _RECORD_OVERHEAD: Final = 580
 _HEADER_OVERHEAD: Final = 100
+#: The record format this release writes (1: 1ca7d9a and earlier, no "v" field).
+RECORD_VERSION: Final = 2
+#: A claim's lease runs this long past its leader's deadline.
+LEASE_MARGIN: Final = 5.0
 
 State = Literal["in_flight", "done", "not_kept", "unknown"]
 
@@ -86,11 +98,12 @@ class IdempotencyRule:
     regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        compiled = re.compile(re.escape(self.pattern.rstrip("/") or "/").replace(r"\*", "[^/]+"))
+        compiled = re.compile(re.escape(comparable_path(self.pattern)).replace(r"\*", "[^/]+"))
         object.__setattr__(self, "regex", compiled)
 
     def matches(self, method: str, path: str) -> bool:
-        return method == self.method and self.regex.fullmatch(path.rstrip("/") or "/") is not None
+        """``path`` in :func:`~gateway.proxy.routes.comparable_path` form."""
+        return method == self.method and self.regex.fullmatch(path) is not None
 
 
 def parse_idempotency_routes(value: object) -> tuple[IdempotencyRule, ...]:
@@ -115,8 +128,10 @@ def parse_idempotency_routes(value: object) -> tuple[IdempotencyRule, ...]:
 
 
 def protected(rules: tuple[IdempotencyRule, ...], method: str, path: str) -> bool:
-    """Whether a request to ``method path`` honours Idempotency-Key."""
-    return any(rule.matches(method, path) for rule in rules)
+    """Whether a request to ``method path`` (decoded) honours Idempotency-Key: compared as the
+    ``/auth`` refusal compares, in :func:`~gateway.proxy.routes.comparable_path` form."""
+    comparable = comparable_path(path)
+    return any(rule.matches(method, comparable) for rule in rules)
 
 
 def parse_key(value: str) -> str:
@@ -141,6 +156,13 @@ def storage_key(scope: str, client: str, key: str) -> str:
     return hashlib.sha256(raw).hexdigest()[:40]
 
 
+def leader_deadline(token_wait: float, connect: float, total: float) -> float:
+    """How long a leader may work on a key: a token (``GATEWAY_TOKEN_WAIT_TIMEOUT``), a
+    connection (``GATEWAY_CONNECT_TIMEOUT``), then the request's own deadline
+    (``GATEWAY_TOTAL_TIMEOUT``, from the first send). The leader is cut off there."""
+    return token_wait + connect + total
+
+
 def fingerprint(method: str, raw_path: str, body: bytes) -> str:
     digest = hashlib.sha256()
     digest.update(f"{method} {raw_path}\n".encode())
@@ -156,11 +178,13 @@ class Record:
     fingerprint: str
     owner: str
     request_id: str
-    lease_until: float = 0.0  # wall clock: an in-flight record past it is "unknown"
+    lease_until: float = 0.0  # wall clock: the leader's deadline plus LEASE_MARGIN
     status: int = 0
     reason: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    #: In flight: the leader may have sent (it marks this before its first send).
+    sending: bool = False
 
     @classmethod
     def claim(cls, fp: str, request_id: str, lease_until: float) -> Record:
@@ -169,35 +193,68 @@ class Record:
     def settled(self, state: State, status: int = 0, reason: str = "",
                 headers: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> Record:
         return replace(self, state=state, status=status, reason=reason, headers=headers,
-                       body=body, lease_until=0.0)
+                       body=body, lease_until=0.0, sending=False)
+
+    def marked_sending(self) -> Record:
+        return replace(self, sending=True)
 
     def in_flight_at(self, now: float) -> bool:
         return self.state == "in_flight" and now < self.lease_until
+
+    def abandoned_at(self, now: float) -> bool:
+        """A claim whose leader is gone (past its lease) before it sent anything: nothing can
+        have happened, so another request may take the key over."""
+        return self.state == "in_flight" and not self.sending and now >= self.lease_until
+
+    def lapsed(self, now: float) -> Record:
+        """What this record means at ``now``: an in-flight record past its lease is
+        ``unknown`` once its leader began sending (a claim that never sent stays as it is,
+        for :meth:`abandoned_at`)."""
+        if self.state == "in_flight" and self.sending and now >= self.lease_until:
+            return self.settled("unknown")
+        return self
 
     @property
     def size(self) -> int:
         return (len(self.body) + sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in self.headers)
                 + len(self.request_id) + _RECORD_OVERHEAD)
 
-    def to_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"s": self.state, "fp": self.fingerprint, "o": self.owner,
-                               "rid": self.request_id}
+    def to_dict(self, *, body: bool = True) -> dict[str, Any]:
+        """The record as JSON-ready data; ``body=False`` leaves the body out (it travels
+        beside, as the channel's attachment). Version 1 readers (1ca7d9a) ignore ``v`` and
+        ``snd`` and read an in-flight record as in flight."""
+        doc: dict[str, Any] = {"v": RECORD_VERSION, "s": self.state, "fp": self.fingerprint,
+                               "o": self.owner, "rid": self.request_id}
         if self.lease_until:
             doc["l"] = self.lease_until
+        if self.sending:
+            doc["snd"] = 1
         if self.status:
-            doc.update(st=self.status, r=self.reason, h=[list(h) for h in self.headers],
-                       b=base64.b64encode(self.body).decode())
+            doc.update(st=self.status, r=self.reason, h=[list(h) for h in self.headers])
+            if body:
+                doc["b"] = base64.b64encode(self.body).decode()
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> Record:
+    def from_dict(cls, doc: dict[str, Any], body: bytes | None = None) -> Record:
+        """A record from :meth:`to_dict`'s form (``body``: the body that travelled beside).
+        Version 1 records (no ``v``) did not say whether their leader had sent: an in-flight
+        one counts as sending. A version this release does not know counts as in flight
+        until its lease, else ``unknown``: never as absent, never replayed."""
+        version = doc.get("v", 1)
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            return cls("in_flight" if doc.get("s") == "in_flight" else "unknown",
+                       str(doc.get("fp", "")), str(doc.get("o", "")), str(doc.get("rid", "")),
+                       float(doc.get("l", 0.0)) if doc.get("s") == "in_flight" else 0.0,
+                       sending=True)
         state = doc["s"]
         if state not in ("in_flight", "done", "not_kept", "unknown"):
             raise ValueError("unknown record state")
         return cls(state, str(doc["fp"]), str(doc["o"]), str(doc["rid"]),
                    float(doc.get("l", 0.0)), int(doc.get("st", 0)), str(doc.get("r", "")),
                    tuple((str(k), str(v)) for k, v in doc.get("h", ())),
-                   base64.b64decode(doc.get("b", "")))
+                   body if body is not None else base64.b64decode(doc.get("b", "")),
+                   sending=state == "in_flight" and (version == 1 or bool(doc.get("snd"))))
 
 
 def kept_headers(headers: Any) -> tuple[tuple[str, str], ...]:
@@ -220,8 +277,7 @@ def refusal(record: Record, fp: str, now: float) -> GatewayError | None:
     if record.fingerprint != fp:
         return IdempotencyMismatch("this Idempotency-Key was used with another request "
                                    "(method, path or body differ)")
-    if record.state == "unknown" or (record.state == "in_flight"
-                                     and now >= record.lease_until):
+    if record.lapsed(now).state == "unknown":
         return OutcomeUnknown("the first request with this Idempotency-Key may have reached "
                               "Repairy, but its outcome is unknown: check before retrying "
                               f"(first request {record.request_id})")

@@ -1,10 +1,13 @@
 """Where Idempotency-Key records live: in this process, in the supervisor, or in Redis.
 
-Every store offers the same five operations on a record (:class:`~gateway.proxy.idempotency.
+Every store offers the same operations on a record (:class:`~gateway.proxy.idempotency.
 Record`), named by its storage key:
 
-* ``claim``: atomically, write the in-flight record if the key has none and return None (the
-  caller leads), or return the record already there;
+* ``claim``: atomically, write the in-flight record if the key has none (or holds a claim
+  abandoned before it sent anything) and return None (the caller leads), or return the record
+  already there;
+* ``sending``: mark the caller's claim as sending (before the first upstream send); an error
+  if the claim is no longer the caller's;
 * ``finish``: write the final record (kept for ``GATEWAY_IDEMPOTENCY_TTL``);
 * ``release``: delete the key if it still holds the caller's claim (nothing was done);
 * ``wait``: wait until the key's in-flight record settles (or ``timeout``), return the record;
@@ -14,7 +17,7 @@ Record`), named by its storage key:
 bytes and entries); in-flight claims sit apart from it, so memory pressure never evicts a claim
 (their number is bounded by the requests in progress, and by ``max_entries``). With worker
 processes the supervisor holds one (:class:`RemoteStore` is a worker's view of it, over the
-worker's pipe).
+worker's channel).
 :class:`RedisStore` is the fleet's: ``SET NX PX`` claims, records sealed with the store key when
 one is set. Each store's waits poll or wake with a floor delay and a deadline.
 """
@@ -22,12 +25,15 @@ one is set. Each store's waits poll or wake with a floor delay and a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.clock import Clock
+from gateway.coordination.channel import Calls, ChannelClosed, Message
 from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
 from gateway.redact import Secret
@@ -51,10 +57,29 @@ if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
 end
 return 0
 """
+#: Mark a claim "sending" only if it is still the caller's; its expiry is kept.
+_MARK_SENDING: Final = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+#: Take over an abandoned claim: only if the key still holds exactly what was read.
+_TAKE_OVER: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 class IdempotencyStore(Protocol):
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None: ...
+
+    async def sending(self, key: str, record: Record) -> None: ...
 
     async def finish(self, key: str, record: Record, ttl: float) -> None: ...
 
@@ -63,6 +88,11 @@ class IdempotencyStore(Protocol):
     async def wait(self, key: str, within: float) -> Record | None: ...
 
     async def close(self) -> None: ...
+
+
+def _claim_lost() -> IdempotencyUnavailable:
+    return IdempotencyUnavailable("the Idempotency-Key claim was lost before sending: nothing "
+                                  "was sent", retry_after=1.0)
 
 
 class LocalStore:
@@ -90,9 +120,14 @@ class LocalStore:
     def _get(self, key: str) -> Record | None:
         held = self._in_flight.get(key)
         if held is not None:
-            if held[0].in_flight_at(self._clock.time()):
+            now = self._clock.time()
+            if held[0].in_flight_at(now):
                 return held[0]
-            self._settle(key, held[0].settled("unknown"), held[1])  # its leader is gone
+            if held[0].abandoned_at(now):  # its leader is gone and never sent: free again
+                del self._in_flight[key]
+                self._wake(key)
+                return None
+            self._settle(key, held[0].settled("unknown"), held[1])  # gone while sending
         kept = self._done.get(key)
         return None if kept is None else kept[0]
 
@@ -109,12 +144,18 @@ class LocalStore:
             return existing
         if len(self._in_flight) >= self._max_entries:
             for stale in list(self._in_flight):
-                self._get(stale)  # claims past their lease become "unknown"
+                self._get(stale)  # claims past their lease settle or free their key
             if len(self._in_flight) >= self._max_entries:
                 raise IdempotencyUnavailable("too many requests with an Idempotency-Key in "
                                              "flight", retry_after=1.0)
         self._in_flight[key] = (record, ttl)
         return None
+
+    async def sending(self, key: str, record: Record) -> None:
+        held = self._in_flight.get(key)
+        if held is None or held[0].owner != record.owner:
+            raise _claim_lost()
+        self._in_flight[key] = (held[0].marked_sending(), held[1])
 
     async def finish(self, key: str, record: Record, ttl: float) -> None:
         self._settle(key, record, ttl)
@@ -126,12 +167,17 @@ class LocalStore:
             self._wake(key)
 
     def orphan(self, claims: set[tuple[str, str]]) -> None:
-        """The leaders of these (key, owner) claims are gone (their worker died): the
-        upstream may have acted, so the keys' outcome is unknown."""
+        """The leaders of these (key, owner) claims are gone (their worker died): a claim
+        that was sending may have made the upstream act, so its outcome is unknown; one that
+        never sent is released."""
         for key, owner in claims:
             held = self._in_flight.get(key)
             if held is not None and held[0].owner == owner:
-                self._settle(key, held[0].settled("unknown"), held[1])
+                if held[0].sending:
+                    self._settle(key, held[0].settled("unknown"), held[1])
+                else:
+                    del self._in_flight[key]
+                    self._wake(key)
 
     async def wait(self, key: str, within: float) -> Record | None:
         record = self._get(key)
@@ -158,7 +204,13 @@ class LocalStore:
 
 class RedisStore:
     """Records in the fleet's Redis: ``<prefix>:idem:<storage key>`` holds ``owner|payload``
-    (payload: the record's JSON, or sealed with the store key), expiring on its own."""
+    (payload: the record's JSON, or sealed with the store key), expiring on its own.
+
+    A claim is written with ``SET NX`` and the record's TTL (which start-up checks is longer
+    than the leader's deadline and the wait together); the leader marks it *sending* only if
+    it still holds it (owner compared in a script); a claim abandoned before sending is taken
+    over with a compare-and-set on the whole value. A claim whose reply was lost is released
+    by owner before the error reaches the caller."""
 
     def __init__(self, redis: Redis, *, prefix: str, store_key: Secret | None,
                  clock: Clock) -> None:
@@ -191,15 +243,35 @@ class RedisStore:
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
         name = self._prefix + key
-        for _ in range(CLAIM_ROUNDS):  # the record expired between SET NX and GET: again
-            if await self._call(self._redis.set(name, self._encode(key, record), nx=True,
-                                                px=_millis(ttl))):
-                return None
-            value = await self._call(self._redis.get(name))
-            if value is not None:
-                return self._decode(key, value)
+        value = self._encode(key, record)
+        for _ in range(CLAIM_ROUNDS):  # the record expired or was freed meanwhile: again
+            try:
+                if await self._call(self._redis.set(name, value, nx=True, px=_millis(ttl))):
+                    return None
+            except IdempotencyUnavailable:  # it may have landed, its reply lost: take it back
+                await self._release_quietly(key, record.owner)
+                raise
+            current = await self._call(self._redis.get(name))
+            if current is not None:
+                found = self._decode(key, current)
+                if not found.abandoned_at(self._clock.time()):
+                    return found
+                if await self._call(self._redis.eval(_TAKE_OVER, 1, name, current, value,
+                                                     _millis(ttl))):
+                    return None
             await self._clock.sleep(POLL_FLOOR)
         raise IdempotencyUnavailable("the Idempotency-Key record kept changing", retry_after=1.0)
+
+    async def sending(self, key: str, record: Record) -> None:
+        try:
+            marked = await self._call(self._redis.eval(
+                _MARK_SENDING, 1, self._prefix + key, record.owner,
+                self._encode(key, record.marked_sending())))
+        except IdempotencyUnavailable:  # it may have landed: take the claim back, send nothing
+            await self._release_quietly(key, record.owner)
+            raise
+        if not marked:
+            raise _claim_lost()
 
     async def _get(self, key: str) -> Record | None:
         value = await self._call(self._redis.get(self._prefix + key))
@@ -211,6 +283,12 @@ class RedisStore:
 
     async def release(self, key: str, owner: str) -> None:
         await self._call(self._redis.eval(_RELEASE, 1, self._prefix + key, owner))
+
+    async def _release_quietly(self, key: str, owner: str) -> None:
+        """Release a claim that may or may not have landed; if Redis cannot be reached, the
+        claim (never sending) is freed by its lease instead."""
+        with contextlib.suppress(IdempotencyUnavailable):
+            await self.release(key, owner)
 
     async def wait(self, key: str, within: float) -> Record | None:
         """Poll until the record settles, on :func:`poll_delays`."""
@@ -240,78 +318,102 @@ def poll_delays(within: float) -> Iterator[float]:
 
 
 class RemoteStore:
-    """A worker's view of the supervisor's :class:`LocalStore`: each operation is one message
-    over the worker's pipe (``idem``), answered by ``idem_reply`` with the same id."""
+    """A worker's view of the supervisor's :class:`LocalStore`: each operation is one ``idem``
+    call on the worker's channel (:mod:`gateway.coordination.channel`).
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], timeout: float) -> None:
-        self._send = send
+    Bodies cross once per worker, not once per waiter: concurrent waits for one key share one
+    call, and a claim's reply never carries a kept body (a repeat that needs it fetches it
+    through that shared wait)."""
+
+    def __init__(self, calls: Calls, release: Callable[[str, str], object],
+                 timeout: float) -> None:
+        self._calls = calls
+        self._release_later = release  # a fire-and-forget release (key, owner)
         self._timeout = timeout  # for an answer, beyond the operation's own wait
-        self._calls: dict[int, asyncio.Future[Record | None]] = {}
-        self._next = 0
+        self._waits: dict[str, asyncio.Task[Record | None]] = {}
 
-    async def _ask(self, op: str, key: str, wait: float = 0.0, **args: Any) -> Record | None:
-        self._next += 1
-        call = self._next
-        future = self._calls[call] = asyncio.get_running_loop().create_future()
-        self._send({"type": "idem", "id": call, "op": op, "key": key, **args})
+    async def _ask(self, op: str, key: str, record: Record | None = None, wait: float = 0.0,
+                   **args: Any) -> Message:
+        fields: dict[str, Any] = {"op": op, "key": key, **args}
+        body = b""
+        if record is not None:
+            fields["record"], body = record.to_dict(body=False), record.body
         try:
-            async with asyncio.timeout(self._timeout + wait):
-                result: Record | None = await future
-                return result
-        except TimeoutError:
+            reply = await self._calls.call(fields, body, within=self._timeout + wait)
+        except (TimeoutError, ChannelClosed):
             raise IdempotencyUnavailable("the supervisor did not answer for the "
                                          "Idempotency-Key store", retry_after=1.0) from None
-        finally:
-            self._calls.pop(call, None)
+        if reply.fields.get("error"):
+            raise IdempotencyUnavailable(str(reply.fields["error"]), retry_after=1.0)
+        return reply
 
-    def on_reply(self, doc: dict[str, Any]) -> None:
-        future = self._calls.get(int(doc.get("id", 0)))
-        if future is None or future.done():
-            return
-        if doc.get("error"):
-            future.set_exception(IdempotencyUnavailable(str(doc["error"]), retry_after=1.0))
-        else:
-            raw = doc.get("record")
-            future.set_result(None if raw is None else Record.from_dict(raw))
+    @staticmethod
+    def _record(reply: Message) -> Record | None:
+        raw = reply.fields.get("record")
+        return None if raw is None else Record.from_dict(raw, reply.attachment)
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
         try:
-            return await self._ask("claim", key, record=record.to_dict(), ttl=ttl)
+            reply = await self._ask("claim", key, record, ttl=ttl)
         except IdempotencyUnavailable:  # it may have landed: take it back, nothing was sent
-            self._send({"type": "idem", "id": 0, "op": "release", "key": key,
-                        "owner": record.owner})
+            self._release_later(key, record.owner)
             raise
+        found = self._record(reply)
+        if found is None or not reply.fields.get("more"):
+            return found
+        full = await self.wait(key, 0.0)  # the kept body, fetched once for all who need it
+        if full is None or full.owner != found.owner or full.state != found.state:
+            raise IdempotencyUnavailable("the Idempotency-Key record changed while it was "
+                                         "read", retry_after=1.0)
+        return full
+
+    async def sending(self, key: str, record: Record) -> None:
+        await self._ask("sending", key, owner=record.owner)
 
     async def finish(self, key: str, record: Record, ttl: float) -> None:
-        await self._ask("finish", key, record=record.to_dict(), ttl=ttl)
+        await self._ask("finish", key, record, ttl=ttl)
 
     async def release(self, key: str, owner: str) -> None:
         await self._ask("release", key, owner=owner)
 
     async def wait(self, key: str, within: float) -> Record | None:
-        return await self._ask("wait", key, wait=within, within=within)
+        task = self._waits.get(key)
+        if task is None:
+            task = self._waits[key] = asyncio.ensure_future(self._wait_once(key, within))
+            task.add_done_callback(lambda _: self._waits.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _wait_once(self, key: str, within: float) -> Record | None:
+        return self._record(await self._ask("wait", key, wait=within, within=within))
 
     async def close(self) -> None:
-        for future in self._calls.values():
-            if not future.done():
-                future.cancel()
+        for task in list(self._waits.values()):
+            task.cancel()
 
 
-async def serve_remote(store: LocalStore, doc: dict[str, Any],
-                       claims: set[tuple[str, str]]) -> dict[str, Any]:
-    """The supervisor's side of :class:`RemoteStore`: run one operation, make the reply.
-    ``claims`` tracks the (key, owner) claims of the asking worker in flight."""
-    reply: dict[str, Any] = {"type": "idem_reply", "id": doc.get("id")}
+async def serve_remote(store: LocalStore, message: Message,
+                       claims: set[tuple[str, str]]) -> tuple[dict[str, Any], bytes]:
+    """The supervisor's side of :class:`RemoteStore`: run one operation, make the reply's
+    fields and attachment. ``claims`` tracks the asking worker's (key, owner) claims in
+    flight (settled as a dead worker's if it dies)."""
+    doc = message.fields
+    reply: dict[str, Any] = {"id": doc["id"]}
+    attachment = b""
     try:
         op, key = doc["op"], str(doc["key"])
         result: Record | None = None
         if op == "claim":
-            record = Record.from_dict(doc["record"])
+            record = Record.from_dict(doc["record"], message.attachment)
             result = await store.claim(key, record, float(doc["ttl"]))
             if result is None:
                 claims.add((key, record.owner))
+            elif result.body:  # fetched through the worker's shared wait, once
+                reply["more"] = True
+                result = replace(result, body=b"")
+        elif op == "sending":
+            await store.sending(key, Record("in_flight", "", str(doc["owner"]), ""))
         elif op == "finish":
-            record = Record.from_dict(doc["record"])
+            record = Record.from_dict(doc["record"], message.attachment)
             await store.finish(key, record, float(doc["ttl"]))
             claims.discard((key, record.owner))
         elif op == "release":
@@ -321,12 +423,15 @@ async def serve_remote(store: LocalStore, doc: dict[str, Any],
             result = await store.wait(key, min(float(doc["within"]), 600.0))
         else:
             raise ValueError(f"unknown operation {op!r}")
-        reply["record"] = None if result is None else result.to_dict()
+        if result is not None:
+            reply["record"], attachment = result.to_dict(body=False), result.body
+        else:
+            reply["record"] = None
     except IdempotencyUnavailable as exc:
         reply["error"] = exc.message
     except (KeyError, ValueError, TypeError) as exc:
         reply["error"] = f"bad idempotency message ({type(exc).__name__})"
-    return reply
+    return reply, attachment
 
 
 def _millis(seconds: float) -> int:

@@ -39,6 +39,7 @@ from gateway.errors import (
     TargetTooLong,
     error_response,
 )
+from gateway.proxy.routes import comparable_path
 
 log = logging.getLogger("gateway.inbound")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -94,11 +95,11 @@ def check_request(request: web.BaseRequest, auth_paths: tuple[str, ...]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _forbidden_paths(auth_paths: tuple[str, ...]) -> frozenset[str]:
-    return frozenset({"/auth", *(p.lower().rstrip("/") for p in auth_paths)})
+    return frozenset({"/auth", *(comparable_path(p) for p in auth_paths)})
 
 
 def _refuse_auth(decoded: str, auth_paths: tuple[str, ...]) -> None:
-    lowered = decoded.lower().rstrip("/")
+    lowered = comparable_path(decoded)
     if lowered in _forbidden_paths(auth_paths) or lowered.startswith("/auth/"):
         raise RouteForbidden("authentication belongs to the gateway; /auth/* is not proxied")
 

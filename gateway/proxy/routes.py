@@ -1,5 +1,7 @@
 """Route templates for metric labels: known Repairy paths become ``/bookings/{id}`` and the
-like; anything else is ``other``. Label values never hold raw ids or caller-chosen text."""
+like; anything else is ``other``. Label values never hold raw ids or caller-chosen text.
+Also the one form a path is compared in for the gateway's own route checks
+(:func:`comparable_path`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ TEMPLATES: Final = (
 OTHER: Final = "other"
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SPLIT: Final = tuple((t, t.strip("/").split("/")) for t in TEMPLATES)
+
+
+def comparable_path(decoded: str) -> str:
+    """The form in which the gateway compares a decoded path with its own rules (the
+    ``/auth`` refusal, Idempotency-Key routes): lower case, each segment's ``;`` parameters
+    cut off, no trailing slash. An upstream that ignores case or path parameters then cannot
+    be reached past a rule with ``/Bookings`` or ``/bookings;x=1``."""
+    if ";" in decoded:
+        decoded = "/".join(segment.partition(";")[0] for segment in decoded.split("/"))
+    return decoded.lower().rstrip("/") or "/"
 
 
 #: Paths longer than this are matched each time (the cache stays small: 1,024 x 256 bytes).

@@ -261,6 +261,12 @@ def token_to_dict(tok: Token, shift: float = 0.0) -> dict[str, Any]:
             "obtained_wall": tok.obtained_wall, "partner_id": tok.partner_id}
 
 
+def token_to_wire(tok: Token) -> dict[str, Any]:
+    """A token for a worker, without its refresh token (workers never renew). Times stay on
+    CLOCK_BOOTTIME, the same in every process of a host."""
+    return token_to_dict(replace(tok, refresh=None, refresh_expires_at=None))
+
+
 def token_from_dict(doc: dict[str, Any], shift: float = 0.0) -> Token:
     """The inverse of :func:`token_to_dict` (times moved back by ``shift``)."""
     refresh_at = doc.get("refresh_expires_at")

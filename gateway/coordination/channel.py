@@ -1,0 +1,279 @@
+"""The supervisor channel: one socket pair between the supervisor and one worker incarnation.
+
+**Framing.** A message is one JSON object on one line; ``"t"`` names its type (:data:`Kind`).
+A message may carry an attachment of raw bytes (a kept answer's body): its ``"n"`` field says
+how many, and they follow the newline at once. Bodies cross as they are, never as base64
+inside JSON, and a reply can hand over the bytes the store already holds without copying them.
+
+**Types**, with the fields :data:`FIELDS` requires of each. Worker → supervisor: ``get`` (a
+token newer than a generation), ``invalidate`` (the upstream refused generation G),
+``metrics`` (the worker's exposition), ``idem`` (a call on the supervisor's Idempotency-Key
+store). Supervisor → worker: ``token``, ``error`` (no token can be had), ``client_keys``,
+``idem_reply``.
+
+**Invariants.**
+
+1. *A channel is one incarnation's.* A restarted worker gets a new socket pair, so a new
+   channel, and numbers its calls afresh on it. A reply is sent on the channel its call came
+   in on (captured when it arrived), never on "the worker's current channel", and is dropped
+   once that channel is closed: nothing meant for a dead worker reaches its successor.
+2. *A reply settles only its own call*: the id it carries, on the channel it came by, once.
+3. *A malformed message is skipped.* Bad JSON, an unknown type, a missing field, or a message
+   its handler cannot use is logged, counted (``repairy_gateway_channel_faults_total{fault=
+   "malformed"}``) and skipped; reading goes on. Only lost framing (a line over
+   :data:`MAX_LINE`, an attachment cut short or over :data:`MAX_ATTACHMENT`) ends the channel
+   (``fault="framing"``).
+4. *Sending never blocks and never raises.* Outgoing bytes wait in a buffer bounded by
+   ``max_queued``; a send that would pass it closes the channel (``fault="overflow"``) and
+   calls ``on_overflow`` (the supervisor then restarts that worker, whose Idempotency-Key
+   claims are settled as a dead worker's). One stalled peer never holds up a send to another.
+5. *An ended channel fails its calls at once*: each call still waiting raises
+   :class:`ChannelClosed`, and later sends return False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+log = logging.getLogger("gateway.channel")
+
+Kind = Literal["get", "token", "error", "invalidate", "metrics", "client_keys", "idem",
+               "idem_reply"]
+#: The fields each type must carry (more may come).
+FIELDS: Final[dict[str, frozenset[str]]] = {
+    "get": frozenset({"newer_than"}),
+    "token": frozenset({"token"}),
+    "error": frozenset({"newer_than"}),
+    "invalidate": frozenset({"generation"}),
+    "metrics": frozenset({"text"}),
+    "client_keys": frozenset({"keys"}),
+    "idem": frozenset({"id", "op", "key"}),
+    "idem_reply": frozenset({"id"}),
+}
+#: Longest line (a worker's metrics exposition is the largest message without attachment).
+MAX_LINE: Final = 8 * 1024 * 1024
+#: Largest attachment (GATEWAY_IDEMPOTENCY_MAX_BODY is at most 8 MiB).
+MAX_ATTACHMENT: Final = 16 * 1024 * 1024
+
+Fault = Literal["malformed", "overflow", "framing"]
+
+
+class ChannelClosed(Exception):
+    """The channel ended (its peer is gone, or it overflowed) before the call was answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: Kind
+    fields: Mapping[str, Any]
+    attachment: bytes = b""
+
+
+def queue_bound(max_body: int) -> int:
+    """The outgoing buffer a channel may hold: room for several kept answers of ``max_body``
+    (replies to different keys may be on their way at once) and the small messages besides."""
+    return 8 * max_body + 16 * 1024 * 1024
+
+
+class Channel:
+    """One end of one incarnation's socket pair (see the module's invariants)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 peer: str, max_queued: int, on_fault: Callable[[Fault], None] | None = None,
+                 on_overflow: Callable[[], None] | None = None) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.peer = peer
+        self._max_queued = max_queued
+        self._on_fault = on_fault
+        self._on_overflow = on_overflow
+        self._closers: list[Callable[[], None]] = []
+        self.closed = False
+
+    @classmethod
+    async def open(cls, sock: socket.socket, *, peer: str, max_queued: int,
+                   on_fault: Callable[[Fault], None] | None = None,
+                   on_overflow: Callable[[], None] | None = None) -> Channel:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
+        return cls(reader, writer, peer=peer, max_queued=max_queued, on_fault=on_fault,
+                   on_overflow=on_overflow)
+
+    @property
+    def queued(self) -> int:
+        """Bytes sent but not yet taken by the peer's socket."""
+        transport = self._writer.transport
+        return 0 if self.closed else transport.get_write_buffer_size()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the channel ends (at once if it has)."""
+        if self.closed:
+            callback()
+        else:
+            self._closers.append(callback)
+
+    def send(self, kind: Kind, fields: Mapping[str, Any], attachment: bytes = b"") -> bool:
+        """Queue one message; False if the channel is closed or this send overflowed it."""
+        if self.closed:
+            return False
+        doc = {"t": kind, **fields}
+        if attachment:
+            doc["n"] = len(attachment)
+        line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        transport = self._writer.transport
+        if transport.is_closing():
+            self.close()
+            return False
+        if transport.get_write_buffer_size() + len(line) + len(attachment) > self._max_queued:
+            log.error("a channel's outgoing buffer overflowed: its peer is not reading",
+                      extra={"fields": {"event": "channel_overflow", "peer": self.peer,
+                                        "queued": transport.get_write_buffer_size()}})
+            self._fault("overflow")
+            self.close()
+            if self._on_overflow is not None:
+                self._on_overflow()
+            return False
+        try:
+            self._writer.write(line)
+            if attachment:
+                self._writer.write(attachment)
+        except (ConnectionError, RuntimeError, OSError):  # the peer is gone
+            self.close()
+            return False
+        return True
+
+    async def serve(self, handle: Callable[[Message], None]) -> None:
+        """Read messages and hand each to ``handle`` until the channel ends (then close it).
+        A message ``handle`` cannot use (it raises) counts as malformed and is skipped."""
+        try:
+            while True:
+                try:
+                    line = await self._reader.readline()
+                except ValueError:  # over MAX_LINE: where the next message starts is lost
+                    self._framing_lost("a line over the limit")
+                    return
+                except (ConnectionError, OSError):
+                    return
+                if not line.endswith(b"\n"):
+                    return  # the end (or the peer died mid-message)
+                message, size = self._parse(line)
+                if size < 0:
+                    return
+                attachment = b""
+                if size:
+                    try:
+                        attachment = await self._reader.readexactly(size)
+                    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                        return  # the peer died mid-attachment
+                if message is None:
+                    continue
+                try:
+                    handle(Message(message.kind, message.fields, attachment))
+                except Exception as exc:
+                    self._malformed(f"unusable {message.kind} ({type(exc).__name__})")
+        finally:
+            self.close()
+
+    def _parse(self, line: bytes) -> tuple[Message | None, int]:
+        """The message on ``line`` (None if malformed) and the size of its attachment (-1:
+        the framing is lost)."""
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            self._malformed("not JSON")
+            return None, 0
+        if not isinstance(doc, dict):
+            self._malformed("not an object")
+            return None, 0
+        size = doc.pop("n", 0)
+        if not isinstance(size, int) or not 0 <= size <= MAX_ATTACHMENT:
+            self._framing_lost("a bad attachment size")
+            return None, -1
+        kind = doc.pop("t", None)
+        required = FIELDS.get(kind) if isinstance(kind, str) else None
+        if required is None or not required <= doc.keys():
+            self._malformed(f"unknown type or missing fields ({str(kind)[:20]})")
+            return None, size
+        return Message(cast(Kind, kind), doc), size
+
+    def _malformed(self, why: str) -> None:
+        log.warning("skipped a malformed message on a worker channel: %s", why,
+                    extra={"fields": {"event": "channel_malformed", "peer": self.peer}})
+        self._fault("malformed")
+
+    def _framing_lost(self, why: str) -> None:
+        log.error("a worker channel lost its framing (%s): closing it", why,
+                  extra={"fields": {"event": "channel_framing_lost", "peer": self.peer}})
+        self._fault("framing")
+
+    def _fault(self, fault: Fault) -> None:
+        if self._on_fault is not None:
+            self._on_fault(fault)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        closers, self._closers = self._closers, []
+        for callback in closers:
+            callback()
+
+    async def flush(self, within: float) -> None:
+        """Wait up to ``within`` for what was sent to leave (at exit), then close."""
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(within):
+                    await self._writer.drain()
+        self.close()
+
+
+class Calls:
+    """Calls made over one channel, each waiting for the reply with its id (numbered per
+    channel, so per incarnation)."""
+
+    def __init__(self, channel: Channel, kind: Kind) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._next = 0
+        self._waiting: dict[int, asyncio.Future[Message]] = {}
+        channel.on_close(self._fail_all)
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting)
+
+    async def call(self, fields: Mapping[str, Any], attachment: bytes = b"", *,
+                   within: float) -> Message:
+        """Send one call and wait up to ``within`` seconds for its reply (TimeoutError), or
+        :class:`ChannelClosed` when the channel ends first."""
+        self._next += 1
+        call = self._next
+        future = self._waiting[call] = asyncio.get_running_loop().create_future()
+        try:
+            if not self._channel.send(self._kind, {**fields, "id": call}, attachment):
+                raise ChannelClosed("the channel is closed")
+            async with asyncio.timeout(within):
+                reply: Message = await future
+                return reply
+        finally:
+            self._waiting.pop(call, None)
+
+    def settle(self, reply: Message) -> None:
+        """A reply came: it settles the call with its id, if that call still waits."""
+        future = self._waiting.get(int(reply.fields["id"]))
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def _fail_all(self) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ChannelClosed("the channel ended"))
+                future.exception()  # retrieved: a caller may have given up already

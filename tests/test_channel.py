@@ -1,0 +1,154 @@
+"""The supervisor channel over real socket pairs and real peer processes: malformed messages
+are skipped and counted, attachments cross as raw bytes, a peer killed mid-message fails
+every waiting call at once, a peer that stops reading overflows its bounded buffer (and a
+stalled worker is killed and restarted) without blocking anyone."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from typing import cast
+
+import pytest
+
+from gateway.coordination.channel import Calls, Channel, ChannelClosed, Fault, Message
+from gateway.supervisor import WorkerPool
+from gateway.token.manager import TokenManager
+from gateway.token.value import Token
+from tests.gateway_helpers import wait_until
+
+
+async def pair(max_queued: int = 1 << 20) -> tuple[Channel, socket.socket, list[Fault]]:
+    ours, theirs = socket.socketpair()
+    faults: list[Fault] = []
+    channel = await Channel.open(ours, peer="test", max_queued=max_queued,
+                                 on_fault=faults.append)
+    return channel, theirs, faults
+
+
+async def test_channel_a_malformed_message_is_counted_and_skipped() -> None:
+    channel, theirs, faults = await pair()
+    seen: list[Message] = []
+
+    def handle(message: Message) -> None:
+        if message.fields.get("newer_than") == "boom":
+            raise ValueError("unusable")
+        seen.append(message)
+
+    theirs.sendall(b"not json\n" b"[1, 2]\n" b'{"t": "nope"}\n' b'{"t": "get"}\n'
+                   b'{"t": "get", "newer_than": "boom"}\n' b'{"t": "get", "newer_than": 3}\n')
+    theirs.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(channel.serve(handle), 5)
+    assert [(m.kind, dict(m.fields)) for m in seen] == [("get", {"newer_than": 3})]
+    assert faults == ["malformed"] * 5
+    assert channel.closed
+    theirs.close()
+
+
+async def test_channel_an_attachment_crosses_as_raw_bytes() -> None:
+    ours, theirs = socket.socketpair()
+    sender = await Channel.open(ours, peer="a", max_queued=1 << 24)
+    receiver = await Channel.open(theirs, peer="b", max_queued=1 << 24)
+    blob = bytes(range(256)) * 8192  # 2 MiB, every byte value, newlines included
+    seen: list[Message] = []
+    serving = asyncio.ensure_future(receiver.serve(seen.append))
+    assert sender.send("idem_reply", {"id": 1}, blob)
+    assert sender.send("idem_reply", {"id": 2})
+    await wait_until(lambda: len(seen) == 2)
+    assert seen[0].attachment == blob and dict(seen[0].fields) == {"id": 1}
+    assert seen[1].attachment == b""
+    sender.close()
+    await asyncio.wait_for(serving, 5)
+    assert receiver.closed
+
+
+_PEER = """
+import os, signal, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.sendall(b'{"t": "idem_reply", "id": 1, "record": null}\\n')
+sock.sendall(sys.argv[2].encode())  # half a message
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("half", ['{"t": "idem_reply", "id"', '{"t": "idem_reply", "id": 2, '
+                                  '"n": 1000}\nabc'], ids=["mid-line", "mid-attachment"])
+async def test_channel_a_peer_killed_mid_message_fails_every_call_at_once(half: str) -> None:
+    """The peer answers call 1, writes half of the next message and is SIGKILLed: call 1 has
+    its answer, call 2 fails with ChannelClosed at once (not at its 30 s timeout)."""
+    ours, theirs = socket.socketpair()
+    channel = await Channel.open(ours, peer="doomed", max_queued=1 << 20)
+    calls = Calls(channel, "idem")
+    first = asyncio.ensure_future(calls.call({"op": "wait", "key": "a"}, within=30))
+    second = asyncio.ensure_future(calls.call({"op": "wait", "key": "b"}, within=30))
+    await asyncio.sleep(0)  # both are sent
+    peer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PEER, str(theirs.fileno()), half, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    started = time.monotonic()
+    await asyncio.wait_for(channel.serve(calls.settle), 10)
+    assert await asyncio.wait_for(peer.wait(), 5) == -9
+    assert (await first).fields["id"] == 1
+    with pytest.raises(ChannelClosed):
+        await second
+    assert time.monotonic() - started < 5
+    assert calls.pending == 0
+    with pytest.raises(ChannelClosed):
+        await calls.call({"op": "wait", "key": "c"}, within=30)
+
+
+async def test_channel_a_peer_that_stops_reading_overflows_without_blocking() -> None:
+    overflowed: list[bool] = []
+    ours, theirs = socket.socketpair()  # nobody reads theirs
+    faults: list[Fault] = []
+    channel = await Channel.open(ours, peer="stalled", max_queued=64 * 1024,
+                                 on_fault=faults.append,
+                                 on_overflow=lambda: overflowed.append(True))
+    started = time.monotonic()
+    sent = 0
+    while sent < 100_000 and channel.send("token", {"token": "x" * 1024}):
+        sent += 1
+    assert time.monotonic() - started < 2  # never waited for the peer
+    assert 0 < sent < 100_000
+    assert overflowed == [True] and faults == ["overflow"] and channel.closed
+    assert not channel.send("token", {"token": "y"})
+    theirs.close()
+
+
+def _token(generation: int) -> Token:
+    return Token(access="a" * 1024, refresh=None, generation=generation, via="login",
+                 obtained_at=0.0, expires_at=1e9, refresh_expires_at=None, obtained_wall=0.0,
+                 partner_id="p")
+
+
+async def test_channel_a_stalled_worker_is_restarted_and_blocks_no_broadcast() -> None:
+    """Real worker processes that never read their channel: broadcasting tokens to them never
+    waits; each channel overflows its bound, and the supervisor kills and restarts that
+    worker (as for a dead one)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    faults: list[Fault] = []
+    pool = WorkerPool(2, listener, cast(TokenManager, None), None, max_queued=64 * 1024,
+                      on_fault=faults.append,
+                      command=(sys.executable, "-m", "tests.stalled_worker"))
+    await pool.start()
+    try:
+        first = [w["pid"] for w in pool.status()]
+        started = time.monotonic()
+        generation = 0
+        while faults.count("overflow") < 2 and generation < 20_000:
+            generation += 1
+            pool.broadcast_token(_token(generation))
+        assert time.monotonic() - started < 5
+        assert faults.count("overflow") == 2
+
+        def restarted() -> bool:
+            return all(w["alive"] and w["restarts"] == 1 and w["pid"] not in first
+                       for w in pool.status())
+
+        await wait_until(restarted, within=15)
+    finally:
+        await pool.stop(1.0)
