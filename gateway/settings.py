@@ -126,7 +126,8 @@ SPECS: tuple[Spec, ...] = (
           "Longest silence allowed while reading an upstream response.", U),
     _spec("total_timeout", "GATEWAY_TOTAL_TIMEOUT", parse_duration, "300s",
           "One deadline per request from its first upstream send: attempts, back-off, the 401 "
-          "replay and the answer's body (0 = no limit).", U),
+          "replay and the answer's body (0 = no limit: refused while "
+          "GATEWAY_IDEMPOTENCY_ROUTES is on).", U),
     _spec("pool_size", "GATEWAY_POOL_SIZE", parse_positive_int, "100",
           "Most simultaneous upstream connections (keep-alive pool).", U),
     _spec("keepalive_timeout", "GATEWAY_KEEPALIVE_TIMEOUT", parse_duration, "4s",
@@ -213,7 +214,9 @@ SPECS: tuple[Spec, ...] = (
           "Routes where a caller's Idempotency-Key is honoured, comma-separated "
           "'METHOD /path-glob' (off: none). See 'Idempotency-Key' in docs/how-it-works.md.", ID),
     _spec("idempotency_ttl", "GATEWAY_IDEMPOTENCY_TTL", parse_positive_duration, "24h",
-          "How long the answer to a request with an Idempotency-Key is kept for repeats.", ID),
+          "How long the answer to a request with an Idempotency-Key is kept for repeats, from "
+          "when it is stored; at least GATEWAY_IDEMPOTENCY_WAIT + GATEWAY_TOKEN_WAIT_TIMEOUT + "
+          "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT.", ID),
     _spec("idempotency_wait", "GATEWAY_IDEMPOTENCY_WAIT", parse_duration, "10s",
           "How long a repeat waits for the first request still in flight before 409 "
           "idempotency_in_flight.", ID),
