@@ -28,7 +28,6 @@ from gateway import __version__, logs
 from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
-from gateway.coordination.channel import queue_bound
 from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
 from gateway.probe import probe
@@ -332,7 +331,6 @@ class GatewayServer:
         self._pool = pool = WorkerPool(
             s.workers, listener, state.manager,
             state.idempotency if isinstance(state.idempotency, LocalStore) else None,
-            max_queued=queue_bound(s.idempotency_max_body),
             on_fault=lambda fault: self.metrics.channel_faults.labels(fault).inc())
         events.on_token = pool.broadcast_token
         assert self.reloader is not None

@@ -58,6 +58,7 @@ from gateway.proxy.access import (
 )
 from gateway.proxy.cache import CacheRule, parse_cache_routes
 from gateway.proxy.idempotency import (
+    LEASE_MARGIN,
     IdempotencyRule,
     leader_deadline,
     parse_idempotency_routes,
@@ -216,7 +217,7 @@ SPECS: tuple[Spec, ...] = (
     _spec("idempotency_ttl", "GATEWAY_IDEMPOTENCY_TTL", parse_positive_duration, "24h",
           "How long the answer to a request with an Idempotency-Key is kept for repeats, from "
           "when it is stored; at least GATEWAY_IDEMPOTENCY_WAIT + GATEWAY_TOKEN_WAIT_TIMEOUT + "
-          "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT.", ID),
+          "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT + 5s.", ID),
     _spec("idempotency_wait", "GATEWAY_IDEMPOTENCY_WAIT", parse_duration, "10s",
           "How long a repeat waits for the first request still in flight before 409 "
           "idempotency_in_flight.", ID),
@@ -559,12 +560,12 @@ def _check_consistency(s: Settings) -> None:
                             "while GATEWAY_IDEMPOTENCY_ROUTES is on: a booking's claim must "
                             "have a bound (or set GATEWAY_IDEMPOTENCY_ROUTES=off)")
     least = s.idempotency_wait + leader_deadline(s.token_wait_timeout, s.connect_timeout,
-                                                 s.total_timeout)
+                                                 s.total_timeout) + LEASE_MARGIN
     if s.idempotency_routes and s.idempotency_ttl < least:
         raise SettingsError("GATEWAY_IDEMPOTENCY_TTL", f"must be at least {least:g}s: "
                             "GATEWAY_IDEMPOTENCY_WAIT + GATEWAY_TOKEN_WAIT_TIMEOUT + "
-                            "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT (a claim must "
-                            "outlive its leader and the repeats waiting on it)")
+                            "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT + 5s (a claim "
+                            "must outlive its leader's lease and the repeats waiting on it)")
     if s.cache_shared and not s.redis_url:
         raise SettingsError("GATEWAY_CACHE_SHARED", "needs GATEWAY_REDIS_URL (the fleet's "
                             "Redis) to share the cache through")

@@ -34,7 +34,7 @@ from typing import Any, Final
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config_values import ListenAddress, UnixAddress
-from gateway.coordination.channel import Channel, Fault, Message
+from gateway.coordination.channel import MAX_QUEUED, STALL_AFTER, Channel, Fault, Message
 from gateway.errors import TokenUnavailable
 from gateway.metrics import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
@@ -92,14 +92,15 @@ class _Worker:
 
 class WorkerPool:
     def __init__(self, count: int, listener: socket.socket, manager: TokenManager,
-                 idempotency: LocalStore | None = None, *, max_queued: int,
-                 on_fault: Callable[[Fault], None] | None = None,
+                 idempotency: LocalStore | None = None, *, max_queued: int = MAX_QUEUED,
+                 stall: float = STALL_AFTER, on_fault: Callable[[Fault], None] | None = None,
                  command: Sequence[str] = (sys.executable, "-m", "gateway.worker")) -> None:
         self._listener = listener
         self._command = tuple(command)  # run with the listener's and the channel's fds
         self._manager = manager
         self._idempotency = idempotency
         self._max_queued = max_queued
+        self._stall = stall
         self._on_fault = on_fault
         self._workers = [_Worker(i) for i in range(count)]
         self._stopping = False
@@ -120,7 +121,8 @@ class WorkerPool:
         theirs.close()
         worker.started = time.monotonic()
         channel = await Channel.open(ours, peer=f"worker {worker.slot} (pid {proc.pid})",
-                                     max_queued=self._max_queued, on_fault=self._on_fault,
+                                     max_queued=self._max_queued, stall=self._stall,
+                                     on_fault=self._on_fault,
                                      on_overflow=functools.partial(_kill, proc))
         life = worker.life = _Incarnation(proc, channel)
         worker.tasks = [

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
-from gateway.coordination.channel import Calls, Channel, Message, queue_bound
+from gateway.coordination.channel import Calls, Channel, Message
 from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
@@ -148,7 +148,6 @@ async def run(listen_fd: int, control_fd: int) -> int:
     metrics = Metrics()
     channel = await Channel.open(
         socket.socket(fileno=control_fd), peer="supervisor",
-        max_queued=queue_bound(settings.idempotency_max_body),
         on_fault=lambda fault: metrics.channel_faults.labels(fault).inc())
     clock = SystemClock()
     tokens = RemoteTokens(channel, settings, clock)

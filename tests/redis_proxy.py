@@ -1,6 +1,7 @@
-"""A small TCP proxy in front of a real redis-server that loses replies on demand: the
-command reaches Redis and is applied, only its answer never comes back (what a network that
-drops a packet, or a Redis that dies between applying and answering, does)."""
+"""A small TCP proxy in front of a real redis-server that loses or delays replies on demand:
+the command reaches Redis and is applied, only its answer never comes back, or comes late
+(what a network that drops a packet, a Redis that dies between applying and answering, or a
+slow link does)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ class ReplyDropper:
         self._server: asyncio.Server | None = None
         self._marker = b""
         self._armed = 0
+        self._delay = 0.0  # 0: lose the reply; else hold it this long
         self.dropped = 0
+        self.delayed = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -36,27 +39,34 @@ class ReplyDropper:
 
     def drop_reply_to(self, marker: bytes, count: int = 1) -> None:
         """Lose the replies to the next ``count`` commands whose bytes hold ``marker``."""
-        self._marker, self._armed = marker, count
+        self._marker, self._armed, self._delay = marker, count, 0.0
+
+    def delay_reply_to(self, marker: bytes, seconds: float, count: int = 1) -> None:
+        """Hold the replies to the next ``count`` commands holding ``marker`` ``seconds``."""
+        self._marker, self._armed, self._delay = marker, count, seconds
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-        lose_next = [False]
+        next_reply: list[float | None] = [None]  # what happens to it: 0 lost, > 0 held
 
         async def upstream() -> None:  # client -> redis
             while data := await reader.read(65536):
                 if self._armed and self._marker in data:
                     self._armed -= 1
-                    lose_next[0] = True
+                    next_reply[0] = self._delay
                 up_writer.write(data)
             up_writer.close()
 
         async def downstream() -> None:  # redis -> client
             while data := await up_reader.read(65536):
-                if lose_next[0]:
-                    lose_next[0] = False
+                fate, next_reply[0] = next_reply[0], None
+                if fate == 0.0:
                     self.dropped += 1
                     continue
+                if fate is not None:
+                    self.delayed += 1
+                    await asyncio.sleep(fate)
                 writer.write(data)
             writer.close()
 

@@ -117,6 +117,45 @@ async def test_channel_a_peer_that_stops_reading_overflows_without_blocking() ->
     theirs.close()
 
 
+async def test_channel_a_peer_that_takes_nothing_is_cut_off_after_its_stall() -> None:
+    """A large attachment to a peer that never reads: the channel waits ``stall`` seconds
+    for any progress, then closes as overflowed; the sender never waited."""
+    overflowed: list[bool] = []
+    ours, theirs = socket.socketpair()
+    channel = await Channel.open(ours, peer="stalled", stall=0.3,
+                                 on_overflow=lambda: overflowed.append(True))
+    started = time.monotonic()
+    assert channel.send("idem_reply", {"id": 1}, b"x" * (4 << 20))
+    assert time.monotonic() - started < 0.1
+    await wait_until(lambda: overflowed == [True], within=5)
+    assert channel.closed and time.monotonic() - started >= 0.3
+    theirs.close()
+
+
+async def test_channel_a_slow_reader_gets_every_big_message_in_order() -> None:
+    """Twenty 1 MiB attachments queued at once to a peer that reads slowly: all arrive, in
+    order, and the sender's transport never holds more than about a chunk."""
+    ours, theirs = socket.socketpair()
+    sender = await Channel.open(ours, peer="a", stall=5.0)
+    receiver_sock = theirs
+    blobs = [bytes([i]) * (1 << 20) for i in range(20)]
+    for i, blob in enumerate(blobs):
+        assert sender.send("idem_reply", {"id": i + 1}, blob)
+    reader, writer = await asyncio.open_connection(sock=receiver_sock, limit=1 << 24)
+    got: list[bytes] = []
+    most = 0
+    for _ in blobs:
+        await reader.readline()
+        most = max(most, sender._writer.transport.get_write_buffer_size())
+        got.append(await reader.readexactly(1 << 20))
+        await asyncio.sleep(0.01)  # a slow reader
+    assert got == blobs
+    assert most <= 2 * (256 * 1024)
+    assert not sender.closed
+    sender.close()
+    writer.close()
+
+
 def _token(generation: int) -> Token:
     return Token(access="a" * 1024, refresh=None, generation=generation, via="login",
                  obtained_at=0.0, expires_at=1e9, refresh_expires_at=None, obtained_wall=0.0,

@@ -19,8 +19,9 @@ import aiohttp
 import pytest
 
 from gateway.sandbox import Sandbox
-from tests.fleet_helpers import GatewayProcess
+from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import settings_for, wait_until
+from tests.redis_proxy import ReplyDropper
 from tests.sandbox_helpers import faults
 from tests.test_idempotency import book, booking_posts, bookings
 from tests.test_proxy_failures import sample, started
@@ -124,16 +125,18 @@ async def test_death_supervisor_killed_after_the_answer_caller_still_gets_it(
     assert access[0]["idempotency"] == "new"
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_death_a_big_kept_answer_crosses_to_each_worker_once(
-        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+        sandbox: Sandbox, http: aiohttp.ClientSession, loop: str) -> None:
     """An 8 MiB answer with 200 callers of one key waiting on two workers: every one gets the
     replay, and the supervisor's memory grows by at most 3 x GATEWAY_IDEMPOTENCY_MAX_BODY
-    (the body crosses to each worker once, not once per waiter)."""
+    (the body crosses to each worker once, not once per waiter, a chunk at a time), on
+    either event loop."""
     max_body = 8 * 1024 * 1024
     big = json.dumps({"success": True, "data": {"id": "c" * 24,
                                                 "pad": "y" * (max_body - 100)}})
     assert len(big) <= max_body
-    gw = GatewayProcess(sandbox, {"GATEWAY_WORKERS": "2",
+    gw = GatewayProcess(sandbox, {"GATEWAY_WORKERS": "2", "GATEWAY_EVENT_LOOP": loop,
                                   "GATEWAY_IDEMPOTENCY_MAX_BODY": str(max_body)})
     await gw.start()
     sessions: list[aiohttp.ClientSession] = []
@@ -223,3 +226,89 @@ async def test_death_a_caller_who_leaves_a_streamed_answer_leaves_not_kept(
     finally:
         await gw.stop()
 
+
+
+async def test_death_busy_workers_replaying_big_answers_are_never_cut_off(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Fourteen 8 MiB answers of different keys replayed at once on one worker: a burst its
+    channel queues and writes out as the worker reads, never an overflow that would kill a
+    healthy worker and its requests."""
+    max_body = 8 * 1024 * 1024
+    big = json.dumps({"success": True, "data": {"id": "e" * 24,
+                                                "pad": "w" * (max_body - 100)}})
+    gw = GatewayProcess(sandbox, {"GATEWAY_WORKERS": "2",
+                                  "GATEWAY_IDEMPOTENCY_MAX_BODY": str(max_body),
+                                  "GATEWAY_IDEMPOTENCY_MAX_BYTES": "256MiB"})
+    await gw.start()
+    sessions: list[aiohttp.ClientSession] = []
+    try:
+        await gw.ready(http)
+        sessions = [await gw.pinned(http, 0) for _ in range(14)]
+        for i, session in enumerate(sessions):
+            await faults(http, sandbox, {"status": 201, "body": big, "path": "/bookings",
+                                         "count": 1})
+            async with session.post(gw.url + "/bookings", json={"workshopId": "w"},
+                                    headers={"Idempotency-Key": f"burst-{i}"}) as resp:
+                assert resp.status == 201
+                await resp.read()
+        posts = booking_posts(sandbox)
+        before = await gw.workers(http)
+
+        async def replay(i: int) -> tuple[int, str, int]:
+            async with sessions[i].post(gw.url + "/bookings", json={"workshopId": "w"},
+                                        headers={"Idempotency-Key": f"burst-{i}"}) as resp:
+                body = await resp.read()
+                return resp.status, resp.headers.get("Idempotent-Replayed", ""), len(body)
+
+        results = await asyncio.gather(*(replay(i) for i in range(14)))
+        assert results == [(201, "true", len(big))] * 14
+        assert booking_posts(sandbox) == posts
+        after = await gw.workers(http)
+        assert [w["restarts"] for w in after] == [w["restarts"] for w in before]
+        assert [w["pid"] for w in after] == [w["pid"] for w in before]
+    finally:
+        for session in sessions:
+            await session.close()
+        assert await gw.stop() == 0
+    assert "channel_overflow" not in gw.logs()
+
+
+@pytest.mark.parametrize("slow_store", [False, True], ids=["request-deadline",
+                                                         "leader-deadline"])
+async def test_death_a_streamed_answer_is_cut_off_at_the_leaders_deadline(
+        sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer,
+        slow_store: bool) -> None:
+    """An answer too large to keep that trickles past the deadline: the caller's stream is
+    cut there (by the request's own deadline, or by the leader's when a slow store made it
+    the earlier one), and the key is settled as for any answer whose body did not come whole
+    (unknown) while its claim still lives, so no retry is ever sent."""
+    proxy = ReplyDropper(redis_server.port)
+    await proxy.start()
+    gw = await started(settings_for(sandbox, idempotency_max_body="100",
+                                    idempotency_ttl="10s", idempotency_wait="0.5s",
+                                    token_wait_timeout="0.5s", connect_timeout="0.5s",
+                                    total_timeout="1s", read_timeout="30s",
+                                    redis_url=proxy.url))
+    if slow_store:
+        proxy.delay_reply_to(b"PTTL", 1.5)  # the mark "sending", while the leader's clock runs
+    try:
+        big = json.dumps({"success": True, "data": {"id": "f" * 24, "pad": "q" * 50_000}})
+        await faults(http, sandbox, {"status": 201, "body": big, "chunk": 1000,
+                                     "chunk_delay": 0.1, "path": "/bookings", "count": 1})
+        posts = booking_posts(sandbox)
+        async with http.post(gw.url + "/bookings", json={"workshopId": "w"},
+                             headers={"Idempotency-Key": "trickle"}) as resp:
+            assert resp.status == 201
+            with pytest.raises(aiohttp.ClientError):
+                await resp.read()  # cut at the deadline
+        await wait_until(lambda: sample(gw, "idempotency_settled_total",
+                                        state="unknown") == 1)
+        async with http.post(gw.url + "/bookings", json={"workshopId": "w"},
+                             headers={"Idempotency-Key": "trickle"}) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"]["code"] == "outcome_unknown"
+        assert booking_posts(sandbox) == posts + 1
+    finally:
+        await gw.stop()
+        await proxy.stop()
+    assert proxy.delayed == int(slow_store)

@@ -29,7 +29,7 @@ from gateway.settings import SettingsError
 from gateway.token.store import seal
 from tests.fake_clock import FakeClock
 from tests.fleet_helpers import RedisServer
-from tests.gateway_helpers import settings_for
+from tests.gateway_helpers import settings_for, wait_until
 from tests.redis_proxy import ReplyDropper
 from tests.sandbox_helpers import faults
 from tests.test_idempotency import book, booking_posts, bookings
@@ -175,7 +175,7 @@ async def test_records_the_previous_releases_answer_is_replayed(
 
 # -- lost replies, against a real Redis ----------------------------------------------------
 
-@pytest.mark.parametrize("marker", [b"NX", b"KEEPTTL"], ids=["claim", "mark-sending"])
+@pytest.mark.parametrize("marker", [b"NX", b"PTTL"], ids=["claim", "mark-sending"])
 async def test_records_a_lost_redis_reply_is_released_by_owner_and_never_unknown(
         sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer,
         marker: bytes) -> None:
@@ -239,10 +239,13 @@ def test_records_settings_bound_every_claim(sandbox: Sandbox) -> None:
         settings_for(sandbox, total_timeout="0")
     assert info.value.setting == "GATEWAY_TOTAL_TIMEOUT"
     assert settings_for(sandbox, total_timeout="0", idempotency_routes="off").total_timeout == 0
-    short = settings_for(sandbox, idempotency_ttl="3s", idempotency_wait="0.5s",
+    short = settings_for(sandbox, idempotency_ttl="8s", idempotency_wait="0.5s",
                          token_wait_timeout="0.5s", connect_timeout="0.5s",
-                         total_timeout="1.5s")
-    assert short.idempotency_ttl == 3.0
+                         total_timeout="1.5s")  # 0.5 + 0.5 + 0.5 + 1.5 + the 5 s margin
+    assert short.idempotency_ttl == 8.0
+    with pytest.raises(SettingsError):
+        settings_for(sandbox, idempotency_ttl="7.9s", idempotency_wait="0.5s",
+                     token_wait_timeout="0.5s", connect_timeout="0.5s", total_timeout="1.5s")
     with pytest.raises(SettingsError) as info:
         settings_for(sandbox, workers="33")
     assert info.value.setting == "GATEWAY_WORKERS"
@@ -251,11 +254,12 @@ def test_records_settings_bound_every_claim(sandbox: Sandbox) -> None:
 
 async def test_records_routes_match_as_the_target_check_compares(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
-    """``/Bookings`` and ``/bookings;v=1`` are the protected route: an upstream that ignores
-    case or path parameters cannot be reached twice past the Idempotency-Key."""
+    """``/Bookings``, ``/bookings;v=1`` and ``/bookings//`` are the protected route: an
+    upstream that ignores case, path parameters or doubled slashes cannot be reached twice
+    past the Idempotency-Key."""
     gw = await started(settings_for(sandbox))
     try:
-        for path in ("/Bookings", "/bookings;v=1", "/bookings/"):
+        for path in ("/Bookings", "/bookings;v=1", "/bookings/", "/bookings/x//confirm"):
             posts = sum(1 for r in sandbox.state.control.requests if r["method"] == "POST")
             statuses = []
             for _ in range(2):
@@ -285,3 +289,64 @@ async def test_records_a_leader_is_cut_off_at_its_deadline(
         assert status == 502 and answer["error"]["code"] == "outcome_unknown"
     finally:
         await gw.stop()
+
+
+async def test_records_a_leader_cut_off_after_sending_leaves_the_key_unknown(
+        sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    """The store is slow to mark the claim "sending" (1.5 s), so the leader's own deadline,
+    not the request's, ends it while Repairy works on the booking: the key is unknown, and
+    the retry is told so rather than sent again."""
+    proxy = ReplyDropper(redis_server.port)
+    await proxy.start()
+    gw = await started(settings_for(sandbox, redis_url=proxy.url, idempotency_ttl="10s",
+                                    idempotency_wait="0.5s", token_wait_timeout="0.5s",
+                                    connect_timeout="0.5s", total_timeout="2s",
+                                    read_timeout="30s", retry_attempts="1"))
+    try:
+        await faults(http, sandbox, {"latency": 4.0, "path": "/bookings", "count": 1})
+        posts = booking_posts(sandbox)
+        proxy.delay_reply_to(b"PTTL", 1.5)
+        status, _, answer = await book(http, gw.url, "cut-off")
+        assert proxy.delayed == 1
+        assert status == 504 and answer["error"]["code"] == "upstream_timeout"
+        assert booking_posts(sandbox) == posts + 1
+        status, _, answer = await book(http, gw.url, "cut-off")
+        assert status == 502 and answer["error"]["code"] == "outcome_unknown"
+        assert booking_posts(sandbox) == posts + 1
+    finally:
+        await gw.stop()
+        await proxy.stop()
+
+
+async def test_records_a_caller_who_leaves_during_its_claim_frees_the_key(
+        sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    """The caller leaves while its claim is on its way to Redis (the reply held 1 s): the
+    claim lands with nobody to lead it, and is released, so the retry books at once instead
+    of hearing 409 until the lease runs out."""
+    proxy = ReplyDropper(redis_server.port)
+    await proxy.start()
+    gw = await started(settings_for(sandbox, redis_url=proxy.url, idempotency_wait="0.5s"))
+    try:
+        posts = booking_posts(sandbox)
+        proxy.delay_reply_to(b"NX", 1.0)
+        with pytest.raises(TimeoutError):
+            async with http.post(gw.url + "/bookings", json=booking_body(),
+                                 headers={"Idempotency-Key": "gone"},
+                                 timeout=aiohttp.ClientTimeout(total=0.3)) as resp:
+                await resp.read()
+
+        async def released() -> bool:  # the claim landed, then was freed by its owner
+            client = await redis_server.client()
+            try:
+                return proxy.delayed == 1 and not [
+                    k async for k in client.scan_iter("repairy-gateway:idem:*")]
+            finally:
+                await client.aclose()
+
+        await wait_until(released)
+        status, headers, _ = await book(http, gw.url, "gone")
+        assert status == 201 and "Idempotent-Replayed" not in headers
+        assert booking_posts(sandbox) == posts + 1
+    finally:
+        await gw.stop()
+        await proxy.stop()

@@ -23,10 +23,15 @@ store). Supervisor → worker: ``token``, ``error`` (no token can be had), ``cli
    "malformed"}``) and skipped; reading goes on. Only lost framing (a line over
    :data:`MAX_LINE`, an attachment cut short or over :data:`MAX_ATTACHMENT`) ends the channel
    (``fault="framing"``).
-4. *Sending never blocks and never raises.* Outgoing bytes wait in a buffer bounded by
-   ``max_queued``; a send that would pass it closes the channel (``fault="overflow"``) and
-   calls ``on_overflow`` (the supervisor then restarts that worker, whose Idempotency-Key
-   claims are settled as a dead worker's). One stalled peer never holds up a send to another.
+4. *Sending never blocks and never raises.* Messages wait in the channel's own queue, and
+   one task writes them out in order, an attachment a chunk at a time as the socket takes
+   it (so each channel holds about one chunk in its transport on any event loop, and
+   attachments wait as references to bytes their owner holds anyway). A peer has stopped
+   reading when its queued lines pass ``max_queued`` or it takes nothing for ``stall``
+   seconds while something waits: the channel closes (``fault="overflow"``) and calls
+   ``on_overflow`` (the supervisor then restarts that worker, whose Idempotency-Key claims
+   are settled as a dead worker's). A busy but reading peer is never cut off, and one
+   stalled peer never holds up a send to another.
 5. *An ended channel fails its calls at once*: each call still waiting raises
    :class:`ChannelClosed`, and later sends return False.
 """
@@ -38,6 +43,7 @@ import contextlib
 import json
 import logging
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -61,6 +67,12 @@ FIELDS: Final[dict[str, frozenset[str]]] = {
 MAX_LINE: Final = 8 * 1024 * 1024
 #: Largest attachment (GATEWAY_IDEMPOTENCY_MAX_BODY is at most 8 MiB).
 MAX_ATTACHMENT: Final = 16 * 1024 * 1024
+#: Most bytes of message lines waiting for a peer (attachments wait as references).
+MAX_QUEUED: Final = 16 * 1024 * 1024
+#: A peer that takes nothing for this long while messages wait for it has stopped reading.
+STALL_AFTER: Final = 10.0
+#: Attachments are written this much at a time, each once the socket took the last.
+CHUNK: Final = 256 * 1024
 
 Fault = Literal["malformed", "overflow", "framing"]
 
@@ -76,40 +88,53 @@ class Message:
     attachment: bytes = b""
 
 
-def queue_bound(max_body: int) -> int:
-    """The outgoing buffer a channel may hold: room for several kept answers of ``max_body``
-    (replies to different keys may be on their way at once) and the small messages besides."""
-    return 8 * max_body + 16 * 1024 * 1024
-
-
 class Channel:
-    """One end of one incarnation's socket pair (see the module's invariants)."""
+    """One end of one incarnation's socket pair (see the module's invariants).
+
+    Messages wait in a queue of their own and one task writes them out in order, an
+    attachment in :data:`CHUNK` pieces, each after the socket took the previous one: so the
+    bytes held for a peer are its queued lines (bounded by ``max_queued``), references to
+    the attachments (bytes the store holds anyway) and at most about one chunk in the
+    transport, whichever event loop runs. A peer that takes nothing for ``stall`` seconds
+    while something waits has stopped reading."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 peer: str, max_queued: int, on_fault: Callable[[Fault], None] | None = None,
+                 peer: str, max_queued: int = MAX_QUEUED, stall: float = STALL_AFTER,
+                 on_fault: Callable[[Fault], None] | None = None,
                  on_overflow: Callable[[], None] | None = None) -> None:
         self._reader = reader
         self._writer = writer
         self.peer = peer
         self._max_queued = max_queued
+        self._stall = stall
         self._on_fault = on_fault
         self._on_overflow = on_overflow
         self._closers: list[Callable[[], None]] = []
         self.closed = False
+        self._queue: deque[tuple[bytes, bytes]] = deque()
+        self._queued_lines = 0
+        self._queued_attachments = 0
+        self._more = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing waits, and the socket took what was written
+        self._idle.set()
+        writer.transport.set_write_buffer_limits(high=CHUNK, low=CHUNK // 4)
+        self._pump_task = asyncio.ensure_future(self._pump())
 
     @classmethod
-    async def open(cls, sock: socket.socket, *, peer: str, max_queued: int,
-                   on_fault: Callable[[Fault], None] | None = None,
+    async def open(cls, sock: socket.socket, *, peer: str, max_queued: int = MAX_QUEUED,
+                   stall: float = STALL_AFTER, on_fault: Callable[[Fault], None] | None = None,
                    on_overflow: Callable[[], None] | None = None) -> Channel:
         reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
-        return cls(reader, writer, peer=peer, max_queued=max_queued, on_fault=on_fault,
-                   on_overflow=on_overflow)
+        return cls(reader, writer, peer=peer, max_queued=max_queued, stall=stall,
+                   on_fault=on_fault, on_overflow=on_overflow)
 
     @property
     def queued(self) -> int:
-        """Bytes sent but not yet taken by the peer's socket."""
-        transport = self._writer.transport
-        return 0 if self.closed else transport.get_write_buffer_size()
+        """Bytes sent but not yet taken by the peer's socket (attachments included)."""
+        if self.closed:
+            return 0
+        return (self._queued_lines + self._queued_attachments
+                + self._writer.transport.get_write_buffer_size())
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once when the channel ends (at once if it has)."""
@@ -119,34 +144,67 @@ class Channel:
             self._closers.append(callback)
 
     def send(self, kind: Kind, fields: Mapping[str, Any], attachment: bytes = b"") -> bool:
-        """Queue one message; False if the channel is closed or this send overflowed it."""
+        """Queue one message (never waits); False if the channel is closed, or if this send
+        overflowed its queue of lines (the peer stopped reading: the channel closes)."""
         if self.closed:
             return False
         doc = {"t": kind, **fields}
         if attachment:
             doc["n"] = len(attachment)
         line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-        transport = self._writer.transport
-        if transport.is_closing():
-            self.close()
+        if self._queued_lines + len(line) > self._max_queued:
+            self._overflowed(f"{self._queued_lines} bytes of messages waiting")
             return False
-        if transport.get_write_buffer_size() + len(line) + len(attachment) > self._max_queued:
-            log.error("a channel's outgoing buffer overflowed: its peer is not reading",
-                      extra={"fields": {"event": "channel_overflow", "peer": self.peer,
-                                        "queued": transport.get_write_buffer_size()}})
-            self._fault("overflow")
-            self.close()
-            if self._on_overflow is not None:
-                self._on_overflow()
-            return False
+        self._queue.append((line, attachment))
+        self._queued_lines += len(line)
+        self._queued_attachments += len(attachment)
+        self._idle.clear()
+        self._more.set()
+        return True
+
+    async def _pump(self) -> None:
+        """Write the queue out, in order; an attachment a chunk at a time, each once the
+        socket took enough of what came before."""
+        writer = self._writer
         try:
-            self._writer.write(line)
-            if attachment:
-                self._writer.write(attachment)
+            while not self.closed:
+                if not self._queue:
+                    self._idle.set()
+                    self._more.clear()
+                    await self._more.wait()
+                    continue
+                line, attachment = self._queue.popleft()
+                self._queued_lines -= len(line)
+                self._queued_attachments -= len(attachment)
+                writer.write(line)
+                view = memoryview(attachment)
+                for start in range(0, len(view), CHUNK):
+                    if not await self._room():
+                        return
+                    writer.write(view[start:start + CHUNK])
+                if not self._queue and not await self._room():
+                    return
         except (ConnectionError, RuntimeError, OSError):  # the peer is gone
             self.close()
+
+    async def _room(self) -> bool:
+        """Wait until the socket took most of what was written (False: the peer took
+        nothing for ``stall`` seconds, and the channel is closed as overflowed)."""
+        try:
+            async with asyncio.timeout(self._stall):
+                await self._writer.drain()
+        except TimeoutError:
+            self._overflowed(f"nothing taken for {self._stall:g}s")
             return False
-        return True
+        return not self.closed
+
+    def _overflowed(self, why: str) -> None:
+        log.error("a channel's peer stopped reading (%s): closing it", why,
+                  extra={"fields": {"event": "channel_overflow", "peer": self.peer}})
+        self._fault("overflow")
+        self.close()
+        if self._on_overflow is not None:
+            self._on_overflow()
 
     async def serve(self, handle: Callable[[Message], None]) -> None:
         """Read messages and hand each to ``handle`` until the channel ends (then close it).
@@ -220,6 +278,10 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        self._queue.clear()
+        self._queued_lines = self._queued_attachments = 0
+        if self._pump_task is not asyncio.current_task():
+            self._pump_task.cancel()
         with contextlib.suppress(Exception):
             self._writer.close()
         closers, self._closers = self._closers, []
@@ -228,10 +290,9 @@ class Channel:
 
     async def flush(self, within: float) -> None:
         """Wait up to ``within`` for what was sent to leave (at exit), then close."""
-        if not self.closed:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(within):
-                    await self._writer.drain()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(within):
+                await self._idle.wait()
         self.close()
 
 

@@ -377,7 +377,11 @@ class Proxy:
         counted = gw.metrics.idempotency_requests
         for _ in range(CLAIM_ROUNDS):  # released while a repeat waited: claim it again
             claim = Record.claim(fp, rid, gw.clock.time() + self._lease)
-            record = await store.claim(key, claim, s.idempotency_ttl)
+            try:
+                record = await store.claim(key, claim, s.idempotency_ttl)
+            except BaseException:  # it may have landed (the caller left meanwhile): free it
+                self._keep(asyncio.ensure_future(self._release(key, claim.owner)))
+                raise
             # Ours also when the claim landed but its reply was lost, and the claim re-sent.
             if record is None or record.owner == claim.owner:
                 counted.labels("new").inc()
@@ -426,7 +430,8 @@ class Proxy:
         """Send the claimed request in a task of its own, shielded: if the caller leaves, the
         exchange still runs to its end (within the leader's deadline) and its answer is kept,
         so the caller's retry finds it."""
-        task = asyncio.create_task(self._settle(exchange, key, claim, outcome))
+        until = asyncio.get_running_loop().time() + self._leader_deadline
+        task = asyncio.create_task(self._settle(exchange, key, claim, outcome, until))
         self._keep(task)
         try:
             resp, body, whole, later = await asyncio.shield(task)
@@ -435,12 +440,13 @@ class Proxy:
             raise
         if whole:
             return await self._whole(request, resp, body, rid, outcome)
-        # Too large to keep: the caller gets the rest as it comes, and the key is settled by
-        # how that ended (an upstream body that broke leaves the outcome unknown).
+        # Too large to keep: the caller gets the rest as it comes, within the leader's deadline,
+        # and the key is settled by how that ended (an upstream body that broke leaves the
+        # outcome unknown).
         try:
-            return await self._stream_back(request, resp, rid, outcome, body)
-        finally:  # the caller leaving (or a shutdown) mid-stream leaves the answer whole
-            broken = outcome.error == "stream_broken"
+            return await self._stream_back(request, resp, rid, outcome, body, until)
+        finally:  # a caller who left or a shutdown leave the answer whole so far
+            broken = outcome.error in ("stream_broken", "stream_deadline")
             self._keep(asyncio.ensure_future(self._record(
                 key, claim, claim.settled("unknown") if broken and later is not None
                 else later)))
@@ -462,7 +468,7 @@ class Proxy:
             self._drained.set()
 
     async def _settle(self, exchange: _Exchange, key: str, claim: Record,
-                      outcome: _Outcome) -> _Led:
+                      outcome: _Outcome, until: float) -> _Led:
         """The leader's exchange, within its deadline, and the key's record from how it
         ended. Returns the answer, its body (or what was read of it), whether that is all of
         it (then the key is settled here), and else the record to settle the key with once
@@ -479,28 +485,34 @@ class Proxy:
         kept: Record | None = None  # what the key will hold (None: release it)
         resp: aiohttp.ClientResponse | None = None
         sending = False
+        cut_off = False  # the deadline (or a shutdown) ended it, perhaps mid-exchange
         later = False  # the caller streams the rest of the answer, then settles the key
+        upstream = gw.upstream
         try:
-            try:
-                async with asyncio.timeout(self._leader_deadline):
+            try:  # a token (GATEWAY_TOKEN_WAIT_TIMEOUT), an upstream slot (the connect timeout)
+                async with asyncio.timeout(s.token_wait_timeout + s.connect_timeout):
                     token = gw.tokens.usable() or await gw.tokens.get()
-                    upstream = gw.upstream
                     if not upstream.slots.try_acquire():
                         await self._wait_slot(outcome)
-                    try:
-                        await store.sending(key, claim)
-                        sending = True
-                        resp = await self._send_upstream(exchange, token, _never, outcome)
-                        state = settle_status(resp.status)
-                        limit = s.idempotency_max_body
-                        body = b""
-                        if resp.content_length is None or resp.content_length <= limit:
-                            body = await self._read_up_to(resp, limit)
-                    finally:
-                        upstream.slots.release()
             except TimeoutError:
+                raise UpstreamBusy("no token and upstream slot within the request's "
+                                   "deadline") from None
+            try:  # the exchange, from the first send (GATEWAY_TOTAL_TIMEOUT's own deadline)
+                async with asyncio.timeout_at(until):
+                    await store.sending(key, claim)
+                    sending = True
+                    resp = await self._send_upstream(exchange, token, _never, outcome)
+                    state = settle_status(resp.status)
+                    limit = s.idempotency_max_body
+                    body = b""
+                    if resp.content_length is None or resp.content_length <= limit:
+                        body = await self._read_up_to(resp, limit)
+            except TimeoutError:
+                cut_off = True
                 gw.metrics.upstream_error("timeout")
                 raise UpstreamTimeout("the request's deadline passed") from None
+            finally:
+                upstream.slots.release()
             if len(body) > limit or (resp.content_length or 0) > limit:
                 later = True
                 return resp, body, False, (None if state is None else claim.settled(
@@ -510,9 +522,11 @@ class Proxy:
                                      kept_headers(downstream_response_headers(resp.headers)),
                                      body if state == "done" else b"")
             return resp, body, True, None
-        except BaseException:
+        except BaseException as exc:
             attempts = outcome.attempts
-            if sending and (resp is not None or (attempts is not None and attempts.maybe_acted)):
+            cut_off = cut_off or isinstance(exc, asyncio.CancelledError)
+            if sending and (resp is not None or (attempts is not None and (
+                    attempts.maybe_acted or (cut_off and attempts.number > 0)))):
                 kept = claim.settled("unknown")  # it may have acted; nobody knows how
             raise
         finally:
@@ -520,6 +534,13 @@ class Proxy:
                 if resp is not None:
                     resp.release()
                 await self._record(key, claim, kept)
+
+    async def _release(self, key: str, owner: str) -> None:
+        """Free a claim that may have landed but will not be led (nothing was sent)."""
+        store = self.state.idempotency
+        assert store is not None
+        with contextlib.suppress(GatewayError):
+            await store.release(key, owner)
 
     async def _record(self, key: str, claim: Record, kept: Record | None) -> None:
         """Settle the key: keep the record, or release the claim (so a retry may send)."""
@@ -713,10 +734,10 @@ class Proxy:
         return out
 
     async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
-                           rid: str, outcome: _Outcome,
-                           prefix: bytes = b"") -> web.StreamResponse:
+                           rid: str, outcome: _Outcome, prefix: bytes = b"",
+                           until: float | None = None) -> web.StreamResponse:
         """Stream the answer chunk by chunk, as it comes (``prefix``: what was read of it
-        already)."""
+        already; ``until``: the loop time at which it is cut off, for a leader)."""
         try:
             out = PassThroughResponse(status=resp.status, reason=resp.reason)
             downstream_response_headers(resp.headers, out.headers)
@@ -730,18 +751,28 @@ class Proxy:
                 await out.prepare(request)
             except ConnectionError:
                 raise ClientClosedRequest("the caller left before its answer was sent") from None
+            deadline = (contextlib.nullcontext() if until is None
+                        else asyncio.timeout_at(until))
             try:
-                chunks = _prefixed(prefix, resp) if prefix else resp.content.iter_any()
-                async for chunk in chunks:
-                    try:
-                        await out.write(chunk)
-                    except ConnectionError:  # aiohttp's ClientConnectionResetError included
-                        raise ClientClosedRequest(
-                            "the caller left while its answer was sent") from None
-                    outcome.bytes_out += len(chunk)
+                async with deadline:
+                    chunks = _prefixed(prefix, resp) if prefix else resp.content.iter_any()
+                    async for chunk in chunks:
+                        try:
+                            await out.write(chunk)
+                        except ConnectionError:  # aiohttp's ClientConnectionResetError too
+                            raise ClientClosedRequest(
+                                "the caller left while its answer was sent") from None
+                        outcome.bytes_out += len(chunk)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already: cut the caller's connection so it sees a broken
                 # body rather than a short one that looks complete.
+                if isinstance(deadline, asyncio.Timeout) and deadline.expired():
+                    outcome.error = "stream_deadline"
+                    log.warning("answer cut off at the request's deadline", extra={"fields": {
+                        "event": "stream_deadline", "request_id": rid}})
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
                 if isinstance(exc, aiohttp.ClientPayloadError | TimeoutError):
                     self.state.metrics.upstream_error(
                         "timeout" if isinstance(exc, TimeoutError) else "protocol")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -57,11 +58,17 @@ if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
 end
 return 0
 """
-#: Mark a claim "sending" only if it is still the caller's; its expiry is kept.
+#: Mark a claim "sending" only if it is still the caller's; its expiry is kept (PTTL, not
+#: KEEPTTL: Redis before 6.0 has no KEEPTTL).
 _MARK_SENDING: Final = """
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
-  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', left)
+  else
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
   return 1
 end
 return 0
@@ -330,6 +337,7 @@ class RemoteStore:
         self._calls = calls
         self._release_later = release  # a fire-and-forget release (key, owner)
         self._timeout = timeout  # for an answer, beyond the operation's own wait
+        #: The one wait each key has in the supervisor, shared by this worker's waiters.
         self._waits: dict[str, asyncio.Task[Record | None]] = {}
 
     async def _ask(self, op: str, key: str, record: Record | None = None, wait: float = 0.0,
@@ -377,11 +385,24 @@ class RemoteStore:
         await self._ask("release", key, owner=owner)
 
     async def wait(self, key: str, within: float) -> Record | None:
-        task = self._waits.get(key)
-        if task is None:
-            task = self._waits[key] = asyncio.ensure_future(self._wait_once(key, within))
-            task.add_done_callback(lambda _: self._waits.pop(key, None))
-        return await asyncio.shield(task)
+        """Wait through the key's shared wait; one that ends early for this caller (it began
+        sooner, or was a fetch) is followed by another for what is left of ``within``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(0.0, within)
+        while True:
+            task = self._waits.get(key)
+            if task is None or task.done():
+                task = self._waits[key] = asyncio.ensure_future(
+                    self._wait_once(key, max(0.0, until - loop.time())))
+                task.add_done_callback(functools.partial(self._forget_wait, key))
+            record = await asyncio.shield(task)
+            if record is None or record.state != "in_flight" or (
+                    loop.time() >= until - POLL_FLOOR):
+                return record
+
+    def _forget_wait(self, key: str, task: asyncio.Task[Record | None]) -> None:
+        if self._waits.get(key) is task:
+            del self._waits[key]
 
     async def _wait_once(self, key: str, within: float) -> Record | None:
         return self._record(await self._ask("wait", key, wait=within, within=within))
@@ -407,8 +428,9 @@ async def serve_remote(store: LocalStore, message: Message,
             result = await store.claim(key, record, float(doc["ttl"]))
             if result is None:
                 claims.add((key, record.owner))
-            elif result.body:  # fetched through the worker's shared wait, once
-                reply["more"] = True
+            elif result.body:  # the body crosses through the worker's shared wait, once,
+                if result.fingerprint == record.fingerprint:  # and only to be replayed
+                    reply["more"] = True
                 result = replace(result, body=b"")
         elif op == "sending":
             await store.sending(key, Record("in_flight", "", str(doc["owner"]), ""))
@@ -429,7 +451,10 @@ async def serve_remote(store: LocalStore, message: Message,
             reply["record"] = None
     except IdempotencyUnavailable as exc:
         reply["error"] = exc.message
-    except (KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:  # a malformed call: answered, never left to time out
+        log.warning("skipped a malformed Idempotency-Key call from a worker",
+                    extra={"fields": {"event": "channel_malformed",
+                                      "error": type(exc).__name__}})
         reply["error"] = f"bad idempotency message ({type(exc).__name__})"
     return reply, attachment
 

@@ -29,10 +29,13 @@ _SPLIT: Final = tuple((t, t.strip("/").split("/")) for t in TEMPLATES)
 def comparable_path(decoded: str) -> str:
     """The form in which the gateway compares a decoded path with its own rules (the
     ``/auth`` refusal, Idempotency-Key routes): lower case, each segment's ``;`` parameters
-    cut off, no trailing slash. An upstream that ignores case or path parameters then cannot
-    be reached past a rule with ``/Bookings`` or ``/bookings;x=1``."""
-    if ";" in decoded:
-        decoded = "/".join(segment.partition(";")[0] for segment in decoded.split("/"))
+    cut off, empty segments dropped (no ``//``, no trailing slash). An upstream that ignores
+    case, path parameters or doubled slashes then cannot be reached past a rule with
+    ``/Bookings``, ``/bookings;x=1`` or ``/bookings//x/y``."""
+    if ";" in decoded or "//" in decoded:
+        decoded = "/".join(segment.partition(";")[0] for segment in decoded.split("/")
+                           if segment.partition(";")[0])
+        decoded = "/" + decoded
     return decoded.lower().rstrip("/") or "/"
 
 
