@@ -5,6 +5,7 @@ for every repeat, and bounded memory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,22 @@ from tests.test_sandbox_api import booking_body
 KEYS = "billing=client-key-billing-0001,crm=client-key-crm-000002"
 
 
+async def open_gate(http: aiohttp.ClientSession, sb: Sandbox, gate: str) -> None:
+    """Let the requests the sandbox holds at ``gate`` (a ``hold`` fault) be answered."""
+    async with http.post(f"{sb.url}/__sandbox/gates/{gate}") as resp:
+        assert resp.status == 200
+
+
+async def leave_while_held(http: aiohttp.ClientSession, sb: Sandbox, url: str, gate: str,
+                           headers: dict[str, str]) -> None:
+    """Send a booking and leave (close the connection) once Repairy holds it at ``gate``."""
+    request = asyncio.ensure_future(http.post(url, json=booking_body(), headers=headers))
+    await wait_until(lambda: sb.state.control.holding[gate] == 1)
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+
+
 def bookings(sb: Sandbox) -> int:
     return len(sb.state.data.bookings)
 
@@ -62,14 +79,10 @@ async def test_idempotency_caller_leaves_then_retry_gets_the_first_answer_one_bo
     and the retry with the same key gets that answer, not a second booking."""
     gw = await started(settings_for(sandbox))
     try:
-        await faults(http, sandbox, {"latency": 0.6, "path": "/bookings", "count": 1})
-        with pytest.raises(TimeoutError):
-            async with http.post(gw.url + "/bookings", json=booking_body(),
-                                 headers={"Idempotency-Key": "order-1",
-                                          "X-Request-ID": "first-try"},
-                                 timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
-                await resp.read()
-        # the shielded request lands meanwhile
+        await faults(http, sandbox, {"hold": "first", "path": "/bookings", "count": 1})
+        await leave_while_held(http, sandbox, gw.url + "/bookings", "first",
+                               {"Idempotency-Key": "order-1", "X-Request-ID": "first-try"})
+        await open_gate(http, sandbox, "first")  # the shielded request lands now
         await wait_until(lambda: sample(gw, "idempotency_settled_total", state="done") == 1)
         assert bookings(sandbox) == 1
         status, headers, body = await book(http, gw.url, "order-1")
@@ -102,12 +115,13 @@ async def test_idempotency_in_flight_past_the_wait_is_409(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     gw = await started(settings_for(sandbox, idempotency_wait="0.2s"))
     try:
-        await faults(http, sandbox, {"latency": 1.0, "path": "/bookings", "count": 1})
+        await faults(http, sandbox, {"hold": "slow", "path": "/bookings", "count": 1})
         first = asyncio.ensure_future(book(http, gw.url, "slow"))
-        await wait_until(lambda: booking_posts(sandbox) == 1)  # it holds the claim
+        await wait_until(lambda: sandbox.state.control.holding["slow"] == 1)
         status, headers, body = await book(http, gw.url, "slow")
         assert status == 409 and body["error"]["code"] == "idempotency_in_flight"
         assert headers["Retry-After"] == "1"
+        await open_gate(http, sandbox, "slow")
         assert (await first)[0] == 201
         assert bookings(sandbox) == 1
     finally:
@@ -372,13 +386,11 @@ async def test_idempotency_caller_leaves_and_upstream_then_fails_outcome_unknown
     the repeat is told so, and nothing leaks (an unretrieved exception fails the test)."""
     gw = await started(settings_for(sandbox))
     try:
-        await faults(http, sandbox, {"latency": 0.5, "path": "/bookings", "count": 1,
+        await faults(http, sandbox, {"hold": "left", "path": "/bookings", "count": 1,
                                      **fault})
-        with pytest.raises(TimeoutError):
-            async with http.post(gw.url + "/bookings", json=booking_body(),
-                                 headers={"Idempotency-Key": "left"},
-                                 timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
-                await resp.read()
+        await leave_while_held(http, sandbox, gw.url + "/bookings", "left",
+                               {"Idempotency-Key": "left"})
+        await open_gate(http, sandbox, "left")
         await wait_until(lambda: sample(gw, "idempotency_settled_total", state="unknown") == 1)
         status, _, body = await book(http, gw.url, "left")
         assert status == 502 and body["error"]["code"] == "outcome_unknown"
@@ -391,15 +403,16 @@ async def test_idempotency_caller_leaves_and_upstream_then_fails_outcome_unknown
 async def test_idempotency_shutdown_waits_for_a_leader_whose_caller_left(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     gw = await started(settings_for(sandbox))
-    await faults(http, sandbox, {"latency": 0.8, "path": "/bookings", "count": 1})
-    with pytest.raises(TimeoutError):
-        async with http.post(gw.url + "/bookings", json=booking_body(),
-                             headers={"Idempotency-Key": "drain"},
-                             timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
-            await resp.read()
+    await faults(http, sandbox, {"hold": "drain", "path": "/bookings", "count": 1})
+    await leave_while_held(http, sandbox, gw.url + "/bookings", "drain",
+                           {"Idempotency-Key": "drain"})
     store = gw.state.idempotency
     assert isinstance(store, LocalStore)
-    await gw.stop()  # drains: the leader finishes its booking first
+    stopping = asyncio.ensure_future(gw.stop())  # drains: the leader finishes its booking
+    await wait_until(lambda: gw.state.draining)
+    assert not stopping.done()
+    await open_gate(http, sandbox, "drain")
+    await stopping
     assert bookings(sandbox) == 1
     assert (await store.claim("x", Record.claim("fp", "r", 1e12), 60)) is None
     assert len(store) == 2  # the settled key, and the probe

@@ -23,7 +23,7 @@ from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import settings_for, wait_until
 from tests.redis_proxy import ReplyDropper
 from tests.sandbox_helpers import faults
-from tests.test_idempotency import book, booking_posts, bookings
+from tests.test_idempotency import book, booking_posts, bookings, open_gate
 from tests.test_proxy_failures import sample, started
 
 
@@ -52,19 +52,21 @@ async def test_death_a_dead_waiters_reply_never_reaches_its_successor(
         sessions += [await gw.pinned(http, 0), await gw.pinned(http, 0),
                      await gw.pinned(http, 1)]
         lead_k1, lead_k2, waiter = sessions
-        posts = booking_posts(sandbox)
-        await faults(http, sandbox, {"latency": 7.0, "path": "/bookings", "count": 1})
+        held = sandbox.state.control.holding
+        # Repairy answers k1 and k2 only when the test opens their gates.
+        await faults(http, sandbox, {"faults": [
+            {"hold": "k1", "path": "/bookings", "count": 1},
+            {"hold": "k2", "path": "/bookings", "count": 1}]})
         k1 = asyncio.ensure_future(book(lead_k1, gw.url, "k1"))
-        await wait_until(lambda: booking_posts(sandbox) == posts + 1)
+        await wait_until(lambda: held["k1"] == 1)
         doomed = asyncio.ensure_future(book(waiter, gw.url, "k1"))
         await wait_until(lambda: store_calls(http, gw, 1))  # its wait is in the supervisor
         victim = (await gw.workers(http))[1]["pid"]
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(aiohttp.ClientError):
             await doomed
-        await faults(http, sandbox, {"latency": 10.0, "path": "/bookings", "count": 1})
         k2 = asyncio.ensure_future(book(lead_k2, gw.url, "k2"))
-        await wait_until(lambda: booking_posts(sandbox) == posts + 2)
+        await wait_until(lambda: held["k2"] == 1)
 
         async def succeeded() -> bool:
             w = (await gw.workers(http))[1]
@@ -74,7 +76,9 @@ async def test_death_a_dead_waiters_reply_never_reaches_its_successor(
         sessions.append(await gw.pinned(http, 1))
         repeat = asyncio.ensure_future(book(sessions[-1], gw.url, "k2"))
         await wait_until(lambda: store_calls(http, gw, 1))  # the successor waits on k2
-        assert not k1.done()  # k1 settles only now, while the successor waits
+        await open_gate(http, sandbox, "k1")  # k1 settles: the dead worker's reply is due
+        await k1
+        await open_gate(http, sandbox, "k2")
         first, second, again = await k1, await k2, await repeat
         assert first[0] == second[0] == 201
         assert first[2]["data"]["id"] != second[2]["data"]["id"]
@@ -99,11 +103,13 @@ async def test_death_supervisor_killed_after_the_answer_caller_still_gets_it(
     try:
         await gw.ready(http)
         session = await gw.pinned(http, 0)
-        posts = booking_posts(sandbox)
-        await faults(http, sandbox, {"latency": 1.5, "path": "/bookings", "count": 1})
+        await faults(http, sandbox, {"hold": "answer", "path": "/bookings", "count": 1})
         answer = asyncio.ensure_future(book(session, gw.url, "orphan-1"))
-        await wait_until(lambda: booking_posts(sandbox) == posts + 1)
+        await wait_until(lambda: sandbox.state.control.holding["answer"] == 1)
         gw.kill()
+        assert gw.proc is not None
+        await gw.proc.wait()
+        await open_gate(http, sandbox, "answer")  # Repairy answers once the supervisor is gone
         status, headers, body = await answer
         assert status == 201 and "Idempotent-Replayed" not in headers
         assert body["data"]["id"] in sandbox.state.data.bookings

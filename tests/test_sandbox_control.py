@@ -12,6 +12,7 @@ import pytest
 
 from gateway.redact import fingerprint
 from gateway.sandbox import Sandbox, pattern_bytes
+from tests.gateway_helpers import wait_until
 from tests.sandbox_helpers import api_headers, faults, login, stats
 
 SERVICES = "/workshops/5f1a2b3c4d5e6f7a8b9c0d01/services"
@@ -229,3 +230,28 @@ async def test_sandbox_new_fault_fields_are_validated(
     async with http.post(f"{sandbox.url}/__sandbox/faults", json=spec) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "invalid_fault"
+
+
+async def test_sandbox_a_held_request_waits_for_its_gate(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """``hold`` keeps the matching request until its gate opens (the test decides when
+    Repairy answers); stats show what each gate holds; an open gate lets later ones pass."""
+    data = await login(http, sandbox)
+    headers = api_headers(sandbox, data["accessToken"])
+    await faults(http, sandbox, {"hold": "g1", "path": "/workshops/*", "count": 2})
+    first = asyncio.ensure_future(http.get(sandbox.url + SERVICES, headers=headers))
+
+    async def holding() -> bool:
+        return int((await stats(http, sandbox))["held"].get("g1", 0)) == 1
+
+    await wait_until(holding)
+    assert not first.done()
+    async with http.post(f"{sandbox.url}/__sandbox/gates/g1") as resp:
+        assert (await resp.json()) == {"gate": "g1", "released": 1}
+    async with await first as resp:
+        assert resp.status == 200
+    async with http.get(sandbox.url + SERVICES, headers=headers) as resp:
+        assert resp.status == 200  # the gate stays open
+    assert (await stats(http, sandbox))["held"] == {}
+    async with http.post(f"{sandbox.url}/__sandbox/faults", json={"hold": "no spaces"}) as resp:
+        assert resp.status == 400

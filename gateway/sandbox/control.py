@@ -6,7 +6,9 @@ disturb the sandbox. Nothing here touches tokens or data; ``sandbox.server`` wir
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import re
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -18,6 +20,9 @@ from gateway.redact import fingerprint
 Kind = Literal["token", "refresh", "api"]
 Scope = Literal["any", "auth", "api"]
 _SCOPES = ("any", "auth", "api")
+_GATE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: The longest a request waits at a closed gate.
+HOLD_MAX = 60.0
 
 
 class ControlError(ValueError):
@@ -55,6 +60,7 @@ class Fault:
     reset: bool = False
     bare: bool = False
     headers: dict[str, str] | None = None
+    hold: str | None = None  # held until that gate opens (at most HOLD_MAX)
 
     @classmethod
     def from_json(cls, spec: object, now: float = 0.0) -> Fault:
@@ -63,7 +69,7 @@ class Fault:
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
                                "scope", "body", "length", "chunk", "chunk_delay",
                                "retry_after_date", "duration", "persistent", "reset", "bare",
-                               "headers"}
+                               "headers", "hold"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -115,14 +121,17 @@ class Fault:
         if headers is not None and (not isinstance(headers, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
             raise ControlError("headers must be an object of header names to string values")
-        if status is None and not (drop or latency or reset or bare or headers) and (
+        hold = spec.get("hold")
+        if hold is not None and not (isinstance(hold, str) and _GATE.fullmatch(hold)):
+            raise ControlError("hold must be a gate name: 1 to 64 of A-Z a-z 0-9 _ . -")
+        if status is None and not (drop or latency or reset or bare or headers or hold) and (
                 chunk is None):
             raise ControlError("a fault needs at least one of status, latency, drop, reset, "
-                               "bare, headers, chunk")
+                               "bare, headers, chunk, hold")
         return cls(count, status, retry_after, float(latency), drop, path, scope, body, length,
                    chunk, float(chunk_delay), retry_after_date,
                    None if duration is None else now + float(duration), persistent, reset,
-                   bare, headers)
+                   bare, headers, hold)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":
@@ -143,8 +152,33 @@ class ControlState:
         self.requests: deque[dict[str, Any]] = deque(maxlen=request_log_size)
         self.counters: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
+        #: Gates that held requests wait on (``hold``), and how many each holds now.
+        self.gates: dict[str, asyncio.Event] = {}
+        self.holding: Counter[str] = Counter()
+
+    async def hold(self, gate: str) -> None:
+        """Hold a request until ``gate`` opens, or for HOLD_MAX at the most (a test that
+        forgets to open it slows down, never hangs)."""
+        event = self.gates.setdefault(gate, asyncio.Event())
+        self.holding[gate] += 1
+        try:
+            async with asyncio.timeout(HOLD_MAX):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self.holding[gate] -= 1
+
+    def open_gate(self, gate: str) -> int:
+        """Open ``gate``: what it holds goes on, and later requests pass it. Returns how
+        many it held."""
+        self.gates.setdefault(gate, asyncio.Event()).set()
+        return self.holding[gate]
 
     def reset(self) -> None:
+        for event in self.gates.values():
+            event.set()  # release whatever is held
+        self.gates.clear()
         self.faults.clear()
         self.requests.clear()
         self.counters.clear()
@@ -183,6 +217,7 @@ class ControlState:
                          "refreshes_succeeded", "client_disconnects")
         }
         out["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
+        out["held"] = {gate: n for gate, n in sorted(self.holding.items()) if n}
         return out
 
 

@@ -1,5 +1,6 @@
-"""The sandbox control API under ``/__sandbox/`` (no auth): stats, faults, reset, the
-request log, the accepted credentials and the sandbox's own configuration."""
+"""The sandbox control API under ``/__sandbox/`` (no auth): stats, faults, gates for held
+requests, reset, the request log, the accepted credentials and the sandbox's own
+configuration."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ async def control_list_faults(request: web.Request) -> web.StreamResponse:
 async def control_clear_faults(request: web.Request) -> web.StreamResponse:
     request.app[STATE].control.faults.clear()
     return web.json_response({"active": []})
+
+
+async def control_open_gate(request: web.Request) -> web.StreamResponse:
+    """Open a gate: the requests a ``hold`` fault keeps there go on, and later ones pass."""
+    name = request.match_info["name"]
+    released = request.app[STATE].control.open_gate(name)
+    return web.json_response({"gate": name, "released": released})
 
 
 async def control_reset(request: web.Request) -> web.StreamResponse:

@@ -119,6 +119,8 @@ async def _faulted_or_handled(request: web.Request, handler: Handler, state: San
 async def _apply_fault(request: web.Request, handler: Handler, state: SandboxState,
                        kind: Kind, fault: Fault | None) -> web.StreamResponse:
     if fault is not None:
+        if fault.hold:
+            await state.control.hold(fault.hold)
         if fault.latency:
             await asyncio.sleep(fault.latency)
         if fault.drop:
@@ -202,6 +204,7 @@ def create_app(config: SandboxConfig | None = None,
     r.add_get("/__sandbox/requests", control_api.control_requests)
     r.add_get("/__sandbox/config", control_api.control_config)
     r.add_post("/__sandbox/credentials", control_api.control_credentials)
+    r.add_post("/__sandbox/gates/{name}", control_api.control_open_gate)
     return app
 
 
