@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import threading
 import time
 from typing import cast
 
@@ -154,6 +155,53 @@ async def test_channel_a_slow_reader_gets_every_big_message_in_order() -> None:
     assert not sender.closed
     sender.close()
     writer.close()
+
+
+async def test_channel_a_frozen_sender_never_cuts_off_a_reading_peer() -> None:
+    """The sender's own loop freezes longer than the stall (a paused container, a long
+    synchronous step) while its peer keeps reading: on waking, its overdue timer must not
+    take the peer for stalled. Judged by progress, everything arrives."""
+    ours, theirs = socket.socketpair()
+    overflowed: list[bool] = []
+    channel = await Channel.open(ours, peer="reader", stall=0.5,
+                                 on_overflow=lambda: overflowed.append(True))
+    got = [0]
+
+    def read() -> None:  # a peer that reads all the time, slowly, in a thread of its own
+        while data := theirs.recv(64 << 10):
+            got[0] += len(data)
+            time.sleep(0.002)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    total = 0
+    for i in range(4):
+        assert channel.send("idem_reply", {"id": i + 1}, b"x" * (8 << 20))
+        total += 8 << 20
+    await asyncio.sleep(0.2)
+    time.sleep(0.8)  # noqa: ASYNC251  (the point: the sender's loop is frozen, the peer reads)
+    await wait_until(lambda: got[0] >= total or overflowed, within=30)
+    assert not overflowed and not channel.closed
+    channel.close()
+    reader.join(5)
+    theirs.close()
+
+
+async def test_channel_messages_arrive_whole_and_in_order_and_flush_sends_them_all() -> None:
+    ours, theirs = socket.socketpair()
+    sender = await Channel.open(ours, peer="a")
+    receiver = await Channel.open(theirs, peer="b")
+    seen: list[Message] = []
+    serving = asyncio.ensure_future(receiver.serve(seen.append))
+    blob = b"y" * (8 << 20)
+    for i in range(3):
+        assert sender.send("idem_reply", {"id": i + 1}, blob)
+        assert sender.send("token", {"token": i})
+    await sender.flush(10.0)
+    await asyncio.wait_for(serving, 10)
+    assert [(m.kind, m.attachment == blob) for m in seen] == [
+        ("idem_reply", True), ("token", False)] * 3
+    assert [m.fields.get("token") for m in seen[1::2]] == [0, 1, 2]
 
 
 def _token(generation: int) -> Token:

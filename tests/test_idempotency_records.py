@@ -350,3 +350,30 @@ async def test_records_a_caller_who_leaves_during_its_claim_frees_the_key(
     finally:
         await gw.stop()
         await proxy.stop()
+
+
+async def test_records_a_claim_slower_than_the_leaders_deadline_sends_nothing(
+        sandbox: Sandbox, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    """The leader's deadline and its claim's lease start at one instant, before the claim:
+    a claim whose reply takes longer than the whole deadline (1 s here; the reply comes at
+    1.5 s, within Redis's 2 s socket timeout) is never led into a send after its lease: the
+    caller gets 503 and the retry books once."""
+    proxy = ReplyDropper(redis_server.port)
+    await proxy.start()
+    gw = await started(settings_for(sandbox, redis_url=proxy.url, idempotency_ttl="10s",
+                                    idempotency_wait="0.5s", token_wait_timeout="0.2s",
+                                    connect_timeout="0.2s", total_timeout="0.6s"))
+    try:
+        posts = booking_posts(sandbox)
+        proxy.delay_reply_to(b"NX", 1.5)
+        status, _, answer = await book(http, gw.url, "slow-claim")
+        assert proxy.delayed == 1
+        assert status == 503 and answer["error"]["code"] == "idempotency_unavailable"
+        assert booking_posts(sandbox) == posts  # nothing was sent
+        status, headers, _ = await book(http, gw.url, "slow-claim")
+        assert status == 201 and "Idempotent-Replayed" not in headers
+        assert booking_posts(sandbox) == posts + 1
+        assert sample(gw, "upstream_errors_total", kind="timeout") == 0  # not blamed upstream
+    finally:
+        await gw.stop()
+        await proxy.stop()

@@ -255,3 +255,5 @@ async def test_sandbox_a_held_request_waits_for_its_gate(
     assert (await stats(http, sandbox))["held"] == {}
     async with http.post(f"{sandbox.url}/__sandbox/faults", json={"hold": "no spaces"}) as resp:
         assert resp.status == 400
+    async with http.post(f"{sandbox.url}/__sandbox/gates/{'x' * 65}") as resp:
+        assert resp.status == 400

@@ -73,6 +73,9 @@ MAX_QUEUED: Final = 16 * 1024 * 1024
 STALL_AFTER: Final = 10.0
 #: Attachments are written this much at a time, each once the socket took the last.
 CHUNK: Final = 256 * 1024
+#: After a stall's wait runs out, how long the socket gets to show progress (a loop that was
+#: frozen runs its overdue timers before its I/O).
+_GRACE: Final = 0.05
 
 Fault = Literal["malformed", "overflow", "framing"]
 
@@ -175,28 +178,41 @@ class Channel:
                     continue
                 line, attachment = self._queue.popleft()
                 self._queued_lines -= len(line)
-                self._queued_attachments -= len(attachment)
                 writer.write(line)
                 view = memoryview(attachment)
                 for start in range(0, len(view), CHUNK):
                     if not await self._room():
                         return
-                    writer.write(view[start:start + CHUNK])
-                if not self._queue and not await self._room():
+                    piece = view[start:start + CHUNK]
+                    writer.write(piece)
+                    self._queued_attachments -= len(piece)
+                if not await self._room():  # lines too: at most about a chunk in the socket
                     return
         except (ConnectionError, RuntimeError, OSError):  # the peer is gone
             self.close()
 
     async def _room(self) -> bool:
         """Wait until the socket took most of what was written (False: the peer took
-        nothing for ``stall`` seconds, and the channel is closed as overflowed)."""
-        try:
-            async with asyncio.timeout(self._stall):
-                await self._writer.drain()
-        except TimeoutError:
-            self._overflowed(f"nothing taken for {self._stall:g}s")
-            return False
-        return not self.closed
+        nothing for ``stall`` seconds, and the channel is closed as overflowed).
+
+        A stall is judged by the peer's progress, not by this process's clock alone: when
+        the wait runs out (this loop may itself have been frozen meanwhile, its timers then
+        firing before its I/O), the socket gets :data:`_GRACE` to be written to, and any
+        progress since the wait began starts a new one."""
+        transport = self._writer.transport
+        while not self.closed:
+            before = transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(self._stall):
+                    await self._writer.drain()
+                return not self.closed
+            except TimeoutError:
+                await asyncio.sleep(_GRACE)  # let the I/O that waited behind the timer run
+                if not self.closed and transport.get_write_buffer_size() < before:
+                    continue  # it took something: a slow or paused reader, not a stalled one
+                self._overflowed(f"nothing taken for {self._stall:g}s")
+                return False
+        return False
 
     def _overflowed(self, why: str) -> None:
         log.error("a channel's peer stopped reading (%s): closing it", why,
@@ -293,6 +309,8 @@ class Channel:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(within):
                 await self._idle.wait()
+                self._writer.close()  # writes out what the transport still holds, then ends
+                await self._writer.wait_closed()
         self.close()
 
 

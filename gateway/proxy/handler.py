@@ -67,6 +67,7 @@ from gateway.proxy.idempotency import (
     LEASE_MARGIN,
     REPLAYED,
     IdempotencyInFlight,
+    IdempotencyUnavailable,
     Record,
     fingerprint,
     kept_headers,
@@ -376,7 +377,9 @@ class Proxy:
         key = storage_key(self._idempotency_scope, outcome.client, key_text)
         counted = gw.metrics.idempotency_requests
         for _ in range(CLAIM_ROUNDS):  # released while a repeat waited: claim it again
+            # The lease and the leader's deadline start at one instant, before the claim.
             claim = Record.claim(fp, rid, gw.clock.time() + self._lease)
+            until = asyncio.get_running_loop().time() + self._leader_deadline
             try:
                 record = await store.claim(key, claim, s.idempotency_ttl)
             except BaseException:  # it may have landed (the caller left meanwhile): free it
@@ -386,7 +389,7 @@ class Proxy:
             if record is None or record.owner == claim.owner:
                 counted.labels("new").inc()
                 outcome.idempotency = "new"
-                return await self._lead(request, rid, outcome, exchange, key, claim)
+                return await self._lead(request, rid, outcome, exchange, key, claim, until)
             if record.fingerprint == fp and record.in_flight_at(gw.clock.time()):
                 record = await store.wait(key, s.idempotency_wait)
                 if record is None:
@@ -426,11 +429,11 @@ class Proxy:
         return out
 
     async def _lead(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
-                    exchange: _Exchange, key: str, claim: Record) -> web.StreamResponse:
+                    exchange: _Exchange, key: str, claim: Record,
+                    until: float) -> web.StreamResponse:
         """Send the claimed request in a task of its own, shielded: if the caller leaves, the
         exchange still runs to its end (within the leader's deadline) and its answer is kept,
         so the caller's retry finds it."""
-        until = asyncio.get_running_loop().time() + self._leader_deadline
         task = asyncio.create_task(self._settle(exchange, key, claim, outcome, until))
         self._keep(task)
         try:
@@ -488,6 +491,7 @@ class Proxy:
         cut_off = False  # the deadline (or a shutdown) ended it, perhaps mid-exchange
         later = False  # the caller streams the rest of the answer, then settles the key
         upstream = gw.upstream
+        loop = asyncio.get_running_loop()
         try:
             try:  # a token (GATEWAY_TOKEN_WAIT_TIMEOUT), an upstream slot (the connect timeout)
                 async with asyncio.timeout(s.token_wait_timeout + s.connect_timeout):
@@ -499,7 +503,11 @@ class Proxy:
                                    "deadline") from None
             try:  # the exchange, from the first send (GATEWAY_TOTAL_TIMEOUT's own deadline)
                 async with asyncio.timeout_at(until):
-                    await store.sending(key, claim)
+                    # Checked by hand too: a Redis client may swallow the timeout's cancel.
+                    if loop.time() < until:
+                        await store.sending(key, claim)
+                    if loop.time() >= until:
+                        raise TimeoutError  # nothing sent yet: the claim is released
                     sending = True
                     resp = await self._send_upstream(exchange, token, _never, outcome)
                     state = settle_status(resp.status)
@@ -509,6 +517,10 @@ class Proxy:
                         body = await self._read_up_to(resp, limit)
             except TimeoutError:
                 cut_off = True
+                if not sending:  # the store took the deadline: nothing was sent
+                    raise IdempotencyUnavailable(
+                        "the Idempotency-Key store was too slow for the request's deadline: "
+                        "nothing was sent", retry_after=1.0) from None
                 gw.metrics.upstream_error("timeout")
                 raise UpstreamTimeout("the request's deadline passed") from None
             finally:

@@ -59,17 +59,15 @@ end
 return 0
 """
 #: Mark a claim "sending" only if it is still the caller's; its expiry is kept (PTTL, not
-#: KEEPTTL: Redis before 6.0 has no KEEPTTL).
+#: KEEPTTL: Redis before 6.0 has no KEEPTTL). A key without an expiry is never written.
 _MARK_SENDING: Final = """
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
   local left = redis.call('PTTL', KEYS[1])
   if left > 0 then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', left)
-  else
-    redis.call('SET', KEYS[1], ARGV[2])
+    return 1
   end
-  return 1
 end
 return 0
 """

@@ -20,7 +20,7 @@ from gateway.redact import fingerprint
 Kind = Literal["token", "refresh", "api"]
 Scope = Literal["any", "auth", "api"]
 _SCOPES = ("any", "auth", "api")
-_GATE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+GATE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: The longest a request waits at a closed gate.
 HOLD_MAX = 60.0
 
@@ -122,7 +122,7 @@ class Fault:
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
             raise ControlError("headers must be an object of header names to string values")
         hold = spec.get("hold")
-        if hold is not None and not (isinstance(hold, str) and _GATE.fullmatch(hold)):
+        if hold is not None and not (isinstance(hold, str) and GATE_NAME.fullmatch(hold)):
             raise ControlError("hold must be a gate name: 1 to 64 of A-Z a-z 0-9 _ . -")
         if status is None and not (drop or latency or reset or bare or headers or hold) and (
                 chunk is None):

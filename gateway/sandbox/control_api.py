@@ -7,7 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.redact import fingerprint
-from gateway.sandbox.control import ControlError, Fault
+from gateway.sandbox.control import GATE_NAME, ControlError, Fault
 from gateway.sandbox.state import STATE, error
 from gateway.sandbox.tokens import Credential
 
@@ -57,6 +57,8 @@ async def control_clear_faults(request: web.Request) -> web.StreamResponse:
 async def control_open_gate(request: web.Request) -> web.StreamResponse:
     """Open a gate: the requests a ``hold`` fault keeps there go on, and later ones pass."""
     name = request.match_info["name"]
+    if not GATE_NAME.fullmatch(name):
+        return error(400, "invalid_gate", "a gate name is 1 to 64 of A-Z a-z 0-9 _ . -")
     released = request.app[STATE].control.open_gate(name)
     return web.json_response({"gate": name, "released": released})
 
