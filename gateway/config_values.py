@@ -75,6 +75,23 @@ def parse_positive_duration(value: object) -> float:
     return seconds
 
 
+def duration_at_least(floor: float, *, zero_is_off: bool = False) -> Callable[[object], float]:
+    """A duration with a floor (``zero_is_off``: 0 is also taken, meaning off). A duration
+    that bounds another (a lease and the store calls within it, a poll, a retry back-off)
+    below its floor makes the bounded one impossible or floods what it calls."""
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds == 0 and zero_is_off:
+            return 0.0
+        if seconds < floor:
+            text = f"{floor * 1000:g}ms" if floor < 1 else f"{floor:g}s"
+            raise ValueError(f"must be at least {text}" + (" (or 0: off)" if zero_is_off
+                                                             else ""))
+        return seconds
+    parse.floor = floor  # type: ignore[attr-defined]
+    return parse
+
+
 def parse_size(value: object) -> int:
     """Bytes from ``65536``, ``64KiB``, ``100MiB``, ``1GiB``."""
     if isinstance(value, bool):

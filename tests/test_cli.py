@@ -261,3 +261,14 @@ async def test_cli_serve_probes_once_at_start_up_and_only_warns(
         await wait_until(lambda: "startup_probe_ok" in good.log.read_text())
     finally:
         assert await good.stop() == 0
+
+
+async def test_cli_a_lease_below_its_floor_is_refused_at_start_up() -> None:
+    """GATEWAY_REDIS_LEASE_TTL=1ms made every store call time out: exit 2, naming it."""
+    code, _, err = await run("serve", env=clean_env(
+        REPAIRY_BASE_URL="https://x.test", REPAIRY_APP_KEY="k", REPAIRY_APP_SECRET="s",
+        REPAIRY_PARTNER_ID="p", GATEWAY_REDIS_URL="redis://127.0.0.1:9",
+        GATEWAY_REDIS_LEASE_TTL="1ms"))
+    assert code == 2
+    assert err.strip() == ("repairy-gateway: invalid setting GATEWAY_REDIS_LEASE_TTL: must be "
+                           "at least 1s")

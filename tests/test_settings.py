@@ -198,3 +198,35 @@ def test_settings_docs_table_lists_every_setting() -> None:
     readme = (ROOT / "docs" / "settings.md").read_text()
     assert render_settings_table() in readme
     assert all(f"`{s.env}`" in readme for s in SPECS)
+
+
+#: Every duration that bounds another, with its floor (issue 20, part 3).
+FLOORS = {"GATEWAY_REDIS_LEASE_TTL": "1s", "GATEWAY_RENEW_RETRY_MIN": "50ms",
+          "GATEWAY_RENEW_RETRY_MAX": "500ms", "GATEWAY_LOGIN_RETRY_INTERVAL": "50ms",
+          "GATEWAY_SECRETS_POLL_INTERVAL": "50ms", "GATEWAY_AUTH_TIMEOUT": "100ms",
+          "GATEWAY_TOKEN_WAIT_TIMEOUT": "100ms", "GATEWAY_CONNECT_TIMEOUT": "50ms",
+          "GATEWAY_RETRY_BACKOFF_MIN": "10ms", "GATEWAY_RETRY_BUDGET_WINDOW": "1s",
+          "GATEWAY_BREAKER_WINDOW": "1s", "GATEWAY_BREAKER_COOLDOWN": "100ms",
+          "GATEWAY_PERSISTENT_401_COOLDOWN": "1s"}
+
+
+@pytest.mark.parametrize("env", sorted(FLOORS))
+def test_settings_durations_that_bound_others_have_floors(env: str) -> None:
+    """1 ms below the floor is refused naming the setting and the floor; the floor itself is
+    taken; the floor is in the documented meaning (docs/settings.md is rendered from it)."""
+    floor = FLOORS[env]
+    seconds = float(floor[:-2]) / 1000 if floor.endswith("ms") else float(floor[:-1])
+    extra = {"GATEWAY_REDIS_URL": "redis://127.0.0.1:6379"} if "REDIS" in env else {}
+    if env == "GATEWAY_RENEW_RETRY_MAX":
+        extra["GATEWAY_RENEW_RETRY_MIN"] = "50ms"
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, **extra, env: f"{seconds * 1000 - 1:g}ms"})
+    assert err.value.setting == env and f"at least {floor}" in err.value.problem
+    load_settings({**BASE, **extra, env: floor})
+    spec = next(s for s in SPECS if s.env == env)
+    assert f"At least {floor}." in spec.doc
+
+
+def test_settings_a_poll_interval_of_zero_stays_off() -> None:
+    assert load_settings({**BASE, "GATEWAY_SECRETS_POLL_INTERVAL": "0"}).secrets_poll_interval \
+        == 0
