@@ -131,7 +131,7 @@ def build_cache(s: Settings, clock: Clock, metrics: Metrics) -> GetCache:
         cache.shared = SharedCache(
             redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
                          timeout=0.5),
-            prefix=s.redis_key_prefix, scope=f"{s.base_url}|{s.partner_id}",
+            prefix=s.redis_key_prefix, scope=str(s.base_url),
             store_key=s.store_key, clock=clock,
             on_error=lambda op: metrics.cache_shared_errors.labels(op).inc())
     return cache

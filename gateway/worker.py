@@ -58,6 +58,12 @@ class RemoteTokens:
     def current(self) -> Token | None:
         return self._current
 
+    @property
+    def partner_id(self) -> str:
+        """The partner of the supervisor's latest token (it follows a rotation there)."""
+        tok = self._current
+        return self._s.partner_id if tok is None else tok.partner_id
+
     def ready(self) -> bool:
         return is_usable(self._current, self._clock.monotonic(), self._s.token_expiry_margin)
 

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from gateway.app import GatewayServer
+from gateway.proxy.cache import cache_key
 from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError
 from tests.fleet_helpers import RedisServer
@@ -238,7 +239,7 @@ async def test_cache_shared_never_writes_uncacheable_answers_and_survives_redis_
         await asyncio.sleep(0.2)
         assert await redis_values(redis_server, "*:cache:*") == []
         await redis_server.stop()
-        gw.state.cache.forget(f"GET {SERVICES}")
+        gw.state.cache.forget(cache_key(gw.settings.partner_id, SERVICES))
         async with http.get(gw.url + SERVICES) as resp:
             assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
         assert sample(gw, "cache_shared_errors_total", op="get") >= 1

@@ -1,14 +1,25 @@
 """The GET cache: read-mostly routes answered from memory, concurrent misses coalesced.
 
 Off by default; ``GATEWAY_CACHE_ROUTES`` turns it on per route pattern with a lifetime
-(``GET /workshops/*/services=60s``). Only answers that are safe to share are kept:
+(``GET /workshops/*/services=60s``). It follows RFC 9111's rules for a *shared* cache:
 
-* status 200 to a GET, with a known length within ``GATEWAY_CACHE_MAX_ENTRY``;
-* the upstream's ``Cache-Control`` allows it (``no-store``, ``private`` and ``no-cache`` keep
-  it out; ``max-age``/``s-maxage`` cap the configured lifetime); ``Vary: *`` keeps it out;
-* the key is the method, the raw path and query, plus the values of the headers the answer's
-  ``Vary`` names (the gateway never decompresses: a gzip body must never reach a caller that
-  did not accept it).
+* only status 200 to a GET, with a known length within ``GATEWAY_CACHE_MAX_ENTRY``;
+* never an answer with ``Set-Cookie``, nor one whose ``Cache-Control`` says ``no-store``,
+  ``private`` or ``no-cache`` (the gateway does not revalidate), nor ``Pragma: no-cache``
+  without ``Cache-Control``, nor ``Vary: *``; nor when the caller's request says ``no-store``;
+* the lifetime is the configured one, capped by ``s-maxage``, else ``max-age``, else
+  ``Expires`` minus ``Date`` (a past or invalid ``Expires``: not kept), less the ``Age`` the
+  upstream reports;
+* the key is the partner, the method, the raw path and query, and the values *sent upstream*
+  (all lines of each) of the headers the answer's ``Vary`` names; ``Vary`` on
+  ``Authorization`` or ``X-Partner-ID`` keys on the partner, never on the token: no token is
+  in any stored field. The gateway never decompresses: a gzip body must never reach a
+  caller that did not accept it.
+
+The one deliberate exception (docs/how-it-works.md lists it): RFC 9111 §3.5 keeps a shared
+cache from reusing an answer to a request with ``Authorization`` unless the answer says
+``public``; every request here carries the gateway's token, and the route's opt-in in
+``GATEWAY_CACHE_ROUTES`` stands in for ``public``.
 
 A HEAD is answered from the GET entry's head. Concurrent misses for one key make one upstream
 call (single flight): the others wait for it and are answered from what it stored (or go
@@ -28,6 +39,7 @@ import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -41,6 +53,10 @@ if TYPE_CHECKING:
 
 X_CACHE: Final = "X-Cache"
 _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d{1,10})\"?\s*(?=,|$)", re.I)
+_DIRECTIVE = re.compile(r"(?:^|,)\s*([a-z-]+)", re.I)
+#: Vary on our own credentials: keyed on the partner (part of every key), never the token.
+CREDENTIAL_HEADERS: Final = frozenset({"authorization", "x-partner-id"})
+PARTNER_VALUE: Final = "<partner>"
 _ENTRY_OVERHEAD: Final = 512  # bytes counted per entry beyond its body and headers
 
 
@@ -90,25 +106,71 @@ class CachedAnswer:
     size: int
 
 
-def answer_lifetime(headers: CIMultiDictProxy[str] | CIMultiDict[str],
-                    configured: float) -> float | None:
-    """How long the upstream lets a shared cache keep this answer (None: not at all)."""
-    control = ",".join(headers.getall("Cache-Control", [])).lower()
-    if any(word in control for word in ("no-store", "private", "no-cache")):
+def directives(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """The names of the ``Cache-Control`` directives, lower case, all lines."""
+    control = ",".join(headers.getall("Cache-Control", []))
+    return {m.group(1).lower() for m in _DIRECTIVE.finditer(control)}
+
+
+def answer_lifetime(headers: CIMultiDictProxy[str] | CIMultiDict[str], configured: float,
+                    now: float) -> float | None:
+    """How long a shared cache may keep this answer (None: not at all); ``now`` is the wall
+    clock, for ``Expires`` without ``Date``."""
+    if "Set-Cookie" in headers:
+        return None
+    words = directives(headers)
+    if words & {"no-store", "private", "no-cache"}:
+        return None
+    if "Cache-Control" not in headers and "no-cache" in ",".join(
+            headers.getall("Pragma", [])).lower():
         return None
     if "*" in [v.strip() for v in ",".join(headers.getall("Vary", [])).split(",")]:
         return None
+    control = ",".join(headers.getall("Cache-Control", []))
     ages = {m.group(1).lower(): int(m.group(2)) for m in _MAX_AGE.finditer(control)}
-    limit = ages.get("s-maxage", ages.get("max-age"))
-    ttl = configured if limit is None else min(configured, float(limit))
+    limit: float | None = ages.get("s-maxage", ages.get("max-age"))
+    if limit is None and "Expires" in headers:
+        expires = _http_date(headers.getone("Expires"))
+        if expires is None:
+            return None  # RFC 9111 §5.3: an invalid Expires is in the past
+        date = _http_date(headers.get("Date", "")) if "Date" in headers else None
+        limit = expires - (now if date is None else date)
+    ttl = configured if limit is None else min(configured, limit)
+    age = headers.get("Age", "").strip()
+    if age.isdigit():
+        ttl -= min(int(age), 10**9)
     return ttl if ttl > 0 else None
 
 
+def _http_date(text: str) -> float | None:
+    try:
+        when = parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.timestamp()
+
+
+def sent_values(names: tuple[str, ...],
+                sent: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[str | None, ...]:
+    """What was sent upstream of each header named in ``Vary``: all its lines joined (None:
+    absent); the partner, never the token, for our own credentials."""
+    out: list[str | None] = []
+    for name in names:
+        if name in CREDENTIAL_HEADERS:
+            out.append(PARTNER_VALUE)
+            continue
+        lines = sent.getall(name, [])
+        out.append(", ".join(v.strip() for v in lines) if lines else None)
+    return tuple(out)
+
+
 def matching(entry: CachedAnswer | None,
-             request_headers: CIMultiDictProxy[str]) -> CachedAnswer | None:
-    """``entry`` if it was stored for the values this request has of the ``Vary`` headers."""
-    if entry is None or tuple(request_headers.get(name) for name in entry.vary) != (
-            entry.vary_values):
+             sent: CIMultiDictProxy[str] | CIMultiDict[str]) -> CachedAnswer | None:
+    """``entry`` if it was stored for the values this request sends upstream of the ``Vary``
+    headers."""
+    if entry is None or sent_values(entry.vary, sent) != entry.vary_values:
         return None
     return entry
 
@@ -116,6 +178,11 @@ def matching(entry: CachedAnswer | None,
 def vary_names(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[str, ...]:
     names = {v.strip().lower() for v in ",".join(headers.getall("Vary", [])).split(",")}
     return tuple(sorted(n for n in names if n))
+
+
+def cache_key(partner: str, raw_path: str) -> str:
+    """The key of a GET: the partner is part of every key, local and shared."""
+    return f"{partner}\0GET {raw_path}"
 
 
 class GetCache:
@@ -151,20 +218,21 @@ class GetCache:
                 return rule
         return None
 
-    def lookup(self, key: str, request_headers: CIMultiDictProxy[str]) -> CachedAnswer | None:
-        return matching(self._store.get(key), request_headers)
+    def lookup(self, key: str, sent: CIMultiDict[str]) -> CachedAnswer | None:
+        """The entry for ``key`` stored for what this request sends upstream, or None."""
+        return matching(self._store.get(key), sent)
 
     def adopt(self, key: str, entry: CachedAnswer) -> None:
         """Keep an entry read from the fleet's layer (within this process's limits)."""
         self._store.put(key, entry)
 
     def store(self, key: str, rule: CacheRule, status: int, reason: str,
-              headers: CIMultiDict[str], body: bytes,
-              request_headers: CIMultiDictProxy[str]) -> bool:
-        """Keep a 200 answer if the upstream allows it; True if kept."""
+              headers: CIMultiDict[str], body: bytes, sent: CIMultiDict[str]) -> bool:
+        """Keep a 200 answer if the upstream allows it; True if kept. ``sent``: the headers
+        the request went upstream with (``Vary`` is judged on them)."""
         if status != 200 or len(body) > self.max_entry:
             return False
-        ttl = answer_lifetime(headers, rule.ttl)
+        ttl = answer_lifetime(headers, rule.ttl, self._clock.time())
         if ttl is None:
             return False
         vary = vary_names(headers)
@@ -172,7 +240,7 @@ class GetCache:
                      if k.lower() not in ("age", "x-cache", "x-request-id"))
         size = len(body) + sum(len(k) + len(v) for k, v in kept) + len(key) + _ENTRY_OVERHEAD
         entry = CachedAnswer(status, reason, kept, body, vary,
-                             tuple(request_headers.get(name) for name in vary),
+                             sent_values(vary, sent),
                              self._clock.time(), self._clock.monotonic() + ttl, size)
         if not self._store.put(key, entry):
             return False

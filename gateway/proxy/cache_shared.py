@@ -1,11 +1,11 @@
 """The GET cache's fleet layer: answers shared through Redis (``GATEWAY_CACHE_SHARED``).
 
 Beside each process's own cache (:mod:`gateway.proxy.cache`), a kept answer is also written to
-the fleet's Redis, ``<prefix>:cache:<digest of upstream, Partner ID and key>``, expiring with
-the answer (``PX``); a process that misses in memory reads it from there before going upstream,
-so one replica's upstream call serves the fleet. Entries are sealed with the store key when one
-is set. The layer never fails a request: Redis unreachable or an unreadable entry is a miss,
-counted (``cache_shared_errors_total``), and writes go out in the background, at most
+Redis, ``<prefix>:cache:<digest of upstream and key>`` (the key holds the partner), expiring
+with the answer (``PX``); a process that misses in memory reads it from there before going
+upstream, so one replica's upstream call serves the fleet. Entries are sealed with the store key
+when one is set. The layer never fails a request: Redis unreachable or an unreadable entry is a
+miss, counted (``cache_shared_errors_total``), and writes go out in the background, at most
 :data:`MAX_PENDING_WRITES` at once (the rest are dropped: the next miss writes again).
 """
 

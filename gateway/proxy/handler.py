@@ -51,7 +51,14 @@ from gateway.proxy.body import (
     check_declared_size,
     take_body,
 )
-from gateway.proxy.cache import X_CACHE, CachedAnswer, CacheRule, matching
+from gateway.proxy.cache import (
+    X_CACHE,
+    CachedAnswer,
+    CacheRule,
+    cache_key,
+    directives,
+    matching,
+)
 from gateway.proxy.headers import (
     REQUEST_ID,
     CachedResponse,
@@ -114,6 +121,7 @@ class _Outcome:
     cache: str | None = None  # HIT, MISS, COALESCED on cached routes
     cache_rule: CacheRule | None = None
     cache_key: str = ""
+    cache_sent: CIMultiDict[str] | None = None  # the headers sent upstream (for Vary)
     cache_leader: bool = False  # leads the single flight for cache_key (to land)
     source: str = "upstream"
     metrics: Metrics | None = None
@@ -155,9 +163,7 @@ class Proxy:
         s = state.settings
         self._auth_paths = (s.auth_token_path, s.auth_refresh_path)
         self._internal = frozenset({s.client_key_header.lower(), *s.strip_headers})
-        #: Idempotency-Keys are scoped per upstream and partner (not per App Key: a retry
-        #: across a credential rotation must still find its answer).
-        self._idempotency_scope = f"{s.base_url}|{s.partner_id}"
+        self._upstream = str(s.base_url)
         #: How long a leader may work on its key (it is cut off there), and the lease its
         #: claim carries: past it, repeats count a claim that was sending as "unknown".
         self._leader_deadline = leader_deadline(s.token_wait_timeout, s.connect_timeout,
@@ -265,8 +271,11 @@ class Proxy:
             if self._admit(request, outcome) and request.version == aiohttp.HttpVersion11 and (
                     request.body_exists):
                 send_continue(request)
+            headers = upstream_request_headers(
+                request.headers, rid, self._internal,
+                forwarded_for=(request.remote or "unix") if s.forwarded_headers else None)
             if gw.cache.enabled and request.method in _CACHEABLE:
-                cached = await self._cached(request, rid, outcome)
+                cached = await self._cached(request, rid, outcome, headers)
                 if cached is not None:
                     return cached
             idempotency_key = None
@@ -281,9 +290,6 @@ class Proxy:
             body = NO_BODY if not request.body_exists else await take_body(
                 request, reader, s.replay_body_limit)
             url = target_url(s.base_url, request.raw_path)
-            headers = upstream_request_headers(
-                request.headers, rid, self._internal,
-                forwarded_for=(request.remote or "unix") if s.forwarded_headers else None)
             if not body.replayable and request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
             if idempotency_key is not None:
@@ -374,7 +380,10 @@ class Proxy:
                                f"{s.replay_body_limit} bytes (GATEWAY_REPLAY_BODY_LIMIT)",
                                code="idempotency_body_too_large")
         fp = fingerprint(request.method, request.raw_path, data or b"")
-        key = storage_key(self._idempotency_scope, outcome.client, key_text)
+        # Scoped per upstream and partner, the current one (it follows a rotation), not per
+        # App Key: a retry across an App Key rotation must still find its answer.
+        scope = f"{self._upstream}|{self.state.tokens.partner_id}"
+        key = storage_key(scope, outcome.client, key_text)
         counted = gw.metrics.idempotency_requests
         for _ in range(CLAIM_ROUNDS):  # released while a repeat waited: claim it again
             # The lease and the leader's deadline start at one instant, before the claim.
@@ -591,34 +600,41 @@ class Proxy:
                                    "error": getattr(error, "code", type(error).__name__)
                                    if error else None}})
 
-    async def _cached(self, request: web.BaseRequest, rid: str,
-                      outcome: _Outcome) -> web.StreamResponse | None:
+    async def _cached(self, request: web.BaseRequest, rid: str, outcome: _Outcome,
+                      sent: CIMultiDict[str]) -> web.StreamResponse | None:
         """A cached route: the answer from the cache (a hit, or what a concurrent miss
-        stored), or None to go upstream (this caller then leads the single flight)."""
+        stored), or None to go upstream (this caller then leads the single flight).
+        ``sent``: the headers it goes upstream with (``Vary`` is judged on them)."""
         cache, metrics = self.state.cache, self.state.metrics
         rule = cache.rule_for(outcome.path)
         if rule is None:
             return None
-        outcome.cache_rule, outcome.cache_key = rule, f"GET {request.raw_path}"
-        if "no-cache" in request.headers.get("Cache-Control", "").lower():
+        outcome.cache_key = cache_key(self.state.tokens.partner_id, request.raw_path)
+        asked = directives(request.headers)
+        if "no-store" in asked:  # RFC 9111 §5.2.1.5: neither answered from nor stored
             metrics.cache_requests.labels("bypass").inc()
             outcome.cache = "MISS"
             return None
-        entry = cache.lookup(outcome.cache_key, request.headers)
+        outcome.cache_rule, outcome.cache_sent = rule, sent
+        if "no-cache" in asked or ("Cache-Control" not in request.headers and "no-cache" in
+                                   request.headers.get("Pragma", "").lower()):
+            metrics.cache_requests.labels("bypass").inc()
+            outcome.cache = "MISS"
+            return None
+        entry = cache.lookup(outcome.cache_key, sent)
         if entry is None and request.method == "GET":
             flight = cache.leader(outcome.cache_key)
             if flight is None:
                 outcome.cache_leader = True
                 if cache.shared is not None:  # another replica may have fetched it
-                    entry = matching(await cache.shared.get(outcome.cache_key),
-                                     request.headers)
+                    entry = matching(await cache.shared.get(outcome.cache_key), sent)
                     if entry is not None:
                         cache.adopt(outcome.cache_key, entry)
                         return await self._from_cache(request, entry, "HIT", rid, outcome,
                                                       "shared_hit")
             else:  # a miss for this key is on its way upstream: wait for what it stores
                 await asyncio.shield(flight)
-                entry = cache.lookup(outcome.cache_key, request.headers)
+                entry = cache.lookup(outcome.cache_key, sent)
                 if entry is not None:
                     return await self._from_cache(request, entry, "COALESCED", rid, outcome)
         if entry is not None:
@@ -730,11 +746,12 @@ class Proxy:
                      rid: str, outcome: _Outcome) -> web.StreamResponse:
         """An answer read whole, sent as one write."""
         out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
-        if outcome.cache_rule is not None:
-            if self.state.cache.store(outcome.cache_key, outcome.cache_rule, resp.status,
-                                      resp.reason or "", out.headers, body, request.headers):
-                self.state.metrics.cache_stored.inc()
-            out.headers[X_CACHE] = "MISS"
+        if outcome.cache_rule is not None and self.state.cache.store(
+                outcome.cache_key, outcome.cache_rule, resp.status, resp.reason or "",
+                out.headers, body, outcome.cache_sent or CIMultiDict()):
+            self.state.metrics.cache_stored.inc()
+        if outcome.cache is not None:
+            out.headers[X_CACHE] = outcome.cache
         if REQUEST_ID not in out.headers:
             out.headers[REQUEST_ID] = rid
         try:  # sent here, before the log line is made: that is the caller's latency

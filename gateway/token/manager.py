@@ -58,6 +58,12 @@ class TokenSource(Protocol):
     @property
     def current(self) -> Token | None: ...
 
+    @property
+    def partner_id(self) -> str:
+        """The partner of the current credentials (it follows a rotation): part of every
+        cache and Idempotency-Key scope."""
+        ...
+
     def usable(self) -> Token | None:
         """The current token if it is usable now (no waiting); else None: call :meth:`get`."""
         ...
@@ -150,6 +156,10 @@ class TokenManager:
             self._events.token_changed(initial)
 
     # -- the request path ----------------------------------------------------------------------
+    @property
+    def partner_id(self) -> str:
+        return self._s.partner_id
+
     def usable(self) -> Token | None:
         tok = self._state.token
         if tok is None:
