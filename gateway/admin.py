@@ -80,7 +80,8 @@ async def tokenz(request: web.Request) -> web.Response:
         "persistent_401_routes": gw.route_401.marked(),
         "store": None if gw.manager.fleet is None else {
             "replica": gw.manager.fleet.replica, "up": gw.manager.fleet.up,
-            "problem": gw.manager.fleet.problem, "renewed_by": gw.manager.fleet.renewed_by},
+            "problem": gw.manager.fleet.problem, "renewed_by": gw.manager.fleet.renewed_by,
+            "maxmemory_policy": gw.store_policy, "notes": list(gw.store_notes)},
         "last_renewal": {"at": _iso(st.last_renewal_wall), "outcome": st.last_outcome,
                          "error": st.last_error},
         "token": None,

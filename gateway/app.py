@@ -28,6 +28,7 @@ from gateway import __version__, logs
 from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
+from gateway.coordination.redis_policy import EvictingStore, check_store_policy
 from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
 from gateway.probe import probe
@@ -128,12 +129,15 @@ def build_cache(s: Settings, clock: Clock, metrics: Metrics) -> GetCache:
     metrics.cache_bytes.set_function(lambda: float(cache.stored_bytes))
     metrics.cache_entries.set_function(lambda: float(len(cache)))
     if s.cache_shared and s.cache_routes:
+        own = bool(s.cache_redis_url)  # a Redis of its own, else the fleet's
         cache.shared = SharedCache(
-            redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
-                         timeout=0.5),
+            redis_client(s.cache_redis_url if own else s.redis_url,
+                         password=s.cache_redis_password if own else s.redis_password,
+                         ca_file=s.redis_ca_file, timeout=0.5),
             prefix=s.redis_key_prefix, scope=str(s.base_url),
-            store_key=s.store_key, clock=clock,
-            on_error=lambda op: metrics.cache_shared_errors.labels(op).inc())
+            store_key=s.store_key, previous_key=s.store_key_previous, clock=clock,
+            on_error=lambda op: metrics.cache_shared_errors.labels(op).inc(),
+            max_bytes=s.cache_shared_max_bytes, on_evict=metrics.cache_shared_evictions.inc)
     return cache
 
 
@@ -159,7 +163,7 @@ def build_idempotency(s: Settings, clock: Clock, metrics: Metrics,
         client = redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
                               timeout=2.0)
         return RedisIdempotency(client, prefix=s.redis_key_prefix, store_key=s.store_key,
-                                clock=clock)
+                                previous_key=s.store_key_previous, clock=clock)
     if remote is not None:
         return remote
     return build_local_idempotency(s, clock, metrics)
@@ -280,6 +284,12 @@ class GatewayServer:
         except BaseException:
             listener.close()
             raise
+        try:
+            notes = await self._check_store_policy(s)
+        except BaseException:
+            listener.close()
+            admin_sock.close()
+            raise
         initial, persist = None, None
         fleet = self._fleet(s)
         if s.token_file and fleet is not None:
@@ -302,6 +312,7 @@ class GatewayServer:
         idempotency = (None if s.workers > 1 and s.redis_url
                        else build_idempotency(s, self.clock, self.metrics))
         self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing)
+        self._state.store_policy, self._state.store_notes = notes
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
@@ -343,6 +354,21 @@ class GatewayServer:
         else:
             host, port = listener.getsockname()[:2]
             self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    async def _check_store_policy(self, s: Settings) -> tuple[str | None, tuple[str, ...]]:
+        """The store's Redis must not evict booking records: its maxmemory-policy, read once
+        (an evicting one with Idempotency-Key routes on is a start-up error naming it)."""
+        if not s.redis_url:
+            return None, ()
+        client = redis_client(s.redis_url, password=s.redis_password, ca_file=s.redis_ca_file,
+                              timeout=2.0)
+        try:
+            verdict = await check_store_policy(client, bool(s.idempotency_routes))
+        except EvictingStore as exc:
+            raise SettingsError("GATEWAY_REDIS_URL", str(exc)) from None
+        finally:
+            await client.aclose()
+        return verdict.policy, (verdict.note,) if verdict.note else ()
 
     def _fleet(self, s: Settings) -> Fleet | None:
         """The shared token store, when GATEWAY_REDIS_URL is set (redis imported only then)."""

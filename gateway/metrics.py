@@ -124,6 +124,10 @@ class Metrics:
             "decode): each counted as a miss, never a failed request.", ["op"], registry=r)
         self.cache_stored = Counter(
             f"{NS}_cache_stored", "Answers the GET cache kept.", registry=r)
+        self.cache_shared_evictions = Counter(
+            f"{NS}_cache_shared_evictions", "Answers the shared GET cache dropped from Redis to "
+            "stay within GATEWAY_CACHE_SHARED_MAX_BYTES (the soonest to expire first).",
+            registry=r)
         self.cache_evictions = Counter(
             f"{NS}_cache_evictions", "Answers the GET cache dropped for room (not expiry).",
             registry=r)

@@ -210,8 +210,18 @@ SPECS: tuple[Spec, ...] = (
     _spec("cache_max_entry", "GATEWAY_CACHE_MAX_ENTRY", parse_size, "1MiB",
           "Largest answer body the GET cache keeps.", C),
     _spec("cache_shared", "GATEWAY_CACHE_SHARED", parse_bool, "false",
-          "Share the GET cache's answers through GATEWAY_REDIS_URL too, so one replica's "
-          "upstream call serves the fleet.", C),
+          "Share the GET cache's answers through Redis too (GATEWAY_CACHE_REDIS_URL, else "
+          "GATEWAY_REDIS_URL), so one replica's upstream call serves the fleet.", C),
+    _spec("cache_redis_url", "GATEWAY_CACHE_REDIS_URL", parse_redis_url, "",
+          "A Redis of its own for the shared GET cache (allkeys-lru is right for it); empty: "
+          "GATEWAY_REDIS_URL, beside the token and the Idempotency-Key records, within "
+          "GATEWAY_CACHE_SHARED_MAX_BYTES.", C),
+    _spec("cache_redis_password", "GATEWAY_CACHE_REDIS_PASSWORD", parse_optional_secret, "",
+          "Password of GATEWAY_CACHE_REDIS_URL (or GATEWAY_CACHE_REDIS_PASSWORD_FILE).", C, True),
+    _spec("cache_shared_max_bytes", "GATEWAY_CACHE_SHARED_MAX_BYTES", parse_size, "32MiB",
+          "Most memory the shared GET cache takes in Redis, for the whole fleet (entries, "
+          "keys and their index; the soonest to expire go first). At least 3 times "
+          "GATEWAY_CACHE_MAX_ENTRY.", C),
     _spec("idempotency_routes", "GATEWAY_IDEMPOTENCY_ROUTES", parse_idempotency_routes,
           "POST /bookings,POST /bookings/*/*",
           "Routes where a caller's Idempotency-Key is honoured, comma-separated "
@@ -299,6 +309,9 @@ SPECS: tuple[Spec, ...] = (
     _spec("store_key", "GATEWAY_STORE_KEY", parse_optional_secret, "",
           "Encrypt tokens in the store with this key (AES-GCM; or GATEWAY_STORE_KEY_FILE).", F,
           True),
+    _spec("store_key_previous", "GATEWAY_STORE_KEY_PREVIOUS", parse_optional_secret, "",
+          "An earlier store key, for reading only (or GATEWAY_STORE_KEY_PREVIOUS_FILE): the "
+          "first step of a store key rotation (docs/deployment.md).", F, True),
     _spec("listen", "GATEWAY_LISTEN", parse_listen, "127.0.0.1:8080",
           "Proxy listener: host:port, [v6]:port or unix:/path.", P),
     _spec("replay_body_limit", "GATEWAY_REPLAY_BODY_LIMIT", parse_size, "64KiB",
@@ -397,6 +410,9 @@ class Settings:
     cache_max_entries: int
     cache_max_entry: int
     cache_shared: bool
+    cache_redis_url: str
+    cache_redis_password: Secret | None
+    cache_shared_max_bytes: int
     idempotency_routes: tuple[IdempotencyRule, ...]
     idempotency_ttl: float
     idempotency_wait: float
@@ -431,6 +447,7 @@ class Settings:
     redis_lease_ttl: float
     redis_down_policy: str
     store_key: Secret | None
+    store_key_previous: Secret | None
     listen: ListenAddress
     replay_body_limit: int
     max_body_size: int
@@ -554,7 +571,8 @@ def _check_consistency(s: Settings) -> None:
     if s.renew_jitter_fraction >= s.renew_at_fraction:
         raise SettingsError("GATEWAY_RENEW_JITTER_FRACTION",
                             "must be below GATEWAY_RENEW_AT_FRACTION")
-    if (s.redis_password is not None or s.store_key is not None) and not s.redis_url:
+    if (s.redis_password is not None or s.store_key is not None) and not (
+            s.redis_url or s.cache_redis_url):
         raise SettingsError("GATEWAY_REDIS_URL", "GATEWAY_REDIS_PASSWORD / GATEWAY_STORE_KEY "
                             "are set, but no GATEWAY_REDIS_URL: set it, or drop them")
     if s.idempotency_max_body > 8 * 1024 * 1024:
@@ -573,9 +591,23 @@ def _check_consistency(s: Settings) -> None:
                             "GATEWAY_IDEMPOTENCY_WAIT + GATEWAY_TOKEN_WAIT_TIMEOUT + "
                             "GATEWAY_CONNECT_TIMEOUT + GATEWAY_TOTAL_TIMEOUT + 5s (a claim "
                             "must outlive its leader's lease and the repeats waiting on it)")
-    if s.cache_shared and not s.redis_url:
+    if s.cache_shared and not (s.redis_url or s.cache_redis_url):
         raise SettingsError("GATEWAY_CACHE_SHARED", "needs GATEWAY_REDIS_URL (the fleet's "
-                            "Redis) to share the cache through")
+                            "Redis) or GATEWAY_CACHE_REDIS_URL to share the cache through")
+    if (s.cache_redis_url or s.cache_redis_password is not None) and not s.cache_shared:
+        raise SettingsError("GATEWAY_CACHE_REDIS_URL", "is only used with "
+                            "GATEWAY_CACHE_SHARED=true: set it, or drop the cache's Redis")
+    if s.cache_redis_password is not None and not s.cache_redis_url:
+        raise SettingsError("GATEWAY_CACHE_REDIS_PASSWORD", "is set, but no "
+                            "GATEWAY_CACHE_REDIS_URL")
+    if s.cache_shared and s.cache_shared_max_bytes < 3 * s.cache_max_entry:
+        raise SettingsError("GATEWAY_CACHE_SHARED_MAX_BYTES", "must be at least 3 times "
+                            "GATEWAY_CACHE_MAX_ENTRY (an entry takes a third more in Redis)")
+    if s.store_key_previous is not None and s.store_key is None:
+        raise SettingsError("GATEWAY_STORE_KEY_PREVIOUS", "is a key for reading only: set "
+                            "GATEWAY_STORE_KEY (the key entries are written with) too")
+    if s.store_key_previous is not None and len(s.store_key_previous.reveal()) < 32:
+        raise SettingsError("GATEWAY_STORE_KEY_PREVIOUS", "must be at least 32 characters")
     if s.egress_proxy_password is not None and not URL(s.egress_proxy).user:
         raise SettingsError("GATEWAY_EGRESS_PROXY_PASSWORD", "is set, but GATEWAY_EGRESS_PROXY "
                             "names no user (http://user@proxy:3128)")

@@ -37,6 +37,10 @@ class GatewayState:
     #: OpenTelemetry spans (None: off, the default).
     tracing: Tracing | None = None
     draining: bool = False
+    #: The store's Redis: its maxmemory-policy as read at start-up (None: not read), and
+    #: what /tokenz should say about it.
+    store_policy: str | None = None
+    store_notes: tuple[str, ...] = ()
     #: With worker processes: their status, for /healthz.
     workers: Callable[[], list[dict[str, Any]]] | None = None
 

@@ -29,10 +29,11 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on a loopback port, no persistence; stop and start it again at will."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, args: tuple[str, ...] = ()) -> None:
         self.binary = require_binary("redis-server", "redis-server")
         self.port = free_port()
         self.password = password
+        self.args = args  # more redis-server options: --maxmemory 32mb ...
         self.dir = tempfile.mkdtemp(prefix="redis-")
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -45,6 +46,7 @@ class RedisServer:
                 "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + 10

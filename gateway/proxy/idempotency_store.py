@@ -218,11 +218,11 @@ class RedisStore:
     by owner before the error reaches the caller."""
 
     def __init__(self, redis: Redis, *, prefix: str, store_key: Secret | None,
-                 clock: Clock) -> None:
+                 clock: Clock, previous_key: Secret | None = None) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:idem:"
         self._clock = clock
-        self._sealer = (Sealer(store_key, "", info=b"idempotency-v1")
+        self._sealer = (Sealer(store_key, "", info=b"idempotency-v1", previous=previous_key)
                         if store_key is not None else None)
 
     def _encode(self, key: str, record: Record) -> str:

@@ -87,18 +87,29 @@ def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
     return hashlib.sha256(raw).hexdigest()[:24]
 
 
+class StoreKeyMismatch(StoreCorrupt):
+    """The entry is sealed with a store key this replica does not have (or sealed while it
+    has none, or plain while it has one): GATEWAY_STORE_KEY differs across the fleet."""
+
+
 class Sealer:
     """AES-GCM over the serialised state, keyed from the configured store key (HKDF with
-    ``info`` naming the use), ``owner`` (or ``aad``) bound as associated data."""
+    ``info`` naming the use), ``owner`` (or ``aad``) bound as associated data. ``previous``
+    (GATEWAY_STORE_KEY_PREVIOUS) opens what it sealed too, and never seals."""
 
-    def __init__(self, key: Secret, owner: str, info: bytes = b"token-state-v1") -> None:
+    def __init__(self, key: Secret, owner: str, info: bytes = b"token-state-v1",
+                 previous: Secret | None = None) -> None:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"repairy-gateway-store",
-                       info=info).derive(key.reveal().encode())
-        self._aead = AESGCM(derived)
+        def aead(secret: Secret) -> AESGCM:
+            return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32,
+                               salt=b"repairy-gateway-store",
+                               info=info).derive(secret.reveal().encode()))
+
+        self._aead = aead(key)
+        self._readers = [self._aead] + ([aead(previous)] if previous is not None else [])
         self._aad = owner.encode()
 
     def seal(self, data: bytes, aad: bytes | None = None) -> str:
@@ -110,12 +121,14 @@ class Sealer:
         from cryptography.exceptions import InvalidTag
 
         if not text.startswith("gcm:"):
-            raise StoreCorrupt("the stored state is not encrypted, but a store key is set")
+            raise StoreKeyMismatch("the stored state is not encrypted, but a store key is set")
         raw = base64.b64decode(text[4:])
-        try:
-            return self._aead.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
-        except InvalidTag:
-            raise StoreCorrupt("the stored state does not decrypt with this store key") from None
+        for reader in self._readers:
+            try:
+                return reader.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
+            except InvalidTag:
+                continue
+        raise StoreKeyMismatch("the stored state does not decrypt with this store key")
 
 
 def redis_client(url: str, *, password: Secret | None, ca_file: str, timeout: float) -> Redis:
@@ -144,9 +157,10 @@ class RedisStore:
     """The Redis side of the fleet protocol, for one owner."""
 
     def __init__(self, url: str, *, owner: str, prefix: str, password: Secret | None,
-                 ca_file: str, store_key: Secret | None, timeout: float) -> None:
+                 ca_file: str, store_key: Secret | None, timeout: float,
+                 previous_key: Secret | None = None) -> None:
         self._redis = redis_client(url, password=password, ca_file=ca_file, timeout=timeout)
-        self._prefix, self._store_key = prefix, store_key
+        self._prefix, self._store_key, self._previous_key = prefix, store_key, previous_key
         self.rekey(owner)
         #: This process's id in the fleet: who holds the lease, who renewed last.
         self.replica = f"{os.uname().nodename[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -157,7 +171,8 @@ class RedisStore:
         base = f"{self._prefix}:{owner}"
         self._state_key, self._lease_key, self._channel = (f"{base}:state", f"{base}:lease",
                                                            f"{base}:events")
-        self._sealer = Sealer(self._store_key, owner) if self._store_key is not None else None
+        self._sealer = (Sealer(self._store_key, owner, previous=self._previous_key)
+                        if self._store_key is not None else None)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -229,7 +244,8 @@ def store_for(settings: Settings, timeout: float) -> RedisStore:
     owner = owner_key(str(settings.base_url), settings.app_key.fingerprint, settings.partner_id)
     return RedisStore(settings.redis_url, owner=owner, prefix=settings.redis_key_prefix,
                       password=settings.redis_password, ca_file=settings.redis_ca_file,
-                      store_key=settings.store_key, timeout=timeout)
+                      store_key=settings.store_key, timeout=timeout,
+                      previous_key=settings.store_key_previous)
 
 
 def seal(sealer: Sealer | None, data: bytes, aad: bytes | None = None) -> str:
@@ -242,5 +258,5 @@ def unseal(sealer: Sealer | None, text: str, aad: bytes | None = None) -> bytes:
     if sealer is not None:
         return sealer.open(text, aad)
     if not text.startswith("plain:"):
-        raise StoreError("the stored state is encrypted, but no store key is set")
+        raise StoreKeyMismatch("the stored state is encrypted, but no store key is set")
     return text[len("plain:"):].encode()
