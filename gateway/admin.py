@@ -38,7 +38,11 @@ async def readyz(request: web.Request) -> web.Response:
     if gw.draining:
         reasons.append("draining: the gateway is shutting down")
     status = gw.manager.status()
-    if not status.usable:
+    fleet = gw.manager.fleet
+    if fleet is not None and fleet.key_mismatch:
+        reasons.append("store_key_mismatch: the fleet's token entry is sealed with another "
+                       "GATEWAY_STORE_KEY; fix this replica's key (it does not log in)")
+    elif not status.usable:
         if status.credentials_rejected:
             reasons.append("no usable token: Repairy rejected the credentials")
         elif status.blocked is not None:
@@ -55,7 +59,6 @@ async def readyz(request: web.Request) -> web.Response:
             reasons.append("no usable token yet")
     if reasons:
         return web.json_response({"ready": False, "reasons": reasons}, status=503)
-    fleet = gw.manager.fleet
     if fleet is not None and not fleet.up:
         # Not a failure: the token held keeps serving (a Redis blip must not empty every
         # Service at once).
@@ -81,6 +84,7 @@ async def tokenz(request: web.Request) -> web.Response:
         "store": None if gw.manager.fleet is None else {
             "replica": gw.manager.fleet.replica, "up": gw.manager.fleet.up,
             "problem": gw.manager.fleet.problem, "renewed_by": gw.manager.fleet.renewed_by,
+            "key_mismatch": gw.manager.fleet.key_mismatch,
             "maxmemory_policy": gw.store_policy, "notes": list(gw.store_notes)},
         "last_renewal": {"at": _iso(st.last_renewal_wall), "outcome": st.last_outcome,
                          "error": st.last_error},

@@ -43,7 +43,7 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
     clock = SystemClock()
     store = store_for(settings, timeout=2.0)
     try:
-        stored = await store.load()
+        stored = await store.load(settings.redis_lease_ttl)
     except StoreError as exc:
         out(f"check failed: the token store at GATEWAY_REDIS_URL: {exc}")
         return 1

@@ -173,6 +173,12 @@ class CredentialsRejected(TokenUnavailable):
     default_code = "credentials_rejected"
 
 
+class StoreKeyMismatch(TokenUnavailable):
+    """The fleet's token entry is live but sealed with another GATEWAY_STORE_KEY."""
+
+    default_code = "store_key_mismatch"
+
+
 class UpstreamError(GatewayError):
     status = 502
     default_code = "upstream_unreachable"

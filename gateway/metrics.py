@@ -80,6 +80,7 @@ class Metrics:
         #: Registered on the first report of a store (absent without one: a 0 would read as
         #: "down" on a dashboard).
         self.store_up: Gauge | None = None
+        self.store_key_mismatch: Gauge | None = None
         self.credential_reloads = Counter(
             f"{NS}_credential_reloads", "Credential file checks that found a change, by "
             "outcome (success: switched; failure: kept the old ones).", ["outcome"], registry=r)
@@ -234,6 +235,19 @@ class Metrics:
             self.store_up = Gauge(f"{NS}_store_up", "1 while the shared token store answers "
                                   "(0: down; absent without a store).", registry=self.registry)
         self.store_up.set(1 if up else 0)
+        self._mismatch_gauge()
+
+    def _mismatch_gauge(self) -> Gauge:
+        if self.store_key_mismatch is None:
+            self.store_key_mismatch = Gauge(
+                f"{NS}_store_key_mismatch", "1 while the fleet's token entry is live but "
+                "sealed with another GATEWAY_STORE_KEY (this replica answers 503 "
+                "store_key_mismatch and never logs in; absent without a store).",
+                registry=self.registry)
+        return self.store_key_mismatch
+
+    def key_mismatch(self, on: bool) -> None:
+        self._mismatch_gauge().set(1 if on else 0)
 
     # -- proxy (per request: label children are looked up once, then cached) -----------------
     def upstream_response(self, method: str, route: str, status: int, seconds: float) -> None:

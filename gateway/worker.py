@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
 from gateway.coordination.channel import Calls, Channel, Message
-from gateway.errors import CredentialsRejected, TokenUnavailable
+from gateway.errors import CredentialsRejected, StoreKeyMismatch, TokenUnavailable
 from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
@@ -115,8 +115,9 @@ class RemoteTokens:
         future = self._waiting.pop(newer_than, None)
         if future is None or future.done():
             return
-        cls = CredentialsRejected if doc.get("code") == "credentials_rejected" else (
-            TokenUnavailable)
+        code = str(doc.get("code") or "token_unavailable")
+        cls = {"credentials_rejected": CredentialsRejected,
+               "store_key_mismatch": StoreKeyMismatch}.get(code, TokenUnavailable)
         future.set_exception(cls(str(doc.get("message", "no usable access token")),
                                  retry_after=float(doc.get("retry_after") or 1.0)))
         future.exception()  # consumed here too: nobody may be waiting any more

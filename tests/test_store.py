@@ -16,7 +16,7 @@ from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import RenewalState
-from gateway.token.store import LEASE_LOST, OLDER, WRITTEN, RedisStore, StoreError
+from gateway.token.store import LEASE_LOST, LIVE, OLDER, WRITTEN, RedisStore, StoreError
 from gateway.token.value import Token
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for, wait_until
@@ -43,19 +43,21 @@ async def test_store_write_is_fenced_by_lease_and_generation(redis_server: Redis
     lease ran out cannot overwrite the newer token."""
     a, b = store(redis_server), store(redis_server)
     try:
-        assert await a.write(1, doc(1)) == LEASE_LOST  # no lease
+        assert await a.write(1, doc(1), 5.0) == LEASE_LOST  # no lease
         assert await a.acquire(0.2)
         assert await b.acquire(0.2) is False
-        assert await a.write(1, doc(1)) == WRITTEN
+        assert await a.write(1, doc(1), 5.0) == WRITTEN
         await asyncio.sleep(0.3)  # a pauses; its lease runs out
         assert await b.acquire(5)
-        assert await b.write(2, doc(2)) == WRITTEN
-        assert await a.write(2, doc(2)) == LEASE_LOST  # a wakes up: fenced
+        assert await b.write(2, doc(2), 5.0) == WRITTEN
+        assert await a.write(2, doc(2), 5.0) == LEASE_LOST  # a wakes up: fenced
         assert await a.extend(5) is False
-        assert await b.write(1, doc(1)) == OLDER  # backwards
-        assert await b.write(1, doc(1), force=True) == WRITTEN  # over an unreadable entry
-        assert await b.write(2, doc(2)) == WRITTEN
-        stored = await a.load()
+        assert await b.write(1, doc(1), 5.0) == OLDER  # backwards
+        assert await b.write(1, doc(1), 5.0, force=True) == LIVE  # b stamped it: live
+        await asyncio.sleep(0.05)
+        assert await b.write(1, doc(1), 0.01, force=True) == WRITTEN  # not live
+        assert await b.write(2, doc(2), 5.0) == WRITTEN
+        stored = await a.load(5.0)
         assert stored is not None and (stored.generation, stored.by) == (2, b.replica)
         await b.release()
         assert await a.acquire(1)
@@ -75,15 +77,15 @@ async def test_store_keys_are_per_owner_and_encrypted_when_keyed(
     client = await redis_server.client()
     try:
         assert await a.acquire(5)
-        assert await a.write(3, doc(3))
-        assert await other.load() is None
+        assert await a.write(3, doc(3), 5.0)
+        assert await other.load(5.0) is None
         blob = await client.hget("t:owner-a:state", "blob")
         assert blob.startswith("gcm:") and "access-token-3" not in blob
-        loaded = await a.load()
+        loaded = await a.load(5.0)
         assert loaded is not None and loaded.state["token"]["access"] == "access-token-3"
         for reader in (plain, wrong):
             with pytest.raises(StoreError):
-                await reader.load()
+                await reader.load(5.0)
     finally:
         await client.aclose()
         for s in (a, other, plain, wrong):
@@ -96,7 +98,7 @@ async def test_store_down_is_a_store_error(redis_server: RedisServer) -> None:
     await redis_server.stop()
     try:
         with pytest.raises(StoreError):
-            await s.load()
+            await s.load(5.0)
         with pytest.raises(StoreError):
             await s.acquire(1)
     finally:

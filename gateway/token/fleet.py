@@ -21,7 +21,16 @@ from typing import Final, Protocol
 from gateway.clock import Clock
 from gateway.token import renewal
 from gateway.token.renewal import RenewalPolicy, RenewalState
-from gateway.token.store import LEASE_LOST, WRITTEN, RedisStore, StoreCorrupt, StoreError
+from gateway.token.store import (
+    LEASE_LOST,
+    LIVE,
+    LIVE_TTLS,
+    WRITTEN,
+    RedisStore,
+    SealedWithAnotherKey,
+    StoreCorrupt,
+    StoreError,
+)
 from gateway.token.value import usable_until
 
 log = logging.getLogger("gateway.token")
@@ -32,8 +41,15 @@ LOCAL_SHARE: Final = 0.5
 MAX_RECONNECT: Final = 10.0
 
 
+class EntryUnreadable(Exception):
+    """The fleet's entry is live but sealed with another store key: this replica must not log
+    in (it would replace the fleet's token) until its GATEWAY_STORE_KEY is fixed."""
+
+
 class FleetEvents(Protocol):
     def adopted(self) -> None: ...
+
+    def key_mismatch(self, on: bool) -> None: ...
 
     def lease_wait(self) -> None: ...
 
@@ -44,6 +60,9 @@ class FleetEvents(Protocol):
 
 class _NoFleetEvents:
     def adopted(self) -> None:
+        pass
+
+    def key_mismatch(self, on: bool) -> None:
         pass
 
     def lease_wait(self) -> None:
@@ -95,6 +114,8 @@ class Fleet:
         self.local_renewals = 0  # during the current outage
         self.last_local = 0.0
         self.corrupt = False  # our entry is unreadable: the lease holder overwrites it
+        #: Our entry is live but sealed with another store key: never log in meanwhile.
+        self.key_mismatch = False
         self.problem: str | None = None
         self.renewed_by: str | None = None
         self.u = random.random()  # this replica's share of the jitter
@@ -129,20 +150,27 @@ class Fleet:
         """The fleet's state; None when there is none, or none we can read (logged, and the
         next lease holder overwrites it)."""
         try:
-            stored = await self.store.load()
+            stored = await self.store.load(self.lease_ttl)
+        except SealedWithAnotherKey as exc:
+            self._reached()
+            self._events.store_error("decode")
+            if exc.live:
+                self._mismatch(True, str(exc))
+                raise EntryUnreadable(str(exc)) from None
+            self._mismatch(False)
+            self._unreadable(exc)
+            return None
         except StoreCorrupt as exc:
             self._reached()
             self._events.store_error("decode")
-            if not self.corrupt:
-                log.error("ignoring an unreadable token store entry; it will be overwritten",
-                          extra={"fields": {"event": "store_entry_unreadable",
-                                            "error": str(exc)}})
-            self.corrupt = True
+            self._mismatch(False)
+            self._unreadable(exc)
             return None
         except StoreError as exc:
             self._down("load", exc)
             raise
         self._reached()
+        self._mismatch(False)
         self.corrupt = False
         if stored is None:
             return None
@@ -153,6 +181,27 @@ class Fleet:
             err = StoreError(f"the stored state is unreadable ({type(exc).__name__})")
             self._down("load", err)
             raise err from None
+
+    def _unreadable(self, exc: StoreError) -> None:
+        if not self.corrupt:
+            log.error("ignoring an unreadable token store entry that no replica has read for "
+                      "%d lease TTLs; it will be overwritten", LIVE_TTLS, extra={"fields": {
+                          "event": "store_entry_unreadable", "error": str(exc)}})
+        self.corrupt = True
+
+    def _mismatch(self, on: bool, why: str = "") -> None:
+        if on and not self.key_mismatch:
+            log.error("the fleet's token entry is sealed with another GATEWAY_STORE_KEY and "
+                      "another replica reads it: not logging in (that would replace the "
+                      "fleet's token); give this replica the fleet's GATEWAY_STORE_KEY (or "
+                      "the earlier one as GATEWAY_STORE_KEY_PREVIOUS)", extra={"fields": {
+                          "event": "store_key_mismatch", "error": why}})
+        elif not on and self.key_mismatch:
+            log.warning("the fleet's token entry is readable again", extra={"fields": {
+                "event": "store_key_match"}})
+        if on != self.key_mismatch:
+            self.key_mismatch = on
+            self._events.key_mismatch(on)
 
     async def acquire(self) -> bool:
         try:
@@ -181,15 +230,17 @@ class Fleet:
     async def write(self, state: RenewalState) -> bool:
         doc = renewal.to_dict(state, self._clock.monotonic(), self._clock.time())
         try:
-            result = await self.store.write(state.generation, doc, force=self.corrupt)
+            result = await self.store.write(state.generation, doc, self.lease_ttl,
+                                            force=self.corrupt)
         except StoreError as exc:
             self._down("write", exc)
             return False
         if result == WRITTEN:
             self.renewed_by, self.corrupt = self.replica, False
             return True
-        why = "the lease is no longer ours" if result == LEASE_LOST else (
-            "the store holds a newer generation")
+        why = {LEASE_LOST: "the lease is no longer ours",
+               LIVE: "another replica reads the entry we cannot (a store key mismatch)"}.get(
+            result, "the store holds a newer generation")
         log.warning("not writing the token: %s", why, extra={"fields": {
             "event": "store_write_fenced", "generation": state.generation,
             "lease_lost": result == LEASE_LOST}})

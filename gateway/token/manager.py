@@ -29,11 +29,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from gateway.clock import Clock
-from gateway.errors import AuthError, CredentialsRejected, TokenUnavailable
+from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
 from gateway.settings import Settings
 from gateway.token import renewal
 from gateway.token.auth_client import Exchange, token_from_exchange
-from gateway.token.fleet import Fleet, local_renewal_at
+from gateway.token.fleet import EntryUnreadable, Fleet, local_renewal_at
 from gateway.token.renewal import Failure, RenewalPolicy, RenewalState
 from gateway.token.store import StoreError, owner_key
 from gateway.token.value import RenewalKind, Token, is_usable, usable_until
@@ -162,7 +162,7 @@ class TokenManager:
 
     def usable(self) -> Token | None:
         tok = self._state.token
-        if tok is None:
+        if tok is None or self._mismatch():
             return None
         if tok is not self._usable_token:  # once per token, not per request
             self._usable_token = tok
@@ -172,11 +172,18 @@ class TokenManager:
     async def get(self, newer_than: int = 0) -> Token:
         """A usable token (of a generation above ``newer_than``), waiting (bounded) for the
         renewal under way if none is held; :class:`TokenUnavailable` when none can be had."""
+        if self._mismatch():
+            raise StoreKeyMismatch("the fleet's token is sealed with another "
+                                   "GATEWAY_STORE_KEY: this replica cannot use it",
+                                   retry_after=1.0)
         tok = self._state.token
         if tok is not None and tok.generation > newer_than and is_usable(
                 tok, self._clock.monotonic(), self._policy.margin):
             return tok
         return await self._wait_for_token(newer_than)
+
+    def _mismatch(self) -> bool:
+        return self._fleet is not None and self._fleet.key_mismatch
 
     async def _wait_for_token(self, newer_than: int) -> Token:
         deadline = self._clock.monotonic() + self._s.token_wait_timeout
@@ -226,7 +233,7 @@ class TokenManager:
         if self._fleet is not None:
             try:
                 shared = await self._fleet.load()
-            except StoreError:
+            except (StoreError, EntryUnreadable):
                 return False
             if shared is not None:
                 self._adopt(shared)
@@ -235,9 +242,10 @@ class TokenManager:
 
     # -- status --------------------------------------------------------------------------------
     def ready(self) -> bool:
-        """A usable token that the upstream has not refused."""
+        """A usable token that the upstream has not refused (and the fleet's, if any)."""
         st = self._state
-        return not st.stale and is_usable(st.token, self._clock.monotonic(), self._policy.margin)
+        return not st.stale and not self._mismatch() and is_usable(
+            st.token, self._clock.monotonic(), self._policy.margin)
 
     def status(self) -> TokenStatus:
         st = self._state
@@ -353,7 +361,7 @@ class TokenManager:
                 assert self._fleet is not None
                 if not await self._fleet.write(self._state):  # the result, token or back-off
                     # Fenced: someone else's result is the fleet's truth; adopt it.
-                    with contextlib.suppress(StoreError):
+                    with contextlib.suppress(StoreError, EntryUnreadable):
                         shared = await self._fleet.load()
                         if shared is not None:
                             self._adopt(shared)
@@ -445,6 +453,10 @@ class TokenManager:
                 shared = await fleet.load()  # it may have changed just before we got the lease
             except StoreError:
                 return self._store_down(kind)
+            except EntryUnreadable:  # sealed with another key and live: never log in
+                self._state = renewal.deferred(self._state,
+                                               self._clock.monotonic() + fleet.lease_ttl)
+                return None
             if shared is not None:
                 self._adopt(shared)
                 dead = shared.in_flight
@@ -507,7 +519,7 @@ class TokenManager:
             return  # the attempt under way reads the store itself
         try:
             shared = await fleet.load()
-        except StoreError:
+        except (StoreError, EntryUnreadable):
             return
         if self._task is not None:
             return
@@ -535,7 +547,7 @@ class TokenManager:
             if ours is not None and (shared is None or shared.token is None
                                      or ours.generation > shared.generation):
                 await fleet.write(renewal.ended(self._state))
-        except StoreError:
+        except (StoreError, EntryUnreadable):
             pass
         finally:
             await fleet.release()

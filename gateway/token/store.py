@@ -36,15 +36,34 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-#: Fence for writes: the lease must be ours, the generation must not go backwards.
-_WRITE: Final = """
+#: Redis's own clock, in ms (one clock for the whole fleet: no skew between replicas).
+_NOW: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+#: Fence for writes: the lease must be ours, the generation must not go backwards; a forced
+#: write (over an entry we cannot read) only while no reader has been seen for ARGV[6] ms.
+#: Every write stamps ``seen``.
+_WRITE: Final = _NOW + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') or 0
 local new = tonumber(ARGV[2])
-if new < current and ARGV[5] ~= '1' then return -1 end
-redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3], 'by', ARGV[4])
+if ARGV[5] == '1' then
+  local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '')
+  if seen and now - seen < tonumber(ARGV[6]) then return -2 end
+elseif new < current then return -1 end
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3], 'by', ARGV[4], 'seen', now)
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 return 1
+"""
+#: The entry and Redis's time, in one call.
+_LOAD: Final = _NOW + """
+return {now, redis.call('HGETALL', KEYS[1])}
+"""
+#: A replica that read the entry says so (only if it is still there).
+_SEEN: Final = _NOW + """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'seen', now) end
+return now
 """
 _EXTEND: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -69,7 +88,13 @@ class StoreCorrupt(StoreError):
 
 
 #: What a fenced write can answer.
-WRITTEN, LEASE_LOST, OLDER = 1, 0, -1
+WRITTEN, LEASE_LOST, OLDER, LIVE = 1, 0, -1, -2
+#: An entry is *live* while a replica that can read it has stamped ``seen`` within this many
+#: lease TTLs. Readers poll at least once a lease TTL and stamp at most once a lease TTL, so
+#: a fleet that reads it keeps ``seen`` under 2 lease TTLs old; 4 leaves a missed poll and a
+#: store timeout of slack. Past it, nobody running can read the entry, and it may be
+#: overwritten (through the lease): that is how a store key is switched on.
+LIVE_TTLS: Final = 4
 
 
 @dataclass(frozen=True)
@@ -87,9 +112,12 @@ def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
     return hashlib.sha256(raw).hexdigest()[:24]
 
 
-class StoreKeyMismatch(StoreCorrupt):
+class SealedWithAnotherKey(StoreCorrupt):
     """The entry is sealed with a store key this replica does not have (or sealed while it
-    has none, or plain while it has one): GATEWAY_STORE_KEY differs across the fleet."""
+    has none, or plain while it has one): GATEWAY_STORE_KEY differs across the fleet.
+    ``live``: a replica that can read it has been seen lately (never overwrite it then)."""
+
+    live = False
 
 
 class Sealer:
@@ -121,14 +149,16 @@ class Sealer:
         from cryptography.exceptions import InvalidTag
 
         if not text.startswith("gcm:"):
-            raise StoreKeyMismatch("the stored state is not encrypted, but a store key is set")
+            raise SealedWithAnotherKey("the stored state is not encrypted, but "
+                                       "GATEWAY_STORE_KEY is set")
         raw = base64.b64decode(text[4:])
         for reader in self._readers:
             try:
                 return reader.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
             except InvalidTag:
                 continue
-        raise StoreKeyMismatch("the stored state does not decrypt with this store key")
+        raise SealedWithAnotherKey("the stored state does not decrypt with this GATEWAY_STORE_KEY "
+                                   "(nor GATEWAY_STORE_KEY_PREVIOUS)")
 
 
 def redis_client(url: str, *, password: Secret | None, ca_file: str, timeout: float) -> Redis:
@@ -183,21 +213,33 @@ class RedisStore:
         except Exception as exc:  # connection, timeout, protocol: all "the store is down"
             raise StoreError(f"redis: {type(exc).__name__}") from None
 
-    async def load(self) -> Stored | None:
-        fields = await self._call(self._redis.hgetall(self._state_key))
+    async def load(self, lease_ttl: float) -> Stored | None:
+        """The entry (None: there is none). Read with this replica's keys, it is stamped
+        ``seen`` (at most once a lease TTL); else :class:`SealedWithAnotherKey`, ``live``
+        while another reader stamped it within :data:`LIVE_TTLS` lease TTLs."""
+        now, flat = await self._call(self._redis.eval(_LOAD, 1, self._state_key))
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
         if not fields:
             return None
+        seen = _number(fields.get("seen"))
         try:
             blob = fields["blob"]
-            data = unseal(self._sealer, blob)
+            try:
+                data = unseal(self._sealer, blob)
+            except SealedWithAnotherKey as exc:
+                exc.live = seen is not None and int(now) - seen < LIVE_TTLS * lease_ttl * 1000
+                raise
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("owner") != self.owner:
                 raise StoreCorrupt("the stored state belongs to another owner")
-            return Stored(int(fields["gen"]), doc["state"], str(fields.get("by", "")))
+            stored = Stored(int(fields["gen"]), doc["state"], str(fields.get("by", "")))
         except StoreError:
             raise
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreCorrupt(f"the stored state is unreadable ({type(exc).__name__})") from None
+        if seen is None or int(now) - seen >= lease_ttl * 1000:  # read: say so
+            await self._call(self._redis.eval(_SEEN, 1, self._state_key))
+        return stored
 
     async def acquire(self, ttl: float) -> bool:
         result = await self._call(self._redis.set(self._lease_key, self.replica, nx=True,
@@ -212,15 +254,17 @@ class RedisStore:
     async def release(self) -> None:
         await self._call(self._redis.eval(_RELEASE, 1, self._lease_key, self.replica))
 
-    async def write(self, generation: int, state: dict[str, Any], force: bool = False) -> int:
+    async def write(self, generation: int, state: dict[str, Any], lease_ttl: float,
+                    force: bool = False) -> int:
         """Write the state, fenced: :data:`WRITTEN`, or :data:`LEASE_LOST` if the lease is no
         longer ours, or :data:`OLDER` if the store holds a newer generation (``force``: write
-        over it anyway, for an entry nobody can read)."""
+        over an entry we cannot read, unless it is live: :data:`LIVE`)."""
         data = json.dumps({"owner": self.owner, "state": state}).encode()
         blob = seal(self._sealer, data)
         result = await self._call(self._redis.eval(
             _WRITE, 3, self._state_key, self._lease_key, self._channel, self.replica,
-            str(generation), blob, self.replica, "1" if force else "0"))
+            str(generation), blob, self.replica, "1" if force else "0",
+            str(int(LIVE_TTLS * lease_ttl * 1000))))
         return int(result)
 
     async def notifications(self) -> AsyncIterator[None]:
@@ -258,5 +302,13 @@ def unseal(sealer: Sealer | None, text: str, aad: bytes | None = None) -> bytes:
     if sealer is not None:
         return sealer.open(text, aad)
     if not text.startswith("plain:"):
-        raise StoreKeyMismatch("the stored state is encrypted, but no store key is set")
+        raise SealedWithAnotherKey("the stored state is encrypted, but GATEWAY_STORE_KEY is not "
+                                   "set")
     return text[len("plain:"):].encode()
+
+
+def _number(text: object) -> int | None:
+    try:
+        return int(str(text))
+    except ValueError:
+        return None
