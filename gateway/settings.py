@@ -310,8 +310,9 @@ SPECS: tuple[Spec, ...] = (
           "Encrypt tokens in the store with this key (AES-GCM; or GATEWAY_STORE_KEY_FILE).", F,
           True),
     _spec("store_key_previous", "GATEWAY_STORE_KEY_PREVIOUS", parse_optional_secret, "",
-          "An earlier store key, for reading only (or GATEWAY_STORE_KEY_PREVIOUS_FILE): the "
-          "first step of a store key rotation (docs/deployment.md).", F, True),
+          "Another store key, for reading only (or GATEWAY_STORE_KEY_PREVIOUS_FILE); 'plain' "
+          "reads entries written without a key. For the steps of a store key rotation "
+          "(docs/deployment.md).", F, True),
     _spec("listen", "GATEWAY_LISTEN", parse_listen, "127.0.0.1:8080",
           "Proxy listener: host:port, [v6]:port or unix:/path.", P),
     _spec("replay_body_limit", "GATEWAY_REPLAY_BODY_LIMIT", parse_size, "64KiB",
@@ -571,8 +572,8 @@ def _check_consistency(s: Settings) -> None:
     if s.renew_jitter_fraction >= s.renew_at_fraction:
         raise SettingsError("GATEWAY_RENEW_JITTER_FRACTION",
                             "must be below GATEWAY_RENEW_AT_FRACTION")
-    if (s.redis_password is not None or s.store_key is not None) and not (
-            s.redis_url or s.cache_redis_url):
+    if (s.redis_password is not None or s.store_key is not None
+            or s.store_key_previous is not None) and not (s.redis_url or s.cache_redis_url):
         raise SettingsError("GATEWAY_REDIS_URL", "GATEWAY_REDIS_PASSWORD / GATEWAY_STORE_KEY "
                             "are set, but no GATEWAY_REDIS_URL: set it, or drop them")
     if s.idempotency_max_body > 8 * 1024 * 1024:
@@ -603,11 +604,14 @@ def _check_consistency(s: Settings) -> None:
     if s.cache_shared and s.cache_shared_max_bytes < 3 * s.cache_max_entry:
         raise SettingsError("GATEWAY_CACHE_SHARED_MAX_BYTES", "must be at least 3 times "
                             "GATEWAY_CACHE_MAX_ENTRY (an entry takes a third more in Redis)")
-    if s.store_key_previous is not None and s.store_key is None:
-        raise SettingsError("GATEWAY_STORE_KEY_PREVIOUS", "is a key for reading only: set "
-                            "GATEWAY_STORE_KEY (the key entries are written with) too")
-    if s.store_key_previous is not None and len(s.store_key_previous.reveal()) < 32:
-        raise SettingsError("GATEWAY_STORE_KEY_PREVIOUS", "must be at least 32 characters")
+    previous = None if s.store_key_previous is None else s.store_key_previous.reveal()
+    if previous == "plain" and s.store_key is None:
+        raise SettingsError("GATEWAY_STORE_KEY_PREVIOUS", "'plain' reads entries written "
+                            "without a key, which a gateway without GATEWAY_STORE_KEY does "
+                            "anyway: drop it")
+    if previous is not None and previous != "plain" and len(previous) < 32:
+        raise SettingsError("GATEWAY_STORE_KEY_PREVIOUS", "must be at least 32 characters, "
+                            "or 'plain'")
     if s.egress_proxy_password is not None and not URL(s.egress_proxy).user:
         raise SettingsError("GATEWAY_EGRESS_PROXY_PASSWORD", "is set, but GATEWAY_EGRESS_PROXY "
                             "names no user (http://user@proxy:3128)")

@@ -16,15 +16,25 @@ from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import RenewalState
-from gateway.token.store import LEASE_LOST, LIVE, OLDER, WRITTEN, RedisStore, StoreError
+from gateway.token.store import (
+    LEASE_LOST,
+    LIVE,
+    OLDER,
+    WRITTEN,
+    RedisStore,
+    SealedWithAnotherKey,
+    StoreError,
+)
 from gateway.token.value import Token
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for, wait_until
 
 
-def store(server: RedisServer, owner: str = "owner-a", key: str | None = None) -> RedisStore:
+def store(server: RedisServer, owner: str = "owner-a", key: str | None = None,
+          previous: str | None = None) -> RedisStore:
     return RedisStore(server.url, owner=owner, prefix="t", password=None, ca_file="",
-                      store_key=Secret(key) if key else None, timeout=1.0)
+                      store_key=Secret(key) if key else None, timeout=1.0,
+                      previous_key=Secret(previous) if previous else None)
 
 
 def tok(generation: int, access: str = "access-token-") -> Token:
@@ -54,8 +64,12 @@ async def test_store_write_is_fenced_by_lease_and_generation(redis_server: Redis
         assert await a.extend(5) is False
         assert await b.write(1, doc(1), 5.0) == OLDER  # backwards
         assert await b.write(1, doc(1), 5.0, force=True) == LIVE  # b stamped it: live
-        await asyncio.sleep(0.05)
-        assert await b.write(1, doc(1), 0.01, force=True) == WRITTEN  # not live
+        client = await redis_server.client()
+        try:  # the stamp runs out (nobody read it for 4 of the stamper's lease TTLs)
+            await client.hset("t:owner-a:state", "live", "1")
+        finally:
+            await client.aclose()
+        assert await b.write(1, doc(1), 5.0, force=True) == WRITTEN  # not live: overwritten
         assert await b.write(2, doc(2), 5.0) == WRITTEN
         stored = await a.load(5.0)
         assert stored is not None and (stored.generation, stored.by) == (2, b.replica)
@@ -153,3 +167,34 @@ async def test_store_fleet_of_50_makes_one_auth_call_per_window(
     # 8-11 s of 3 s tokens renewed at ~70-80 %: one per window, never one per manager.
     assert 2 <= counters["refresh_requests"] <= 5
     assert len(tokens) == 1 and None not in tokens
+
+
+async def test_store_key_steps_read_what_the_other_step_wrote(redis_server: RedisServer) -> None:
+    """The steps of switching a store key on, rotating it and switching it off: in each, a
+    replica of either step reads what the other wrote (GATEWAY_STORE_KEY_PREVIOUS); without
+    the reading key it is a mismatch (SealedWithAnotherKey), never read as absent."""
+    new, old = "n" * 40, "o" * 40
+    steps = [  # (writer's key, previous), (reader's key, previous)
+        ((None, new), (new, "plain")),  # switching on: step 1 writes plain, step 2 reads it
+        ((new, "plain"), (None, new)),  # ... and step 1 reads step 2's sealed entries
+        ((old, new), (new, old)),  # rotating: both ways
+        ((new, old), (old, new)),
+        ((old, "plain"), (None, old)),  # switching off
+        ((None, old), (old, "plain")),
+    ]
+    for n, ((wkey, wprev), (rkey, rprev)) in enumerate(steps):
+        owner = f"steps-{n}"
+        writer, reader = store(redis_server, owner, wkey, wprev), store(redis_server, owner,
+                                                                         rkey, rprev)
+        bare = store(redis_server, owner, rkey)
+        try:
+            assert await writer.acquire(5)
+            assert await writer.write(n + 1, doc(n + 1), 5.0) == WRITTEN
+            loaded = await reader.load(5.0)
+            assert loaded is not None and loaded.generation == n + 1, n
+            if rkey is not None and (wkey != rkey):
+                with pytest.raises(SealedWithAnotherKey):
+                    await bare.load(5.0)
+        finally:
+            for s in (writer, reader, bare):
+                await s.close()

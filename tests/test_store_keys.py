@@ -60,10 +60,11 @@ async def answers(http: aiohttp.ClientSession, gw: GatewayProcess,
     return found
 
 
-async def misconfiguration(http: aiohttp.ClientSession, access_ttl: float) -> None:
+async def misconfiguration(http: aiohttp.ClientSession, access_ttl: float,
+                           **wrong_env: str) -> None:
     """Two replicas with different store keys on one Redis, for 20 s: one login in the fleet,
-    the right one serves every request, the wrong one answers only 503 store_key_mismatch
-    (and says so on /readyz, /tokenz, /metrics and in its log)."""
+    the right one serves every request, the wrong one (``wrong_env`` added) answers only 503
+    store_key_mismatch (and says so on /readyz, /tokenz, /metrics and in its log)."""
     redis = RedisServer()
     await redis.start()
     try:
@@ -71,7 +72,7 @@ async def misconfiguration(http: aiohttp.ClientSession, access_ttl: float) -> No
             right = GatewayProcess(sb, {"GATEWAY_REDIS_URL": redis.url,
                                         "GATEWAY_STORE_KEY": KEY_A})
             wrong = GatewayProcess(sb, {"GATEWAY_REDIS_URL": redis.url,
-                                        "GATEWAY_STORE_KEY": KEY_B})
+                                        "GATEWAY_STORE_KEY": KEY_B, **wrong_env})
             await right.start()
             try:
                 await right.ready(http)
@@ -104,8 +105,12 @@ async def misconfiguration(http: aiohttp.ClientSession, access_ttl: float) -> No
 async def test_a_replica_with_another_store_key_never_logs_in(
         http: aiohttp.ClientSession) -> None:
     """The issue's numbers, with 6 s tokens (refreshed during the run) and with 48 h tokens,
-    side by side."""
-    await asyncio.gather(misconfiguration(http, 6.0), misconfiguration(http, 48 * 3600.0))
+    side by side. With 48 h tokens the right replica writes nothing during the run (only its
+    reads keep the entry live), and the wrong one has two worker processes and a lease TTL of
+    1 s against the right one's 5 s: it must not judge the entry by its own, shorter, lease."""
+    await asyncio.gather(misconfiguration(http, 6.0),
+                         misconfiguration(http, 48 * 3600.0, GATEWAY_WORKERS="2",
+                                          GATEWAY_REDIS_LEASE_TTL="1s"))
 
 
 async def test_an_entry_nobody_reads_is_taken_over_and_a_previous_key_reads(

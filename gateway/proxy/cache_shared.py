@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 from gateway.clock import Clock
 from gateway.proxy.cache import CachedAnswer
 from gateway.redact import Secret
-from gateway.token.store import Sealer, seal, unseal
+from gateway.token.store import seal, sealer_for, unseal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -95,8 +95,7 @@ class SharedCache:
         self._scope = scope
         self._clock = clock
         self._on_error = on_error
-        self._sealer = (Sealer(store_key, "", info=b"get-cache-v1", previous=previous_key)
-                        if store_key is not None else None)
+        self._sealer = sealer_for(store_key, previous_key, info=b"get-cache-v1")
         self._writes: set[asyncio.Task[None]] = set()
 
     def _name(self, key: str) -> str:

@@ -38,7 +38,7 @@ from gateway.coordination.channel import Calls, ChannelClosed, Message
 from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
 from gateway.redact import Secret
-from gateway.token.store import Sealer, seal, unseal
+from gateway.token.store import seal, sealer_for, unseal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -222,8 +222,7 @@ class RedisStore:
         self._redis = redis
         self._prefix = f"{prefix}:idem:"
         self._clock = clock
-        self._sealer = (Sealer(store_key, "", info=b"idempotency-v1", previous=previous_key)
-                        if store_key is not None else None)
+        self._sealer = sealer_for(store_key, previous_key, info=b"idempotency-v1")
 
     def _encode(self, key: str, record: Record) -> str:
         data = json.dumps(record.to_dict(), separators=(",", ":")).encode()

@@ -41,18 +41,26 @@ _NOW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+#: A reader's stamp: ``seen`` (now) and ``live`` (until when the entry counts as read: the
+#: later of what is there and now + ARGV[n] ms, the stamping replica's own window, so a
+#: replica with a shorter lease TTL never judges a slower fleet's entry dead).
+_STAMP: Final = """
+local live = tonumber(redis.call('HGET', KEYS[1], 'live') or '') or 0
+redis.call('HSET', KEYS[1], 'seen', now, 'live', math.max(live, now + tonumber(ARGV[%d])))
+"""
 #: Fence for writes: the lease must be ours, the generation must not go backwards; a forced
-#: write (over an entry we cannot read) only while no reader has been seen for ARGV[6] ms.
-#: Every write stamps ``seen``.
+#: write (over an entry we cannot read) only once its ``live`` stamp has passed. Every write
+#: stamps it.
 _WRITE: Final = _NOW + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') or 0
 local new = tonumber(ARGV[2])
 if ARGV[5] == '1' then
-  local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '')
-  if seen and now - seen < tonumber(ARGV[6]) then return -2 end
+  local live = tonumber(redis.call('HGET', KEYS[1], 'live') or '')
+  if live and now < live then return -2 end
 elseif new < current then return -1 end
-redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3], 'by', ARGV[4], 'seen', now)
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3], 'by', ARGV[4])
+""" + _STAMP % 6 + """
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 return 1
 """
@@ -62,8 +70,9 @@ return {now, redis.call('HGETALL', KEYS[1])}
 """
 #: A replica that read the entry says so (only if it is still there).
 _SEEN: Final = _NOW + """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'seen', now) end
-return now
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+""" + _STAMP % 1 + """
+return 1
 """
 _EXTEND: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -89,7 +98,7 @@ class StoreCorrupt(StoreError):
 
 #: What a fenced write can answer.
 WRITTEN, LEASE_LOST, OLDER, LIVE = 1, 0, -1, -2
-#: An entry is *live* while a replica that can read it has stamped ``seen`` within this many
+#: An entry is *live* while a replica that can read it has stamped it within this many of its
 #: lease TTLs. Readers poll at least once a lease TTL and stamp at most once a lease TTL, so
 #: a fleet that reads it keeps ``seen`` under 2 lease TTLs old; 4 leaves a missed poll and a
 #: store timeout of slack. Past it, nobody running can read the entry, and it may be
@@ -122,10 +131,13 @@ class SealedWithAnotherKey(StoreCorrupt):
 
 class Sealer:
     """AES-GCM over the serialised state, keyed from the configured store key (HKDF with
-    ``info`` naming the use), ``owner`` (or ``aad``) bound as associated data. ``previous``
-    (GATEWAY_STORE_KEY_PREVIOUS) opens what it sealed too, and never seals."""
+    ``info`` naming the use), ``owner`` (or ``aad``) bound as associated data.
 
-    def __init__(self, key: Secret, owner: str, info: bytes = b"token-state-v1",
+    ``key`` seals what is written (None: written in clear, ``plain:``). ``previous``
+    (GATEWAY_STORE_KEY_PREVIOUS) only opens: what another key sealed, or, given as
+    :data:`PLAIN`, what was written in clear (the steps of switching a key on or off)."""
+
+    def __init__(self, key: Secret | None, owner: str, info: bytes = b"token-state-v1",
                  previous: Secret | None = None) -> None:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -136,11 +148,16 @@ class Sealer:
                                salt=b"repairy-gateway-store",
                                info=info).derive(secret.reveal().encode()))
 
-        self._aead = aead(key)
-        self._readers = [self._aead] + ([aead(previous)] if previous is not None else [])
+        plain_previous = previous is not None and previous.reveal() == PLAIN
+        self._aead = aead(key) if key is not None else None
+        self._readers = ([self._aead] if self._aead is not None else []) + (
+            [aead(previous)] if previous is not None and not plain_previous else [])
+        self.reads_plain = key is None or plain_previous
         self._aad = owner.encode()
 
     def seal(self, data: bytes, aad: bytes | None = None) -> str:
+        if self._aead is None:
+            return "plain:" + data.decode()
         nonce = os.urandom(12)
         sealed = nonce + self._aead.encrypt(nonce, data, self._aad if aad is None else aad)
         return "gcm:" + base64.b64encode(sealed).decode()
@@ -148,17 +165,33 @@ class Sealer:
     def open(self, text: str, aad: bytes | None = None) -> bytes:
         from cryptography.exceptions import InvalidTag
 
+        if text.startswith("plain:"):
+            if not self.reads_plain:
+                raise SealedWithAnotherKey("the stored state is not encrypted, but "
+                                           "GATEWAY_STORE_KEY is set")
+            return text[len("plain:"):].encode()
         if not text.startswith("gcm:"):
-            raise SealedWithAnotherKey("the stored state is not encrypted, but "
-                                       "GATEWAY_STORE_KEY is set")
+            raise StoreCorrupt("the stored state is neither sealed nor plain")
         raw = base64.b64decode(text[4:])
         for reader in self._readers:
             try:
                 return reader.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
             except InvalidTag:
                 continue
-        raise SealedWithAnotherKey("the stored state does not decrypt with this GATEWAY_STORE_KEY "
-                                   "(nor GATEWAY_STORE_KEY_PREVIOUS)")
+        raise SealedWithAnotherKey("the stored state does not decrypt with this "
+                                   "GATEWAY_STORE_KEY (nor GATEWAY_STORE_KEY_PREVIOUS)")
+
+
+#: GATEWAY_STORE_KEY_PREVIOUS=plain: also read what was written without a store key.
+PLAIN: Final = "plain"
+
+
+def sealer_for(key: Secret | None, previous: Secret | None, owner: str = "",
+               info: bytes = b"token-state-v1") -> Sealer | None:
+    """The sealer of these keys (None: no key at all, everything in clear)."""
+    if key is None and previous is None:
+        return None
+    return Sealer(key, owner, info, previous)
 
 
 def redis_client(url: str, *, password: Secret | None, ca_file: str, timeout: float) -> Redis:
@@ -201,8 +234,7 @@ class RedisStore:
         base = f"{self._prefix}:{owner}"
         self._state_key, self._lease_key, self._channel = (f"{base}:state", f"{base}:lease",
                                                            f"{base}:events")
-        self._sealer = (Sealer(self._store_key, owner, previous=self._previous_key)
-                        if self._store_key is not None else None)
+        self._sealer = sealer_for(self._store_key, self._previous_key, owner)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -215,8 +247,8 @@ class RedisStore:
 
     async def load(self, lease_ttl: float) -> Stored | None:
         """The entry (None: there is none). Read with this replica's keys, it is stamped
-        ``seen`` (at most once a lease TTL); else :class:`SealedWithAnotherKey`, ``live``
-        while another reader stamped it within :data:`LIVE_TTLS` lease TTLs."""
+        ``seen`` and ``live`` (at most once a lease TTL); else :class:`SealedWithAnotherKey`,
+        ``live`` while a reader's stamp (:data:`LIVE_TTLS` of its lease TTLs) lasts."""
         now, flat = await self._call(self._redis.eval(_LOAD, 1, self._state_key))
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         if not fields:
@@ -227,7 +259,8 @@ class RedisStore:
             try:
                 data = unseal(self._sealer, blob)
             except SealedWithAnotherKey as exc:
-                exc.live = seen is not None and int(now) - seen < LIVE_TTLS * lease_ttl * 1000
+                live = _number(fields.get("live"))
+                exc.live = live is not None and int(now) < live
                 raise
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("owner") != self.owner:
@@ -238,7 +271,8 @@ class RedisStore:
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreCorrupt(f"the stored state is unreadable ({type(exc).__name__})") from None
         if seen is None or int(now) - seen >= lease_ttl * 1000:  # read: say so
-            await self._call(self._redis.eval(_SEEN, 1, self._state_key))
+            await self._call(self._redis.eval(_SEEN, 1, self._state_key,
+                                              str(int(LIVE_TTLS * lease_ttl * 1000))))
         return stored
 
     async def acquire(self, ttl: float) -> bool:
