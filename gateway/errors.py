@@ -173,6 +173,12 @@ class CredentialsRejected(TokenUnavailable):
     default_code = "credentials_rejected"
 
 
+class CredentialsRotated(TokenUnavailable):
+    """A request keyed to one partner found the next partner's token (a rotation)."""
+
+    default_code = "credentials_rotated"
+
+
 class StoreKeyMismatch(TokenUnavailable):
     """The fleet's token entry is live but sealed with another GATEWAY_STORE_KEY."""
 

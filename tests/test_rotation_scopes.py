@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
+from gateway.app import GatewayServer
+from gateway.proxy.cache import cache_key
 from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.settings import Settings
 from tests.fleet_helpers import GatewayProcess, RedisServer
-from tests.gateway_helpers import SERVICES, wait_until
+from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.test_idempotency import booking_posts
 from tests.test_rotation import NEW, OLD, SecretMount, accept
 from tests.test_sandbox_api import booking_body
 
@@ -32,7 +37,7 @@ async def get(session: aiohttp.ClientSession, gw: GatewayProcess) -> tuple[str, 
         return resp.headers["X-Cache"], await resp.json()
 
 
-async def book(session: aiohttp.ClientSession, gw: GatewayProcess,
+async def book(session: aiohttp.ClientSession, gw: GatewayProcess | GatewayServer,
                key: str) -> tuple[int, bool, str]:
     async with session.post(gw.url + "/bookings", json=booking_body(),
                             headers={"Idempotency-Key": key}) as resp:
@@ -100,3 +105,80 @@ async def test_a_partner_rotation_moves_every_scope_to_the_new_partner(
 
 async def _is(value: Any, expected: object) -> bool:
     return bool(await value == expected)
+
+
+async def test_a_rotation_between_claim_and_token_sends_nothing(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """The race: a booking's key is claimed under partner-1's scope, then the rotation lands
+    before its token is taken. It must not go out with partner-2's token under partner-1's
+    record (its retry, scoped to partner-2, would book again): 503 credentials_rotated,
+    nothing sent, and the retry books once. A cached GET in the same race is not kept under
+    partner-1's key. (Rotation injected at the claim and the cache lookup.)"""
+    mount = SecretMount(tmp_path, OLD)
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+
+        def load() -> Settings:
+            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0",
+                                cache_routes="GET /workshops/*/services=600s")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            store, cache = gw.state.idempotency, gw.state.cache
+            assert store is not None and gw.reloader is not None
+            reloader = gw.reloader
+
+            async def rotate() -> None:
+                await accept(http, sb, NEW)
+                mount.update(NEW)
+                assert await reloader.check() == "success"
+
+            claim = store.claim
+
+            async def claim_then_rotate(*args: Any) -> Any:
+                got = await claim(*args)
+                if gw.state.settings.partner_id == OLD["partner-id"]:
+                    await rotate()
+                return got
+
+            store.claim = claim_then_rotate  # type: ignore[method-assign,assignment]
+            posts = booking_posts(sb)
+            async with http.post(gw.url + "/bookings", json=booking_body(),
+                                 headers={"Idempotency-Key": "raced"}) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "credentials_rotated"
+            assert booking_posts(sb) == posts  # nothing sent
+            first = await book(http, gw, "raced")
+            assert first[:2] == (201, False) and await book(http, gw, "raced") == (
+                201, True, first[2])
+            assert booking_posts(sb) == posts + 1
+            await accept(http, sb, OLD)  # and back, for the cache's race
+            mount.update(OLD)
+            assert await reloader.check() == "success"
+            tokens = gw.state.tokens
+            leader, usable, get_token = cache.leader, tokens.usable, tokens.get
+            due = False
+
+            def lead_then_rotate(key: str) -> Any:  # the key is made: the rotation is due
+                nonlocal due
+                due = True
+                return leader(key)
+
+            async def rotate_then_get(newer_than: int = 0) -> Any:
+                nonlocal due
+                if due:
+                    due = False
+                    await rotate()
+                return await get_token(newer_than)
+
+            cache.leader = lead_then_rotate  # type: ignore[method-assign]
+            tokens.usable = lambda: None if due else usable()  # type: ignore[method-assign]
+            tokens.get = rotate_then_get  # type: ignore[method-assign]
+            async with http.get(gw.url + SERVICES) as resp:
+                assert resp.status == 200
+            assert gw.state.settings.partner_id == NEW["partner-id"]
+            async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
+                (entry,) = (await resp.json())["requests"]
+            assert dict(entry["headers"])["X-Partner-ID"] == NEW["partner-id"]
+            stale = cache_key(OLD["partner-id"], SERVICES)
+            assert cache.lookup(stale, CIMultiDict()) is None

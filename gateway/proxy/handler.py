@@ -31,6 +31,7 @@ from yarl import URL
 from gateway.errors import (
     BodyTooLarge,
     ClientClosedRequest,
+    CredentialsRotated,
     ExpectationFailed,
     GatewayError,
     ShuttingDown,
@@ -122,6 +123,11 @@ class _Outcome:
     cache_rule: CacheRule | None = None
     cache_key: str = ""
     cache_sent: CIMultiDict[str] | None = None  # the headers sent upstream (for Vary)
+    #: The partner of the cache key or Idempotency-Key scope (empty: neither), and of the
+    #: token last sent: a rotation between the two must not file one partner's answer under
+    #: the other's.
+    partner: str = ""
+    sent_partner: str = ""
     cache_leader: bool = False  # leads the single flight for cache_key (to land)
     source: str = "upstream"
     metrics: Metrics | None = None
@@ -335,7 +341,7 @@ class Proxy:
         # failed: only connection failures and timeouts count against it.
         ticket = upstream.breaker.admit()
         result: Outcome = "neutral"
-        outcome.generation = token.generation
+        outcome.generation, outcome.sent_partner = token.generation, token.partner_id
         try:
             resp = await upstream.retry.send(
                 exchange.url, with_credentials(exchange.headers, token.access, token.partner_id),
@@ -382,7 +388,8 @@ class Proxy:
         fp = fingerprint(request.method, request.raw_path, data or b"")
         # Scoped per upstream and partner, the current one (it follows a rotation), not per
         # App Key: a retry across an App Key rotation must still find its answer.
-        scope = f"{self._upstream}|{self.state.tokens.partner_id}"
+        outcome.partner = self.state.tokens.partner_id
+        scope = f"{self._upstream}|{outcome.partner}"
         key = storage_key(scope, outcome.client, key_text)
         counted = gw.metrics.idempotency_requests
         for _ in range(CLAIM_ROUNDS):  # released while a repeat waited: claim it again
@@ -505,6 +512,7 @@ class Proxy:
             try:  # a token (GATEWAY_TOKEN_WAIT_TIMEOUT), an upstream slot (the connect timeout)
                 async with asyncio.timeout(s.token_wait_timeout + s.connect_timeout):
                     token = gw.tokens.usable() or await gw.tokens.get()
+                    _same_partner(outcome, token)
                     if not upstream.slots.try_acquire():
                         await self._wait_slot(outcome)
             except TimeoutError:
@@ -609,7 +617,8 @@ class Proxy:
         rule = cache.rule_for(outcome.path)
         if rule is None:
             return None
-        outcome.cache_key = cache_key(self.state.tokens.partner_id, request.raw_path)
+        outcome.partner = self.state.tokens.partner_id
+        outcome.cache_key = cache_key(outcome.partner, request.raw_path)
         asked = directives(request.headers)
         if "no-store" in asked:  # RFC 9111 §5.2.1.5: neither answered from nor stored
             metrics.cache_requests.labels("bypass").inc()
@@ -678,6 +687,7 @@ class Proxy:
             return resp
         resp.release()
         token = await gw.tokens.get(newer_than=token.generation)
+        _same_partner(outcome, token)  # a 401 acted on nothing: the key is released
         outcome.replayed = True
         gw.metrics.replayed.labels("upstream_401").inc()
         resp = await self._exchange(url, headers, data, token, attempts, outcome)
@@ -700,7 +710,7 @@ class Proxy:
     async def _exchange(self, url: URL, headers: CIMultiDict[str], body: Body, token: Token,
                         attempts: Attempts, outcome: _Outcome) -> aiohttp.ClientResponse:
         """The upstream exchange with ``token`` (the replay), retries included."""
-        outcome.generation = token.generation
+        outcome.generation, outcome.sent_partner = token.generation, token.partner_id
         return await self.state.upstream.retry.send(
             url, with_credentials(headers, token.access, token.partner_id), body, attempts)
 
@@ -746,9 +756,10 @@ class Proxy:
                      rid: str, outcome: _Outcome) -> web.StreamResponse:
         """An answer read whole, sent as one write."""
         out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
-        if outcome.cache_rule is not None and self.state.cache.store(
+        if outcome.cache_rule is not None and outcome.sent_partner == outcome.partner and (
+                self.state.cache.store(
                 outcome.cache_key, outcome.cache_rule, resp.status, resp.reason or "",
-                out.headers, body, outcome.cache_sent or CIMultiDict()):
+                    out.headers, body, outcome.cache_sent or CIMultiDict())):
             self.state.metrics.cache_stored.inc()
         if outcome.cache is not None:
             out.headers[X_CACHE] = outcome.cache
@@ -859,3 +870,11 @@ def _log_request(request: web.BaseRequest, rid: str, outcome: _Outcome,
     else:
         log.info("%s %s %s", request.method, outcome.route, outcome.status,
                  extra={"fields": fields})
+
+
+def _same_partner(outcome: _Outcome, token: Token) -> None:
+    """An Idempotency-Key scoped to one partner is never sent with another's token (the
+    credentials rotated while the request waited): nothing is sent, the key is released."""
+    if outcome.partner and outcome.idempotency and token.partner_id != outcome.partner:
+        raise CredentialsRotated("the Partner ID changed while this request waited: nothing "
+                                 "was sent; retry", retry_after=1.0)
