@@ -192,3 +192,29 @@ async def test_a_cache_redis_of_its_own_takes_the_flood(
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("needs redis-server")
+
+
+async def test_a_store_down_at_start_up_is_judged_at_the_first_booking(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """Redis down when the gateway starts (a note, not an error), then up with an evicting
+    policy: the first booking with a key is refused (503 idempotency_unavailable naming
+    maxmemory-policy), nothing is sent; bookings without a key still go through."""
+    store = RedisServer(args=("--maxmemory-policy", "allkeys-lru"))
+    gw = GatewayProcess(sandbox, {"GATEWAY_REDIS_URL": store.url,
+                                  "GATEWAY_REDIS_LEASE_TTL": "1s"})
+    await gw.start()
+    try:
+        await gw.ready(http)  # renewed locally: the store is down
+        (note,) = (await gw.tokenz(http))["store"]["notes"]
+        assert "could not be read (Redis unreachable" in note
+        await store.start()
+        before = bookings(sandbox)
+        status, _, body = await book(http, gw.url, "while-evicting")
+        assert status == 503 and body["error"]["code"] == "idempotency_unavailable"
+        assert "maxmemory-policy allkeys-lru" in body["error"]["message"]
+        assert bookings(sandbox) == before
+        assert (await book(http, gw.url, None))[0] == 201
+        assert "store_policy_refused" in gw.logs()
+    finally:
+        await gw.stop()
+        await store.stop()

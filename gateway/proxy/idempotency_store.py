@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.clock import Clock
 from gateway.coordination.channel import Calls, ChannelClosed, Message
+from gateway.coordination.redis_policy import EvictingStore, judge, read_policy
 from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
 from gateway.redact import Secret
@@ -223,6 +224,8 @@ class RedisStore:
         self._prefix = f"{prefix}:idem:"
         self._clock = clock
         self._sealer = sealer_for(store_key, previous_key, info=b"idempotency-v1")
+        self._policy_read = False
+        self._refused: str | None = None  # an evicting maxmemory-policy: why we refuse
 
     def _encode(self, key: str, record: Record) -> str:
         data = json.dumps(record.to_dict(), separators=(",", ":")).encode()
@@ -245,7 +248,28 @@ class RedisStore:
             raise IdempotencyUnavailable("the Idempotency-Key store (Redis) is unreachable",
                                          retry_after=1.0) from None
 
+    async def _policy_refusal(self) -> str | None:
+        """Why this Redis may not hold booking records (an evicting maxmemory-policy), read
+        once per process, at its first claim: a Redis that was down at start-up is judged
+        here (until the policy is read or found unreadable, every claim asks)."""
+        if self._policy_read:
+            return self._refused
+        policy, why = await read_policy(self._redis)
+        if policy is None and not why.startswith("CONFIG"):
+            return None  # unreachable: the claim itself will say so
+        self._policy_read = True
+        try:
+            judge(policy, True, why)
+        except EvictingStore as exc:
+            self._refused = str(exc)
+            log.error("refusing Idempotency-Key requests: %s", exc, extra={"fields": {
+                "event": "store_policy_refused", "maxmemory_policy": policy}})
+        return self._refused
+
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
+        refused = await self._policy_refusal()
+        if refused is not None:
+            raise IdempotencyUnavailable(refused, retry_after=60.0)
         name = self._prefix + key
         value = self._encode(key, record)
         for _ in range(CLAIM_ROUNDS):  # the record expired or was freed meanwhile: again
