@@ -124,12 +124,13 @@ SPECS: tuple[Spec, ...] = (
           "Partner ID sent as X-Partner-ID (or REPAIRY_PARTNER_ID_FILE).", U, True),
     _spec("connect_timeout", "GATEWAY_CONNECT_TIMEOUT", duration_at_least(0.05), "5s",
           "Time allowed to open a connection to the upstream. At least 50ms.", U),
-    _spec("read_timeout", "GATEWAY_READ_TIMEOUT", parse_duration, "60s",
-          "Longest silence allowed while reading an upstream response.", U),
-    _spec("total_timeout", "GATEWAY_TOTAL_TIMEOUT", parse_duration, "300s",
-          "One deadline per request from its first upstream send: attempts, back-off, the 401 "
-          "replay and the answer's body (0 = no limit: refused while "
-          "GATEWAY_IDEMPOTENCY_ROUTES is on).", U),
+    _spec("read_timeout", "GATEWAY_READ_TIMEOUT", duration_at_least(0.1, zero_is_off=True),
+          "60s", "Longest silence allowed while reading an upstream response (0: no limit). "
+          "At least 100ms.", U),
+    _spec("total_timeout", "GATEWAY_TOTAL_TIMEOUT", duration_at_least(0.1, zero_is_off=True),
+          "300s", "One deadline per request from its first upstream send: attempts, back-off, "
+          "the 401 replay and the answer's body (0 = no limit: refused while "
+          "GATEWAY_IDEMPOTENCY_ROUTES is on). At least 100ms.", U),
     _spec("pool_size", "GATEWAY_POOL_SIZE", parse_positive_int, "100",
           "Most simultaneous upstream connections (keep-alive pool).", U),
     _spec("keepalive_timeout", "GATEWAY_KEEPALIVE_TIMEOUT", parse_duration, "4s",
@@ -260,10 +261,11 @@ SPECS: tuple[Spec, ...] = (
           "the token and the Partner ID work (2xx or 404 pass; off: no call).", A),
     _spec("auth_timeout", "GATEWAY_AUTH_TIMEOUT", duration_at_least(0.1), "10s",
           "Time allowed for one login or refresh call. At least 100ms.", A),
-    _spec("access_token_default_ttl", "REPAIRY_ACCESS_TOKEN_TTL", parse_positive_duration, "48h",
-          "Access-token lifetime assumed when the auth response states none.", A),
-    _spec("refresh_token_default_ttl", "REPAIRY_REFRESH_TOKEN_TTL", parse_positive_duration, "14d",
-          "Refresh-token lifetime assumed when the auth response states none.", A),
+    _spec("access_token_default_ttl", "REPAIRY_ACCESS_TOKEN_TTL", duration_at_least(1.0), "48h",
+          "Access-token lifetime assumed when the auth response states none. At least 1s.", A),
+    _spec("refresh_token_default_ttl", "REPAIRY_REFRESH_TOKEN_TTL", duration_at_least(1.0),
+          "14d", "Refresh-token lifetime assumed when the auth response states none. At least "
+          "1s.", A),
     _spec("renew_at_fraction", "GATEWAY_RENEW_AT_FRACTION", parse_renew_fraction, "0.8",
           "Renew in the background once this share of the token lifetime has passed.", T),
     _spec("renew_jitter_fraction", "GATEWAY_RENEW_JITTER_FRACTION", parse_fraction, "0.1",
@@ -327,11 +329,12 @@ SPECS: tuple[Spec, ...] = (
           "Comma-separated CIDRs allowed to call the proxy (empty: any that can connect).", IN),
     _spec("allowed_routes", "GATEWAY_ALLOWED_ROUTES", parse_routes, "*",
           "Comma-separated 'METHOD /glob' or '/glob' allow-list; /auth/* is always refused.", IN),
-    _spec("header_timeout", "GATEWAY_HEADER_TIMEOUT", parse_positive_duration, "10s",
+    _spec("header_timeout", "GATEWAY_HEADER_TIMEOUT", duration_at_least(0.1), "10s",
           "A client must send complete request headers within this time (checked every "
-          "quarter of it, at most every second).", IN),
-    _spec("client_body_timeout", "GATEWAY_CLIENT_BODY_TIMEOUT", parse_positive_duration, "30s",
-          "Longest pause allowed while a client sends its request body (then 408).", IN),
+          "quarter of it, at most every second). At least 100ms.", IN),
+    _spec("client_body_timeout", "GATEWAY_CLIENT_BODY_TIMEOUT", duration_at_least(0.1), "30s",
+          "Longest pause allowed while a client sends its request body (then 408). At least "
+          "100ms.", IN),
     _spec("client_keepalive_timeout", "GATEWAY_CLIENT_KEEPALIVE_TIMEOUT", parse_duration,
           "75s", "Idle time after which a client keep-alive connection is closed.", IN),
     _spec("max_header_size", "GATEWAY_MAX_HEADER_SIZE", parse_size, "8KiB",

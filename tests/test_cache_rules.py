@@ -182,3 +182,20 @@ async def test_a_caller_asking_no_store_is_neither_answered_from_nor_stored(
         assert (await cached_how(http, gw.url))[0] == "HIT"
     finally:
         await gw.stop()
+
+
+async def test_vary_values_are_kept_as_digests_never_as_sent(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """``Vary: Cookie``: the entry is keyed on the caller's cookie, which is not stored."""
+    gw = await cache_gateway(sandbox)
+    try:
+        await answers_with(http, sandbox, Vary="Cookie")
+        mine = [("Cookie", "session=caller-one-secret")]
+        assert (await cached_how(http, gw.url, mine))[0] == "MISS"
+        assert (await cached_how(http, gw.url, mine))[0] == "HIT"
+        assert (await cached_how(http, gw.url, [("Cookie", "session=other")]))[0] == "MISS"
+        entry = gw.state.cache.lookup(cache_key(gw.settings.partner_id, SERVICES),
+                                      CIMultiDict([("Cookie", "session=other")]))
+        assert entry is not None and "session=other" not in repr(entry.vary_values)
+    finally:
+        await gw.stop()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,15 +155,17 @@ def _http_date(text: str) -> float | None:
 
 def sent_values(names: tuple[str, ...],
                 sent: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[str | None, ...]:
-    """What was sent upstream of each header named in ``Vary``: all its lines joined (None:
-    absent); the partner, never the token, for our own credentials."""
+    """What was sent upstream of each header named in ``Vary``, as a digest of all its lines
+    (None: absent; a caller's ``Cookie`` is never stored as such); the partner, never the
+    token, for our own credentials."""
     out: list[str | None] = []
     for name in names:
         if name in CREDENTIAL_HEADERS:
             out.append(PARTNER_VALUE)
             continue
         lines = sent.getall(name, [])
-        out.append(", ".join(v.strip() for v in lines) if lines else None)
+        out.append(hashlib.sha256(", ".join(v.strip() for v in lines).encode()).hexdigest()[:32]
+                   if lines else None)
     return tuple(out)
 
 

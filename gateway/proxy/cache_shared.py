@@ -14,6 +14,8 @@ that keeps an index (``<prefix>:cache-index``, entries by expiry, and ``<prefix>
 what each takes, counted with its key and index overhead) and, atomically, forgets what has
 expired, then drops the entries soonest to expire until the new one fits. Whatever the number
 of replicas, the cache's entries stay within the bound; an entry larger than it is not kept.
+The bound counts bytes as written (plus :data:`ENTRY_OVERHEAD`); Redis's own allocations add
+up to about 30 % more (measured), which docs/deployment.md asks ``maxmemory`` to leave room for.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ local function forget(name)
 end
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 256)) do
   forget(name)
+  redis.call('DEL', name)  -- expired: free it now, not when Redis gets round to it
 end
 if redis.call('HEXISTS', sizes, KEYS[1]) == 1 then forget(KEYS[1]) end
 local ttl, size, bound = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
