@@ -41,3 +41,18 @@ def test_benchmarks_idempotency_flood_real_memory_stays_within_the_limit() -> No
     ratio = float(result.stdout.rsplit("real / limit", 1)[1].split()[0])
     assert 0.8 <= ratio <= 1.02, result.stdout
     assert "evicted" in result.stdout
+
+
+def test_benchmarks_redis_sharing_bound_leaves_room_for_a_booking() -> None:
+    """The shared cache's flood within its bound, on a real noeviction redis-server: what the
+    cache counts is what Redis holds (within a third), and a booking can still be claimed."""
+    require_binary("redis-server", "redis-server")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.redis_sharing", "--entries", "3000", "--body",
+         "2000", "--bound", "2MiB", "--maxmemory", "16mb"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "a booking's claim     claimed" in result.stdout
+    assert "failed writes         0 (-)" in result.stdout
+    ratio = float(result.stdout.split("real / counted")[1].split()[0])
+    assert 0.8 < ratio < 1.35, result.stdout

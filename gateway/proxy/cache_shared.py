@@ -133,11 +133,12 @@ class SharedCache:
         ttl = entry.expires_at - self._clock.monotonic()
         if ttl <= 0 or len(self._writes) >= MAX_PENDING_WRITES:
             return
-        task = asyncio.get_running_loop().create_task(self._write(key, entry, ttl))
+        task = asyncio.get_running_loop().create_task(self.write(key, entry, ttl))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write(self, key: str, entry: CachedAnswer, ttl: float) -> None:
+    async def write(self, key: str, entry: CachedAnswer, ttl: float) -> None:
+        """Write ``entry`` now, within the bound (failures counted, never raised)."""
         name = self._name(key)
         doc: dict[str, Any] = {
             "s": entry.status, "r": entry.reason, "h": [list(h) for h in entry.headers],

@@ -242,11 +242,15 @@ class RedisStore:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except Exception as exc:  # connection, timeout: the request cannot be protected
-            log.warning("idempotency store unreachable", extra={"fields": {
-                "event": "idempotency_store_error", "error": type(exc).__name__}})
-            raise IdempotencyUnavailable("the Idempotency-Key store (Redis) is unreachable",
-                                         retry_after=1.0) from None
+        except Exception as exc:  # connection, timeout, full: the request cannot be protected
+            # noeviction refusing writes at maxmemory (redis-py: OutOfMemoryError)
+            full = type(exc).__name__ == "OutOfMemoryError" or str(exc).startswith("OOM")
+            log.warning("idempotency store %s", "full" if full else "unreachable", extra={
+                "fields": {"event": "idempotency_store_error",
+                           "error": "oom" if full else type(exc).__name__}})
+            raise IdempotencyUnavailable(
+                "the Idempotency-Key store (Redis) is full (maxmemory)" if full else
+                "the Idempotency-Key store (Redis) is unreachable", retry_after=1.0) from None
 
     async def _policy_refusal(self) -> str | None:
         """Why this Redis may not hold booking records (an evicting maxmemory-policy), read
