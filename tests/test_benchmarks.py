@@ -48,8 +48,8 @@ def test_benchmarks_redis_sharing_bound_leaves_room_for_a_booking() -> None:
     cache counts is what Redis holds (within a third), and a booking can still be claimed."""
     require_binary("redis-server", "redis-server")
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.redis_sharing", "--entries", "3000", "--body",
-         "2000", "--bound", "2MiB", "--maxmemory", "16mb"], cwd=ROOT, capture_output=True,
+        [sys.executable, "-m", "benchmarks.redis_sharing", "--entries", "8000", "--body",
+         "2000", "--bound", "6MiB", "--maxmemory", "24mb"], cwd=ROOT, capture_output=True,
         text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "a booking's claim     claimed" in result.stdout
