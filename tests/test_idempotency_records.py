@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 from gateway.proxy.idempotency import (
     LEASE_MARGIN,
     RECORD_VERSION,
+    IdempotencyUnavailable,
     Record,
     fingerprint,
     leader_deadline,
     storage_key,
 )
-from gateway.proxy.idempotency_store import LocalStore, RedisStore
+from gateway.proxy.idempotency_store import POLICY_RECHECK, LocalStore, RedisStore
 from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError
 from gateway.token.store import seal
@@ -377,3 +378,27 @@ async def test_records_a_claim_slower_than_the_leaders_deadline_sends_nothing(
     finally:
         await gw.stop()
         await proxy.stop()
+
+
+async def test_records_redis_policy_is_read_again_and_refuses_an_evicting_one(
+        redis_server: RedisServer) -> None:
+    """The store's maxmemory-policy is read at a claim at most every POLICY_RECHECK seconds:
+    a Redis reconfigured to evict (or restarted so) is refused within that time, and taken
+    again once it no longer evicts (on the fake clock; the Redis is real)."""
+    clock = FakeClock()
+    client = await redis_server.client()
+    store = RedisStore(client, prefix="t", store_key=None, clock=clock)
+    try:
+        assert await store.claim("p1", Record.claim("fp", "a", clock.time() + 10), 60) is None
+        await client.config_set("maxmemory-policy", "volatile-lru")
+        assert await store.claim("p2", Record.claim("fp", "b", clock.time() + 10), 60) is None
+        await clock.advance(POLICY_RECHECK)
+        with pytest.raises(IdempotencyUnavailable, match="maxmemory-policy volatile-lru"):
+            await store.claim("p3", Record.claim("fp", "c", clock.time() + 10), 60)
+        assert await client.get("t:p3") is None  # nothing claimed
+        await client.config_set("maxmemory-policy", "noeviction")
+        await clock.advance(POLICY_RECHECK)
+        assert await store.claim("p3", Record.claim("fp", "c", clock.time() + 10), 60) is None
+    finally:
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.aclose()

@@ -10,6 +10,7 @@ misconfiguration test failed on 1ca7d9a."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -117,7 +118,8 @@ async def test_an_entry_nobody_reads_is_taken_over_and_a_previous_key_reads(
         http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
     """Switching a store key on: once no replica has read the entry for LIVE_TTLS lease TTLs
     (the right one stopped), the replica with the new key takes it over with one login. Then a
-    replica with a newer key and GATEWAY_STORE_KEY_PREVIOUS reads it without logging in."""
+    replica with a newer key and GATEWAY_STORE_KEY_PREVIOUS reads it without logging in, and
+    seals it again with its own key."""
     lease = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_REDIS_LEASE_TTL": "1s"}
     async with single_token(48 * 3600.0) as sb:
         old = GatewayProcess(sb, {**lease, "GATEWAY_STORE_KEY": KEY_A})
@@ -137,9 +139,71 @@ async def test_an_entry_nobody_reads_is_taken_over_and_a_previous_key_reads(
             await newer.start()
             await newer.ready(http)
             assert logins(sb) == 2  # read with the previous key: adopted, no login
-            for gw in (new, newer):
-                async with http.get(gw.url + SERVICES) as resp:
-                    assert resp.status == 200
+            # It seals the entry again with its own key (within a lease TTL); a replica with
+            # only the older key then cannot read it: what a one-step roll does.
+            await wait_until(lambda: mismatched(http, new), within=15, interval=0.1)
+            async with http.get(newer.url + SERVICES) as resp:
+                assert resp.status == 200
+            async with http.get(new.url + SERVICES) as resp:
+                assert resp.status == 503
+            assert logins(sb) == 2
         finally:
             for gw in (old, new, newer):
                 await gw.stop()
+
+
+async def test_a_mismatch_holds_through_outages_restarts_and_mixed_leases(
+        http: aiohttp.ClientSession) -> None:
+    """The right fleet has a slow reader (lease TTL 3 s) and a fast one (1 s); the wrong
+    replica has a 1 s lease. In turn: the fast reader leaves (the slow one must keep the
+    entry live by its own stamp), Redis is frozen for 8 s (SIGSTOP: no local login by the
+    wrong replica), and Redis restarts empty (no persistence: the right replica publishes
+    its token again before the wrong one may touch it). Through all of it: one login, and the
+    wrong replica answers only 503 store_key_mismatch."""
+    redis = RedisServer()
+    await redis.start()
+    try:
+        async with single_token(48 * 3600.0) as sb:
+            base = {"GATEWAY_REDIS_URL": redis.url}
+            slow = GatewayProcess(sb, {**base, "GATEWAY_STORE_KEY": KEY_A,
+                                       "GATEWAY_REDIS_LEASE_TTL": "3s"})
+            fast = GatewayProcess(sb, {**base, "GATEWAY_STORE_KEY": KEY_A,
+                                       "GATEWAY_REDIS_LEASE_TTL": "1s"})
+            wrong = GatewayProcess(sb, {**base, "GATEWAY_STORE_KEY": KEY_B,
+                                        "GATEWAY_REDIS_LEASE_TTL": "1s"})
+            try:
+                await slow.start()
+                await slow.ready(http)
+                await fast.start()
+                await fast.ready(http)
+                await wrong.start()
+                await wait_until(lambda: mismatched(http, wrong), within=15, interval=0.1)
+                await fast.stop()
+                bad = await answers(http, wrong, 12)  # past the fast reader's stamp
+                assert redis.proc is not None
+                redis.proc.send_signal(signal.SIGSTOP)
+                try:
+                    bad += await answers(http, wrong, 8)
+                finally:
+                    redis.proc.send_signal(signal.SIGCONT)
+                bad += await answers(http, wrong, 4)
+                await redis.stop()
+                await redis.start()  # empty: the entry is gone
+                bad += await answers(http, wrong, 12)
+                good = await answers(http, slow, 1)
+                assert logins(sb) == 1, wrong.logs()[-3000:]
+                assert set(bad) == {(503, "store_key_mismatch")}
+                assert set(good) == {(200, "")}
+                client = await redis.client()
+                try:  # published again, sealed with the right key
+                    assert (await client.hget(
+                        next(iter([k async for k in client.scan_iter("*:state")])), "blob")
+                    ).startswith("gcm:")
+                finally:
+                    await client.aclose()
+                assert await mismatched(http, wrong)
+            finally:
+                for gw in (slow, fast, wrong):
+                    await gw.stop()
+    finally:
+        await redis.stop()

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 log = logging.getLogger("gateway.idempotency")
+#: How often a claim reads the store's maxmemory-policy again (one CONFIG GET per process).
+POLICY_RECHECK: Final = 10.0
 #: Polling a shared store for a settling record: first delay, and the longest.
 POLL_FLOOR: Final = 0.025
 POLL_CAP: Final = 0.5
@@ -224,7 +226,7 @@ class RedisStore:
         self._prefix = f"{prefix}:idem:"
         self._clock = clock
         self._sealer = sealer_for(store_key, previous_key, info=b"idempotency-v1")
-        self._policy_read = False
+        self._policy_due = -float("inf")  # when to read the maxmemory-policy again
         self._refused: str | None = None  # an evicting maxmemory-policy: why we refuse
 
     def _encode(self, key: str, record: Record) -> str:
@@ -254,21 +256,26 @@ class RedisStore:
 
     async def _policy_refusal(self) -> str | None:
         """Why this Redis may not hold booking records (an evicting maxmemory-policy), read
-        once per process, at its first claim: a Redis that was down at start-up is judged
-        here (until the policy is read or found unreadable, every claim asks)."""
-        if self._policy_read:
+        at a claim at most every :data:`POLICY_RECHECK` seconds (a Redis down at start-up,
+        restarted or reconfigured since, is judged again); an unreachable one keeps the last
+        verdict (the claim itself fails then)."""
+        now = self._clock.monotonic()
+        if now < self._policy_due:
             return self._refused
         policy, why = await read_policy(self._redis)
         if policy is None and not why.startswith("CONFIG"):
-            return None  # unreachable: the claim itself will say so
-        self._policy_read = True
+            return self._refused  # unreachable: the claim itself will say so
+        self._policy_due = now + POLICY_RECHECK
         try:
             judge(policy, True, why)
         except EvictingStore as exc:
+            if self._refused is None:
+                log.error("refusing Idempotency-Key requests: %s", exc, extra={"fields": {
+                    "event": "store_policy_refused", "maxmemory_policy": policy}})
             self._refused = str(exc)
-            log.error("refusing Idempotency-Key requests: %s", exc, extra={"fields": {
-                "event": "store_policy_refused", "maxmemory_policy": policy}})
-        return self._refused
+            return self._refused
+        self._refused = None
+        return None
 
     async def claim(self, key: str, record: Record, ttl: float) -> Record | None:
         refused = await self._policy_refusal()

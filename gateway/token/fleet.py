@@ -39,6 +39,10 @@ log = logging.getLogger("gateway.token")
 LOCAL_SHARE: Final = 0.5
 #: Longest pause between reconnection attempts of the notification listener.
 MAX_RECONNECT: Final = 10.0
+#: How long a replica that found the fleet's entry sealed with another key keeps off it after
+#: the store comes back or the entry vanishes: long enough for replicas with a lease TTL up to
+#: 7.5 s (4 of them) to stamp or publish it again.
+SETTLE_MIN: Final = 30.0
 
 
 class EntryUnreadable(Exception):
@@ -114,8 +118,15 @@ class Fleet:
         self.local_renewals = 0  # during the current outage
         self.last_local = 0.0
         self.corrupt = False  # our entry is unreadable: the lease holder overwrites it
-        #: Our entry is live but sealed with another store key: never log in meanwhile.
+        #: Our entry is live but sealed with another store key: never log in meanwhile. It
+        #: holds through a store outage and a vanished entry until the store has answered for
+        #: ``_settle`` (:data:`SETTLE_MIN`, or LIVE_TTLS lease TTLs if longer) without it.
         self.key_mismatch = False
+        self._settle = max(SETTLE_MIN, LIVE_TTLS * lease_ttl)
+        self._back_at = -float("inf")  # when the store last came back after an outage
+        self._missing_since: float | None = None
+        #: The entry was opened with GATEWAY_STORE_KEY_PREVIOUS: seal it again with ours.
+        self.resealable = False
         self.problem: str | None = None
         self.renewed_by: str | None = None
         self.u = random.random()  # this replica's share of the jitter
@@ -137,6 +148,7 @@ class Fleet:
 
     def _reached(self) -> None:
         if not self.up:
+            self._back_at = self._clock.monotonic()
             log.warning("token store reachable again", extra={"fields": {"event": "store_up"}})
         self.up, self.problem = True, None
         self.local_renewals = 0
@@ -154,8 +166,13 @@ class Fleet:
         except SealedWithAnotherKey as exc:
             self._reached()
             self._events.store_error("decode")
+            self._missing_since = None
             if exc.live:
                 self._mismatch(True, str(exc))
+                raise EntryUnreadable(str(exc)) from None
+            if self.key_mismatch and self._clock.monotonic() < self._back_at + self._settle:
+                # Its stamp lapsed while the store was down (nobody could stamp it): no proof
+                # that nobody reads it. Wait for the fleet to stamp it again.
                 raise EntryUnreadable(str(exc)) from None
             self._mismatch(False)
             self._unreadable(exc)
@@ -163,6 +180,7 @@ class Fleet:
         except StoreCorrupt as exc:
             self._reached()
             self._events.store_error("decode")
+            self._missing_since = None
             self._mismatch(False)
             self._unreadable(exc)
             return None
@@ -170,8 +188,19 @@ class Fleet:
             self._down("load", exc)
             raise
         self._reached()
+        if stored is None and self.key_mismatch:
+            # The fleet's entry vanished (a Redis restart, a flush): its replicas publish it
+            # again within their lease TTL. Never log in over them meanwhile.
+            now = self._clock.monotonic()
+            if self._missing_since is None:
+                self._missing_since = now
+            if now < max(self._missing_since, self._back_at) + self._settle:
+                raise EntryUnreadable("the fleet's entry is gone; waiting for its replicas "
+                                      "to publish it again")
+        self._missing_since = None
         self._mismatch(False)
         self.corrupt = False
+        self.resealable = stored is not None and stored.resealable
         if stored is None:
             return None
         self.renewed_by = stored.by

@@ -314,6 +314,9 @@ class TokenManager:
 
     async def _rotate(self, settings: Settings, auth: AuthCalls) -> Token:
         try:
+            if self._mismatch():  # a login here would fight the fleet (under the new owner)
+                raise StoreKeyMismatch("not rotating: the fleet's token is sealed with another "
+                                       "GATEWAY_STORE_KEY")
             exchange = await auth.login()
         except BaseException:
             self._state = renewal.ended(self._state)
@@ -480,6 +483,9 @@ class TokenManager:
         fleet = self._fleet
         assert fleet is not None
         now = self._clock.monotonic()
+        if fleet.key_mismatch:  # the fleet's token is not ours to replace, store or no store
+            self._state = renewal.deferred(self._state, now + fleet.lease_ttl)
+            return None
         at = local_renewal_at(self._state, self._policy, fleet.down_policy, fleet.down_since,
                               fleet.lease_ttl, fleet.local_renewals, fleet.last_local, fleet.u)
         if at <= now:
@@ -530,12 +536,17 @@ class TokenManager:
             self._adopt(shared)
         ours = self._state.token
         if ours is not None and (shared is None or shared.token is None
-                                 or ours.generation > shared.generation):
-            await self._publish_ours()  # renewed here while the store was down, or it is new
+                                 or ours.generation > shared.generation or (
+                                     fleet.resealable and ours.generation >= shared.generation)):
+            # Renewed here while the store was down, or it is new, or it was opened with
+            # GATEWAY_STORE_KEY_PREVIOUS: written (again) sealed with our key.
+            await self._publish_ours()
 
     async def _publish_ours(self) -> None:
         fleet = self._fleet
         assert fleet is not None
+        if fleet.key_mismatch:
+            return
         try:
             if not await fleet.acquire():
                 return
@@ -545,7 +556,9 @@ class TokenManager:
             shared = await fleet.load()
             ours = self._state.token
             if ours is not None and (shared is None or shared.token is None
-                                     or ours.generation > shared.generation):
+                                     or ours.generation > shared.generation or (
+                                         fleet.resealable
+                                         and ours.generation >= shared.generation)):
                 await fleet.write(renewal.ended(self._state))
         except (StoreError, EntryUnreadable):
             pass

@@ -99,10 +99,11 @@ class StoreCorrupt(StoreError):
 #: What a fenced write can answer.
 WRITTEN, LEASE_LOST, OLDER, LIVE = 1, 0, -1, -2
 #: An entry is *live* while a replica that can read it has stamped it within this many of its
-#: lease TTLs. Readers poll at least once a lease TTL and stamp at most once a lease TTL, so
-#: a fleet that reads it keeps ``seen`` under 2 lease TTLs old; 4 leaves a missed poll and a
-#: store timeout of slack. Past it, nobody running can read the entry, and it may be
-#: overwritten (through the lease): that is how a store key is switched on.
+#: lease TTLs. Readers poll at least once a lease TTL and stamp once less than LIVE_TTLS - 1 of
+#: their lease TTLs is left, so a fleet that reads it keeps ``live`` at least about 2 lease
+#: TTLs ahead; 4 leaves a missed poll and a store timeout of slack. Past it, nobody running can
+#: read the entry, and it may be overwritten (through the lease): that is how a store key is
+#: switched on.
 LIVE_TTLS: Final = 4
 
 
@@ -113,6 +114,9 @@ class Stored:
     generation: int
     state: dict[str, Any]
     by: str
+    #: Opened with GATEWAY_STORE_KEY_PREVIOUS (or in clear while a key is set): to be sealed
+    #: again with the current key.
+    resealable: bool = False
 
 
 def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
@@ -149,6 +153,7 @@ class Sealer:
                                info=info).derive(secret.reveal().encode()))
 
         plain_previous = previous is not None and previous.reveal() == PLAIN
+        self.last_current = True  # the last text opened was sealed as this replica writes
         self._aead = aead(key) if key is not None else None
         self._readers = ([self._aead] if self._aead is not None else []) + (
             [aead(previous)] if previous is not None and not plain_previous else [])
@@ -169,15 +174,18 @@ class Sealer:
             if not self.reads_plain:
                 raise SealedWithAnotherKey("the stored state is not encrypted, but "
                                            "GATEWAY_STORE_KEY is set")
+            self.last_current = self._aead is None
             return text[len("plain:"):].encode()
         if not text.startswith("gcm:"):
             raise StoreCorrupt("the stored state is neither sealed nor plain")
         raw = base64.b64decode(text[4:])
         for reader in self._readers:
             try:
-                return reader.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
+                opened = reader.decrypt(raw[:12], raw[12:], self._aad if aad is None else aad)
             except InvalidTag:
                 continue
+            self.last_current = reader is self._aead
+            return opened
         raise SealedWithAnotherKey("the stored state does not decrypt with this "
                                    "GATEWAY_STORE_KEY (nor GATEWAY_STORE_KEY_PREVIOUS)")
 
@@ -253,24 +261,28 @@ class RedisStore:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         if not fields:
             return None
-        seen = _number(fields.get("seen"))
+        live = _number(fields.get("live"))
         try:
             blob = fields["blob"]
             try:
                 data = unseal(self._sealer, blob)
             except SealedWithAnotherKey as exc:
-                live = _number(fields.get("live"))
-                exc.live = live is not None and int(now) < live
+                # No stamp at all: written by a release before the stamps; its pods may still
+                # be running, so it counts as live (delete it by hand if nobody can open it).
+                exc.live = live is None or int(now) < live
                 raise
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("owner") != self.owner:
                 raise StoreCorrupt("the stored state belongs to another owner")
-            stored = Stored(int(fields["gen"]), doc["state"], str(fields.get("by", "")))
+            stored = Stored(int(fields["gen"]), doc["state"], str(fields.get("by", "")),
+                            self._sealer is not None and not self._sealer.last_current)
         except StoreError:
             raise
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreCorrupt(f"the stored state is unreadable ({type(exc).__name__})") from None
-        if seen is None or int(now) - seen >= lease_ttl * 1000:  # read: say so
+        # Read: say so, once the stamp has less than LIVE_TTLS - 1 of our lease TTLs left (not by
+        # the age of `seen`: a faster reader's stamp must not stop ours).
+        if live is None or live - int(now) < (LIVE_TTLS - 1) * lease_ttl * 1000:
             await self._call(self._redis.eval(_SEEN, 1, self._state_key,
                                               str(int(LIVE_TTLS * lease_ttl * 1000))))
         return stored
