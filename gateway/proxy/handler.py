@@ -756,10 +756,11 @@ class Proxy:
                      rid: str, outcome: _Outcome) -> web.StreamResponse:
         """An answer read whole, sent as one write."""
         out = WholePassThroughResponse.of(resp.status, resp.reason, resp.headers, body)
-        if outcome.cache_rule is not None and outcome.sent_partner == outcome.partner and (
-                self.state.cache.store(
-                outcome.cache_key, outcome.cache_rule, resp.status, resp.reason or "",
-                    out.headers, body, outcome.cache_sent or CIMultiDict())):
+        rule = outcome.cache_rule
+        # Kept only under the key of the partner whose token fetched it (a rotation between).
+        if rule is not None and outcome.sent_partner == outcome.partner and self.state.cache.store(
+                outcome.cache_key, rule, resp.status, resp.reason or "", out.headers, body,
+                outcome.cache_sent or CIMultiDict()):
             self.state.metrics.cache_stored.inc()
         if outcome.cache is not None:
             out.headers[X_CACHE] = outcome.cache
