@@ -14,9 +14,10 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final, Self
 
@@ -51,6 +52,7 @@ from gateway.proxy.upstream import Upstream, attempt_timeout, create_session
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.state import GatewayState
 from gateway.supervisor import WorkerPool, bind_listener
+from gateway.tasks import cancel_and_wait, log_task_failure
 from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
@@ -78,8 +80,10 @@ def build_proxy_server(state: GatewayState) -> ProxyServer:
                        access_log=None)
 
 
-def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
-    """The upstream session with its guards: retry policy, breaker, slots (per process)."""
+def build_upstream(s: Settings, clock: Clock, metrics: Metrics,
+                   rng: random.Random | None = None) -> Upstream:
+    """The upstream session with its guards: retry policy, breaker, slots (per process).
+    The retry back-off's jitter draws from ``rng`` (injected; a fresh one by default)."""
     session = create_session(s)
 
     def on_breaker(state: BreakerState, why: str) -> None:
@@ -110,7 +114,8 @@ def build_upstream(s: Settings, clock: Clock, metrics: Metrics) -> Upstream:
                              s.retry_backoff_max, s.retry_after_max, s.connect_timeout),
         budget, clock, timeout=functools.partial(attempt_timeout, s),
         on_retry=lambda reason: metrics.retries.labels(reason).inc(),
-        on_budget_exhausted=metrics.retry_budget_exhausted.inc)
+        on_budget_exhausted=metrics.retry_budget_exhausted.inc,
+        rand=(rng or random.Random()).random)
     return Upstream(session, retry, breaker, slots)
 
 
@@ -171,9 +176,11 @@ def build_idempotency(s: Settings, clock: Clock, metrics: Metrics,
 
 def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics,
                 idempotency: IdempotencyStore | None = None,
-                tracing: Tracing | None = None) -> GatewayState:
+                tracing: Tracing | None = None,
+                rng: random.Random | None = None) -> GatewayState:
     """The state a proxy listener needs (in the gateway process or a worker)."""
-    return GatewayState(settings=s, tokens=tokens, upstream=build_upstream(s, clock, metrics),
+    upstream = build_upstream(s, clock, metrics, rng)
+    return GatewayState(settings=s, tokens=tokens, upstream=upstream,
                         metrics=metrics, access=build_access_policy(s),
                         route_401=route_401_tracker(s, clock, metrics),
                         limits=build_limits(s, clock, metrics), clock=clock,
@@ -254,12 +261,15 @@ class GatewayServer:
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
                  registry: CollectorRegistry | None = None,
                  process_metrics: bool = False,
-                 reload_settings: Callable[[], Settings] | None = None) -> None:
+                 reload_settings: Callable[[], Settings] | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
         self._reload_settings = reload_settings or functools.partial(
             load_settings, config_file=settings.config_file)
         self.reloader: CredentialReloader | None = None
         self.clock = clock or SystemClock()
+        #: Every jitter (renewal, fleet, retry back-off) draws from this one source.
+        self.rng = rng or random.Random()
         self.metrics = Metrics(registry, process=process_metrics)
         self.url = ""
         self.admin_url = ""
@@ -285,11 +295,17 @@ class GatewayServer:
             listener.close()
             raise
         try:
-            notes = await self._check_store_policy(s)
+            await self._start_on(listener, admin_sock)
         except BaseException:
+            # Nothing half-started outlives a failed start: tasks, sessions, listeners.
+            await self._roll_back()
             listener.close()
             admin_sock.close()
             raise
+
+    async def _start_on(self, listener: socket.socket, admin_sock: socket.socket) -> None:
+        s = self.settings
+        notes = await self._check_store_policy(s)
         initial, persist = None, None
         fleet = self._fleet(s)
         if s.token_file and fleet is not None:
@@ -306,12 +322,14 @@ class GatewayServer:
         tracing = tracing_for(s.otel_endpoint, __version__)
         events = _TokenEvents(self.metrics, tracing)
         tokens = TokenManager(AuthClient(self._auth_session, s, self.clock), s, self.clock,
-                              events, initial=initial, persist=persist, fleet=fleet)
+                              events, rng=self.rng, initial=initial, persist=persist,
+                              fleet=fleet)
         # With workers this process serves no request: it holds the Idempotency-Key store for
         # them only without Redis (with it, each worker talks to Redis itself).
         idempotency = (None if s.workers > 1 and s.redis_url
                        else build_idempotency(s, self.clock, self.metrics))
-        self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing)
+        self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing,
+                                  self.rng)
         self._state.store_policy, self._state.store_notes = notes
         self.metrics.bind_ready(self._state.ready)
         await tokens.start()
@@ -335,6 +353,36 @@ class GatewayServer:
             "event": "started", "proxy": self.url, "admin": self.admin_url,
             "upstream": str(s.base_url), "partner_id": s.partner_id,
             "app_key_fp": s.app_key.fingerprint}})
+
+    async def _roll_back(self) -> None:
+        """Undo a start that failed part-way, in the order :meth:`stop` uses; each step is
+        tried whatever the one before did (a failure here is logged, never raised over the
+        start's own error)."""
+        state, self._state = self._state, None
+        steps: list[Callable[[], Awaitable[object]]] = []
+        if self._proxy_runner is not None:
+            steps.append(self._proxy_runner.cleanup)
+        if self._pool is not None:
+            steps.append(functools.partial(self._pool.stop, 0.0))
+        if self.reloader is not None:
+            steps.append(self.reloader.stop)
+        if state is not None:
+            steps += [functools.partial(state.manager.stop, 0.0), state.upstream.close,
+                      functools.partial(close_stores, state)]
+        if hasattr(self, "_auth_session"):
+            steps.append(self._auth_session.close)
+        if self._admin_runner is not None:
+            steps.append(self._admin_runner.cleanup)
+        for step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("rolling back a failed start", extra={"fields": {
+                    "event": "start_rollback_failed"}})
+        self._proxy_runner = self._admin_runner = self._pool = self.reloader = None
+        if isinstance(self.settings.listen, UnixAddress):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.settings.listen.path)
 
     async def _start_workers(self, events: _TokenEvents, listener: socket.socket) -> None:
         """GATEWAY_WORKERS > 1: this process supervises; workers run the proxy listener."""
@@ -379,7 +427,7 @@ class GatewayServer:
             "event": "store_configured", "replica": store.replica, "owner": store.owner,
             "encrypted": s.store_key is not None}})
         return Fleet(store, lease_ttl=s.redis_lease_ttl, down_policy=s.redis_down_policy,
-                     clock=self.clock, events=self.metrics)
+                     clock=self.clock, events=self.metrics, rng=self.rng)
 
     async def startup_probe(self) -> None:
         """``serve``'s one probe (GATEWAY_CHECK_PATH) once the first token is in: a wrong
@@ -393,7 +441,7 @@ class GatewayServer:
             token = self.state.tokens.usable()
             if token is not None:
                 break
-            await asyncio.sleep(1.0)
+            await self.clock.sleep(1.0)
         else:
             log.warning("start-up probe skipped: no token after %gs", STARTUP_PROBE_WAIT,
                         extra={"fields": {"event": "startup_probe_skipped"}})
@@ -469,11 +517,13 @@ async def serve(settings: Settings) -> int:
     try:
         async with GatewayServer(settings, process_metrics=True) as server:
             assert server.reloader is not None
-            probing = asyncio.create_task(server.startup_probe())
+            probing = asyncio.create_task(server.startup_probe(), name="startup-probe")
+            probing.add_done_callback(lambda task: log_task_failure(task, log, "start-up probe"))
             try:
                 await wait_for_signal(on_hangup=server.reloader.trigger)
             finally:
-                probing.cancel()
+                with contextlib.suppress(Exception):  # a failure is logged when it happens
+                    await cancel_and_wait(probing)
     finally:
         logs.flush()
     return 0

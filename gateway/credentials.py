@@ -17,7 +17,6 @@ takes effect only after a restart) the files are compared with what was last app
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -31,6 +30,7 @@ from gateway.errors import AuthError
 from gateway.proxy.access import AccessPolicy, ClientKey, parse_client_keys
 from gateway.settings import SPECS, Settings, SettingsError
 from gateway.state import GatewayState
+from gateway.tasks import cancel_and_wait, sleep_or_set
 from gateway.token.auth_client import AuthClient
 
 log = logging.getLogger("gateway.credentials")
@@ -103,20 +103,19 @@ class CredentialReloader:
                        asyncio.create_task(self._run_keys(), name="client-keys-reloader")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            await cancel_and_wait(task)
 
     async def _poll(self, trigger: asyncio.Event, step: Callable[[], Awaitable[object]],
                     what: str) -> None:
         """Run ``step`` every poll interval and whenever ``trigger`` is set (SIGHUP)."""
         interval = self._state.settings.secrets_poll_interval or None
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(trigger.wait(), interval)
+            if interval is None:
+                await trigger.wait()
+            else:  # on the injected clock, so a test's clock drives the polling
+                await sleep_or_set(self._clock, trigger, interval)
             trigger.clear()
             try:
                 await step()

@@ -39,6 +39,7 @@ from gateway.errors import TokenUnavailable
 from gateway.metrics import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
 from gateway.proxy.idempotency_store import LocalStore, serve_remote
+from gateway.tasks import cancel_and_wait
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import token_to_wire
 from gateway.token.value import Token
@@ -252,7 +253,9 @@ class WorkerPool:
                     await task
         for worker in self._workers:
             for t in worker.tasks:
-                t.cancel()
+                if t is not asyncio.current_task():
+                    with contextlib.suppress(Exception):  # each logs its own failures
+                        await cancel_and_wait(t)
             if worker.life is not None:
                 worker.life.channel.close()
         self._listener.close()

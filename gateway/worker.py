@@ -34,6 +34,7 @@ from gateway.proxy.access import AccessPolicy, ClientKey
 from gateway.proxy.idempotency_store import RemoteStore
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
+from gateway.tasks import cancel_and_wait
 from gateway.token.renewal import token_from_dict
 from gateway.token.value import Token, is_usable
 from gateway.tracing import tracing_for
@@ -181,10 +182,10 @@ async def run(listen_fd: int, control_fd: int) -> int:
     await ended.wait()
     state.draining = True
     await runner.cleanup()  # stop accepting, let requests in flight finish
-    background[1].cancel()
+    await cancel_and_wait(background[1])
     channel.send("metrics", {"text": metrics.render().decode()})
     await channel.flush(1.0)
-    background[0].cancel()
+    await cancel_and_wait(background[0])
     await state.upstream.close()
     await close_stores(state)
     flush_logs()

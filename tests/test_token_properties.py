@@ -7,7 +7,10 @@ suspend), of requests and of upstream 401s, and checks the invariants the gatewa
 * never two auth calls in flight;
 * never an attempt sooner than ``retry_min / 2`` after the previous one, nor sooner than the
   back-off after a failure allows (rejected configuration: ``login_retry_interval``;
-  ``Retry-After``: the value capped at ``retry_max``);
+  ``Retry-After``: the value capped at ``retry_max``). The one exception: the login that
+  follows, in the same attempt and at once, a refresh the endpoint refused or one that ended
+  ambiguously (a timeout or a cut connection after sending): it presents another credential
+  and re-sends nothing, and callers wait for it;
 * never a refresh token sent again after a failure that may have used it up;
 * never an unusable token handed to a request (nor one not newer than a replay asked for),
   and every request answered or refused within the wait timeout;
@@ -73,8 +76,13 @@ class Run:
 
 
 def _fallback(call: Call) -> bool:
-    """A refresh the endpoint refused: the login that follows belongs to the same attempt."""
-    return call.kind == "refresh" and call.outcome.reason in renewal.REFRESH_FALLBACK_REASONS
+    """A refresh whose refresh token cannot be sent again: refused by the endpoint, or ended
+    ambiguously (it may have been used up). The login that follows belongs to the same
+    attempt and starts at once: the one exception to the floor between attempts."""
+    reason = call.outcome.reason
+    return call.kind == "refresh" and reason is not None and (
+        reason in renewal.REFRESH_FALLBACK_REASONS
+        or (reason != "crash" and call.outcome.ambiguous))
 
 
 async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str, float]],

@@ -25,7 +25,6 @@ streamed body is sent once. A 401 replay with a new token is not a retry: the ha
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 from collections.abc import Callable
@@ -163,7 +162,6 @@ class RetryPolicy:
             attempts.on_attempt(resp, self._clock.monotonic() - started)
             if resp.status not in self.config.statuses or await self.final(resp, attempts):
                 return resp
-        await asyncio.sleep(attempts.next_wait)
         options = _Options(self, attempts, self.config.attempts - attempts.number)
         try:
             return await self._client.request(
@@ -247,7 +245,9 @@ class RetryPolicy:
 
     async def attempt(self, url: URL, headers: CIMultiDict[str], attempts: Attempts,
                       kwargs: dict[str, Any]) -> aiohttp.ClientResponse:
-        """One retry, for aiohttp-retry (the first attempt is :meth:`send`'s)."""
+        """One retry, for aiohttp-retry (the first attempt is :meth:`send`'s), after the wait
+        :meth:`allow` set, on the injected clock (aiohttp-retry's own sleep is 0)."""
+        await self._clock.sleep(attempts.next_wait)
         remaining = self._before(attempts)
         started = self._clock.monotonic()
         try:
@@ -305,7 +305,7 @@ class _Options(RetryOptionsBase):
         self._attempts = attempts
 
     def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
-        return self._attempts.next_wait
+        return 0.0  # the wait is slept in RetryPolicy.attempt(), on the gateway's clock
 
 
 class _Quiet:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from gateway.clock import Clock
+from gateway.tasks import sleep_or_set
 from gateway.token import renewal
 from gateway.token.renewal import RenewalPolicy, RenewalState
 from gateway.token.store import (
@@ -107,7 +108,7 @@ def local_renewal_at(state: RenewalState, policy: RenewalPolicy, down_policy: st
 
 class Fleet:
     def __init__(self, store: RedisStore, *, lease_ttl: float, down_policy: str, clock: Clock,
-                 events: FleetEvents | None = None) -> None:
+                 events: FleetEvents | None = None, rng: random.Random | None = None) -> None:
         self.store = store
         self.lease_ttl = lease_ttl
         self.down_policy = down_policy
@@ -129,7 +130,8 @@ class Fleet:
         self.resealable = False
         self.problem: str | None = None
         self.renewed_by: str | None = None
-        self.u = random.random()  # this replica's share of the jitter
+        #: This replica's share of the jitter, from the injected random source.
+        self.u = (rng or random.Random()).random()
         self.seq = 0  # notifications seen
         self._changed = asyncio.Event()
 
@@ -283,10 +285,9 @@ class Fleet:
         store and this wait) or ``seconds`` pass."""
         while self.seq == seen:
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), seconds)
-            except TimeoutError:
-                return
+            await sleep_or_set(self._clock, self._changed, seconds)
+            if not self._changed.is_set():
+                return  # the time passed
 
     async def listen(self, on_change: Callable[[], None]) -> None:
         """Forward notifications until cancelled, reconnecting with a capped back-off."""
@@ -301,5 +302,5 @@ class Fleet:
                 continue  # the store was rekeyed: subscribe to the new channel at once
             except StoreError as exc:
                 self._down("subscribe", exc)
-            await asyncio.sleep(pause)
+            await self._clock.sleep(pause)
             pause = min(pause * 2, MAX_RECONNECT)

@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol
 from gateway.clock import Clock
 from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
 from gateway.settings import Settings
+from gateway.tasks import cancel_and_wait, log_task_failure, sleep_or_set, sleep_or_until
 from gateway.token import renewal
 from gateway.token.auth_client import Exchange, token_from_exchange
 from gateway.token.fleet import EntryUnreadable, Fleet, local_renewal_at
@@ -124,6 +125,15 @@ def policy_of(s: Settings) -> RenewalPolicy:
                          retry_max=s.renew_retry_max,
                          login_retry_interval=s.login_retry_interval,
                          attempt_timeout=2 * s.auth_timeout + 1)
+
+
+class _AttemptFailed(Exception):
+    """An attempt's auth call failed: which one, and how."""
+
+    def __init__(self, kind: RenewalKind, error: AuthError) -> None:
+        super().__init__(kind, error.reason)
+        self.kind = kind
+        self.error = error
 
 
 class TokenManager:
@@ -281,10 +291,7 @@ class TokenManager:
         """Stop renewing. An auth call under way gets up to ``grace`` seconds to finish (a
         refresh Repairy has already answered must not be lost), then is cancelled."""
         for background in (self._loop_task, self._fleet_task):
-            if background is not None:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
+            await cancel_and_wait(background)
         self._loop_task = self._fleet_task = None
         task = self._task
         if task is not None and not task.done():
@@ -292,10 +299,8 @@ class TokenManager:
                 log.info("waiting for the renewal under way", extra={"fields": {
                     "event": "renewal_drain", "grace_s": round(grace, 3)}})
                 await asyncio.wait([task], timeout=grace)
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, AuthError):
-                await task
+            with contextlib.suppress(AuthError):  # its failure is in the state already
+                await cancel_and_wait(task)
         if self._fleet is not None:
             await self._fleet.store.close()
 
@@ -326,7 +331,7 @@ class TokenManager:
         if self._fleet is not None:  # the new credentials' token lives under their own key
             self._fleet.store.rekey(owner_key(str(settings.base_url),
                                               settings.app_key.fingerprint, settings.partner_id))
-        return self._accept(exchange, "login", None)
+        return self._accept(self._token_of(exchange, "login", None), "login")
 
     # -- renewal -------------------------------------------------------------------------------
     def _start_if_due(self) -> None:
@@ -347,8 +352,10 @@ class TokenManager:
             self._task = None
             if self._state.in_flight is not None:  # cancelled before it ever ran
                 self._state = renewal.ended(self._state)
-        if not task.cancelled():
-            task.exception()  # consumed: failures are in the state
+        if not task.cancelled() and not isinstance(task.exception(), AuthError | StoreKeyMismatch):
+            # An auth failure is in the state, or the rotation's caller reports it; anything
+            # else is a bug or a store fault nobody else will see: logged here, once.
+            log_task_failure(task, log, task.get_name())
         self._wake.set()
 
     async def _attempt(self, kind: RenewalKind, previous: float | None = None) -> None:
@@ -383,24 +390,13 @@ class TokenManager:
         if kind == "refresh" and prev is None:
             kind = "login"  # invalidated between the plan and now: nothing to refresh with
         try:
-            if kind == "refresh":
-                assert prev is not None
-                try:
-                    exchange = await self._timed("refresh", self._auth.refresh(prev), holding)
-                except AuthError as exc:
-                    if exc.reason not in renewal.REFRESH_FALLBACK_REASONS:
-                        raise
-                    # The endpoint refused that refresh token: it is never sent again.
-                    self._state = renewal.banned_refresh(self._state)
-                    log.info("refresh refused, logging in", extra={"fields": {
-                        "event": "refresh_fallback", "reason": exc.reason}})
-                    kind = "login"
-                else:
-                    self._accept(exchange, "refresh", prev)
-                    return
-            self._accept(await self._timed("login", self._auth.login(), holding), "login", prev)
-        except AuthError as exc:
-            self._failed(Failure(kind, exc.reason, exc.retry_after, exc.ambiguous), exc.message)
+            kind, exchange = await self._exchange(kind, prev, holding)
+            token = self._token_of(exchange, kind, prev)
+        except _AttemptFailed as failed:
+            exc = failed.error
+            self._failed(Failure(failed.kind, exc.reason, exc.retry_after, exc.ambiguous),
+                         exc.message)
+            return
         except Exception as exc:  # a bug, or an answer nobody foresaw: back off all the same
             log.exception("token %s crashed", kind, extra={"fields": {
                 "event": "token_renewal", "kind": kind, "outcome": "failure",
@@ -408,6 +404,38 @@ class TokenManager:
             self._events.renewal(kind, False, "internal_error", 0.0)
             # It may have reached Repairy: never send that refresh token again.
             self._failed(Failure(kind, "internal_error", ambiguous=True), type(exc).__name__)
+            return
+        # Only the auth calls are inside the try: what follows a success (the hooks, the
+        # token file) can never turn it into a failure, nor ban the new refresh token.
+        self._accept(token, kind)
+
+    async def _exchange(self, kind: RenewalKind, prev: Token | None,
+                        holding: bool) -> tuple[RenewalKind, Exchange]:
+        """The auth call(s) of one attempt: a refresh, then a login at once if the refresh
+        token cannot be sent again (refused, or the refresh ended ambiguously: it may have
+        been used up); otherwise a login. A failure is :class:`_AttemptFailed` (which call)."""
+        if kind == "refresh":
+            assert prev is not None
+            try:
+                return "refresh", await self._timed("refresh", self._auth.refresh(prev),
+                                                    holding)
+            except AuthError as exc:
+                if exc.reason in renewal.REFRESH_FALLBACK_REASONS:
+                    event, why = "refresh_fallback", "refresh refused, logging in"
+                elif exc.ambiguous and exc.reason != "lease_lost":
+                    # A hung or cut refresh: the login presents another credential and
+                    # re-sends nothing, so it starts now, and callers wait for it rather than
+                    # for a back-off (the one exception to the floor between attempts).
+                    event, why = "refresh_ambiguous", "refresh ended ambiguously, logging in"
+                else:
+                    raise _AttemptFailed("refresh", exc) from exc
+                # That refresh token is never sent again.
+                self._state = renewal.banned_refresh(self._state)
+                log.info(why, extra={"fields": {"event": event, "reason": exc.reason}})
+        try:
+            return "login", await self._timed("login", self._auth.login(), holding)
+        except AuthError as exc:
+            raise _AttemptFailed("login", exc) from exc
 
     # -- the fleet (a shared store) ------------------------------------------------------------
     def _due_kind(self, previous: float | None) -> RenewalKind | None:
@@ -514,9 +542,7 @@ class TokenManager:
                     log.exception("token store sync crashed")
                 await self._sleep_or_woken(self._fleet_wake, fleet.lease_ttl)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await cancel_and_wait(listener)
 
     async def _sync(self) -> None:
         fleet = self._fleet
@@ -604,19 +630,26 @@ class TokenManager:
                                     "abandoning the renewal", ambiguous=True)
             return task.result()
         finally:
-            task.cancel()
+            if not task.done():
+                await cancel_and_wait(task)
 
-    def _accept(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
-        token = token_from_exchange(
+    def _token_of(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
+        return token_from_exchange(
             exchange, generation=self._state.generation + 1, via=kind, previous=prev,
             default_ttl=self._s.access_token_default_ttl,
             default_refresh_ttl=self._s.refresh_token_default_ttl)
+
+    def _accept(self, token: Token, kind: RenewalKind) -> Token:
         self._state = renewal.succeeded(self._state, token, self._policy, self._rng.random())
         self._last_outcome = f"{kind}:ok"
         self._last_renewal_wall = self._clock.time()
-        self._events.token_changed(token)
-        if self._persist is not None:
-            self._persist(token, self._s)
+        try:  # the success stands whatever an observer or the token file does
+            self._events.token_changed(token)
+            if self._persist is not None:
+                self._persist(token, self._s)
+        except Exception:
+            log.exception("token %s ok, but recording it failed", kind, extra={"fields": {
+                "event": "token_hook_failed", "kind": kind}})
         log.info("token %s ok", kind, extra={"fields": {
             "event": "token_renewal", "kind": kind, "outcome": "success",
             "generation": token.generation, "token_fp": token.fingerprint,
@@ -648,22 +681,11 @@ class TokenManager:
 
     async def _wait_any(self, task: asyncio.Task[Any] | None, seconds: float) -> None:
         """Until ``task`` ends or ``seconds`` pass on the clock."""
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        if task is None:
-            await sleeper
-            return
-        try:
-            await asyncio.wait([task, sleeper], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
+        await sleep_or_until(self._clock, seconds, task)
 
     async def _sleep_or_woken(self, wake: asyncio.Event, seconds: float) -> None:
         """Until ``wake`` is set or ``seconds`` pass on the clock."""
-        waker = asyncio.ensure_future(wake.wait())
-        try:
-            await self._wait_any(waker, seconds)
-        finally:
-            waker.cancel()
+        await sleep_or_set(self._clock, wake, seconds)
 
     async def _run(self) -> None:
         while True:
