@@ -8,8 +8,10 @@ The processes: the sandbox (served from this process on a real socket), one redi
 gateway replicas (``serve``, GATEWAY_WORKERS=2) sharing it. The faults, each kind on its own
 seeded schedule, are in :data:`FAULTS`. The callers book with fresh Idempotency-Keys (the two
 clients sometimes with the same key string), repeat a key after timeouts, 5xx and on purpose,
-leave mid-request, and read catalogues through the GET cache. The invariants are checked in
-:mod:`benchmarks.soak_checks`.
+leave mid-request, and read catalogues through the GET cache. One fault makes Repairy book
+and then lose or delay the answer (500, 502, 504, a reset, a cut body, 3 s late): the case
+where only the Idempotency-Key record stands between a retry and a second booking. The
+invariants are checked in :mod:`benchmarks.soak_checks`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ WARM_UP = 30.0
 FAULTS = {"worker_kill": 20.0, "supervisor_kill": 40.0, "redis_kill": 45.0,
           "redis_replies_lost": 30.0, "repairy_5xx": 25.0, "repairy_resets": 25.0,
           "slow_answers": 30.0, "slow_auth": 40.0, "credential_rotation": 45.0,
-          "token_revocation": 60.0}
+          "token_revocation": 60.0, "acted_answer_lost": 25.0}
 
 
 class Soak:
@@ -199,6 +201,12 @@ class Soak:
             await self._rotate(sb, http)
         elif kind == "token_revocation":
             await self._fault(http, sb, {"revoke_tokens": True})
+        elif kind == "acted_answer_lost":  # the booking is made; its answer fails or is late
+            spoil: dict[str, Any] = rng.choice([{"status": 500}, {"status": 502}, {"status": 504},
+                                {"reset": True}, {"drop": True, "length": 4096},
+                                {"latency": 3.0}])
+            await self._fault(http, sb, {"after": True, "path": "/bookings", **spoil,
+                                         "duration": rng.uniform(1, 3)})
         return True
 
     async def tally_lease_holder(self, redis: AofRedis, replica: Replica) -> bool:

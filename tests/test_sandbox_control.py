@@ -257,3 +257,31 @@ async def test_sandbox_a_held_request_waits_for_its_gate(
         assert resp.status == 400
     async with http.post(f"{sandbox.url}/__sandbox/gates/{'x' * 65}") as resp:
         assert resp.status == 400
+
+
+async def test_sandbox_fault_after_acts_first_then_spoils_the_answer(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """``after``: the booking is made, then its answer is replaced by a 502, or the
+    connection is reset: Repairy acted and the caller cannot tell."""
+    data = await login(http, sandbox)
+    workshop = next(iter(sandbox.state.data.workshops))
+    body = {"workshopId": workshop, "startTime": "2027-03-01T09:00:00+11:00",
+            "serviceType": "Logbook service",
+            "customer": {"firstName": "Sam", "lastName": "Lee", "email": "sam@example.com",
+                         "phone": "+61400000002"},
+            "car": {"rego": "ABC123", "make": "Toyota", "model": "Corolla", "year": 2019}}
+    await faults(http, sandbox, {"faults": [
+        {"after": True, "status": 502, "path": "/bookings"},
+        {"after": True, "reset": True, "path": "/bookings"}]})
+    async with http.post(sandbox.url + "/bookings", json=body,
+                         headers=api_headers(sandbox, data["accessToken"])) as resp:
+        assert resp.status == 502
+    assert len(sandbox.state.data.bookings) == 1
+    with pytest.raises(aiohttp.ClientError):
+        async with http.post(sandbox.url + "/bookings", json=body,
+                             headers=api_headers(sandbox, data["accessToken"])) as resp:
+            await resp.read()
+    assert len(sandbox.state.data.bookings) == 2
+    async with http.post(sandbox.url + "/__sandbox/faults", json={"after": "yes",
+                                                                  "status": 502}) as resp:
+        assert resp.status == 400

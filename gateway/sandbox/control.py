@@ -61,6 +61,9 @@ class Fault:
     bare: bool = False
     headers: dict[str, str] | None = None
     hold: str | None = None  # held until that gate opens (at most HOLD_MAX)
+    #: The request is handled first (a booking is made), then the fault replaces or delays
+    #: the answer: Repairy acted, and the caller cannot tell.
+    after: bool = False
 
     @classmethod
     def from_json(cls, spec: object, now: float = 0.0) -> Fault:
@@ -69,7 +72,7 @@ class Fault:
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
                                "scope", "body", "length", "chunk", "chunk_delay",
                                "retry_after_date", "duration", "persistent", "reset", "bare",
-                               "headers", "hold"}
+                               "headers", "hold", "after"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -124,6 +127,9 @@ class Fault:
         hold = spec.get("hold")
         if hold is not None and not (isinstance(hold, str) and GATE_NAME.fullmatch(hold)):
             raise ControlError("hold must be a gate name: 1 to 64 of A-Z a-z 0-9 _ . -")
+        after = spec.get("after", False)
+        if not isinstance(after, bool):
+            raise ControlError("after must be true or false")
         if status is None and not (drop or latency or reset or bare or headers or hold) and (
                 chunk is None):
             raise ControlError("a fault needs at least one of status, latency, drop, reset, "
@@ -131,7 +137,7 @@ class Fault:
         return cls(count, status, retry_after, float(latency), drop, path, scope, body, length,
                    chunk, float(chunk_delay), retry_after_date,
                    None if duration is None else now + float(duration), persistent, reset,
-                   bare, headers, hold)
+                   bare, headers, hold, after)
 
     def matches(self, path: str, kind: Kind) -> bool:
         if self.scope == "auth" and kind == "api":

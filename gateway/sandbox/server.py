@@ -118,6 +118,9 @@ async def _faulted_or_handled(request: web.Request, handler: Handler, state: San
 
 async def _apply_fault(request: web.Request, handler: Handler, state: SandboxState,
                        kind: Kind, fault: Fault | None) -> web.StreamResponse:
+    acted = None
+    if fault is not None and fault.after:  # Repairy acts first; the fault hits its answer
+        acted = await _handle(request, handler, state, kind)
     if fault is not None:
         if fault.hold:
             await state.control.hold(fault.hold)
@@ -141,6 +144,14 @@ async def _apply_fault(request: web.Request, handler: Handler, state: SandboxSta
             if fault.retry_after is not None:
                 resp.headers["Retry-After"] = _retry_after(fault)
             return resp
+    if acted is not None:
+        return acted
+    return await _handle(request, handler, state, kind)
+
+
+async def _handle(request: web.Request, handler: Handler, state: SandboxState,
+                  kind: Kind) -> web.StreamResponse:
+    """The real answer: auth checked for the API, then the handler."""
     if kind == "api":
         try:
             record = state.tokens.check(bearer(request))
