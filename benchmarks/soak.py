@@ -78,7 +78,8 @@ class Soak:
             "REPAIRY_PARTNER_ID_FILE": str(self.dir / "partner-id"),
             "GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": redis_url,
             "GATEWAY_AUTH_TIMEOUT": AUTH_TIMEOUT, "GATEWAY_SHUTDOWN_GRACE": "3s",
-            "GATEWAY_SECRETS_POLL_INTERVAL": "0",  # SIGHUP only: the harness says when
+            # As a mounted secret is watched; a SIGHUP also follows each rotation.
+            "GATEWAY_SECRETS_POLL_INTERVAL": "1s",
             "GATEWAY_CLIENT_KEYS": ",".join(f"{n}={k}" for n, k in CLIENTS.items()),
             "GATEWAY_CACHE_ROUTES": "GET /workshops/*/services=2s",
             "GATEWAY_LOG_FORMAT": "json",
@@ -232,7 +233,8 @@ class Soak:
 
     async def _rotate(self, sb: Sandbox, http: aiohttp.ClientSession) -> None:
         """New App Key and Secret (the Partner ID stays: it scopes the Idempotency-Keys), in
-        the files first, then at Repairy, then a SIGHUP to each running supervisor."""
+        the files first, then at Repairy, then a SIGHUP to each running supervisor (one being
+        restarted reads the files at its start, or at its next poll)."""
         self.rotation += 1
         key, secret, partner = self._write_credentials(sb, self.rotation)
         async with http.post(sb.url + "/__sandbox/credentials", json={
@@ -243,7 +245,7 @@ class Soak:
             if replica.up and pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
-                self.tally.rotation_logins_allowed += 1
+            self.tally.rotation_logins_allowed += 1  # each replica logs in once with them
 
     # -- callers -------------------------------------------------------------------------------
     async def _booker(self, sb: Sandbox, http: aiohttp.ClientSession, n: int) -> None:

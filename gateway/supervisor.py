@@ -251,6 +251,9 @@ class WorkerPool:
             for task in pending:
                 with contextlib.suppress(Exception):
                     await task
+        for answer in list(self._answers):  # nothing asks for a token once workers are gone
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(answer)
         for worker in self._workers:
             for t in worker.tasks:
                 if t is not asyncio.current_task():

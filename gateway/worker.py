@@ -15,6 +15,8 @@ Run as ``python -m gateway.worker LISTEN_FD CONTROL_FD`` by the supervisor only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -34,7 +36,7 @@ from gateway.proxy.access import AccessPolicy, ClientKey
 from gateway.proxy.idempotency_store import RemoteStore
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, log_task_failure
 from gateway.token.renewal import token_from_dict
 from gateway.token.value import Token, is_usable
 from gateway.tracing import tracing_for
@@ -178,14 +180,18 @@ async def run(listen_fd: int, control_fd: int) -> int:
     background = [asyncio.create_task(channel.serve(
                       lambda message: _control(message, tokens, state, calls))),
                   asyncio.create_task(_push_metrics(channel, metrics))]
+    for task, what in zip(background, ("worker channel", "worker metrics push"), strict=True):
+        task.add_done_callback(functools.partial(log_task_failure, log=log, what=what))
     channel.send("get", {"newer_than": 0})  # the current token, at once
     await ended.wait()
     state.draining = True
     await runner.cleanup()  # stop accepting, let requests in flight finish
-    await cancel_and_wait(background[1])
+    with contextlib.suppress(Exception):  # a failure was logged when it happened
+        await cancel_and_wait(background[1])
     channel.send("metrics", {"text": metrics.render().decode()})
     await channel.flush(1.0)
-    await cancel_and_wait(background[0])
+    with contextlib.suppress(Exception):
+        await cancel_and_wait(background[0])
     await state.upstream.close()
     await close_stores(state)
     flush_logs()

@@ -20,6 +20,7 @@ import pytest
 
 import gateway.app as app_module
 from gateway.app import GatewayServer, build_upstream, serve
+from gateway.errors import TokenUnavailable
 from gateway.metrics import Metrics
 from gateway.proxy.retry import Attempts
 from gateway.sandbox import Sandbox
@@ -95,6 +96,25 @@ async def test_lifecycle_a_failing_hook_never_turns_a_refresh_into_a_failure(
     hooks = _events(log_capture, "token_hook_failed")
     assert len(hooks) == 1 and "OSError" in json.dumps(hooks[0]), hooks
     await manager.stop()
+
+
+async def test_lifecycle_no_auth_call_starts_once_the_manager_is_stopping() -> None:
+    """A request still waiting for a token after ``stop`` (a worker's late ask in the
+    supervisor) gets a prompt 503, never a login on an auth session about to close (the soak
+    found that login: "Session is closed"). A rotation asked then is refused too."""
+    clock = FakeClock()
+    auth = FakeAuth(clock, [Outcome(lifetime=100)])
+    manager = TokenManager(auth, S, clock)
+    await manager.start()
+    await clock.advance(1)
+    assert manager.current is not None
+    await manager.stop()
+    await clock.advance(200)  # the token is past its usable life
+    with pytest.raises(TokenUnavailable, match="stopping"):
+        await asyncio.wait_for(manager.get(), 1)
+    with pytest.raises(TokenUnavailable, match="stopping"):
+        await asyncio.wait_for(manager.switch_credentials(S, auth), 1)
+    assert [c.kind for c in auth.calls] == ["login"]
 
 
 async def test_lifecycle_cancel_and_wait_never_swallows_a_cancel_of_the_caller() -> None:

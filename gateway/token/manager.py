@@ -160,6 +160,7 @@ class TokenManager:
         self._last_renewal_wall: float | None = None
         self._usable_token: Token | None = None  # usable(): its usable end, computed once
         self._usable_until = 0.0
+        self._stopping = False  # stop() has begun: no new auth call starts
         if initial is not None:  # a stored token from an earlier run
             self._state = renewal.succeeded(self._state, initial, self._policy,
                                             self._rng.random())
@@ -208,6 +209,8 @@ class TokenManager:
                 raise TokenUnavailable("timed out waiting for an access token",
                                        retry_after=1.0)
             task = self._task
+            if task is None and self._stopping:
+                raise TokenUnavailable("the gateway is stopping", retry_after=1.0)
             if task is None:
                 # Nothing under way: either a back-off after failures (answer now, with
                 # Retry-After), or only the short floor between attempts (wait for it).
@@ -282,6 +285,7 @@ class TokenManager:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        self._stopping = False
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="token-renewal-loop")
         if self._fleet is not None and self._fleet_task is None:
@@ -289,7 +293,11 @@ class TokenManager:
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop renewing. An auth call under way gets up to ``grace`` seconds to finish (a
-        refresh Repairy has already answered must not be lost), then is cancelled."""
+        refresh Repairy has already answered must not be lost), then is cancelled. From here
+        on no new auth call starts: a late request waiting for a token gets a 503, never a
+        login on a session about to close."""
+        self._stopping = True
+        self._wake.set()
         for background in (self._loop_task, self._fleet_task):
             await cancel_and_wait(background)
         self._loop_task = self._fleet_task = None
@@ -310,6 +318,8 @@ class TokenManager:
         auth call under way meanwhile; it counts as a rotation, never as a renewal."""
         while self._task is not None:
             await asyncio.wait([self._task])
+        if self._stopping:
+            raise TokenUnavailable("not rotating: the gateway is stopping", retry_after=1.0)
         self._state = renewal.started(self._state, "rotation", self._clock.monotonic())
         task = asyncio.create_task(self._rotate(settings, auth), name="credential-rotation")
         self._task = task
@@ -335,7 +345,7 @@ class TokenManager:
 
     # -- renewal -------------------------------------------------------------------------------
     def _start_if_due(self) -> None:
-        if self._task is not None:
+        if self._task is not None or self._stopping:
             return
         now = self._clock.monotonic()
         plan = renewal.next_attempt(self._state, now, self._policy)
