@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.soak_checks import Checks, Tally
+from benchmarks.soak_checks import IDEMPOTENCY_MAX_BODY_KIB, Checks, Tally
 from benchmarks.soak_parts import AofRedis, BlackoutProxy, Replica
 from gateway.sandbox import Sandbox, SandboxConfig
 
@@ -45,7 +45,7 @@ WARM_UP = 30.0
 FAULTS = {"worker_kill": 20.0, "supervisor_kill": 40.0, "redis_kill": 45.0,
           "redis_replies_lost": 30.0, "repairy_5xx": 25.0, "repairy_resets": 25.0,
           "slow_answers": 30.0, "slow_auth": 40.0, "credential_rotation": 45.0,
-          "token_revocation": 60.0, "acted_answer_lost": 25.0}
+          "token_revocation": 60.0, "acted_answer_lost": 25.0, "refresh_answer_lost": 40.0}
 
 
 class Soak:
@@ -83,6 +83,7 @@ class Soak:
             "GATEWAY_CLIENT_KEYS": ",".join(f"{n}={k}" for n, k in CLIENTS.items()),
             "GATEWAY_CACHE_ROUTES": "GET /workshops/*/services=2s",
             "GATEWAY_LOG_FORMAT": "json",
+            "GATEWAY_IDEMPOTENCY_MAX_BODY": f"{IDEMPOTENCY_MAX_BODY_KIB}KiB",
         }
 
     async def run(self) -> int:
@@ -118,15 +119,21 @@ class Soak:
                     proxy: BlackoutProxy, checks: Checks) -> None:
         started = time.monotonic()
         end = started + self.seconds
-        callers = [asyncio.create_task(self._booker(sb, http, i)) for i in range(6)]
-        callers += [asyncio.create_task(self._reader(sb, http)) for _ in range(2)]
+        callers = [asyncio.create_task(self._booker(sb, http, i), name=f"booker-{i}")
+                   for i in range(6)]
+        callers += [asyncio.create_task(self._reader(sb, http, i), name=f"reader-{i}")
+                    for i in range(2)]
         faults = [asyncio.create_task(self._fault_loop(kind, mean, started, end, sb, http,
-                                                       redis, proxy))
+                                                       redis, proxy), name=kind)
                   for kind, mean in FAULTS.items()]
         try:
             while time.monotonic() < end and not checks.breaches:
                 await asyncio.sleep(0.5)
                 await checks.step(http, time.monotonic() - started >= WARM_UP)
+                for task in [*faults, *callers]:  # the harness's own errors never vanish
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        checks.tally.breach(f"the soak's task {task.get_name()} failed: "
+                                            f"{task.exception()!r}")
         finally:
             self.stopping.set()
             # A fault under way finishes (a replica being restarted comes back up).
@@ -202,6 +209,9 @@ class Soak:
             await self._rotate(sb, http)
         elif kind == "token_revocation":
             await self._fault(http, sb, {"revoke_tokens": True})
+        elif kind == "refresh_answer_lost":  # the refresh token is used up; the answer lost
+            await self._fault(http, sb, {"after": True, "scope": "auth", "path": "/auth/refresh",
+                                         "reset": True, "count": 1})
         elif kind == "acted_answer_lost":  # the booking is made; its answer fails or is late
             spoil: dict[str, Any] = rng.choice([{"status": 500}, {"status": 502}, {"status": 504},
                                 {"reset": True}, {"drop": True, "length": 4096},
@@ -245,7 +255,7 @@ class Soak:
             if replica.up and pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
-            self.tally.rotation_logins_allowed += 1  # each replica logs in once with them
+        self.tally.rotation_logins_allowed += 1  # one login for the fleet
 
     # -- callers -------------------------------------------------------------------------------
     async def _booker(self, sb: Sandbox, http: aiohttp.ClientSession, n: int) -> None:
@@ -317,8 +327,8 @@ class Soak:
         except (aiohttp.ClientError, TimeoutError):
             return 0, None, False
 
-    async def _reader(self, sb: Sandbox, http: aiohttp.ClientSession) -> None:
-        rng = random.Random(f"{self.seed}-reader")
+    async def _reader(self, sb: Sandbox, http: aiohttp.ClientSession, n: int) -> None:
+        rng = random.Random(f"{self.seed}-reader-{n}")
         workshops = list(sb.state.data.workshops)
         while not self.stopping.is_set():
             replica = rng.choice([r for r in self.replicas if r.up] or self.replicas)

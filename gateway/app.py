@@ -298,9 +298,11 @@ class GatewayServer:
             await self._start_on(listener, admin_sock)
         except BaseException:
             # Nothing half-started outlives a failed start: tasks, sessions, listeners.
-            await self._roll_back()
-            listener.close()
-            admin_sock.close()
+            try:
+                await self._roll_back()
+            finally:
+                listener.close()
+                admin_sock.close()
             raise
 
     async def _start_on(self, listener: socket.socket, admin_sock: socket.socket) -> None:

@@ -17,16 +17,18 @@ from gateway.clock import Clock
 
 async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
     """Cancel ``task`` and wait until it has ended. Its own cancellation is absorbed; a cancel
-    of the caller (arriving while it waits) is raised again. Another exception the task ends
+    of the caller that arrives while it waits is raised again (one that came earlier, whose
+    clean-up is running this, is not: the clean-up goes on). Another exception the task ends
     with propagates, as it would from ``await task``."""
     if task is None:
         return
+    current = asyncio.current_task()
+    before = current.cancelling() if current is not None else 0
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
+        if current is not None and current.cancelling() > before:
             raise
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
@@ -15,6 +17,7 @@ from gateway.token.store import owner_key
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults, stats
+from tests.test_rotation import SecretMount, accept
 
 
 @dataclass
@@ -262,3 +265,57 @@ async def test_fleet_check_reports_the_stored_token_without_logging_in(
             assert b"token store" in out
         finally:
             await stop_all(gateways)
+
+
+async def test_fleet_credential_rotation_costs_one_login_for_the_whole_fleet(
+        redis_server: RedisServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Both replicas see new credentials at once (files rewritten, SIGHUP to each): one of
+    them logs in with them, the other adopts that token from the store. One login in all, so
+    with one live token per credential no replica's token is revoked by the other's login:
+    no caller request fails. (Before, each replica logged in, and the second login revoked
+    the first's token: three logins a rotation.)"""
+    old = {"app-key": "sandbox-app-key", "app-secret": "old-secret", "partner-id": "partner-1"}
+    new = {**old, "app-key": "rotated-app-key", "app-secret": "new-secret"}
+    mount = SecretMount(tmp_path, old)
+    async with Sandbox(SandboxConfig(app_key=old["app-key"], app_secret=old["app-secret"],
+                                     partner_id=old["partner-id"], access_ttl=30.0,
+                                     single_token=True)) as sb:
+        env = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_SECRETS_POLL_INTERVAL": "0",
+               **mount.env(sb)}
+        gateways = [GatewayProcess(sb, env) for _ in range(2)]
+        for gw in gateways:
+            for key in ("REPAIRY_APP_KEY", "REPAIRY_APP_SECRET", "REPAIRY_PARTNER_ID"):
+                gw.env.pop(key)
+            await gw.start()
+        try:
+            for gw in gateways:
+                await gw.ready(http)
+            before = await stats(http, sb)
+            load = Load()
+            loading = asyncio.create_task(steady_load(http, gateways, 6.0, load))
+            await asyncio.sleep(1.0)
+            mount.update(new)
+            await accept(http, sb, new)
+            for gw in gateways:
+                assert gw.proc is not None
+                gw.proc.send_signal(signal.SIGHUP)
+
+            async def rotated() -> bool:
+                docs = [await gw.tokenz(http) for gw in gateways]
+                return all(d["token"]["fingerprint"] == docs[0]["token"]["fingerprint"]
+                           for d in docs) and all(
+                    '"credentials_rotated"' in gw.logs() for gw in gateways)
+
+            deadline = time.monotonic() + 15
+            while not await rotated():
+                assert time.monotonic() < deadline, [gw.logs()[-2000:] for gw in gateways]
+                await asyncio.sleep(0.1)
+            await loading
+            after = await stats(http, sb)
+            logs = [gw.logs() for gw in gateways]
+        finally:
+            await stop_all(gateways)
+    assert after["logins_succeeded"] - before["logins_succeeded"] == 1, after
+    assert sum(log.count('"rotation_adopted"') for log in logs) == 1, logs
+    assert load.failed == [], load.failed[:5]
+    assert load.ok > 100

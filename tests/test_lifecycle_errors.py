@@ -207,31 +207,91 @@ async def test_lifecycle_a_start_that_fails_after_binding_is_rolled_back(
         await wait_until(again.state.tokens.ready)
 
 
+async def test_lifecycle_a_cancelled_start_or_body_leaves_nothing_running(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start cancelled part-way (here while the admin app is set up), and a running
+    gateway whose ``async with`` body is cancelled: the clean-up runs to its end (a cancel
+    already being handled is not raised again by each step), so no task of the gateway runs
+    on and its auth session is closed."""
+    from gateway.admin import build_admin_app as real
+
+    def cancelling(state: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # delivered at the start's next await
+        return real(state)
+
+    before = asyncio.all_tasks()
+    monkeypatch.setattr(app_module, "build_admin_app", cancelling)
+    gw = GatewayServer(settings_for(sandbox))
+    starting = asyncio.create_task(gw.start())
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await settle()
+    assert gw._auth_session.closed
+    assert [t for t in asyncio.all_tasks() - before if not t.done()
+            and t is not asyncio.current_task()] == []
+    monkeypatch.undo()
+
+    started = asyncio.Event()
+    holder: list[GatewayServer] = []
+
+    async def body() -> None:
+        async with GatewayServer(settings_for(sandbox)) as running:
+            holder.append(running)
+            await wait_until(running.state.tokens.ready)
+            started.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle()
+    assert holder[0]._auth_session.closed
+    assert [t for t in asyncio.all_tasks() - before if not t.done()
+            and t is not asyncio.current_task()] == []
+
+
+async def test_lifecycle_reloader_stop_cancelled_is_cancelled(sandbox: Sandbox) -> None:
+    """``CredentialReloader.stop`` cancelled while a loop of it is slow to stop raises
+    CancelledError to its caller (it used to swallow it and run on)."""
+    async with GatewayServer(settings_for(sandbox)) as gw:
+        reloader = gw.reloader
+        assert reloader is not None
+        gate = asyncio.Event()
+
+        async def stubborn() -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await gate.wait()
+                raise
+
+        went_on: list[bool] = []
+        extra = asyncio.create_task(stubborn())
+        reloader._tasks.append(extra)
+
+        async def stopper() -> None:
+            await reloader.stop()
+            went_on.append(True)
+
+        stopping = asyncio.create_task(stopper())
+        await asyncio.sleep(0.05)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        gate.set()
+        await asyncio.gather(extra, return_exceptions=True)
+        assert went_on == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-async def test_lifecycle_serve_awaits_its_start_up_probe(
-        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``serve`` stopped while its start-up probe waits: the probe task has ended by the time
-    ``serve`` returns (it was cancelled and awaited, not left pending)."""
-    started = asyncio.Event()
-
-    async def waiting_probe(self: GatewayServer) -> None:
-        started.set()
-        await asyncio.sleep(3600)
-
-    monkeypatch.setattr(GatewayServer, "startup_probe", waiting_probe)
-    serving = asyncio.create_task(serve(settings_for(sandbox)))
-    await asyncio.wait_for(started.wait(), 10)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert await asyncio.wait_for(serving, 20) == 0
-    pending = [t for t in asyncio.all_tasks() if t.get_name() == "startup-probe"
-               and not t.done()]
-    assert pending == [], pending
 
 
 async def test_lifecycle_a_crashing_start_up_probe_is_logged_and_serve_goes_on(

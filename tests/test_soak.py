@@ -32,7 +32,7 @@ def test_soak_sixty_seconds_of_faults_breach_nothing() -> None:
     faults = result.stdout.split("- faults injected: ")[1].splitlines()[0]
     for kind in ("worker_kill", "supervisor_kill", "redis_kill", "redis_replies_lost",
                  "repairy_5xx", "repairy_resets", "slow_answers", "slow_auth",
-                 "credential_rotation", "acted_answer_lost"):
+                 "credential_rotation", "acted_answer_lost", "refresh_answer_lost"):
         assert f"{kind} " in faults, out
     assert "2xx answers 0 " not in result.stdout, out
 

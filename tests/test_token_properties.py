@@ -82,7 +82,7 @@ def _fallback(call: Call) -> bool:
     reason = call.outcome.reason
     return call.kind == "refresh" and reason is not None and (
         reason in renewal.REFRESH_FALLBACK_REASONS
-        or (reason != "crash" and call.outcome.ambiguous))
+        or (reason in renewal.AMBIGUOUS_REFRESH_REASONS and call.outcome.ambiguous))
 
 
 async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str, float]],

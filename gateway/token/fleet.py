@@ -234,6 +234,36 @@ class Fleet:
             self.key_mismatch = on
             self._events.key_mismatch(on)
 
+    async def rotation_turn(self, owner: str, usable: Callable[[RenewalState], bool],
+                            within: float) -> tuple[RenewalState | None, bool]:
+        """A credential rotation's turn, under the new credentials' ``owner`` (the store is
+        rekeyed to it; the caller rekeys back if the rotation fails). Another replica's token
+        for them already stored: (its state, False), adopt it, no login. Else the lease: (None,
+        True), log in once for the fleet. Store down, or no lease ``within`` seconds: (None,
+        False), log in here. A live entry sealed with another key raises
+        :class:`EntryUnreadable`: never log in over it."""
+        self.store.rekey(owner)
+        deadline = self._clock.monotonic() + within
+        while True:
+            try:
+                seen = self.seq
+                shared = await self.load()
+                if shared is not None and usable(shared):
+                    return shared, False
+                if await self.acquire():
+                    shared = await self.load()  # it may have landed just before the lease
+                    if shared is not None and usable(shared):
+                        await self.release()
+                        return shared, False
+                    return None, True
+            except StoreError:
+                return None, False
+            left = deadline - self._clock.monotonic()
+            if left <= 0:
+                return None, False
+            self.lease_wait()
+            await self.wait_for_change(seen, min(self.lease_ttl, left))
+
     async def acquire(self) -> bool:
         try:
             got = await self.store.acquire(self.lease_ttl)

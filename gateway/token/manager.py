@@ -12,8 +12,10 @@ a fake clock in the tests.
   login of a credential rotation); whoever needs a token waits for it.
 * The background loop sleeps until the next attempt is due (never more than
   :data:`MAX_SLEEP` at a time, so a suspended host re-decides when it wakes).
-* A refresh the endpoint definitely rejected is followed by a login in the same attempt; any
-  other failure is backed off (a 429 or 5xx on refresh never turns into a login at once).
+* A refresh the endpoint definitely rejected, or one that ended ambiguously (no answer, a cut
+  or garbled one: its refresh token may be used up), is followed by a login in the same
+  attempt, at once; any other failure is backed off (a 429 or 5xx on refresh never turns into
+  a login at once).
 * :meth:`invalidate` means "renew now": the rejected token keeps serving until a replacement
   lands, and only the generation a caller used is affected (the kubernetes#99324 pitfall).
 """
@@ -242,7 +244,11 @@ class TokenManager:
     async def still_current(self, generation: int) -> bool:
         """Is ``generation`` still the newest token, here and (with a store) in the fleet?
         Only then does a 401 with it say anything about the route (persistent-401 marking).
-        With the store unreachable, nobody can tell: False."""
+        With the store unreachable, or rekeyed to credentials a rotation is still switching
+        to, nobody can tell: False."""
+        flight = self._state.in_flight
+        if self._fleet is not None and flight is not None and flight.kind == "rotation":
+            return False
         if self._fleet is not None:
             try:
                 shared = await self._fleet.load()
@@ -328,20 +334,71 @@ class TokenManager:
         return token
 
     async def _rotate(self, settings: Settings, auth: AuthCalls) -> Token:
+        """The rotation's one login. With a fleet, one login for the whole fleet: the new
+        credentials' token lives under their own key, and a replica that finds it there (or
+        waits for the replica holding their lease) adopts it instead of logging in, which
+        with one live token per credential would revoke the other's."""
+        fleet = self._fleet
+        before = fleet.store.owner if fleet is not None else None
+        holding = False
         try:
             if self._mismatch():  # a login here would fight the fleet (under the new owner)
                 raise StoreKeyMismatch("not rotating: the fleet's token is sealed with another "
                                        "GATEWAY_STORE_KEY")
-            exchange = await auth.login()
+            if fleet is not None:
+                owner = owner_key(str(settings.base_url), settings.app_key.fingerprint,
+                                  settings.partner_id)
+                margin = policy_of(settings).margin
+                try:
+                    shared, holding = await fleet.rotation_turn(
+                        owner, lambda st: is_usable(st.token, self._clock.monotonic(), margin),
+                        within=self._policy.attempt_timeout + fleet.lease_ttl)
+                except EntryUnreadable:
+                    raise StoreKeyMismatch("not rotating: the fleet's token for the new "
+                                           "credentials is sealed with another "
+                                           "GATEWAY_STORE_KEY") from None
+                if shared is not None and shared.token is not None:
+                    self._switch(settings, auth)
+                    return self._adopt_rotated(shared.token)
+            call = auth.login()
+            exchange = await (self._leased(call) if holding else call)
         except BaseException:
+            if fleet is not None and before is not None:
+                fleet.store.rekey(before)
             self._state = renewal.ended(self._state)
+            if holding:
+                assert fleet is not None
+                await fleet.release()
             raise
+        self._switch(settings, auth)
+        token = self._accept(self._token_of(exchange, "login", None), "login")
+        if holding:
+            assert fleet is not None
+            try:
+                await fleet.write(self._state)  # the fleet's token for the new credentials
+            finally:
+                await fleet.release()
+        return token
+
+    def _switch(self, settings: Settings, auth: AuthCalls) -> None:
         self._auth, self._s, self._policy = auth, settings, policy_of(settings)
         self._usable_token = None  # the margin may have changed
-        if self._fleet is not None:  # the new credentials' token lives under their own key
-            self._fleet.store.rekey(owner_key(str(settings.base_url),
-                                              settings.app_key.fingerprint, settings.partner_id))
-        return self._accept(self._token_of(exchange, "login", None), "login")
+
+    def _adopt_rotated(self, shared: Token) -> Token:
+        """Take the fleet's token for the new credentials as this rotation's result. Its
+        generation stays above every one handed out here (a replay asks for a newer one)."""
+        token = shared if shared.generation > self._state.generation else replace(
+            shared, generation=self._state.generation + 1)
+        self._state = renewal.succeeded(self._state, token, self._policy, self._rng.random())
+        self._last_outcome = "rotation:adopted"
+        self._last_renewal_wall = self._clock.time()
+        self._events.token_changed(token)
+        assert self._fleet is not None
+        self._fleet.adopted()
+        log.info("rotation: adopted the fleet's token for the new credentials", extra={
+            "fields": {"event": "rotation_adopted", "generation": token.generation,
+                       "token_fp": token.fingerprint, "renewed_by": self._fleet.renewed_by}})
+        return token
 
     # -- renewal -------------------------------------------------------------------------------
     def _start_if_due(self) -> None:
@@ -432,7 +489,7 @@ class TokenManager:
             except AuthError as exc:
                 if exc.reason in renewal.REFRESH_FALLBACK_REASONS:
                     event, why = "refresh_fallback", "refresh refused, logging in"
-                elif exc.ambiguous and exc.reason != "lease_lost":
+                elif exc.ambiguous and exc.reason in renewal.AMBIGUOUS_REFRESH_REASONS:
                     # A hung or cut refresh: the login presents another credential and
                     # re-sends nothing, so it starts now, and callers wait for it rather than
                     # for a back-off (the one exception to the floor between attempts).

@@ -43,6 +43,10 @@ CONFIG_REASONS: Final = frozenset({"invalid_credentials", "endpoint_misconfigure
 #: Refresh failures after which a login follows at once, in the same attempt.
 REFRESH_FALLBACK_REASONS: Final = frozenset({"refresh_rejected", "endpoint_misconfigured",
                                              "request_rejected"})
+#: Ambiguous refresh failures after which a login follows at once, in the same attempt: the
+#: refresh may have used up its token and nothing told us (no answer, a cut one, a garbled
+#: 2xx). Never a 429 or a 5xx: those answered, and are backed off.
+AMBIGUOUS_REFRESH_REASONS: Final = frozenset({"timeout", "connect_error", "malformed_response"})
 AttemptKind = Literal["login", "refresh", "rotation"]
 
 
