@@ -162,10 +162,11 @@ class Soak:
                     await asyncio.wait_for(self.stopping.wait(), wait)
                 if self.stopping.is_set() or time.monotonic() >= end - 5:
                     return
+            self.tally.faults[kind] += 1  # credited before it acts: a login may come at once
             if not await self._inject(kind, rng, sb, http, redis, proxy):
+                self.tally.faults[kind] -= 1
                 at = time.monotonic() + 1.0  # nothing to hit just now: try again soon
                 continue
-            self.tally.faults[kind] += 1
             at = time.monotonic() + rng.expovariate(1 / mean)
 
     async def _inject(self, kind: str, rng: random.Random, sb: Sandbox,
@@ -246,6 +247,7 @@ class Soak:
         the files first, then at Repairy, then a SIGHUP to each running supervisor (one being
         restarted reads the files at its start, or at its next poll)."""
         self.rotation += 1
+        self.tally.rotation_logins_allowed += 1  # one login for the fleet
         key, secret, partner = self._write_credentials(sb, self.rotation)
         async with http.post(sb.url + "/__sandbox/credentials", json={
                 "app_key": key, "app_secret": secret, "partner_id": partner}) as resp:
@@ -255,7 +257,6 @@ class Soak:
             if replica.up and pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
-        self.tally.rotation_logins_allowed += 1  # one login for the fleet
 
     # -- callers -------------------------------------------------------------------------------
     async def _booker(self, sb: Sandbox, http: aiohttp.ClientSession, n: int) -> None:

@@ -30,6 +30,10 @@ async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
     except asyncio.CancelledError:
         if current is not None and current.cancelling() > before:
             raise
+        return
+    if current is not None and current.cancelling() > before:
+        # The caller's cancel reached the task, which absorbed it and returned: raised here.
+        raise asyncio.CancelledError
 
 
 async def sleep_or_until(clock: Clock, seconds: float,

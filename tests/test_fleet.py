@@ -12,10 +12,13 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.app import GatewayServer
+from gateway.redact import fingerprint
 from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.settings import Settings
 from gateway.token.store import owner_key
 from tests.fleet_helpers import GatewayProcess, RedisServer
-from tests.gateway_helpers import SERVICES, wait_until
+from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 from tests.test_rotation import SecretMount, accept
 
@@ -210,7 +213,6 @@ async def test_fleet_ignores_a_store_entry_of_another_owner_and_encrypts(
     GATEWAY_STORE_KEY the stored state never shows the token."""
     async with Sandbox() as sb:
         cfg = sb.state.config
-        from gateway.redact import fingerprint
         owner = owner_key(sb.url, fingerprint(cfg.app_key), cfg.partner_id)
         redis = await redis_server.client()
         forged = {"owner": "someone-else", "state": {"token": {"access": "forged"}}}
@@ -319,3 +321,45 @@ async def test_fleet_credential_rotation_costs_one_login_for_the_whole_fleet(
     assert sum(log.count('"rotation_adopted"') for log in logs) == 1, logs
     assert load.failed == [], load.failed[:5]
     assert load.ok > 100
+
+
+async def test_fleet_rotation_of_the_secret_alone_still_proves_it_with_a_login(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """A new App Secret keeps the store's owner (upstream, App Key, Partner ID): the token
+    there is this replica's own, got with the old secret. The rotation must not adopt it: it
+    logs in, so a wrong new secret fails the rotation and the old credentials stay. A failed
+    rotation to a new App Key leaves no lease behind under the new key."""
+    old = {"app-key": "sandbox-app-key", "app-secret": "old-secret", "partner-id": "partner-1"}
+    mount = SecretMount(tmp_path, old)
+    async with Sandbox(SandboxConfig(app_key=old["app-key"], app_secret=old["app-secret"],
+                                     partner_id=old["partner-id"])) as sb:
+        env = mount.env(sb)
+
+        def load() -> Settings:
+            # No background polling: each check here is the only one under way.
+            return settings_for(sb, env=env, redis_url=redis_server.url,
+                                secrets_poll_interval="0")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            reloader = gw.reloader
+            assert reloader is not None
+            before = sb.state.control.stats()
+            mount.update({**old, "app-secret": "wrong-secret"})
+            assert await reloader.check() == "failure"
+            after = sb.state.control.stats()
+            assert after["token_requests"] == before["token_requests"] + 1
+            assert gw.state.settings.app_secret.reveal() == "old-secret"
+            mount.update({**old, "app-key": "unknown-key", "app-secret": "x"})
+            assert await reloader.check() == "failure"
+            client = await redis_server.client()
+            new_owner = owner_key(sb.url, fingerprint("unknown-key"), old["partner-id"])
+            try:
+                held = await client.get(f"repairy-gateway:{new_owner}:lease")
+            finally:
+                await client.aclose()
+            assert held is None
+            assert gw.state.manager.fleet is not None
+            assert gw.state.manager.fleet.store.owner == owner_key(
+                sb.url, fingerprint(old["app-key"]), old["partner-id"])
+            assert gw.state.tokens.ready()

@@ -141,6 +141,25 @@ async def test_lifecycle_cancel_and_wait_never_swallows_a_cancel_of_the_caller()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert went_on == []
+    # A task that absorbs the cancel and returns: the caller's own cancel is still raised.
+    async def absorbing() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # swallowed: it returns normally
+
+    async def stopper2() -> None:
+        child = asyncio.create_task(absorbing())
+        await asyncio.sleep(0)
+        await cancel_and_wait(child)
+        went_on.append("after the second stop")
+
+    task = asyncio.create_task(stopper2())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert went_on == []
     # Its own task's cancellation is absorbed, and a task's failure is raised.
     ok = asyncio.create_task(asyncio.sleep(3600))
     await cancel_and_wait(ok)

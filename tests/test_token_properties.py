@@ -75,6 +75,11 @@ class Run:
     problems: list[str] = field(default_factory=list)
 
 
+#: Written out, not imported: the issue's exception (no answer, a cut or a garbled one), never
+#: a 429 or a 5xx, whatever the code under test says.
+AMBIGUOUS_LOGIN_AT_ONCE = frozenset({"timeout", "connect_error", "malformed_response"})
+
+
 def _fallback(call: Call) -> bool:
     """A refresh whose refresh token cannot be sent again: refused by the endpoint, or ended
     ambiguously (it may have been used up). The login that follows belongs to the same
@@ -82,7 +87,7 @@ def _fallback(call: Call) -> bool:
     reason = call.outcome.reason
     return call.kind == "refresh" and reason is not None and (
         reason in renewal.REFRESH_FALLBACK_REASONS
-        or (reason in renewal.AMBIGUOUS_REFRESH_REASONS and call.outcome.ambiguous))
+        or (reason in AMBIGUOUS_LOGIN_AT_ONCE and call.outcome.ambiguous))
 
 
 async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str, float]],

@@ -250,19 +250,28 @@ class Fleet:
                 shared = await self.load()
                 if shared is not None and usable(shared):
                     return shared, False
-                if await self.acquire():
-                    shared = await self.load()  # it may have landed just before the lease
-                    if shared is not None and usable(shared):
-                        await self.release()
-                        return shared, False
-                    return None, True
+                got = await self.acquire()
             except StoreError:
                 return None, False
+            if got:
+                try:
+                    shared = await self.load()  # it may have landed just before the lease
+                except StoreError:
+                    return None, True  # the lease is ours for its TTL: log in under it
+                except BaseException:
+                    await self.release()
+                    raise
+                if shared is not None and usable(shared):
+                    await self.release()
+                    return shared, False
+                return None, True
             left = deadline - self._clock.monotonic()
             if left <= 0:
                 return None, False
             self.lease_wait()
-            await self.wait_for_change(seen, min(self.lease_ttl, left))
+            # Polled a third of the lease TTL apart too: the listener may still be on the old
+            # owner's channel for a moment after the rekey.
+            await self.wait_for_change(seen, min(self.lease_ttl / 3, left))
 
     async def acquire(self) -> bool:
         try:

@@ -340,14 +340,17 @@ class TokenManager:
         with one live token per credential would revoke the other's."""
         fleet = self._fleet
         before = fleet.store.owner if fleet is not None else None
+        owner = owner_key(str(settings.base_url), settings.app_key.fingerprint,
+                          settings.partner_id)
         holding = False
         try:
             if self._mismatch():  # a login here would fight the fleet (under the new owner)
                 raise StoreKeyMismatch("not rotating: the fleet's token is sealed with another "
                                        "GATEWAY_STORE_KEY")
-            if fleet is not None:
-                owner = owner_key(str(settings.base_url), settings.app_key.fingerprint,
-                                  settings.partner_id)
+            # Only new credentials have a key of their own to look under: a new App Secret
+            # alone keeps the owner (its token there is ours, from the old secret), and must be
+            # proved by a login of its own.
+            if fleet is not None and owner != before:
                 margin = policy_of(settings).margin
                 try:
                     shared, holding = await fleet.rotation_turn(
@@ -360,15 +363,18 @@ class TokenManager:
                 if shared is not None and shared.token is not None:
                     self._switch(settings, auth)
                     return self._adopt_rotated(shared.token)
+                if not holding:
+                    log.warning("rotation: logging in here (the store is down, or no replica "
+                                "wrote the new credentials' token in time)", extra={
+                                    "fields": {"event": "rotation_local_login"}})
             call = auth.login()
             exchange = await (self._leased(call) if holding else call)
         except BaseException:
             if fleet is not None and before is not None:
+                if holding:  # the new owner's lease: released before keying back
+                    await fleet.release()
                 fleet.store.rekey(before)
             self._state = renewal.ended(self._state)
-            if holding:
-                assert fleet is not None
-                await fleet.release()
             raise
         self._switch(settings, auth)
         token = self._accept(self._token_of(exchange, "login", None), "login")
@@ -395,6 +401,7 @@ class TokenManager:
         self._events.token_changed(token)
         assert self._fleet is not None
         self._fleet.adopted()
+        self._fleet_wake.set()  # published again soon under the generation given here
         log.info("rotation: adopted the fleet's token for the new credentials", extra={
             "fields": {"event": "rotation_adopted", "generation": token.generation,
                        "token_fp": token.fingerprint, "renewed_by": self._fleet.renewed_by}})
@@ -640,6 +647,13 @@ class TokenManager:
         assert fleet is not None
         if fleet.key_mismatch:
             return
+        owner = fleet.store.owner
+
+        def moved() -> bool:
+            """A rotation began meanwhile: the store may be keyed to the new credentials,
+            whose entry and lease are not this publish's to touch."""
+            return self._task is not None or fleet.store.owner != owner
+
         try:
             if not await fleet.acquire():
                 return
@@ -648,15 +662,16 @@ class TokenManager:
         try:
             shared = await fleet.load()
             ours = self._state.token
-            if ours is not None and (shared is None or shared.token is None
-                                     or ours.generation > shared.generation or (
-                                         fleet.resealable
-                                         and ours.generation >= shared.generation)):
+            if not moved() and ours is not None and (
+                    shared is None or shared.token is None
+                    or ours.generation > shared.generation or (
+                        fleet.resealable and ours.generation >= shared.generation)):
                 await fleet.write(renewal.ended(self._state))
         except (StoreError, EntryUnreadable):
             pass
         finally:
-            await fleet.release()
+            if fleet.store.owner == owner:
+                await fleet.release()
 
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
