@@ -253,6 +253,11 @@ class Channel:
                     self._malformed(f"unusable {message.kind} ({type(exc).__name__})")
         finally:
             self.close()
+            # How the connection ended (a reset, say) is kept on the stream until someone
+            # asks: asked here, so it never surfaces as "exception was never retrieved".
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self._writer.wait_closed()
 
     def _parse(self, line: bytes) -> tuple[Message | None, int]:
         """The message on ``line`` (None if malformed) and the size of its attachment (-1:

@@ -193,6 +193,17 @@ class Proxy:
             async with asyncio.timeout(within):
                 await self._drained.wait()
 
+    async def stop_leaders(self, within: float) -> None:
+        """After the drain: cancel the Idempotency-Key leaders still running (each settles
+        its key as a shutdown cut it off, and logs how it ended) and wait up to ``within`` for
+        them, so none ends unobserved when the event loop closes."""
+        leaders = [task for task in self._leaders if not task.done()]
+        for task in leaders:
+            task.add_done_callback(_observed)
+            task.cancel()
+        if leaders:
+            await asyncio.wait(leaders, timeout=within)
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         gw = self.state
         protocol = request.protocol
@@ -879,3 +890,10 @@ def _same_partner(outcome: _Outcome, token: Token) -> None:
     if outcome.partner and outcome.idempotency and token.partner_id != outcome.partner:
         raise CredentialsRotated("the Partner ID changed while this request waited: nothing "
                                  "was sent; retry", retry_after=1.0)
+
+
+def _observed(task: asyncio.Future[Any]) -> None:
+    """A leader cut off at shutdown: its end is settled and logged by its own callbacks;
+    retrieved here so that the event loop has nothing to report."""
+    if not task.cancelled():
+        task.exception()

@@ -56,6 +56,8 @@ class Drainable(Protocol):
 
     async def drain(self, within: float) -> None: ...
 
+    async def stop_leaders(self, within: float) -> None: ...
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse: ...
 
 
@@ -296,4 +298,5 @@ class ProxyServer(web.Server):
         await self._proxy.drain(grace - 2 * cut_off)
         self._proxy.stopping = True
         await super().shutdown(cut_off)
+        await self._proxy.stop_leaders(max(cut_off, 1.0))
         self._deadlines.close()
