@@ -176,6 +176,11 @@ class Checks:
                 "credential rotations": t.rotation_logins_allowed,
                 "rotation logins with the store down (logged)":
                     self.events["rotation_local_login"],
+                # GATEWAY_REDIS_DOWN_POLICY=local: with Redis down, each replica renews in the
+                # last part of its token's life; with one live token per credential, each of
+                # those can end in a login (the second replica's refresh token is used up).
+                "renewals made locally with Redis down (logged)":
+                    self.events["store_down_local_renewal"],
                 "sandbox revocations": t.faults["token_revocation"],
                 "lease holders killed mid-renewal": t.holders_killed,
                 "ambiguous refreshes": self.events["refresh_ambiguous"]}
