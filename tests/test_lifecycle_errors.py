@@ -117,6 +117,42 @@ async def test_lifecycle_no_auth_call_starts_once_the_manager_is_stopping() -> N
     assert [c.kind for c in auth.calls] == ["login"]
 
 
+async def test_lifecycle_an_auth_call_failing_as_its_lease_is_lost_is_retrieved() -> None:
+    """The auth call fails while the lease extension is under way, and the extension fails
+    too: ``lease_lost`` is raised, and the call's own error is retrieved, never reported as
+    "Task exception was never retrieved" (the 10-minute soak found that line)."""
+    import gc
+
+    from gateway.clock import SystemClock
+    from gateway.errors import AuthError
+
+    unretrieved: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(str(ctx.get("message"))))
+
+    class LosingFleet:
+        lease_ttl = 0.3
+
+        async def extend(self) -> bool:
+            await asyncio.sleep(0.08)  # the call fails meanwhile
+            return False
+
+    async def failing_call() -> Any:
+        await asyncio.sleep(0.13)
+        raise AuthError("timeout", "login sent, no answer", ambiguous=True)
+
+    manager = TokenManager(FakeAuth(FakeClock()), S, SystemClock())
+    manager._fleet = LosingFleet()  # type: ignore[assignment]
+    with pytest.raises(AuthError) as raised:
+        await manager._leased(failing_call())
+    assert raised.value.reason == "lease_lost"
+    del raised
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert unretrieved == []
+
+
 async def test_lifecycle_cancel_and_wait_never_swallows_a_cancel_of_the_caller() -> None:
     """Cancelled while it waits for a slow-to-stop task, the caller is cancelled too (the
     old ``suppress(CancelledError)`` ran on as if nothing happened)."""

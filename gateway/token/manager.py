@@ -714,6 +714,10 @@ class TokenManager:
         finally:
             if not task.done():
                 await cancel_and_wait(task)
+            elif not task.cancelled():
+                # It failed while the lease was being extended, and lease_lost is raised
+                # instead: its own error is superseded, but retrieved (never "unretrieved").
+                task.exception()
 
     def _token_of(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
         return token_from_exchange(
