@@ -32,8 +32,9 @@ from typing import Any
 import aiohttp
 
 from benchmarks.soak_checks import IDEMPOTENCY_MAX_BODY_KIB, Checks, Tally
-from benchmarks.soak_parts import AofRedis, BlackoutProxy, Replica
+from benchmarks.soak_parts import AofRedis, Replica
 from gateway.sandbox import Sandbox, SandboxConfig
+from tests.redis_proxy import ReplyDropper
 
 #: Token lifetimes and the auth timeout the soak runs with (short, so renewals happen often).
 ACCESS_TTL = 12.0
@@ -95,7 +96,7 @@ class Soak:
         async with Sandbox(config) as sb, aiohttp.ClientSession() as http:
             self._write_credentials(sb, 0)
             await redis.start()
-            proxy = BlackoutProxy(redis.port)
+            proxy = ReplyDropper(redis.port)
             await proxy.start()
             self.replicas = [Replica.create(n, sb, self._env(proxy.url)) for n in ("a", "b")]
             checks = Checks(sb, self.replicas, redis, self.tally)
@@ -116,7 +117,7 @@ class Soak:
         return 1 if checks.breaches else 0
 
     async def _soak(self, sb: Sandbox, http: aiohttp.ClientSession, redis: AofRedis,
-                    proxy: BlackoutProxy, checks: Checks) -> None:
+                    proxy: ReplyDropper, checks: Checks) -> None:
         started = time.monotonic()
         end = started + self.seconds
         callers = [asyncio.create_task(self._booker(sb, http, i), name=f"booker-{i}")
@@ -143,7 +144,6 @@ class Soak:
             await asyncio.gather(*faults, *callers, return_exceptions=True)
             async with http.delete(sb.url + "/__sandbox/faults"):
                 pass
-            proxy.blackout(0)
             for replica in self.replicas:
                 if replica.pid is None:
                     await replica.start(http)
@@ -152,7 +152,7 @@ class Soak:
     # -- faults --------------------------------------------------------------------------------
     async def _fault_loop(self, kind: str, mean: float, started: float, end: float,
                           sb: Sandbox, http: aiohttp.ClientSession, redis: AofRedis,
-                          proxy: BlackoutProxy) -> None:
+                          proxy: ReplyDropper) -> None:
         rng = random.Random(f"{self.seed}-{kind}")
         at = started + rng.uniform(3, max(4, 0.75 * (end - started)))
         while not self.stopping.is_set():
@@ -171,7 +171,7 @@ class Soak:
 
     async def _inject(self, kind: str, rng: random.Random, sb: Sandbox,
                       http: aiohttp.ClientSession, redis: AofRedis,
-                      proxy: BlackoutProxy) -> bool:
+                      proxy: ReplyDropper) -> bool:
         """Inject one fault of ``kind``; False if there was nothing to hit."""
         running = [r for r in self.replicas if r.up]
         if kind == "worker_kill":

@@ -1,4 +1,5 @@
-"""The soak's moving parts: a Redis behind a proxy that can lose every reply for a while, the
+"""The soak's moving parts: a Redis that survives SIGKILL (its proxy that can lose every reply
+for a while is ``tests.redis_proxy.ReplyDropper``), the
 gateway replicas (supervisor and workers) it kills and restarts, and what it reads from them
 (logs, RSS, worker pids). ``benchmarks/soak.py`` drives them; nothing here decides a fault."""
 
@@ -17,71 +18,6 @@ import aiohttp
 
 from gateway.sandbox import Sandbox
 from tests.fleet_helpers import GatewayProcess, RedisServer
-
-
-class BlackoutProxy:
-    """A TCP proxy in front of Redis. :meth:`blackout` loses every reply for a while: the
-    commands reach Redis and are applied, their answers never come back (a network that
-    drops packets one way). Each client connection gets its own connection to Redis, so a
-    Redis restart just fails the connections it had."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._server: asyncio.Server | None = None
-        self._until = 0.0
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.lost = 0  # reply chunks lost
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-
-    def blackout(self, seconds: float) -> None:
-        self._until = max(self._until, time.monotonic() + seconds)
-
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-        except OSError:
-            writer.close()
-            self._tasks.discard(task)
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                       replies: bool) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await src.read(65536):
-                    if replies and time.monotonic() < self._until:
-                        self.lost += 1
-                        continue
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        try:
-            await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True),
-                                 return_exceptions=True)
-        finally:
-            writer.close()
-            up_writer.close()
-            self._tasks.discard(task)
 
 
 class AofRedis(RedisServer):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 
 class ReplyDropper:
@@ -16,6 +17,7 @@ class ReplyDropper:
         self._marker = b""
         self._armed = 0
         self._delay = 0.0  # 0: lose the reply; else hold it this long
+        self._blackout_until = 0.0  # every reply lost until then (monotonic)
         self.dropped = 0
         self.delayed = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -37,6 +39,10 @@ class ReplyDropper:
             with contextlib.suppress(BaseException):
                 await task
 
+    def blackout(self, seconds: float) -> None:
+        """Lose every reply, on every connection, for ``seconds`` (the commands still apply)."""
+        self._blackout_until = max(self._blackout_until, time.monotonic() + seconds)
+
     def drop_reply_to(self, marker: bytes, count: int = 1) -> None:
         """Lose the replies to the next ``count`` commands whose bytes hold ``marker``."""
         self._marker, self._armed, self._delay = marker, count, 0.0
@@ -47,7 +53,11 @@ class ReplyDropper:
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        except OSError:  # Redis is down (restarting): this connection fails, as it would
+            writer.close()
+            return
         next_reply: list[float | None] = [None]  # what happens to it: 0 lost, > 0 held
 
         async def upstream() -> None:  # client -> redis
@@ -61,6 +71,9 @@ class ReplyDropper:
         async def downstream() -> None:  # redis -> client
             while data := await up_reader.read(65536):
                 fate, next_reply[0] = next_reply[0], None
+                if time.monotonic() < self._blackout_until:
+                    self.dropped += 1
+                    continue
                 if fate == 0.0:
                     self.dropped += 1
                     continue

@@ -39,6 +39,15 @@ S: Settings = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_ret
                            auth_timeout="10s")
 
 
+async def _slow_to_stop(gate: asyncio.Event) -> None:
+    """A background task whose clean-up after a cancel waits for ``gate``."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await gate.wait()
+        raise
+
+
 def _events(cap: LogCapture, event: str) -> list[dict[str, Any]]:
     docs = [json.loads(line) for line in cap.lines if line.startswith("{")]
     return [d for d in docs if d.get("event") == event]
@@ -215,15 +224,7 @@ async def test_lifecycle_manager_stop_cancelled_is_cancelled(sandbox: Sandbox) -
     async with GatewayServer(settings_for(sandbox)) as gw:
         manager = gw.state.manager
         gate = asyncio.Event()
-
-        async def stubborn() -> None:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                await gate.wait()
-                raise
-
-        manager._fleet_task = asyncio.create_task(stubborn())
+        manager._fleet_task = asyncio.create_task(_slow_to_stop(gate))
         stopping = asyncio.create_task(manager.stop())
         await asyncio.sleep(0.05)
         stopping.cancel()
@@ -316,16 +317,8 @@ async def test_lifecycle_reloader_stop_cancelled_is_cancelled(sandbox: Sandbox) 
         reloader = gw.reloader
         assert reloader is not None
         gate = asyncio.Event()
-
-        async def stubborn() -> None:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                await gate.wait()
-                raise
-
         went_on: list[bool] = []
-        extra = asyncio.create_task(stubborn())
+        extra = asyncio.create_task(_slow_to_stop(gate))
         reloader._tasks.append(extra)
 
         async def stopper() -> None:
