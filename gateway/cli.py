@@ -153,14 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.event_loop import run
 
             settings = load_settings(config_file=args.config)
-            _setup_logging(settings.log_level, settings.log_format)
+            _setup_logging(settings.log.log_level, settings.log.log_format)
             _warn_unknown_variables()
-            return run(serve(settings), settings.event_loop)
+            return run(serve(settings), settings.server.event_loop)
         if args.command == "check":
             from gateway.commands import check
 
             settings = load_settings(config_file=args.config)
-            _setup_logging("warning", settings.log_format)
+            _setup_logging("warning", settings.log.log_format)
             _warn_unknown_variables()
             return asyncio.run(check(settings, _print))
         if args.command == "demo":

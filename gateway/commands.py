@@ -16,9 +16,10 @@ from gateway.probe import probe
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.token import renewal
-from gateway.token.auth_client import AuthClient, create_auth_session, token_from_exchange
-from gateway.token.store import StoreError, store_for
+from gateway.token.auth_client import token_from_exchange
+from gateway.token.store import StoreError
 from gateway.token.value import is_usable
+from gateway.wiring import auth_client, auth_session, token_store
 
 Print = Callable[[str], None]
 #: What to look at when ``check``'s login fails, by reason.
@@ -41,9 +42,9 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
     replace it, and an API with one live token per credential would revoke the fleet's).
     None: the store holds no token yet, a login is harmless."""
     clock = SystemClock()
-    store = store_for(settings, timeout=2.0)
+    store = token_store(settings, timeout=2.0)
     try:
-        stored = await store.load(settings.redis_lease_ttl)
+        stored = await store.load(settings.redis.redis_lease_ttl)
     except StoreError as exc:
         out(f"check failed: the token store at GATEWAY_REDIS_URL: {exc}")
         return 1
@@ -53,9 +54,10 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
         return None
     state = renewal.from_dict(stored.state, clock.monotonic(), clock.time())
     tok = state.token
-    if tok is None or not is_usable(tok, clock.monotonic(), settings.token_expiry_margin):
+    if tok is None or not is_usable(tok, clock.monotonic(), settings.token.token_expiry_margin):
         return None
-    out(f"ok: the fleet's token store holds a usable token for partner {settings.partner_id} "
+    out("ok: the fleet's token store holds a usable token for partner "
+        f"{settings.partner.partner_id} "
         f"(renewed by {stored.by}); not logging in, which would replace it")
     out(f"  access token fp:{tok.fingerprint} generation {tok.generation} expires "
         f"{_iso(tok.wall(tok.expires_at))}")
@@ -66,31 +68,31 @@ async def check(settings: Settings, out: Print) -> int:
     """Log in once against the configured upstream and make one cheap authenticated call
     (or, with a shared store holding a usable token, report that one); print the expiry,
     never the token."""
-    if settings.redis_url:
+    if settings.redis.redis_url:
         code = await _check_store(settings, out)
         if code is not None:
             return code
     clock = SystemClock()
-    async with create_auth_session(settings) as session:
+    async with auth_session(settings) as session:
         try:
-            ex = await AuthClient(session, settings, clock).login()
+            ex = await auth_client(session, settings, clock).login()
         except AuthError as exc:
             hint = _LOGIN_HINTS.get(exc.reason)
-            out(f"check failed: login to {settings.base_url} {exc.reason}: {exc.message}"
+            out(f"check failed: login to {settings.partner.base_url} {exc.reason}: {exc.message}"
                 + (f": {hint}" if hint else ""))
             return 1
         tok = token_from_exchange(ex, generation=1, via="login", previous=None,
-                                  default_ttl=settings.access_token_default_ttl,
-                                  default_refresh_ttl=settings.refresh_token_default_ttl)
-        if settings.check_path:
+                                  default_ttl=settings.auth.access_token_default_ttl,
+                                  default_refresh_ttl=settings.auth.refresh_token_default_ttl)
+        if settings.auth.check_path:
             refused = await probe(session, settings, tok.access)
             if refused is not None:
                 out(f"check failed: logged in, but {refused}")
                 return 1
     stated = "stated" if ex.grant.expires_in is not None else "assumed (not in the response)"
-    out(f"ok: logged in to {settings.base_url} as partner {settings.partner_id}")
-    if settings.check_path:
-        out(f"  GET {settings.check_path} with the token: accepted (2xx or 404)")
+    out(f"ok: logged in to {settings.partner.base_url} as partner {settings.partner.partner_id}")
+    if settings.auth.check_path:
+        out(f"  GET {settings.auth.check_path} with the token: accepted (2xx or 404)")
     out(f"  access token fp:{tok.fingerprint} expires {_iso(tok.wall(tok.expires_at))} "
         f"(in {tok.lifetime:.0f}s, {stated})")
     if tok.refresh_expires_at is not None:

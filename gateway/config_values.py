@@ -332,3 +332,9 @@ def parse_optional_path(value: object) -> str:
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             raise ValueError(f"directory {parent} does not exist or is not writable")
     return path
+
+
+def parse_optional_api_path(value: object) -> str:
+    """An API path, or ``off`` (or empty in the TOML file): none."""
+    text = str(value).strip()
+    return "" if text.lower() in ("", "off", "none") else parse_path(text)

@@ -59,7 +59,7 @@ def _note_restart_needed(loaded: Settings, running: Settings) -> None:
     paths, loaded_paths = dict(running.secret_files), dict(loaded.secret_files)
     live = {*CREDENTIAL_KEYS, *(("client_keys",) if "client_keys" in paths else ())}
     changed = [spec.env for spec in SPECS if spec.key not in live
-               and getattr(loaded, spec.key) != getattr(running, spec.key)]
+               and loaded.value(spec.key) != running.value(spec.key)]
     changed += [f"{spec.env}_FILE" for spec in SPECS if spec.file_variant
                 and paths.get(spec.key) != loaded_paths.get(spec.key)]
     if changed:
@@ -69,7 +69,7 @@ def _note_restart_needed(loaded: Settings, running: Settings) -> None:
 
 
 def _same_credentials(a: Settings, b: Settings) -> bool:
-    return all(getattr(a, k) == getattr(b, k) for k in CREDENTIAL_KEYS)
+    return all(a.value(k) == b.value(k) for k in CREDENTIAL_KEYS)
 
 
 class CredentialReloader:
@@ -110,7 +110,7 @@ class CredentialReloader:
     async def _poll(self, trigger: asyncio.Event, step: Callable[[], Awaitable[object]],
                     what: str) -> None:
         """Run ``step`` every poll interval and whenever ``trigger`` is set (SIGHUP)."""
-        interval = self._state.settings.secrets_poll_interval or None
+        interval = self._state.settings.server.secrets_poll_interval or None
         while True:
             if interval is None:
                 await trigger.wait()
@@ -146,29 +146,30 @@ class CredentialReloader:
             loaded = self._load()
         except SettingsError as exc:
             self._failed = digest
-            self._retry_at = self._clock.monotonic() + current.login_retry_interval
+            self._retry_at = self._clock.monotonic() + current.token.login_retry_interval
             return self._outcome("failure", f"settings invalid: {exc}", digest)
         _note_restart_needed(loaded, current)
         if _same_credentials(loaded, current):
             self._applied, self._failed, self._retry_at = digest, None, None
             return self._outcome("unchanged", None, None)
-        new = dataclasses.replace(current, app_key=loaded.app_key,
-                                  app_secret=loaded.app_secret, partner_id=loaded.partner_id)
+        partner = dataclasses.replace(current.partner, app_key=loaded.partner.app_key,
+                                      app_secret=loaded.partner.app_secret,
+                                      partner_id=loaded.partner.partner_id)
         try:
-            token = await self._state.manager.switch_credentials(
-                new, AuthClient(self._session, new, self._clock))
+            token = await self._state.manager.switch_credentials(partner, AuthClient(
+                self._session, partner, current.auth, self._clock,
+                current.upstream.connect_timeout))
         except Exception as exc:  # AuthError, or anything unforeseen: the same slow retry
             self._failed = digest
-            self._retry_at = self._clock.monotonic() + current.login_retry_interval
+            self._retry_at = self._clock.monotonic() + current.token.login_retry_interval
             reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
             return self._outcome("failure", f"login with the new credentials failed: "
                                  f"{reason}", digest)
-        self._state.settings = dataclasses.replace(
-            new, client_keys=self._state.settings.client_keys)
+        self._state.settings = dataclasses.replace(self._state.settings, partner=partner)
         self._applied, self._failed, self._retry_at = digest, None, None
         log.info("credentials rotated", extra={"fields": {
-            "event": "credentials_rotated", "app_key_fp": new.app_key.fingerprint,
-            "partner_id": new.partner_id, "generation": token.generation,
+            "event": "credentials_rotated", "app_key_fp": partner.app_key.fingerprint,
+            "partner_id": partner.partner_id, "generation": token.generation,
             "token_fp": token.fingerprint}})
         return self._outcome("success", None, None)
 
@@ -206,11 +207,12 @@ class CredentialReloader:
                                         "problem": problem}})
             return "failure"
         current = self._state.settings
-        if keys == current.client_keys:
+        if keys == current.inbound.client_keys:
             return "unchanged"
-        self._state.settings = dataclasses.replace(current, client_keys=keys)
-        self._state.access = AccessPolicy(keys, current.allowed_cidrs, current.allowed_routes,
-                                          current.client_key_header)
+        inbound = dataclasses.replace(current.inbound, client_keys=keys)
+        self._state.settings = dataclasses.replace(current, inbound=inbound)
+        self._state.access = AccessPolicy(keys, inbound.allowed_cidrs, inbound.allowed_routes,
+                                          inbound.client_key_header)
         if self.on_client_keys is not None:
             self.on_client_keys(keys)
         self._state.metrics.credential_reloads.labels("success").inc()

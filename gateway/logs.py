@@ -1,4 +1,5 @@
-"""Log output: one JSON object a line (default) or plain text for terminals.
+"""Log output: one JSON object a line, or plain text; ``auto`` (the default) picks text on a
+terminal and JSON otherwise. The log settings (:class:`LogConfig`) are declared here.
 
 Call sites pass structured data as ``extra={"fields": {...}}``; values are whatever the caller
 decided is safe (fingerprints, never tokens).
@@ -19,11 +20,30 @@ import logging
 import math
 import sys
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import IO, Any, ClassVar, Final
+
+from gateway.config_values import choice
+from gateway.declare import setting
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Log level and format."""
+
+    SECTION: ClassVar[str] = "logging"
+
+    log_level: str = setting(
+        "GATEWAY_LOG_LEVEL", choice("debug", "info", "warning", "error"), "info",
+        "Log level: debug, info, warning or error.")
+    log_format: str = setting(
+        "GATEWAY_LOG_FORMAT", choice("auto", "json", "text"), "auto",
+        "Log format: json (one object a line), text, or auto: text on a terminal, json "
+        "otherwise.")
 
 
 #: Write a batch at least this often (seconds), and when it reaches this many lines.
@@ -223,11 +243,23 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def setup_logging(level: str, fmt: str, stream: Any = None) -> logging.Handler:
-    """Configure the root logger (idempotent: replaces our previous handler); returns it."""
+    """Configure the root logger (idempotent: replaces our previous handler); returns it.
+
+    ``fmt`` is ``json``, ``text`` or ``auto`` (text when ``stream`` is a terminal)."""
     global _installed
     flush()
-    handler = BatchedHandler(BatchWriter(stream or sys.stderr))
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if _is_terminal(stream) else "json"
+    handler = BatchedHandler(BatchWriter(stream))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     _installed = handler
     root = logging.getLogger()

@@ -14,27 +14,27 @@ async def probe(session: aiohttp.ClientSession, settings: Settings,
     """One cheap authenticated call (``GATEWAY_CHECK_PATH``): None if Repairy took the token
     and the Partner ID (any 2xx, or 404: the resource need not exist), else what it refused.
     A login alone cannot tell a wrong Partner ID."""
-    url = target_url(settings.base_url, settings.check_path)
+    url = target_url(settings.partner.base_url, settings.auth.check_path)
     headers = {"Authorization": f"Bearer {access_token}",
-               "X-Partner-ID": settings.partner_id}
+               "X-Partner-ID": settings.partner.partner_id}
     try:
-        timeout = aiohttp.ClientTimeout(total=settings.auth_timeout,
-                                        sock_connect=min(settings.connect_timeout,
-                                                         settings.auth_timeout))
+        timeout = aiohttp.ClientTimeout(total=settings.auth.auth_timeout,
+                                        sock_connect=min(settings.upstream.connect_timeout,
+                                                         settings.auth.auth_timeout))
         async with session.get(url, headers=headers, allow_redirects=False,
                                timeout=timeout) as resp:
             status = resp.status
     except TimeoutError:
-        return (f"the probe GET {settings.check_path} got no answer within "
-                f"{settings.auth_timeout:g}s")
+        return (f"the probe GET {settings.auth.check_path} got no answer within "
+                f"{settings.auth.auth_timeout:g}s")
     except aiohttp.ClientError as exc:
-        return f"the probe GET {settings.check_path} failed ({type(exc).__name__})"
+        return f"the probe GET {settings.auth.check_path} failed ({type(exc).__name__})"
     if 200 <= status < 300 or status == 404:
         return None
     if status == 401:
-        return (f"Repairy refused the token on GET {settings.check_path} (401): check "
+        return (f"Repairy refused the token on GET {settings.auth.check_path} (401): check "
                 "REPAIRY_APP_KEY / REPAIRY_APP_SECRET and the auth settings")
     if status == 403:
-        return (f"Repairy refused Partner ID {settings.partner_id!r} on GET "
-                f"{settings.check_path} (403): check REPAIRY_PARTNER_ID")
-    return f"GET {settings.check_path} answered {status} (GATEWAY_CHECK_PATH)"
+        return (f"Repairy refused Partner ID {settings.partner.partner_id!r} on GET "
+                f"{settings.auth.check_path} (403): check REPAIRY_PARTNER_ID")
+    return f"GET {settings.auth.check_path} answered {status} (GATEWAY_CHECK_PATH)"

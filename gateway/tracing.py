@@ -24,9 +24,26 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from gateway.config_values import parse_otlp_endpoint
+from gateway.declare import setting
 
 log = logging.getLogger("gateway.tracing")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Where spans go (OpenTelemetry)."""
+
+    SECTION: ClassVar[str] = "logging"
+
+    otel_endpoint: str = setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", parse_otlp_endpoint, "",
+        "OpenTelemetry: send spans of upstream calls and renewals over OTLP/HTTP (protobuf) to "
+        "<this>/v1/traces (needs the otel extra; empty: off). OTEL_SERVICE_NAME, "
+        "OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS apply.")
 
 
 class Tracing:

@@ -65,22 +65,22 @@ class RemoteTokens:
     def partner_id(self) -> str:
         """The partner of the supervisor's latest token (it follows a rotation there)."""
         tok = self._current
-        return self._s.partner_id if tok is None else tok.partner_id
+        return self._s.partner.partner_id if tok is None else tok.partner_id
 
     def ready(self) -> bool:
-        return is_usable(self._current, self._clock.monotonic(), self._s.token_expiry_margin)
+        return is_usable(self._current, self._clock.monotonic(), self._s.token.token_expiry_margin)
 
     def usable(self) -> Token | None:
         tok = self._current
         if tok is not None and is_usable(tok, self._clock.monotonic(),
-                                         self._s.token_expiry_margin):
+                                         self._s.token.token_expiry_margin):
             return tok
         return None
 
     async def get(self, newer_than: int = 0) -> Token:
         tok = self._current
         if tok is not None and tok.generation > newer_than and is_usable(
-                tok, self._clock.monotonic(), self._s.token_expiry_margin):
+                tok, self._clock.monotonic(), self._s.token.token_expiry_margin):
             return tok
         future = self._waiting.get(newer_than)
         if future is None:
@@ -89,7 +89,7 @@ class RemoteTokens:
             self._channel.send("get", {"newer_than": newer_than})
         try:
             return await asyncio.wait_for(asyncio.shield(future),
-                                          self._s.token_wait_timeout + 1)
+                                          self._s.token.token_wait_timeout + 1)
         except TimeoutError:
             self._waiting.pop(newer_than, None)
             raise TokenUnavailable("timed out waiting for an access token",
@@ -139,8 +139,8 @@ def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
     elif message.kind == "client_keys":
         s = state.settings
         keys = tuple(ClientKey(str(name), bytes.fromhex(digest)) for name, digest in doc["keys"])
-        state.access = AccessPolicy(keys, s.allowed_cidrs, s.allowed_routes,
-                                    s.client_key_header)
+        state.access = AccessPolicy(keys, s.inbound.allowed_cidrs, s.inbound.allowed_routes,
+                                    s.inbound.client_key_header)
 
 
 async def _push_metrics(channel: Channel, metrics: Metrics) -> None:
@@ -150,10 +150,10 @@ async def _push_metrics(channel: Channel, metrics: Metrics) -> None:
 
 
 async def run(listen_fd: int, control_fd: int) -> int:
-    from gateway.app import build_idempotency, build_proxy_server, build_state, close_stores
+    from gateway.wiring import build_idempotency, build_proxy_server, build_state, close_stores
 
     settings = load_settings()
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log.log_level, settings.log.log_format)
     listener = socket.socket(fileno=listen_fd)
     metrics = Metrics()
     channel = await Channel.open(
@@ -167,14 +167,15 @@ async def run(listen_fd: int, control_fd: int) -> int:
         timeout=STORE_CALL_TIMEOUT)
     idempotency = build_idempotency(settings, clock, metrics, remote)
     state = build_state(settings, tokens, clock, metrics, idempotency,
-                        tracing_for(settings.otel_endpoint, __version__))
+                        tracing_for(settings.tracing.otel_endpoint, __version__))
     ended = asyncio.Event()
     channel.on_close(ended.set)  # the supervisor is gone (or the channel broke): stop
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, ended.set)
     loop.add_signal_handler(signal.SIGINT, ended.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor reloads
-    runner = web.ServerRunner(build_proxy_server(state), shutdown_timeout=settings.shutdown_grace)
+    runner = web.ServerRunner(build_proxy_server(state),
+                              shutdown_timeout=settings.server.shutdown_grace)
     await runner.setup()
     await web.SockSite(runner, listener).start()
     background = [asyncio.create_task(channel.serve(
@@ -202,7 +203,7 @@ def main() -> None:
     from gateway import event_loop
 
     listen_fd, control_fd = int(sys.argv[1]), int(sys.argv[2])
-    sys.exit(event_loop.run(run(listen_fd, control_fd), load_settings().event_loop))
+    sys.exit(event_loop.run(run(listen_fd, control_fd), load_settings().server.event_loop))
 
 
 if __name__ == "__main__":

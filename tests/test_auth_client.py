@@ -16,10 +16,9 @@ from gateway.clock import SystemClock
 from gateway.errors import AuthError
 from gateway.retry_after import parse_retry_after
 from gateway.token.auth_client import (
-    AuthClient,
-    create_auth_session,
     error_code,
 )
+from gateway.wiring import auth_client, auth_session
 from tests.gateway_helpers import settings_for
 
 
@@ -58,9 +57,9 @@ async def silent() -> AsyncIterator[int]:
 
 async def login_error(port: int) -> AuthError:
     s = settings_for(f"http://127.0.0.1:{port}", connect_timeout="0.3s", auth_timeout="0.6s")
-    async with create_auth_session(s) as session:
+    async with auth_session(s) as session:
         with pytest.raises(AuthError) as info:
-            await AuthClient(session, s, SystemClock()).login()
+            await auth_client(session, s, SystemClock()).login()
     return info.value
 
 

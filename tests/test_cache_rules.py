@@ -154,7 +154,7 @@ async def test_vary_on_our_credentials_keys_on_the_partner_never_the_token(
         tokens = gw.state.tokens
         first = tokens.current
         assert first is not None
-        entry = gw.state.cache.lookup(cache_key(gw.settings.partner_id, SERVICES),
+        entry = gw.state.cache.lookup(cache_key(gw.settings.partner.partner_id, SERVICES),
                                       CIMultiDict())
         assert entry is not None and entry.vary_values == (PARTNER_VALUE, PARTNER_VALUE)
         assert first.access not in repr(entry)
@@ -194,7 +194,7 @@ async def test_vary_values_are_kept_as_digests_never_as_sent(
         assert (await cached_how(http, gw.url, mine))[0] == "MISS"
         assert (await cached_how(http, gw.url, mine))[0] == "HIT"
         assert (await cached_how(http, gw.url, [("Cookie", "session=other")]))[0] == "MISS"
-        entry = gw.state.cache.lookup(cache_key(gw.settings.partner_id, SERVICES),
+        entry = gw.state.cache.lookup(cache_key(gw.settings.partner.partner_id, SERVICES),
                                       CIMultiDict([("Cookie", "session=other")]))
         assert entry is not None and "session=other" not in repr(entry.vary_values)
     finally:

@@ -16,7 +16,7 @@ from gateway.app import GatewayServer
 from gateway.redact import fingerprint
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings
-from gateway.token.store import owner_key
+from gateway.token.config import owner_key
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
@@ -349,7 +349,7 @@ async def test_fleet_rotation_of_the_secret_alone_still_proves_it_with_a_login(
             assert await reloader.check() == "failure"
             after = sb.state.control.stats()
             assert after["token_requests"] == before["token_requests"] + 1
-            assert gw.state.settings.app_secret.reveal() == "old-secret"
+            assert gw.state.settings.partner.app_secret.reveal() == "old-secret"
             mount.update({**old, "app-key": "unknown-key", "app-secret": "x"})
             assert await reloader.check() == "failure"
             client = await redis_server.client()

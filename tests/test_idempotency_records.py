@@ -62,7 +62,7 @@ def booking_fingerprint() -> str:
 
 def gateway_key(sb: Sandbox, key: str) -> str:
     s = settings_for(sb)
-    return storage_key(f"{s.base_url}|{s.partner_id}", "anonymous", key)
+    return storage_key(f"{s.partner.base_url}|{s.partner.partner_id}", "anonymous", key)
 
 
 # -- the lease, on a fake clock ------------------------------------------------------------
@@ -239,18 +239,19 @@ def test_records_settings_bound_every_claim(sandbox: Sandbox) -> None:
     with pytest.raises(SettingsError) as info:
         settings_for(sandbox, total_timeout="0")
     assert info.value.setting == "GATEWAY_TOTAL_TIMEOUT"
-    assert settings_for(sandbox, total_timeout="0", idempotency_routes="off").total_timeout == 0
+    off = settings_for(sandbox, total_timeout="0", idempotency_routes="off")
+    assert off.upstream.total_timeout == 0
     short = settings_for(sandbox, idempotency_ttl="8s", idempotency_wait="0.5s",
                          token_wait_timeout="0.5s", connect_timeout="0.5s",
                          total_timeout="1.5s")  # 0.5 + 0.5 + 0.5 + 1.5 + the 5 s margin
-    assert short.idempotency_ttl == 8.0
+    assert short.idempotency.idempotency_ttl == 8.0
     with pytest.raises(SettingsError):
         settings_for(sandbox, idempotency_ttl="7.9s", idempotency_wait="0.5s",
                      token_wait_timeout="0.5s", connect_timeout="0.5s", total_timeout="1.5s")
     with pytest.raises(SettingsError) as info:
         settings_for(sandbox, workers="33")
     assert info.value.setting == "GATEWAY_WORKERS"
-    assert settings_for(sandbox, workers="32").workers == 32
+    assert settings_for(sandbox, workers="32").server.workers == 32
 
 
 async def test_records_routes_match_as_the_target_check_compares(

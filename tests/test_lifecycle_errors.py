@@ -19,17 +19,18 @@ import aiohttp
 import pytest
 
 import gateway.app as app_module
-from gateway.app import GatewayServer, build_upstream, serve
+from gateway.app import GatewayServer, serve
 from gateway.errors import TokenUnavailable
 from gateway.metrics import Metrics
 from gateway.proxy.retry import Attempts
 from gateway.sandbox import Sandbox
 from gateway.settings import Settings
 from gateway.tasks import cancel_and_wait, sleep_or_set
+from gateway.token.config import PartnerConfig
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
-from gateway.token.store import store_for
 from gateway.token.value import Token
+from gateway.wiring import build_upstream, token_store
 from tests.conftest import LogCapture
 from tests.fake_clock import FakeAuth, FakeClock, Outcome, settle
 from tests.gateway_helpers import settings_for, wait_until
@@ -60,11 +61,11 @@ async def test_lifecycle_rotation_crash_is_logged_once_with_its_traceback(
     auth client crashes) is logged once, with its traceback; the caller still gets it."""
     clock = FakeClock()
     auth = FakeAuth(clock)
-    manager = TokenManager(auth, S, clock)
+    manager = TokenManager(auth, S.token_side(), clock)
     await manager.start()
     await clock.advance(1)
     rotation = FakeAuth(clock, [Outcome("crash")])
-    switching = asyncio.create_task(manager.switch_credentials(S, rotation))
+    switching = asyncio.create_task(manager.switch_credentials(S.partner, rotation))
     await clock.advance(1)
     with pytest.raises(ValueError, match="nobody foresaw"):
         await asyncio.wait_for(switching, 5)
@@ -86,12 +87,12 @@ async def test_lifecycle_a_failing_hook_never_turns_a_refresh_into_a_failure(
                             Outcome(lifetime=100)])
     writes: list[int] = []
 
-    def persist(token: Token, settings: Settings) -> None:
+    def persist(token: Token, partner: PartnerConfig) -> None:
         writes.append(token.generation)
         if token.generation == 2:
             raise OSError(28, "No space left on device")
 
-    manager = TokenManager(auth, S, clock, persist=persist, rng=random.Random(1))
+    manager = TokenManager(auth, S.token_side(), clock, persist=persist, rng=random.Random(1))
     await manager.start()
     await clock.advance(95)  # past the first renewal (a refresh)
     st = manager.state
@@ -113,7 +114,7 @@ async def test_lifecycle_no_auth_call_starts_once_the_manager_is_stopping() -> N
     found that login: "Session is closed"). A rotation asked then is refused too."""
     clock = FakeClock()
     auth = FakeAuth(clock, [Outcome(lifetime=100)])
-    manager = TokenManager(auth, S, clock)
+    manager = TokenManager(auth, S.token_side(), clock)
     await manager.start()
     await clock.advance(1)
     assert manager.current is not None
@@ -122,7 +123,7 @@ async def test_lifecycle_no_auth_call_starts_once_the_manager_is_stopping() -> N
     with pytest.raises(TokenUnavailable, match="stopping"):
         await asyncio.wait_for(manager.get(), 1)
     with pytest.raises(TokenUnavailable, match="stopping"):
-        await asyncio.wait_for(manager.switch_credentials(S, auth), 1)
+        await asyncio.wait_for(manager.switch_credentials(S.partner, auth), 1)
     assert [c.kind for c in auth.calls] == ["login"]
 
 
@@ -150,7 +151,7 @@ async def test_lifecycle_an_auth_call_failing_as_its_lease_is_lost_is_retrieved(
         await asyncio.sleep(0.13)
         raise AuthError("timeout", "login sent, no answer", ambiguous=True)
 
-    manager = TokenManager(FakeAuth(FakeClock()), S, SystemClock())
+    manager = TokenManager(FakeAuth(FakeClock()), S.token_side(), SystemClock())
     manager._fleet = LosingFleet()  # type: ignore[assignment]
     with pytest.raises(AuthError) as raised:
         await manager._leased(failing_call())
@@ -391,7 +392,7 @@ async def test_lifecycle_fleet_waits_and_jitter_use_the_injected_sources() -> No
     """The fleet's jitter share comes from the injected random source, and its wait for a
     change ends on the fake clock's time (or on a change), not on the loop's."""
     clock = FakeClock()
-    store = store_for(settings_for("http://127.0.0.1:9", redis_url="redis://127.0.0.1:9/0"),
+    store = token_store(settings_for("http://127.0.0.1:9", redis_url="redis://127.0.0.1:9/0"),
                       timeout=0.5)
     fleet = Fleet(store, lease_ttl=2.0, down_policy="fail", clock=clock,
                   rng=random.Random(42))

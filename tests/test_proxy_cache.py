@@ -182,7 +182,7 @@ def test_cache_routes_setting_is_checked() -> None:
     base = {"REPAIRY_BASE_URL": "https://api.example.test", "REPAIRY_APP_KEY": "k",
             "REPAIRY_APP_SECRET": "s", "REPAIRY_PARTNER_ID": "p"}
     s = load_settings({**base, "GATEWAY_CACHE_ROUTES": "GET /a/*=60s, /b=5m"})
-    assert [(r.pattern, r.ttl) for r in s.cache_routes] == [("/a/*", 60.0), ("/b", 300.0)]
+    assert [(r.pattern, r.ttl) for r in s.cache.cache_routes] == [("/a/*", 60.0), ("/b", 300.0)]
     for bad in ("POST /a=60s", "GET /a", "GET a=60s", "GET /a=0s"):
         with pytest.raises(SettingsError) as err:
             load_settings({**base, "GATEWAY_CACHE_ROUTES": bad})
@@ -239,7 +239,7 @@ async def test_cache_shared_never_writes_uncacheable_answers_and_survives_redis_
         await asyncio.sleep(0.2)
         assert await redis_values(redis_server, "*:cache:*") == []
         await redis_server.stop()
-        gw.state.cache.forget(cache_key(gw.settings.partner_id, SERVICES))
+        gw.state.cache.forget(cache_key(gw.settings.partner.partner_id, SERVICES))
         async with http.get(gw.url + SERVICES) as resp:
             assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
         assert sample(gw, "cache_shared_errors_total", op="get") >= 1

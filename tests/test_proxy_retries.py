@@ -153,8 +153,8 @@ def with_stored_token(tmp_path: Path, settings: Settings) -> Settings:
     clock = SystemClock()
     now, wall = clock.monotonic(), clock.time()
     token = Token("at-stored", "rt-stored", 1, "login", now, now + 3600, now + 7200, wall,
-                  settings.partner_id)
-    save_token(tmp_path / "token.json", token, settings)
+                  settings.partner.partner_id)
+    save_token(tmp_path / "token.json", token, settings.partner)
     return settings
 
 

@@ -97,7 +97,7 @@ async def test_rotation_switches_only_after_new_login_works_without_failed_reque
             await load_task
             assert set(statuses) == {200}
             assert await last_partner(http, sb) == "partner-2"
-            assert gw.state.settings.partner_id == "partner-2"
+            assert gw.state.settings.partner.partner_id == "partner-2"
             assert gw.metrics.registry.get_sample_value(
                 "repairy_gateway_credential_reloads_total", {"outcome": "success"}) == 1
 

@@ -137,7 +137,7 @@ async def test_a_rotation_between_claim_and_token_sends_nothing(
 
             async def claim_then_rotate(*args: Any) -> Any:
                 got = await claim(*args)
-                if gw.state.settings.partner_id == OLD["partner-id"]:
+                if gw.state.settings.partner.partner_id == OLD["partner-id"]:
                     await rotate()
                 return got
 
@@ -176,7 +176,7 @@ async def test_a_rotation_between_claim_and_token_sends_nothing(
             tokens.get = rotate_then_get  # type: ignore[method-assign]
             async with http.get(gw.url + SERVICES) as resp:
                 assert resp.status == 200
-            assert gw.state.settings.partner_id == NEW["partner-id"]
+            assert gw.state.settings.partner.partner_id == NEW["partner-id"]
             async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
                 (entry,) = (await resp.json())["requests"]
             assert dict(entry["headers"])["X-Partner-ID"] == NEW["partner-id"]

@@ -23,19 +23,22 @@ BASE = {"REPAIRY_BASE_URL": "https://api.example.test/v1/", "REPAIRY_APP_KEY": "
 def test_settings_defaults_match_documentation() -> None:
     """With only the required values, every other setting takes its documented default."""
     s = load_settings(BASE)
-    assert str(s.base_url) == "https://api.example.test/v1/"
-    assert s.listen == TcpAddress("127.0.0.1", 8080)
-    assert s.admin_listen == TcpAddress("127.0.0.1", 9091)
-    assert (s.auth_token_path, s.auth_refresh_path) == ("/auth/token", "/auth/refresh")
-    assert (s.auth_app_key_field, s.auth_refresh_token_field) == ("appKey", "refreshToken")
-    assert s.access_token_default_ttl == 48 * 3600
-    assert s.refresh_token_default_ttl == 14 * 86400
-    assert s.replay_body_limit == 64 * 1024
-    assert s.keepalive_timeout == 4.0  # below Node's 5 s upstream idle timeout
-    assert (s.retry_attempts, s.retry_on_status, s.total_timeout) == (2, frozenset(), 300.0)
-    assert (s.retry_budget_ratio, s.retry_budget_min_per_second) == (0.2, 10.0)
-    assert (s.breaker_failures, s.breaker_failure_ratio, s.breaker_cooldown) == (20, 0.5, 10.0)
-    assert (s.upstream_concurrency, s.rate_limit, s.client_rate_limit) == (0, 0.0, 0.0)
+    assert str(s.partner.base_url) == "https://api.example.test/v1/"
+    assert s.proxy.listen == TcpAddress("127.0.0.1", 8080)
+    assert s.server.admin_listen == TcpAddress("127.0.0.1", 9091)
+    assert (s.auth.auth_token_path, s.auth.auth_refresh_path) == ("/auth/token", "/auth/refresh")
+    auth = s.auth
+    assert (auth.auth_app_key_field, auth.auth_refresh_token_field) == ("appKey", "refreshToken")
+    assert s.auth.access_token_default_ttl == 48 * 3600
+    assert s.auth.refresh_token_default_ttl == 14 * 86400
+    assert s.proxy.replay_body_limit == 64 * 1024
+    assert s.upstream.keepalive_timeout == 4.0  # below Node's 5 s upstream idle timeout
+    g = s.guards
+    assert (g.retry_attempts, g.retry_on_status) == (2, frozenset())
+    assert s.upstream.total_timeout == 300.0
+    assert (g.retry_budget_ratio, g.retry_budget_min_per_second) == (0.2, 10.0)
+    assert (g.breaker_failures, g.breaker_failure_ratio, g.breaker_cooldown) == (20, 0.5, 10.0)
+    assert (g.upstream_concurrency, g.rate_limit, g.client_rate_limit) == (0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize(("env", "value", "problem"), [
@@ -56,7 +59,7 @@ def test_settings_retry_and_limit_values_are_checked(env: str, value: str, probl
 
 def test_settings_retry_on_status_is_a_set_of_codes() -> None:
     s = load_settings({**BASE, "GATEWAY_RETRY_ON_STATUS": " 502, 503 ,504,429,"})
-    assert s.retry_on_status == frozenset({502, 503, 504, 429})
+    assert s.guards.retry_on_status == frozenset({502, 503, 504, 429})
 
 
 def test_settings_environment_overrides_file(tmp_path: Path) -> None:
@@ -65,9 +68,9 @@ def test_settings_environment_overrides_file(tmp_path: Path) -> None:
     cfg.write_text('[gateway]\nread_timeout = "5s"\nlog_format = "text"\n'
                    'listen = "unix:/run/gw.sock"\n')
     s = load_settings({**BASE, "GATEWAY_CONFIG": str(cfg), "GATEWAY_LOG_FORMAT": "json"})
-    assert s.read_timeout == 5.0
-    assert s.log_format == "json"
-    assert s.listen == UnixAddress("/run/gw.sock")
+    assert s.upstream.read_timeout == 5.0
+    assert s.log.log_format == "json"
+    assert s.proxy.listen == UnixAddress("/run/gw.sock")
 
 
 def test_settings_secrets_from_files_strip_trailing_newline(tmp_path: Path) -> None:
@@ -78,8 +81,8 @@ def test_settings_secrets_from_files_strip_trailing_newline(tmp_path: Path) -> N
         f.write_text(value + "\n")
         env[f"REPAIRY_{name}_FILE"] = str(f)
     s = load_settings(env)
-    assert s.app_secret.reveal() == "s3cret"
-    assert s.partner_id == "p"
+    assert s.partner.app_secret.reveal() == "s3cret"
+    assert s.partner.partner_id == "p"
 
 
 def test_settings_repr_never_shows_secrets() -> None:
@@ -158,8 +161,9 @@ def test_settings_small_durations_stay_valid() -> None:
                        "GATEWAY_SECRETS_POLL_INTERVAL": "1s", "GATEWAY_CONNECT_TIMEOUT": "1s",
                        "GATEWAY_RENEW_AT_FRACTION": "0.1", "GATEWAY_RENEW_JITTER_FRACTION": "0",
                        "REPAIRY_ACCESS_TOKEN_TTL": "2s"})
-    assert (s.auth_timeout, s.renew_retry_min, s.renew_retry_max) == (1.0, 0.25, 4.0)
-    assert (s.renew_at_fraction, s.renew_jitter_fraction) == (0.1, 0.0)
+    t = s.token
+    assert (s.auth.auth_timeout, t.renew_retry_min, t.renew_retry_max) == (1.0, 0.25, 4.0)
+    assert (s.token.renew_at_fraction, s.token.renew_jitter_fraction) == (0.1, 0.0)
 
 
 def test_settings_missing_required_and_conflicting_sources() -> None:
@@ -231,5 +235,5 @@ def test_settings_durations_that_bound_others_have_floors(env: str) -> None:
 
 
 def test_settings_a_poll_interval_of_zero_stays_off() -> None:
-    assert load_settings({**BASE, "GATEWAY_SECRETS_POLL_INTERVAL": "0"}).secrets_poll_interval \
-        == 0
+    s = load_settings({**BASE, "GATEWAY_SECRETS_POLL_INTERVAL": "0"})
+    assert s.server.secrets_poll_interval == 0

@@ -12,7 +12,6 @@ from gateway.clock import SystemClock
 from gateway.redact import Secret
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.token import renewal
-from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import RenewalState
@@ -26,6 +25,7 @@ from gateway.token.store import (
     StoreError,
 )
 from gateway.token.value import Token
+from gateway.wiring import auth_client, auth_session
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for, wait_until
 
@@ -146,12 +146,12 @@ async def test_store_fleet_of_50_makes_one_auth_call_per_window(
         s = settings_for(sb, renew_retry_min="0.2s", renew_retry_max="2s",
                          redis_url=redis_server.url, redis_lease_ttl="2s")
         clock = SystemClock()
-        async with create_auth_session(s) as session:
+        async with auth_session(s) as session:
             managers = []
             for _ in range(50):
                 fleet = Fleet(store(redis_server, "fleet-50"), lease_ttl=2.0,
                               down_policy="local", clock=clock)
-                managers.append(TokenManager(AuthClient(session, s, clock), s, clock,
+                managers.append(TokenManager(auth_client(session, s, clock), s.token_side(), clock,
                                              fleet=fleet))
             await asyncio.gather(*(m.start() for m in managers))
             await asyncio.sleep(8.0)

@@ -44,7 +44,7 @@ from tests.gateway_helpers import settings_for
 S: Settings = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_retry_max="60s",
                            login_retry_interval="30s", token_expiry_margin="60s",
                            token_wait_timeout="4s", auth_timeout="10s")
-FLOOR = S.renew_retry_min / 2
+FLOOR = S.token.renew_retry_min / 2
 EPS = 1e-6
 
 REASONS = st.sampled_from([None, None, None, "timeout", "connect_error", "server_error",
@@ -52,7 +52,7 @@ REASONS = st.sampled_from([None, None, None, "timeout", "connect_error", "server
                            "request_rejected", "refresh_rejected", "malformed_response",
                            "crash"])
 OUTCOMES = st.builds(
-    Outcome, reason=REASONS, duration=st.floats(0, 3) | st.floats(0, S.auth_timeout),
+    Outcome, reason=REASONS, duration=st.floats(0, 3) | st.floats(0, S.auth.auth_timeout),
     retry_after=st.none() | st.floats(0, 1e7, allow_nan=False) | st.just(math.inf),
     ambiguous=st.booleans(), lifetime=st.floats(5, 7200))
 ACTIONS = st.lists(st.one_of(
@@ -95,7 +95,7 @@ async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str
     clock = FakeClock()
     default = (lambda: Outcome("server_error", duration=0.5)) if outage else Outcome
     auth = FakeAuth(clock, script, default)
-    manager = TokenManager(auth, S, clock, rng=random.Random(seed))
+    manager = TokenManager(auth, S.token_side(), clock, rng=random.Random(seed))
     run = Run(clock, auth, manager)
     requests: list[asyncio.Task[None]] = []
 
@@ -106,19 +106,19 @@ async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str
         except TokenUnavailable:
             tok = None
         slept = any(a < clock.now and b > started for a, b in run.jumps)  # host suspended
-        if clock.now - started > S.token_wait_timeout + EPS and not slept:
+        if clock.now - started > S.token.token_wait_timeout + EPS and not slept:
             run.problems.append(f"a request waited {clock.now - started:g}s")
         if tok is None:
             return
         run.got.append((clock.now, tok))
-        if not is_usable(tok, clock.now, S.token_expiry_margin):
+        if not is_usable(tok, clock.now, S.token.token_expiry_margin):
             run.problems.append(f"unusable token handed out at {clock.now}")
         if tok.generation <= newer_than:
             run.problems.append(f"replay got generation {tok.generation} <= {newer_than}")
 
     async def rotate() -> None:
         with contextlib.suppress(AuthError, ValueError):
-            await manager.switch_credentials(S, auth.for_rotation())
+            await manager.switch_credentials(S.partner, auth.for_rotation())
 
     await manager.start()
     await settle()
@@ -142,7 +142,7 @@ async def _scenario(script: list[Outcome], outage: bool, actions: list[tuple[str
             await settle()
     started = clock.now
     # Every request must be answered by now; a rotation may wait for the call under way.
-    await clock.advance(S.token_wait_timeout + 3 * S.auth_timeout + 1)
+    await clock.advance(S.token.token_wait_timeout + 3 * S.auth.auth_timeout + 1)
     if not all(t.done() for t in requests):
         run.problems.append(f"a request still waited {clock.now - started:g}s later")
     await manager.stop()
@@ -168,10 +168,10 @@ def _check(run: Run) -> None:
             continue
         need = FLOOR
         if reason in renewal.CONFIG_REASONS:
-            need = S.login_retry_interval
+            need = S.token.login_retry_interval
         elif reason != "crash" and prev.outcome.retry_after is not None and math.isfinite(
                 prev.outcome.retry_after):
-            need = max(need, min(prev.outcome.retry_after, S.renew_retry_max))
+            need = max(need, min(prev.outcome.retry_after, S.token.renew_retry_max))
         assert call.start >= prev.end + need - EPS, (
             f"{reason} at {prev.end}, retry-after {prev.outcome.retry_after}: next attempt "
             f"at {call.start}, {need}s required")
@@ -188,7 +188,7 @@ def _check(run: Run) -> None:
 def _check_renews_in_time(run: Run) -> None:
     """Each token held past the end of its usable life had an attempt before that end."""
     calls = run.auth.calls
-    margin = S.token_expiry_margin
+    margin = S.token.token_expiry_margin
     for i, call in enumerate(calls):
         if call.outcome.reason is not None or call.end is None:
             continue
@@ -211,7 +211,7 @@ def _check_outage_rate(calls: list[Call]) -> None:
             for i, first in enumerate(run):
                 for j in range(i, len(run)):
                     window = run[j] - first
-                    assert j - i + 1 <= 10 + window / (S.renew_retry_max / 2), (
+                    assert j - i + 1 <= 10 + window / (S.token.renew_retry_max / 2), (
                         f"{j - i + 1} attempts in {window:g}s of outage")
             run = []
         elif not _fallback(call) and not call.rotation:
@@ -240,7 +240,7 @@ def test_token_outage_attempts_per_hour_are_bounded(reason: str, retry_after: fl
         clock = FakeClock()
         auth = FakeAuth(clock, [Outcome(lifetime=30)],
                         lambda: Outcome(reason, retry_after=retry_after))  # type: ignore[arg-type]
-        manager = TokenManager(auth, S, clock, rng=random.Random(1))
+        manager = TokenManager(auth, S.token_side(), clock, rng=random.Random(1))
         await manager.start()
         await settle()
         await clock.advance(30)  # the token is gone by now
@@ -253,7 +253,7 @@ def test_token_outage_attempts_per_hour_are_bounded(reason: str, retry_after: fl
         return len(auth.calls) - before, int(refused_at_once)
 
     attempts, refused = asyncio.run(scenario())
-    assert attempts <= 10 + hours * 3600 / (S.renew_retry_max / 2)
+    assert attempts <= 10 + hours * 3600 / (S.token.renew_retry_max / 2)
     assert refused == 1
 
 
@@ -263,7 +263,7 @@ def test_token_manager_loop_never_sleeps_longer_than_the_cap() -> None:
     async def scenario() -> list[float]:
         clock = FakeClock()
         auth = FakeAuth(clock, [Outcome(lifetime=48 * 3600)])
-        manager = TokenManager(auth, S, clock)
+        manager = TokenManager(auth, S.token_side(), clock)
         await manager.start()
         await clock.advance(600)
         await manager.stop()
@@ -280,7 +280,7 @@ def test_token_renewal_after_a_jump_past_expiry_happens_at_once() -> None:
     async def scenario() -> tuple[int, bool]:
         clock = FakeClock()
         auth = FakeAuth(clock, [Outcome(lifetime=3600)])
-        manager = TokenManager(auth, S, clock)
+        manager = TokenManager(auth, S.token_side(), clock)
         await manager.start()
         await settle()
         await clock.jump(5 * 3600)
@@ -301,7 +301,7 @@ def test_token_refresh_429_or_5xx_backs_off_without_login(reason: str) -> None:
     async def scenario() -> list[tuple[str, float]]:
         clock = FakeClock()
         auth = FakeAuth(clock, [Outcome(lifetime=100), Outcome(reason)])  # type: ignore[arg-type]
-        manager = TokenManager(auth, S, clock, rng=random.Random(3))
+        manager = TokenManager(auth, S.token_side(), clock, rng=random.Random(3))
         await manager.start()
         await clock.advance(90)
         await manager.stop()

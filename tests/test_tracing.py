@@ -117,7 +117,7 @@ def test_tracing_off_imports_nothing() -> None:
     send is the untraced one."""
     code = (
         "import sys, asyncio\n"
-        "from gateway.app import build_state\n"
+        "from gateway.wiring import build_state\n"
         "from gateway.proxy.handler import Proxy\n"
         "from gateway.clock import SystemClock\n"
         "from gateway.metrics import Metrics\n"

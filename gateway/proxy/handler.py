@@ -167,13 +167,13 @@ class Proxy:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         s = state.settings
-        self._auth_paths = (s.auth_token_path, s.auth_refresh_path)
-        self._internal = frozenset({s.client_key_header.lower(), *s.strip_headers})
-        self._upstream = str(s.base_url)
+        self._auth_paths = (s.auth.auth_token_path, s.auth.auth_refresh_path)
+        self._internal = frozenset({s.inbound.client_key_header.lower(), *s.upstream.strip_headers})
+        self._upstream = str(s.partner.base_url)
         #: How long a leader may work on its key (it is cut off there), and the lease its
         #: claim carries: past it, repeats count a claim that was sending as "unknown".
-        self._leader_deadline = leader_deadline(s.token_wait_timeout, s.connect_timeout,
-                                                s.total_timeout)
+        self._leader_deadline = leader_deadline(
+            s.token.token_wait_timeout, s.upstream.connect_timeout, s.upstream.total_timeout)
         self._lease = self._leader_deadline + LEASE_MARGIN
         #: Leaders of Idempotency-Keys in flight (a task must be referenced to live).
         self._leaders: set[asyncio.Future[Any]] = set()
@@ -263,7 +263,7 @@ class Proxy:
         access = gw.access
         outcome.client = access.client(
             request.remote if access.cidrs else None,  # the peer address costs a syscall
-            request.headers.get(s.client_key_header) if access.keys else None)
+            request.headers.get(s.inbound.client_key_header) if access.keys else None)
         gw.metrics.client_request(outcome.client)
         access.check_route(request.method, decoded)
         outcome.route = route_template(decoded)
@@ -271,7 +271,7 @@ class Proxy:
         expect = request.headers.get(hdrs.EXPECT)
         if expect is not None and expect.strip().lower() != "100-continue":
             raise ExpectationFailed("only 'Expect: 100-continue' is supported")
-        check_declared_size(request, s.max_body_size)
+        check_declared_size(request, s.proxy.max_body_size)
         gw.upstream.breaker.check()  # open: 503 at once, before any body is read
         if gw.limits.active:
             gw.limits.admit(outcome.client)
@@ -290,7 +290,7 @@ class Proxy:
                 send_continue(request)
             headers = upstream_request_headers(
                 request.headers, rid, self._internal,
-                forwarded_for=(request.remote or "unix") if s.forwarded_headers else None)
+                forwarded_for=(request.remote or "unix") if s.upstream.forwarded_headers else None)
             if gw.cache.enabled and request.method in _CACHEABLE:
                 cached = await self._cached(request, rid, outcome, headers)
                 if cached is not None:
@@ -298,15 +298,15 @@ class Proxy:
             idempotency_key = None
             if gw.idempotency is not None and request.method in _UNSAFE:
                 header = request.headers.get(IDEMPOTENCY_KEY)
-                if header is not None and protected(s.idempotency_routes, request.method,
-                                                    outcome.path):
+                routes = s.idempotency.idempotency_routes
+                if header is not None and protected(routes, request.method, outcome.path):
                     idempotency_key = parse_key(header)
             caller_gone = functools.partial(_caller_gone, request)
-            reader = outcome.reader = BodyReader(request.content, s.client_body_timeout,
-                                                 s.max_body_size, caller_gone)
+            reader = outcome.reader = BodyReader(request.content, s.inbound.client_body_timeout,
+                                                 s.proxy.max_body_size, caller_gone)
             body = NO_BODY if not request.body_exists else await take_body(
-                request, reader, s.replay_body_limit)
-            url = target_url(s.base_url, request.raw_path)
+                request, reader, s.proxy.replay_body_limit)
+            url = target_url(s.partner.base_url, request.raw_path)
             if not body.replayable and request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
             if idempotency_key is not None:
@@ -344,7 +344,7 @@ class Proxy:
         body = exchange.body
         outcome.attempts = attempts = Attempts(
             method=outcome.method, replayable=body.replayable,
-            deadline=(gw.clock.monotonic() + s.total_timeout) if s.total_timeout
+            deadline=(gw.clock.monotonic() + s.upstream.total_timeout) if s.upstream.total_timeout
             else None, caller_gone=caller_gone, on_attempt=outcome.answered,
             body_error=exchange.reader.failed, on_failure=self._upstream_failed)
         upstream.retry.budget.request()
@@ -394,7 +394,7 @@ class Proxy:
         data = exchange.body.data
         if data is not None and not isinstance(data, bytes):
             raise BodyTooLarge("a request with an Idempotency-Key may carry at most "
-                               f"{s.replay_body_limit} bytes (GATEWAY_REPLAY_BODY_LIMIT)",
+                               f"{s.proxy.replay_body_limit} bytes (GATEWAY_REPLAY_BODY_LIMIT)",
                                code="idempotency_body_too_large")
         fp = fingerprint(request.method, request.raw_path, data or b"")
         # Scoped per upstream and partner, the current one (it follows a rotation), not per
@@ -408,7 +408,7 @@ class Proxy:
             claim = Record.claim(fp, rid, gw.clock.time() + self._lease)
             until = asyncio.get_running_loop().time() + self._leader_deadline
             try:
-                record = await store.claim(key, claim, s.idempotency_ttl)
+                record = await store.claim(key, claim, s.idempotency.idempotency_ttl)
             except BaseException:  # it may have landed (the caller left meanwhile): free it
                 self._keep(asyncio.ensure_future(self._release(key, claim.owner)))
                 raise
@@ -418,7 +418,7 @@ class Proxy:
                 outcome.idempotency = "new"
                 return await self._lead(request, rid, outcome, exchange, key, claim, until)
             if record.fingerprint == fp and record.in_flight_at(gw.clock.time()):
-                record = await store.wait(key, s.idempotency_wait)
+                record = await store.wait(key, s.idempotency.idempotency_wait)
                 if record is None:
                     await gw.clock.sleep(POLL_FLOOR)
                     continue
@@ -521,7 +521,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         try:
             try:  # a token (GATEWAY_TOKEN_WAIT_TIMEOUT), an upstream slot (the connect timeout)
-                async with asyncio.timeout(s.token_wait_timeout + s.connect_timeout):
+                async with asyncio.timeout(s.token.token_wait_timeout + s.upstream.connect_timeout):
                     token = gw.tokens.usable() or await gw.tokens.get()
                     _same_partner(outcome, token)
                     if not upstream.slots.try_acquire():
@@ -539,7 +539,7 @@ class Proxy:
                     sending = True
                     resp = await self._send_upstream(exchange, token, _never, outcome)
                     state = settle_status(resp.status)
-                    limit = s.idempotency_max_body
+                    limit = s.idempotency.idempotency_max_body
                     body = b""
                     if resp.content_length is None or resp.content_length <= limit:
                         body = await self._read_up_to(resp, limit)
@@ -591,7 +591,7 @@ class Proxy:
             if kept is None:
                 await store.release(key, claim.owner)
             else:
-                await store.finish(key, kept, gw.settings.idempotency_ttl)
+                await store.finish(key, kept, gw.settings.idempotency.idempotency_ttl)
         except GatewayError as exc:  # the store is gone: the caller still gets its answer
             log.warning("the answer to a request with an Idempotency-Key could not be kept: "
                         "repeats get outcome_unknown once its lease runs out if it was sent",

@@ -25,7 +25,7 @@ from gateway.errors import (
     UpstreamTLSError,
     UpstreamUnreachable,
 )
-from gateway.settings import Settings
+from gateway.proxy.config import UpstreamConfig
 from gateway.urls import egress_session, upstream_tls
 
 if TYPE_CHECKING:
@@ -56,13 +56,13 @@ class ReuseMarkingConnector(aiohttp.TCPConnector):
         return await super()._create_connection(req, traces, timeout)
 
 
-def create_session(settings: Settings) -> aiohttp.ClientSession:
+def create_session(up: UpstreamConfig) -> aiohttp.ClientSession:
     """The one upstream session of a process (create inside the running loop)."""
-    connector = ReuseMarkingConnector(limit=settings.pool_size,
-                                      ssl=upstream_tls(settings.upstream_ca_file),
-                                      keepalive_timeout=settings.keepalive_timeout)
-    session = egress_session(settings.egress_proxy, settings.egress_proxy_password,
-                             connector=connector, timeout=attempt_timeout(settings, None),
+    connector = ReuseMarkingConnector(limit=up.pool_size,
+                                      ssl=upstream_tls(up.upstream_ca_file),
+                                      keepalive_timeout=up.keepalive_timeout)
+    session = egress_session(up.egress_proxy, up.egress_proxy_password,
+                             connector=connector, timeout=attempt_timeout(up, None),
                              auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                              trust_env=False, raise_for_status=False,
                              skip_auto_headers=SKIP_AUTO)
@@ -80,12 +80,12 @@ def disable_silent_resend(session: aiohttp.ClientSession) -> None:
     session._retry_connection = False
 
 
-def attempt_timeout(settings: Settings, remaining: float | None) -> aiohttp.ClientTimeout:
+def attempt_timeout(up: UpstreamConfig, remaining: float | None) -> aiohttp.ClientTimeout:
     """One attempt's timeouts: connect and read as configured, all of it within what is left
     of the request's deadline (``GATEWAY_TOTAL_TIMEOUT``)."""
-    total = remaining if remaining is not None else (settings.total_timeout or None)
-    return aiohttp.ClientTimeout(total=total, connect=settings.connect_timeout,
-                                 sock_read=settings.read_timeout or None)
+    total = remaining if remaining is not None else (up.total_timeout or None)
+    return aiohttp.ClientTimeout(total=total, connect=up.connect_timeout,
+                                 sock_read=up.read_timeout or None)
 
 
 @dataclass

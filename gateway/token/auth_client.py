@@ -32,8 +32,9 @@ import aiohttp
 
 from gateway.clock import Clock
 from gateway.errors import AuthError, AuthReason
+from gateway.redact import Secret
 from gateway.retry_after import parse_retry_after
-from gateway.settings import Settings
+from gateway.token.config import AuthConfig, PartnerConfig
 from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 from gateway.token.value import RenewalKind, Token
 from gateway.urls import egress_session, read_up_to, target_url, upstream_tls
@@ -65,16 +66,18 @@ async def _on_headers_sent(session: aiohttp.ClientSession, ctx: SimpleNamespace,
         ctx.trace_request_ctx["sent"] = True
 
 
-def create_auth_session(settings: Settings) -> aiohttp.ClientSession:
-    """The auth calls' own session and small pool (create inside the running loop)."""
+def create_auth_session(ca_file: str, egress_proxy: str,
+                        egress_password: Secret | None) -> aiohttp.ClientSession:
+    """The auth calls' own session and small pool (create inside the running loop), through
+    the upstream's CA bundle and egress proxy."""
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_on_headers_sent)
     # A fresh connection per call: calls are minutes or hours apart, and a kept connection the
     # server has meanwhile closed would turn a refresh into an ambiguous failure.
     connector = aiohttp.TCPConnector(limit=AUTH_POOL_SIZE,
-                                     ssl=upstream_tls(settings.upstream_ca_file),
+                                     ssl=upstream_tls(ca_file),
                                      force_close=True)
-    return egress_session(settings.egress_proxy, settings.egress_proxy_password,
+    return egress_session(egress_proxy, egress_password,
                           connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                           trust_env=False, trace_configs=[trace])
 
@@ -82,20 +85,23 @@ def create_auth_session(settings: Settings) -> aiohttp.ClientSession:
 class AuthClient:
     """Logs in and refreshes against the configured upstream."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings, clock: Clock) -> None:
+    def __init__(self, session: aiohttp.ClientSession, partner: PartnerConfig,
+                 auth: AuthConfig, clock: Clock, connect_timeout: float) -> None:
         self._session = session
-        self._settings = settings
+        self._partner = partner
+        self._auth = auth
+        self._connect_timeout = connect_timeout
         self._clock = clock
         self._noted: set[str] = set()
 
     async def login(self) -> Exchange:
-        s = self._settings
-        body = {s.auth_app_key_field: s.app_key.reveal(),
-                s.auth_app_secret_field: s.app_secret.reveal()}
+        s, p = self._auth, self._partner
+        body = {s.auth_app_key_field: p.app_key.reveal(),
+                s.auth_app_secret_field: p.app_secret.reveal()}
         return await self._call("login", s.auth_token_path, body, bearer=None)
 
     async def refresh(self, token: Token) -> Exchange:
-        s = self._settings
+        s = self._auth
         if not token.refresh:
             raise AuthError("refresh_rejected", "no refresh token held")
         bearer = token.access if s.auth_refresh_bearer else None
@@ -104,9 +110,9 @@ class AuthClient:
 
     async def _call(self, kind: RenewalKind, path: str, body: dict[str, str],
                     bearer: str | None) -> Exchange:
-        s = self._settings
-        url = target_url(s.base_url, path)
-        headers = {"X-Partner-ID": s.partner_id, "Accept": "application/json"}
+        s, p = self._auth, self._partner
+        url = target_url(p.base_url, path)
+        headers = {"X-Partner-ID": p.partner_id, "Accept": "application/json"}
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
         if s.auth_body_format == "json":
@@ -118,7 +124,7 @@ class AuthClient:
         sent_mono, sent_wall = self._clock.monotonic(), self._clock.time()
         trace: dict[str, bool] = {"sent": False}
         timeout = aiohttp.ClientTimeout(total=s.auth_timeout,
-                                        sock_connect=min(s.connect_timeout, s.auth_timeout))
+                                        sock_connect=min(self._connect_timeout, s.auth_timeout))
         try:
             async with self._session.post(url, data=data, headers=headers, timeout=timeout,
                                           allow_redirects=False,
@@ -152,7 +158,7 @@ class AuthClient:
                 raise AuthError("malformed_response", f"{kind}: {exc}", status=status,
                                 ambiguous=kind == "refresh") from None
             self._note(kind, grant.notes)
-            return Exchange(grant, sent_mono, sent_wall, s.partner_id)
+            return Exchange(grant, sent_mono, sent_wall, p.partner_id)
         reason = _reason(kind, status)
         detail = self._error_code(raw, body, bearer)
         raise AuthError(reason, f"{kind} answered {status}" + (f" ({detail})" if detail else ""),
@@ -168,8 +174,8 @@ class AuthClient:
                     "event": "auth_response_corrected", "kind": kind, "note": note}})
 
     def _error_code(self, raw: bytes, sent: dict[str, str], bearer: str | None) -> str | None:
-        s = self._settings
-        secrets = [s.app_key.reveal(), s.app_secret.reveal(), *sent.values()]
+        p = self._partner
+        secrets = [p.app_key.reveal(), p.app_secret.reveal(), *sent.values()]
         if bearer:
             secrets.append(bearer)
         return error_code(raw, secrets)

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import Clock
-from gateway.settings import Settings
+from gateway.token.config import PartnerConfig, TokenSide
 from gateway.token.value import Token, is_usable
 
 log = logging.getLogger("gateway.token_file")
 FORMAT_VERSION = 1
 
 
-def _owner(settings: Settings) -> dict[str, str]:
-    return {"upstream": str(settings.base_url), "app_key_fp": settings.app_key.fingerprint,
-            "partner_id": settings.partner_id}
+def _owner(partner: PartnerConfig) -> dict[str, str]:
+    return {"upstream": str(partner.base_url), "app_key_fp": partner.app_key.fingerprint,
+            "partner_id": partner.partner_id}
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -51,9 +51,9 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_token(path: Path, token: Token, settings: Settings) -> None:
+def save_token(path: Path, token: Token, partner: PartnerConfig) -> None:
     doc: dict[str, Any] = {
-        "version": FORMAT_VERSION, **_owner(settings),
+        "version": FORMAT_VERSION, **_owner(partner),
         "access_token": token.access, "refresh_token": token.refresh,
         "generation": token.generation, "obtained_via": token.via,
         "obtained_at": token.obtained_wall, "expires_at": token.wall(token.expires_at),
@@ -67,8 +67,8 @@ def save_token(path: Path, token: Token, settings: Settings) -> None:
             "event": "token_file_error", "path": str(path), "error": exc.strerror}})
 
 
-def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
-    """The stored token if it belongs to these settings and is still usable, else None."""
+def load_token(path: Path, side: TokenSide, clock: Clock) -> Token | None:
+    """The stored token if it belongs to this partner and is still usable, else None."""
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -77,7 +77,7 @@ def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
         log.warning("ignoring an unreadable token file", extra={"fields": {
             "event": "token_file_ignored", "path": str(path), "reason": type(exc).__name__}})
         return None
-    reason = _unusable_reason(doc, settings)
+    reason = _unusable_reason(doc, side.partner)
     if reason is None:
         now_mono, now_wall = clock.monotonic(), clock.time()
 
@@ -88,14 +88,14 @@ def load_token(path: Path, settings: Settings, clock: Clock) -> Token | None:
         obtained = float(doc["obtained_at"])
         # Never trust a stored lifetime beyond the documented one (a file written by an older
         # version may hold a misread expiry).
-        expires = min(float(doc["expires_at"]), obtained + settings.access_token_default_ttl)
+        expires = min(float(doc["expires_at"]), obtained + side.auth.access_token_default_ttl)
         if refresh_at is not None:
-            refresh_at = min(refresh_at, obtained + settings.refresh_token_default_ttl)
+            refresh_at = min(refresh_at, obtained + side.auth.refresh_token_default_ttl)
         token = Token(access=doc["access_token"], refresh=refresh, generation=generation,
                       via="login", obtained_at=mono(obtained), expires_at=mono(expires),
                       refresh_expires_at=mono(refresh_at) if refresh_at is not None else None,
-                      obtained_wall=obtained, partner_id=settings.partner_id)
-        if is_usable(token, now_mono, settings.token_expiry_margin):
+                      obtained_wall=obtained, partner_id=side.partner.partner_id)
+        if is_usable(token, now_mono, side.token.token_expiry_margin):
             log.info("reusing the stored token", extra={"fields": {
                 "event": "token_file_loaded", "token_fp": token.fingerprint,
                 "generation": token.generation}})
@@ -140,10 +140,10 @@ def _finite(value: float) -> bool:
         return False
 
 
-def _unusable_reason(doc: object, settings: Settings) -> str | None:
+def _unusable_reason(doc: object, partner: PartnerConfig) -> str | None:
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
         return "unknown format"
-    if any(doc.get(k) != v for k, v in _owner(settings).items()):
+    if any(doc.get(k) != v for k, v in _owner(partner).items()):
         return "stored for another upstream, App Key or Partner ID"
     if not isinstance(doc.get("access_token"), str) or not doc["access_token"]:
         return "no access token"

@@ -32,13 +32,13 @@ from typing import Any, Final, Protocol
 
 from gateway.clock import Clock
 from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
-from gateway.settings import Settings
 from gateway.tasks import cancel_and_wait, log_task_failure, sleep_or_set, sleep_or_until
 from gateway.token import renewal
 from gateway.token.auth_client import Exchange, token_from_exchange
+from gateway.token.config import PartnerConfig, TokenSide
 from gateway.token.fleet import EntryUnreadable, Fleet, local_renewal_at
-from gateway.token.renewal import Failure, RenewalPolicy, RenewalState
-from gateway.token.store import StoreError, owner_key
+from gateway.token.renewal import Failure, RenewalState
+from gateway.token.store import StoreError
 from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 
 log = logging.getLogger("gateway.token")
@@ -121,14 +121,6 @@ class TokenStatus:
         return self.blocked == "invalid_credentials"
 
 
-def policy_of(s: Settings) -> RenewalPolicy:
-    return RenewalPolicy(margin=s.token_expiry_margin, at_fraction=s.renew_at_fraction,
-                         jitter_fraction=s.renew_jitter_fraction, retry_min=s.renew_retry_min,
-                         retry_max=s.renew_retry_max,
-                         login_retry_interval=s.login_retry_interval,
-                         attempt_timeout=2 * s.auth_timeout + 1)
-
-
 class _AttemptFailed(Exception):
     """An attempt's auth call failed: which one, and how."""
 
@@ -139,17 +131,17 @@ class _AttemptFailed(Exception):
 
 
 class TokenManager:
-    def __init__(self, auth: AuthCalls, settings: Settings, clock: Clock,
+    def __init__(self, auth: AuthCalls, side: TokenSide, clock: Clock,
                  events: TokenEvents | None = None, rng: random.Random | None = None,
                  initial: Token | None = None,
-                 persist: Callable[[Token, Settings], None] | None = None,
+                 persist: Callable[[Token, PartnerConfig], None] | None = None,
                  fleet: Fleet | None = None) -> None:
         self._auth = auth
         self._fleet = fleet
         self._fleet_task: asyncio.Task[None] | None = None
         self._fleet_wake = asyncio.Event()
-        self._s = settings
-        self._policy = policy_of(settings)
+        self._s = side
+        self._policy = side.policy()
         self._clock = clock
         self._events: TokenEvents = events or _NoEvents()
         self._rng = rng or random.Random()
@@ -171,7 +163,7 @@ class TokenManager:
     # -- the request path ----------------------------------------------------------------------
     @property
     def partner_id(self) -> str:
-        return self._s.partner_id
+        return self._s.partner.partner_id
 
     def usable(self) -> Token | None:
         tok = self._state.token
@@ -199,7 +191,7 @@ class TokenManager:
         return self._fleet is not None and self._fleet.key_mismatch
 
     async def _wait_for_token(self, newer_than: int) -> Token:
-        deadline = self._clock.monotonic() + self._s.token_wait_timeout
+        deadline = self._clock.monotonic() + self._s.token.token_wait_timeout
         while True:
             self._start_if_due()
             now = self._clock.monotonic()
@@ -318,7 +310,7 @@ class TokenManager:
         if self._fleet is not None:
             await self._fleet.store.close()
 
-    async def switch_credentials(self, settings: Settings, auth: AuthCalls) -> Token:
+    async def switch_credentials(self, partner: PartnerConfig, auth: AuthCalls) -> Token:
         """Log in with new credentials while the current token keeps serving; switch to the
         new credentials and token together only once that login worked. The login is the one
         auth call under way meanwhile; it counts as a rotation, never as a renewal."""
@@ -327,21 +319,20 @@ class TokenManager:
         if self._stopping:
             raise TokenUnavailable("not rotating: the gateway is stopping", retry_after=1.0)
         self._state = renewal.started(self._state, "rotation", self._clock.monotonic())
-        task = asyncio.create_task(self._rotate(settings, auth), name="credential-rotation")
+        task = asyncio.create_task(self._rotate(partner, auth), name="credential-rotation")
         self._task = task
         task.add_done_callback(self._task_done)
         token: Token = await asyncio.shield(task)
         return token
 
-    async def _rotate(self, settings: Settings, auth: AuthCalls) -> Token:
+    async def _rotate(self, partner: PartnerConfig, auth: AuthCalls) -> Token:
         """The rotation's one login. With a fleet, one login for the whole fleet: the new
         credentials' token lives under their own key, and a replica that finds it there (or
         waits for the replica holding their lease) adopts it instead of logging in, which
         with one live token per credential would revoke the other's."""
         fleet = self._fleet
         before = fleet.store.owner if fleet is not None else None
-        owner = owner_key(str(settings.base_url), settings.app_key.fingerprint,
-                          settings.partner_id)
+        owner = replace(self._s, partner=partner).owner
         holding = False
         try:
             if self._mismatch():  # a login here would fight the fleet (under the new owner)
@@ -351,7 +342,7 @@ class TokenManager:
             # alone keeps the owner (its token there is ours, from the old secret), and must be
             # proved by a login of its own.
             if fleet is not None and owner != before:
-                margin = policy_of(settings).margin
+                margin = self._policy.margin
                 try:
                     shared, holding = await fleet.rotation_turn(
                         owner, lambda st: is_usable(st.token, self._clock.monotonic(), margin),
@@ -361,7 +352,7 @@ class TokenManager:
                                            "credentials is sealed with another "
                                            "GATEWAY_STORE_KEY") from None
                 if shared is not None and shared.token is not None:
-                    self._switch(settings, auth)
+                    self._switch(partner, auth)
                     return self._adopt_rotated(shared.token)
                 if not holding:
                     log.warning("rotation: logging in here (the store is down, or no replica "
@@ -376,7 +367,7 @@ class TokenManager:
                 fleet.store.rekey(before)
             self._state = renewal.ended(self._state)
             raise
-        self._switch(settings, auth)
+        self._switch(partner, auth)
         token = self._accept(self._token_of(exchange, "login", None), "login")
         if holding:
             assert fleet is not None
@@ -386,8 +377,8 @@ class TokenManager:
                 await fleet.release()
         return token
 
-    def _switch(self, settings: Settings, auth: AuthCalls) -> None:
-        self._auth, self._s, self._policy = auth, settings, policy_of(settings)
+    def _switch(self, partner: PartnerConfig, auth: AuthCalls) -> None:
+        self._auth, self._s = auth, replace(self._s, partner=partner)
         self._usable_token = None  # the margin may have changed
 
     def _adopt_rotated(self, shared: Token) -> Token:
@@ -722,8 +713,8 @@ class TokenManager:
     def _token_of(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
         return token_from_exchange(
             exchange, generation=self._state.generation + 1, via=kind, previous=prev,
-            default_ttl=self._s.access_token_default_ttl,
-            default_refresh_ttl=self._s.refresh_token_default_ttl)
+            default_ttl=self._s.auth.access_token_default_ttl,
+            default_refresh_ttl=self._s.auth.refresh_token_default_ttl)
 
     def _accept(self, token: Token, kind: RenewalKind) -> Token:
         self._state = renewal.succeeded(self._state, token, self._policy, self._rng.random())
@@ -732,7 +723,7 @@ class TokenManager:
         try:  # the success stands whatever an observer or the token file does
             self._events.token_changed(token)
             if self._persist is not None:
-                self._persist(token, self._s)
+                self._persist(token, self._s.partner)
         except Exception:
             log.exception("token %s ok, but recording it failed", kind, extra={"fields": {
                 "event": "token_hook_failed", "kind": kind}})

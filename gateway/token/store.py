@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -30,8 +29,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from gateway.coordination.config import RedisConfig
 from gateway.redact import Secret
-from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -117,12 +116,6 @@ class Stored:
     #: Opened with GATEWAY_STORE_KEY_PREVIOUS (or in clear while a key is set): to be sealed
     #: again with the current key.
     resealable: bool = False
-
-
-def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
-    """A short, stable name for whose token this is (no secret: the App Key's fingerprint)."""
-    raw = json.dumps([upstream, app_key_fp, partner_id]).encode()
-    return hashlib.sha256(raw).hexdigest()[:24]
 
 
 class SealedWithAnotherKey(StoreCorrupt):
@@ -329,13 +322,12 @@ class RedisStore:
                 await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
-def store_for(settings: Settings, timeout: float) -> RedisStore:
-    """The store of the configured GATEWAY_REDIS_URL, keyed for these credentials."""
-    owner = owner_key(str(settings.base_url), settings.app_key.fingerprint, settings.partner_id)
-    return RedisStore(settings.redis_url, owner=owner, prefix=settings.redis_key_prefix,
-                      password=settings.redis_password, ca_file=settings.redis_ca_file,
-                      store_key=settings.store_key, timeout=timeout,
-                      previous_key=settings.store_key_previous)
+def store_for(redis: RedisConfig, owner: str, timeout: float) -> RedisStore:
+    """The store of the configured GATEWAY_REDIS_URL, keyed for ``owner``'s token."""
+    return RedisStore(redis.redis_url, owner=owner, prefix=redis.redis_key_prefix,
+                      password=redis.redis_password, ca_file=redis.redis_ca_file,
+                      store_key=redis.store_key, timeout=timeout,
+                      previous_key=redis.store_key_previous)
 
 
 def seal(sealer: Sealer | None, data: bytes, aad: bytes | None = None) -> str:
