@@ -24,12 +24,12 @@ import time
 
 from gateway.clock import SystemClock
 from gateway.config_values import parse_size
+from gateway.coordination.redis_client import redis_client
 from gateway.proxy.cache import CachedAnswer
 from gateway.proxy.cache_shared import SharedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record, fingerprint
 from gateway.proxy.idempotency_store import RedisStore as RedisIdempotency
 from gateway.redact import Secret
-from gateway.token.store import redis_client
 
 KEY = Secret("k" * 40)
 

@@ -29,6 +29,7 @@ from gateway import __version__, logs
 from gateway.admin import build_admin_app
 from gateway.clock import Clock, SystemClock
 from gateway.config_values import TcpAddress, UnixAddress
+from gateway.coordination.redis_client import redis_client
 from gateway.coordination.redis_policy import EvictingStore, check_store_policy
 from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
@@ -42,7 +43,6 @@ from gateway.token.config import PartnerConfig
 from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
-from gateway.token.store import redis_client
 from gateway.token.value import RenewalKind, Token
 from gateway.tracing import Tracing, tracing_for
 from gateway.wiring import (

@@ -11,13 +11,13 @@ import aiohttp
 
 from gateway.app import GatewayServer, wait_for_signal
 from gateway.clock import SystemClock
+from gateway.coordination.sealing import StoreError
 from gateway.errors import AuthError
 from gateway.probe import probe
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.token import renewal
 from gateway.token.auth_client import token_from_exchange
-from gateway.token.store import StoreError
 from gateway.token.value import is_usable
 from gateway.wiring import auth_client, auth_session, token_store
 

@@ -1,4 +1,5 @@
-"""The gateway's error tree, and the one place errors become HTTP responses.
+"""The gateway's error tree: each error's status and stable code (no HTTP classes here: they
+become responses in one place above, :func:`gateway.proxy.headers.error_response`).
 
 ::
 
@@ -38,13 +39,7 @@ tell it from an upstream answer. Messages never contain tokens or secrets.
 
 from __future__ import annotations
 
-import json
-import math
 from typing import ClassVar, Final, Literal
-
-from aiohttp import web
-
-from gateway.proxy.headers import PlainResponse
 
 GATEWAY_ERROR_HEADER: Final = "X-Repairy-Gateway-Error"
 
@@ -238,18 +233,3 @@ class AuthError(Exception):
         self.status = status
         self.ambiguous = ambiguous
         self.retry_after = retry_after
-
-
-def error_response(exc: GatewayError, request_id: str | None = None) -> web.Response:
-    """The JSON response for a gateway-made error: ``{"error": {"code", "message"}}``."""
-    body: dict[str, object] = {"code": exc.code, "message": exc.message}
-    if request_id:
-        body["request_id"] = request_id
-    resp = PlainResponse(text=json.dumps({"error": body}), status=exc.status,
-                         content_type="application/json")
-    resp.headers[GATEWAY_ERROR_HEADER] = exc.code
-    if exc.retry_after is not None:
-        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    if request_id:
-        resp.headers["X-Request-ID"] = request_id
-    return resp

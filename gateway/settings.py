@@ -32,6 +32,7 @@ from gateway.proxy.config import (
     IdempotencyConfig,
     InboundConfig,
     ProxyConfig,
+    RequestPathConfig,
     UpstreamConfig,
 )
 from gateway.proxy.idempotency import LEASE_MARGIN, leader_deadline
@@ -81,6 +82,13 @@ class Settings:
     def value(self, key: str) -> Any:
         """A setting's value by its file key (for generic code: comparing, printing)."""
         return getattr(getattr(self, _GROUP_OF[key]), key)
+
+    def request_path(self) -> RequestPathConfig:
+        """What the request path reads."""
+        return RequestPathConfig(self.partner.base_url,
+                                 (self.auth.auth_token_path, self.auth.auth_refresh_path),
+                                 self.token.token_wait_timeout, self.upstream, self.proxy,
+                                 self.inbound, self.idempotency)
 
     def token_side(self) -> TokenSide:
         """What the token manager needs (one per credential, were there several)."""

@@ -1,4 +1,5 @@
-"""Typed application state shared by the proxy and admin listeners."""
+"""Typed application state shared by the proxy and admin listeners: the request path's
+context (:class:`~gateway.proxy.context.ProxyContext`) and what the admin side adds."""
 
 from __future__ import annotations
 
@@ -8,35 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.clock import Clock
-from gateway.metrics import Metrics
-from gateway.proxy.access import AccessPolicy
-from gateway.proxy.cache import GetCache
-from gateway.proxy.idempotency_store import IdempotencyStore
-from gateway.proxy.limits import ClientLimits
-from gateway.proxy.upstream import Upstream
+from gateway.proxy.context import ProxyContext
 from gateway.settings import Settings
-from gateway.token.manager import TokenManager, TokenSource
-from gateway.token.route_401 import Persistent401
-from gateway.tracing import Tracing
+from gateway.token.manager import TokenManager
 
 
-@dataclass
-class GatewayState:
+@dataclass(kw_only=True)
+class GatewayState(ProxyContext):
     settings: Settings
-    tokens: TokenSource
-    upstream: Upstream
-    metrics: Metrics
-    access: AccessPolicy
-    route_401: Persistent401
-    limits: ClientLimits
-    clock: Clock
-    cache: GetCache
-    #: Idempotency-Key records (None: no protected routes).
-    idempotency: IdempotencyStore | None = None
-    #: OpenTelemetry spans (None: off, the default).
-    tracing: Tracing | None = None
-    draining: bool = False
     #: The store's Redis: its maxmemory-policy as read at start-up (None: not read), and
     #: what /tokenz should say about it.
     store_policy: str | None = None

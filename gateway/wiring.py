@@ -15,10 +15,12 @@ import random
 import aiohttp
 
 from gateway.clock import Clock
+from gateway.coordination.redis_client import redis_client
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.cache import GetCache
 from gateway.proxy.cache_shared import SharedCache
+from gateway.proxy.guards import Upstream
 from gateway.proxy.handler import Proxy
 from gateway.proxy.idempotency_store import IdempotencyStore, LocalStore
 from gateway.proxy.idempotency_store import RedisStore as RedisIdempotency
@@ -31,13 +33,13 @@ from gateway.proxy.limits import (
     UpstreamSlots,
 )
 from gateway.proxy.retry import RetryBudget, RetryConfig, RetryPolicy
-from gateway.proxy.upstream import Upstream, attempt_timeout, create_session
+from gateway.proxy.upstream import attempt_timeout, create_session
 from gateway.settings import Settings
 from gateway.state import GatewayState
 from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.manager import TokenSource
 from gateway.token.route_401 import Persistent401
-from gateway.token.store import RedisStore, redis_client, store_for
+from gateway.token.store import RedisStore, store_for
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.app")  # the name its lines have always had
@@ -177,7 +179,7 @@ def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics
                 rng: random.Random | None = None) -> GatewayState:
     """The state a proxy listener needs (in the gateway process or a worker)."""
     upstream = build_upstream(s, clock, metrics, rng)
-    return GatewayState(settings=s, tokens=tokens, upstream=upstream,
+    return GatewayState(settings=s, config=s.request_path(), tokens=tokens, upstream=upstream,
                         metrics=metrics, access=build_access_policy(s),
                         route_401=route_401_tracker(s, clock, metrics),
                         limits=build_limits(s, clock, metrics), clock=clock,

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.coordination.sealing import seal
 from gateway.proxy.idempotency import (
     LEASE_MARGIN,
     RECORD_VERSION,
@@ -27,7 +28,6 @@ from gateway.proxy.idempotency import (
 from gateway.proxy.idempotency_store import POLICY_RECHECK, LocalStore, RedisStore
 from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError
-from gateway.token.store import seal
 from tests.fake_clock import FakeClock
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for, wait_until

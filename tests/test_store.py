@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from gateway.clock import SystemClock
+from gateway.coordination.sealing import SealedWithAnotherKey, StoreError
 from gateway.redact import Secret
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.token import renewal
@@ -21,8 +22,6 @@ from gateway.token.store import (
     OLDER,
     WRITTEN,
     RedisStore,
-    SealedWithAnotherKey,
-    StoreError,
 )
 from gateway.token.value import Token
 from gateway.wiring import auth_client, auth_session

@@ -126,7 +126,7 @@ def test_tracing_off_imports_nothing() -> None:
         "    s = settings_for('http://127.0.0.1:1')\n"
         "    state = build_state(s, None, SystemClock(), Metrics())\n"
         "    proxy = Proxy(state)\n"
-        "    assert proxy._send_upstream == proxy._send, proxy._send_upstream\n"
+        "    assert proxy._exchange.send == proxy._exchange._send, proxy._exchange.send\n"
         "    await state.upstream.close()\n"
         "asyncio.run(main())\n"
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')]\n")

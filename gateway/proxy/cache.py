@@ -41,16 +41,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.clock import Clock
 from gateway.config_values import parse_positive_duration
 from gateway.proxy.bounded import BoundedCache
-
-if TYPE_CHECKING:
-    from gateway.proxy.cache_shared import SharedCache
 
 X_CACHE: Final = "X-Cache"
 _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d{1,10})\"?\s*(?=,|$)", re.I)
@@ -105,6 +102,17 @@ class CachedAnswer:
     stored_at: float  # wall-clock seconds, for Age
     expires_at: float  # monotonic
     size: int
+
+
+class SharedTier(Protocol):
+    """The fleet-wide tier behind this cache (:class:`~gateway.proxy.cache_shared.SharedCache`):
+    read on a local miss, written behind every store."""
+
+    async def get(self, key: str) -> CachedAnswer | None: ...
+
+    def put(self, key: str, entry: CachedAnswer) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def directives(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -202,7 +210,7 @@ class GetCache:
             timer=clock.monotonic, getsizeof=lambda value: value.size, on_evict=on_evict)
         self._flights: dict[str, asyncio.Future[None]] = {}
         #: The fleet's layer (GATEWAY_CACHE_SHARED), or None.
-        self.shared: SharedCache | None = None
+        self.shared: SharedTier | None = None
 
     @property
     def enabled(self) -> bool:

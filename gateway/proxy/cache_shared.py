@@ -29,9 +29,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.clock import Clock
+from gateway.coordination.sealing import seal, sealer_for, unseal
 from gateway.proxy.cache import CachedAnswer
 from gateway.redact import Secret
-from gateway.token.store import seal, sealer_for, unseal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

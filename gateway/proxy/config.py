@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from yarl import URL
+
 from gateway.config_values import (
     ListenAddress,
     bounded_int,
@@ -288,3 +290,18 @@ class InboundConfig:
     max_headers: int = setting(
         "GATEWAY_MAX_HEADERS", parse_positive_int, "100",
         "Most request headers accepted.")
+
+
+@dataclass(frozen=True)
+class RequestPathConfig:
+    """What the request path reads: the proxy's own configs, and the little it takes from the
+    partner and token side (composed by :meth:`gateway.settings.Settings.request_path`)."""
+
+    base_url: URL
+    #: The auth endpoints' paths: never proxied.
+    auth_paths: tuple[str, str]
+    token_wait_timeout: float
+    upstream: UpstreamConfig
+    proxy: ProxyConfig
+    inbound: InboundConfig
+    idempotency: IdempotencyConfig

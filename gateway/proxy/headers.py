@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import math
 import re
 import uuid
 from typing import TYPE_CHECKING, Final, cast
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import GATEWAY_ERROR_HEADER, GatewayError
 
 if TYPE_CHECKING:
     from gateway.proxy.cache import CachedAnswer
@@ -182,3 +186,18 @@ class CachedResponse(_NoAddedHeaders, web.Response):
 
 class PlainResponse(_NoAddedHeaders, web.Response):
     """A response the gateway makes itself, without a ``Server`` header."""
+
+
+def error_response(exc: GatewayError, request_id: str | None = None) -> web.Response:
+    """The JSON response for a gateway-made error: ``{"error": {"code", "message"}}``."""
+    body: dict[str, object] = {"code": exc.code, "message": exc.message}
+    if request_id:
+        body["request_id"] = request_id
+    resp = PlainResponse(text=json.dumps({"error": body}), status=exc.status,
+                         content_type="application/json")
+    resp.headers[GATEWAY_ERROR_HEADER] = exc.code
+    if exc.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if request_id:
+        resp.headers["X-Request-ID"] = request_id
+    return resp

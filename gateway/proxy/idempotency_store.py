@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from gateway.clock import Clock
 from gateway.coordination.channel import Calls, ChannelClosed, Message
 from gateway.coordination.redis_policy import EvictingStore, judge, read_policy
+from gateway.coordination.sealing import seal, sealer_for, unseal
 from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
 from gateway.redact import Secret
-from gateway.token.store import seal, sealer_for, unseal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

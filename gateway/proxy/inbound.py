@@ -37,8 +37,8 @@ from gateway.errors import (
     MethodNotAllowed,
     RouteForbidden,
     TargetTooLong,
-    error_response,
 )
+from gateway.proxy.headers import error_response
 from gateway.proxy.routes import comparable_path
 
 log = logging.getLogger("gateway.inbound")

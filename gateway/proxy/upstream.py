@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import aiohttp
 
@@ -27,10 +26,6 @@ from gateway.errors import (
 )
 from gateway.proxy.config import UpstreamConfig
 from gateway.urls import egress_session, upstream_tls
-
-if TYPE_CHECKING:
-    from gateway.proxy.limits import CircuitBreaker, UpstreamSlots
-    from gateway.proxy.retry import RetryPolicy
 
 Body = bytes | AsyncIterable[bytes] | None
 #: Headers aiohttp would add on its own; the caller's are forwarded instead.
@@ -86,19 +81,6 @@ def attempt_timeout(up: UpstreamConfig, remaining: float | None) -> aiohttp.Clie
     total = remaining if remaining is not None else (up.total_timeout or None)
     return aiohttp.ClientTimeout(total=total, connect=up.connect_timeout,
                                  sock_read=up.read_timeout or None)
-
-
-@dataclass
-class Upstream:
-    """The upstream side of a process: the session and what guards it."""
-
-    session: aiohttp.ClientSession
-    retry: RetryPolicy
-    breaker: CircuitBreaker
-    slots: UpstreamSlots
-
-    async def close(self) -> None:
-        await self.session.close()
 
 
 def translate(exc: BaseException) -> UpstreamError:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from gateway.clock import Clock
+from gateway.coordination.sealing import SealedWithAnotherKey, StoreCorrupt, StoreError
 from gateway.tasks import sleep_or_set
 from gateway.token import renewal
 from gateway.token.renewal import RenewalPolicy, RenewalState
@@ -28,9 +29,6 @@ from gateway.token.store import (
     LIVE_TTLS,
     WRITTEN,
     RedisStore,
-    SealedWithAnotherKey,
-    StoreCorrupt,
-    StoreError,
 )
 from gateway.token.value import usable_until
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from gateway.clock import Clock
+from gateway.coordination.sealing import StoreError
 from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
 from gateway.tasks import cancel_and_wait, log_task_failure, sleep_or_set, sleep_or_until
 from gateway.token import renewal
@@ -38,7 +39,6 @@ from gateway.token.auth_client import Exchange, token_from_exchange
 from gateway.token.config import PartnerConfig, TokenSide
 from gateway.token.fleet import EntryUnreadable, Fleet, local_renewal_at
 from gateway.token.renewal import Failure, RenewalState
-from gateway.token.store import StoreError
 from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 
 log = logging.getLogger("gateway.token")

@@ -1,0 +1,153 @@
+"""The upstream exchange of one request: a token, an upstream slot, the breaker ticket, the
+retries within the retry budget (:mod:`~gateway.proxy.retry`), and at most one replay after an
+upstream 401 with a renewed token (unless the route is marked persistent 401)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.errors import CredentialsRotated, GatewayError, UpstreamBusy, UpstreamError
+from gateway.proxy.context import Outbound, ProxyContext
+from gateway.proxy.headers import with_credentials
+from gateway.proxy.limits import Outcome as BreakerOutcome
+from gateway.proxy.outcome import Outcome
+from gateway.proxy.retry import Attempts
+from gateway.proxy.upstream import Body
+from gateway.token.value import Token
+
+#: Breaker outcomes of the upstream errors: only connection failures and timeouts count.
+_BREAKER_FAILURE_KINDS: Final = frozenset({"connect", "timeout"})
+
+
+class UpstreamExchange:
+    """Sends requests upstream for the request path (one per process)."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        #: The upstream send, traced or not: chosen once, so no request pays for tracing off.
+        self.send = self._send if ctx.tracing is None else self._traced_send
+
+    async def claim(self, outcome: Outcome) -> Token:
+        """A token (within GATEWAY_TOKEN_WAIT_TIMEOUT) and an upstream slot (within the
+        connect timeout), for the same partner as the request's key scope. The caller hands
+        the slot back with :meth:`release`."""
+        ctx = self.ctx
+        token = ctx.tokens.usable() or await ctx.tokens.get()
+        same_partner(outcome, token)
+        if not ctx.upstream.slots.try_acquire():
+            await self._wait_slot(outcome)
+        return token
+
+    def release(self) -> None:
+        self.ctx.upstream.slots.release()
+
+    async def _wait_slot(self, outcome: Outcome) -> None:
+        try:
+            await self.ctx.upstream.slots.acquire()
+        except UpstreamBusy:
+            self.ctx.metrics.limited.labels("upstream_slots", outcome.client).inc()
+            raise
+
+    async def _send(self, out: Outbound, token: Token, caller_gone: Callable[[], bool],
+                    outcome: Outcome) -> aiohttp.ClientResponse:
+        """The exchange with its retries, and at most one replay after an upstream 401 (the
+        caller holds an upstream slot)."""
+        ctx = self.ctx
+        upstream, total = ctx.upstream, ctx.config.upstream.total_timeout
+        body = out.body
+        outcome.attempts = attempts = Attempts(
+            method=outcome.method, replayable=body.replayable,
+            deadline=(ctx.clock.monotonic() + total) if total else None,
+            caller_gone=caller_gone, on_attempt=outcome.answered,
+            body_error=out.reader.failed, on_failure=self._upstream_failed)
+        upstream.retry.budget.request()
+        # Under a breaker ticket until the upstream answered (its status line) or
+        # failed: only connection failures and timeouts count against it.
+        ticket = upstream.breaker.admit()
+        result: BreakerOutcome = "neutral"
+        outcome.generation, outcome.sent_partner = token.generation, token.partner_id
+        try:
+            resp = await upstream.retry.send(
+                out.url, with_credentials(out.headers, token.access, token.partner_id),
+                body.data, attempts)
+            result = "success"
+        except UpstreamError as exc:
+            result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
+            raise
+        finally:
+            upstream.breaker.record(ticket, result)
+        if resp.status == 401:
+            return await self._after_401(out.url, out.headers, body.data, body.replayable,
+                                         token, resp, attempts, outcome)
+        ctx.route_401.answered(outcome.route, token.generation)
+        return resp
+
+    async def _traced_send(self, out: Outbound, token: Token, caller_gone: Callable[[], bool],
+                           outcome: Outcome) -> aiohttp.ClientResponse:
+        """:meth:`_send` in an OpenTelemetry span (tracing on)."""
+        tracing = self.ctx.tracing
+        assert tracing is not None
+        with tracing.upstream(outcome.method, outcome.route, out.url.raw_path,
+                              out.headers) as span:
+            resp = await self._send(out, token, caller_gone, outcome)
+            attempts = outcome.attempts
+            tracing.answered(span, resp.status, len(attempts.retried) if attempts else 0,
+                             outcome.replayed)
+            return resp
+
+    async def _after_401(self, url: URL, headers: CIMultiDict[str], data: Body,
+                         replayable: bool, token: Token, resp: aiohttp.ClientResponse,
+                         attempts: Attempts, outcome: Outcome) -> aiohttp.ClientResponse:
+        """An upstream 401: renew and replay once (kept bodies), unless the route is marked
+        persistent 401 (then, and for streamed bodies, the 401 is passed back)."""
+        ctx = self.ctx
+        try:
+            passed_back = not await self._judge_401(outcome.route, token.generation)
+        except BaseException:
+            resp.release()
+            raise
+        if passed_back:
+            return resp
+        ctx.tokens.invalidate(token.generation, "upstream_401")
+        if not replayable:
+            return resp
+        resp.release()
+        token = await ctx.tokens.get(newer_than=token.generation)
+        same_partner(outcome, token)  # a 401 acted on nothing: the key is released
+        outcome.replayed = True
+        ctx.metrics.replayed.labels("upstream_401").inc()
+        outcome.generation, outcome.sent_partner = token.generation, token.partner_id
+        resp = await ctx.upstream.retry.send(
+            url, with_credentials(headers, token.access, token.partner_id), data, attempts)
+        if resp.status != 401:
+            ctx.route_401.answered(outcome.route, token.generation)
+        else:  # no second replay: pass it back, and judge the route
+            await self._judge_401(outcome.route, token.generation)
+        return resp
+
+    async def _judge_401(self, route: str, generation: int) -> bool:
+        """A 401 on ``route`` with ``generation``: True to invalidate the token (and replay),
+        False to pass it back (the route is marked persistent 401). A verdict on the route
+        counts only while that token is still the newest, here and in the fleet."""
+        r401 = self.ctx.route_401
+        if r401.would_mark(route, generation) and not await self.ctx.tokens.still_current(
+                generation):
+            r401.forget(route)
+        return r401.unauthorized(route, generation)
+
+    def _upstream_failed(self, error: GatewayError) -> None:
+        if isinstance(error, UpstreamError):
+            self.ctx.metrics.upstream_error(error.kind)
+
+
+def same_partner(outcome: Outcome, token: Token) -> None:
+    """An Idempotency-Key scoped to one partner is never sent with another's token (the
+    credentials rotated while the request waited): nothing is sent, the key is released."""
+    if outcome.partner and outcome.idempotency and token.partner_id != outcome.partner:
+        raise CredentialsRotated("the Partner ID changed while this request waited: nothing "
+                                 "was sent; retry", retry_after=1.0)
