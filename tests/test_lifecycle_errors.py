@@ -28,6 +28,7 @@ from gateway.settings import Settings
 from gateway.tasks import cancel_and_wait, sleep_or_set
 from gateway.token.config import PartnerConfig
 from gateway.token.fleet import Fleet
+from gateway.token.fleet_sync import FleetSync
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
 from gateway.wiring import build_upstream, token_store
@@ -152,9 +153,10 @@ async def test_lifecycle_an_auth_call_failing_as_its_lease_is_lost_is_retrieved(
         raise AuthError("timeout", "login sent, no answer", ambiguous=True)
 
     manager = TokenManager(FakeAuth(FakeClock()), S.token_side(), SystemClock())
-    manager._fleet = LosingFleet()  # type: ignore[assignment]
+    sync = FleetSync(LosingFleet(), manager, SystemClock(),  # type: ignore[arg-type]
+                     S.token_side().policy())
     with pytest.raises(AuthError) as raised:
-        await manager._leased(failing_call())
+        await sync.leased(failing_call())
     assert raised.value.reason == "lease_lost"
     del raised
     gc.collect()

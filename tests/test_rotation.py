@@ -284,7 +284,7 @@ async def test_rotation_sighup_rereads_the_config_file_and_names_what_needs_a_re
         await gw.start()
         try:
             await gw.ready(http)
-            config.write_text('[gateway]\nread_timeout = "30s"\nlog_format = "json"\n'
+            config.write_text('[gateway]\nread_timeout = "30s"\nlog_format = "auto"\n'
                               'client_keys = "ops=client-key-ops-00000001"\n')
             assert gw.proc is not None
             gw.proc.send_signal(signal.SIGHUP)

@@ -31,13 +31,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from gateway.clock import Clock
-from gateway.coordination.sealing import StoreError
 from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
 from gateway.tasks import cancel_and_wait, log_task_failure, sleep_or_set, sleep_or_until
 from gateway.token import renewal
 from gateway.token.auth_client import Exchange, token_from_exchange
 from gateway.token.config import PartnerConfig, TokenSide
-from gateway.token.fleet import EntryUnreadable, Fleet, local_renewal_at
+from gateway.token.fleet import Fleet
+from gateway.token.fleet_sync import FleetSync
 from gateway.token.renewal import Failure, RenewalState
 from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 
@@ -139,7 +139,6 @@ class TokenManager:
         self._auth = auth
         self._fleet = fleet
         self._fleet_task: asyncio.Task[None] | None = None
-        self._fleet_wake = asyncio.Event()
         self._s = side
         self._policy = side.policy()
         self._clock = clock
@@ -155,6 +154,7 @@ class TokenManager:
         self._usable_token: Token | None = None  # usable(): its usable end, computed once
         self._usable_until = 0.0
         self._stopping = False  # stop() has begun: no new auth call starts
+        self._sync = None if fleet is None else FleetSync(fleet, self, clock, self._policy)
         if initial is not None:  # a stored token from an earlier run
             self._state = renewal.succeeded(self._state, initial, self._policy,
                                             self._rng.random())
@@ -238,16 +238,11 @@ class TokenManager:
         Only then does a 401 with it say anything about the route (persistent-401 marking).
         With the store unreachable, or rekeyed to credentials a rotation is still switching
         to, nobody can tell: False."""
-        flight = self._state.in_flight
-        if self._fleet is not None and flight is not None and flight.kind == "rotation":
-            return False
-        if self._fleet is not None:
-            try:
-                shared = await self._fleet.load()
-            except (StoreError, EntryUnreadable):
+        if self._sync is not None:
+            flight = self._state.in_flight
+            if flight is not None and flight.kind == "rotation":
                 return False
-            if shared is not None:
-                self._adopt(shared)
+            return await self._sync.still_current(generation)
         tok = self._state.token
         return tok is not None and tok.generation == generation
 
@@ -269,6 +264,20 @@ class TokenManager:
     def state(self) -> RenewalState:
         return self._state
 
+    @state.setter
+    def state(self, value: RenewalState) -> None:
+        self._state = value
+
+    # -- for the fleet sync (:class:`~gateway.token.fleet_sync.Renewer`) -----------------------
+    def attempt_running(self) -> bool:
+        return self._task is not None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def token_adopted(self, token: Token) -> None:
+        self._events.token_changed(token)
+
     @property
     def fleet(self) -> Fleet | None:
         return self._fleet
@@ -286,8 +295,8 @@ class TokenManager:
         self._stopping = False
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="token-renewal-loop")
-        if self._fleet is not None and self._fleet_task is None:
-            self._fleet_task = asyncio.create_task(self._fleet_loop(), name="token-fleet-sync")
+        if self._sync is not None and self._fleet_task is None:
+            self._fleet_task = asyncio.create_task(self._sync.run(), name="token-fleet-sync")
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop renewing. An auth call under way gets up to ``grace`` seconds to finish (a
@@ -330,8 +339,8 @@ class TokenManager:
         credentials' token lives under their own key, and a replica that finds it there (or
         waits for the replica holding their lease) adopts it instead of logging in, which
         with one live token per credential would revoke the other's."""
-        fleet = self._fleet
-        before = fleet.store.owner if fleet is not None else None
+        sync = self._sync
+        before = sync.owner if sync is not None else None
         owner = replace(self._s, partner=partner).owner
         holding = False
         try:
@@ -341,16 +350,8 @@ class TokenManager:
             # Only new credentials have a key of their own to look under: a new App Secret
             # alone keeps the owner (its token there is ours, from the old secret), and must be
             # proved by a login of its own.
-            if fleet is not None and owner != before:
-                margin = self._policy.margin
-                try:
-                    shared, holding = await fleet.rotation_turn(
-                        owner, lambda st: is_usable(st.token, self._clock.monotonic(), margin),
-                        within=self._policy.attempt_timeout + fleet.lease_ttl)
-                except EntryUnreadable:
-                    raise StoreKeyMismatch("not rotating: the fleet's token for the new "
-                                           "credentials is sealed with another "
-                                           "GATEWAY_STORE_KEY") from None
+            if sync is not None and owner != before:
+                shared, holding = await sync.rotation_turn(owner)
                 if shared is not None and shared.token is not None:
                     self._switch(partner, auth)
                     return self._adopt_rotated(shared.token)
@@ -359,22 +360,17 @@ class TokenManager:
                                 "wrote the new credentials' token in time)", extra={
                                     "fields": {"event": "rotation_local_login"}})
             call = auth.login()
-            exchange = await (self._leased(call) if holding else call)
+            exchange = await (sync.leased(call) if sync is not None and holding else call)
         except BaseException:
-            if fleet is not None and before is not None:
-                if holding:  # the new owner's lease: released before keying back
-                    await fleet.release()
-                fleet.store.rekey(before)
+            if sync is not None and before is not None:
+                await sync.rotation_failed(before, holding)
             self._state = renewal.ended(self._state)
             raise
         self._switch(partner, auth)
         token = self._accept(self._token_of(exchange, "login", None), "login")
         if holding:
-            assert fleet is not None
-            try:
-                await fleet.write(self._state)  # the fleet's token for the new credentials
-            finally:
-                await fleet.release()
+            assert sync is not None
+            await sync.rotation_logged_in(self._state)
         return token
 
     def _switch(self, partner: PartnerConfig, auth: AuthCalls) -> None:
@@ -390,12 +386,11 @@ class TokenManager:
         self._last_outcome = "rotation:adopted"
         self._last_renewal_wall = self._clock.time()
         self._events.token_changed(token)
-        assert self._fleet is not None
-        self._fleet.adopted()
-        self._fleet_wake.set()  # published again soon under the generation given here
+        assert self._sync is not None
+        renewed_by = self._sync.rotation_adopted()
         log.info("rotation: adopted the fleet's token for the new credentials", extra={
             "fields": {"event": "rotation_adopted", "generation": token.generation,
-                       "token_fp": token.fingerprint, "renewed_by": self._fleet.renewed_by}})
+                       "token_fp": token.fingerprint, "renewed_by": renewed_by}})
         return token
 
     # -- renewal -------------------------------------------------------------------------------
@@ -424,28 +419,21 @@ class TokenManager:
         self._wake.set()
 
     async def _attempt(self, kind: RenewalKind, previous: float | None = None) -> None:
+        sync = self._sync
         holding = False  # the fleet's renewal lease
         try:
-            if self._fleet is not None:
-                turn = await self._fleet_turn(kind, previous)
+            if sync is not None:
+                turn = await sync.turn(kind, previous)
                 if turn is None:
                     return  # adopted the fleet's token, or waiting on the fleet
                 kind, holding = turn
             await self._renew(kind, holding)
-            if holding:
-                assert self._fleet is not None
-                if not await self._fleet.write(self._state):  # the result, token or back-off
-                    # Fenced: someone else's result is the fleet's truth; adopt it.
-                    with contextlib.suppress(StoreError, EntryUnreadable):
-                        shared = await self._fleet.load()
-                        if shared is not None:
-                            self._adopt(shared)
-            elif self._fleet is not None:
-                self._fleet.renewed_locally()
+            if sync is not None:
+                await sync.publish_result(holding)
         finally:
             if holding:
-                assert self._fleet is not None
-                await self._fleet.release()
+                assert sync is not None
+                await sync.fleet.release()
             if self._state.in_flight is not None:  # cancelled: never stuck
                 self._state = renewal.ended(self._state)
 
@@ -502,168 +490,6 @@ class TokenManager:
         except AuthError as exc:
             raise _AttemptFailed("login", exc) from exc
 
-    # -- the fleet (a shared store) ------------------------------------------------------------
-    def _due_kind(self, previous: float | None) -> RenewalKind | None:
-        """Is an attempt due now (as if ours had not started), and of which kind?"""
-        st = replace(self._state, in_flight=None, last_attempt_at=previous)
-        plan = renewal.next_attempt(st, self._clock.monotonic(), self._policy)
-        return plan.kind if plan is not None and plan.when <= self._clock.monotonic() else None
-
-    def _adopt(self, shared: RenewalState) -> None:
-        before = self._state
-        self._state = renewal.adopt(before, shared)
-        tok = self._state.token
-        if tok is not None and tok is not before.token and (
-                before.token is None or tok.access != before.token.access):
-            assert self._fleet is not None
-            self._fleet.adopted()
-            self._events.token_changed(tok)
-            log.info("token adopted from the store", extra={"fields": {
-                "event": "token_adopted", "generation": tok.generation,
-                "token_fp": tok.fingerprint, "renewed_by": self._fleet.renewed_by}})
-            self._wake.set()
-
-    async def _fleet_turn(self, kind: RenewalKind,
-                          previous: float | None) -> tuple[RenewalKind, bool] | None:
-        """Before an auth call: adopt a newer token from the store, wait for the replica that
-        holds the lease, or take the lease ourselves (kind, True). Store down: the down
-        policy decides (kind, False) or None."""
-        fleet = self._fleet
-        assert fleet is not None
-        waited = False
-        while True:
-            try:
-                seen = fleet.seq
-                shared = await fleet.load()
-                if shared is not None:
-                    self._adopt(shared)
-                due = self._due_kind(previous)
-                if due is None:
-                    return None
-                if not await fleet.acquire():
-                    if not waited:
-                        fleet.lease_wait()
-                        waited = True
-                    await fleet.wait_for_change(seen, fleet.lease_ttl)
-                    continue
-                shared = await fleet.load()  # it may have changed just before we got the lease
-            except StoreError:
-                return self._store_down(kind)
-            except EntryUnreadable:  # sealed with another key and live: never log in
-                self._state = renewal.deferred(self._state,
-                                               self._clock.monotonic() + fleet.lease_ttl)
-                return None
-            if shared is not None:
-                self._adopt(shared)
-                dead = shared.in_flight
-                if dead is not None and dead.kind == "refresh" and (
-                        shared.generation == self._state.generation):
-                    # The last holder died during a refresh: that refresh token may be used up.
-                    self._state = renewal.banned_refresh(self._state)
-                    log.warning("taking over a renewal whose holder vanished: logging in",
-                                extra={"fields": {"event": "lease_takeover"}})
-            due = self._due_kind(previous)
-            if due is None:
-                await fleet.release()
-                return None
-            self._state = renewal.started(self._state, due, self._clock.monotonic())
-            if not await fleet.write(self._state):  # our in-flight marker, for a successor
-                await fleet.release()
-                return None
-            return due, True
-
-    def _store_down(self, kind: RenewalKind) -> tuple[RenewalKind, bool] | None:
-        fleet = self._fleet
-        assert fleet is not None
-        now = self._clock.monotonic()
-        if fleet.key_mismatch:  # the fleet's token is not ours to replace, store or no store
-            self._state = renewal.deferred(self._state, now + fleet.lease_ttl)
-            return None
-        at = local_renewal_at(self._state, self._policy, fleet.down_policy, fleet.down_since,
-                              fleet.lease_ttl, fleet.local_renewals, fleet.last_local, fleet.u)
-        if at <= now:
-            log.warning("token store unavailable: renewing locally", extra={"fields": {
-                "event": "store_down_local_renewal", "policy": fleet.down_policy}})
-            return kind, False
-        # Look at the store again soon; renew here only once the policy allows it.
-        self._state = renewal.deferred(self._state, min(at, now + fleet.lease_ttl))
-        return None
-
-    def _on_fleet_change(self) -> None:
-        self._fleet_wake.set()
-
-    async def _fleet_loop(self) -> None:
-        """Adopt what other replicas write (notified, and polled every lease TTL)."""
-        fleet = self._fleet
-        assert fleet is not None
-        listener = asyncio.create_task(fleet.listen(self._on_fleet_change),
-                                       name="token-store-listener")
-        try:
-            while True:
-                self._fleet_wake.clear()
-                try:
-                    await self._sync()
-                except Exception:  # never let a bug stop the fleet sync
-                    log.exception("token store sync crashed")
-                await self._sleep_or_woken(self._fleet_wake, fleet.lease_ttl)
-        finally:
-            await cancel_and_wait(listener)
-
-    async def _sync(self) -> None:
-        fleet = self._fleet
-        assert fleet is not None
-        if self._task is not None:
-            return  # the attempt under way reads the store itself
-        try:
-            shared = await fleet.load()
-        except (StoreError, EntryUnreadable):
-            return
-        if self._task is not None:
-            return
-        if self._state.deferred:  # the store answers again: no more waiting on it
-            self._state = renewal.undeferred(self._state)
-            self._wake.set()
-        if shared is not None:
-            self._adopt(shared)
-        ours = self._state.token
-        if ours is not None and (shared is None or shared.token is None
-                                 or ours.generation > shared.generation or (
-                                     fleet.resealable and ours.generation >= shared.generation)):
-            # Renewed here while the store was down, or it is new, or it was opened with
-            # GATEWAY_STORE_KEY_PREVIOUS: written (again) sealed with our key.
-            await self._publish_ours()
-
-    async def _publish_ours(self) -> None:
-        fleet = self._fleet
-        assert fleet is not None
-        if fleet.key_mismatch:
-            return
-        owner = fleet.store.owner
-
-        def moved() -> bool:
-            """A rotation began meanwhile: the store may be keyed to the new credentials,
-            whose entry and lease are not this publish's to touch."""
-            return self._task is not None or fleet.store.owner != owner
-
-        try:
-            if not await fleet.acquire():
-                return
-        except StoreError:
-            return
-        try:
-            shared = await fleet.load()
-            ours = self._state.token
-            if not moved() and ours is not None and (
-                    shared is None or shared.token is None
-                    or ours.generation > shared.generation or (
-                        fleet.resealable and ours.generation >= shared.generation)):
-                await fleet.write(renewal.ended(self._state))
-        except (StoreError, EntryUnreadable):
-            pass
-        finally:
-            if fleet.store.owner == owner:
-                await fleet.release()
-
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
                                      self._policy, self._rng.random())
@@ -679,7 +505,8 @@ class TokenManager:
                      holding: bool = False) -> Exchange:
         started = self._clock.monotonic()
         try:
-            result = await (self._leased(call) if holding else call)
+            result = await (self._sync.leased(call) if self._sync is not None and holding
+                            else call)
         except AuthError as exc:
             self._events.renewal(kind, False, exc.reason, self._clock.monotonic() - started)
             log.warning("token %s failed", kind, extra={"fields": {
@@ -688,27 +515,6 @@ class TokenManager:
             raise
         self._events.renewal(kind, True, "ok", self._clock.monotonic() - started)
         return result
-
-    async def _leased(self, call: Awaitable[Exchange]) -> Exchange:
-        """Run an auth call while extending the fleet's lease every third of its TTL; if the
-        lease cannot be extended, abandon the call (another replica may take over)."""
-        fleet = self._fleet
-        assert fleet is not None
-        task = asyncio.ensure_future(call)
-        try:
-            while not task.done():
-                await self._wait_any(task, fleet.lease_ttl / 3)
-                if not task.done() and not await fleet.extend():
-                    raise AuthError("lease_lost", "the renewal lease could not be extended: "
-                                    "abandoning the renewal", ambiguous=True)
-            return task.result()
-        finally:
-            if not task.done():
-                await cancel_and_wait(task)
-            elif not task.cancelled():
-                # It failed while the lease was being extended, and lease_lost is raised
-                # instead: its own error is superseded, but retrieved (never "unretrieved").
-                task.exception()
 
     def _token_of(self, exchange: Exchange, kind: RenewalKind, prev: Token | None) -> Token:
         return token_from_exchange(
