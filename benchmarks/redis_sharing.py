@@ -28,7 +28,7 @@ from gateway.coordination.redis_client import redis_client
 from gateway.proxy.cache import CachedAnswer
 from gateway.proxy.cache_shared import SharedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record, fingerprint
-from gateway.proxy.idempotency_store import RedisStore as RedisIdempotency
+from gateway.proxy.idempotency_redis import RedisStore as RedisIdempotency
 from gateway.redact import Secret
 
 KEY = Secret("k" * 40)

@@ -38,7 +38,8 @@ from gateway.coordination.channel import MAX_QUEUED, STALL_AFTER, Channel, Fault
 from gateway.errors import TokenUnavailable
 from gateway.metrics import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
-from gateway.proxy.idempotency_store import LocalStore, serve_remote
+from gateway.proxy.idempotency_remote import serve_remote
+from gateway.proxy.idempotency_store import LocalStore
 from gateway.tasks import cancel_and_wait
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import token_to_wire

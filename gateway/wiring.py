@@ -22,8 +22,8 @@ from gateway.proxy.cache import GetCache
 from gateway.proxy.cache_shared import SharedCache
 from gateway.proxy.guards import Upstream
 from gateway.proxy.handler import Proxy
+from gateway.proxy.idempotency_redis import RedisStore as RedisIdempotency
 from gateway.proxy.idempotency_store import IdempotencyStore, LocalStore
-from gateway.proxy.idempotency_store import RedisStore as RedisIdempotency
 from gateway.proxy.inbound import ProxyServer
 from gateway.proxy.limits import (
     BreakerConfig,
@@ -37,8 +37,8 @@ from gateway.proxy.upstream import attempt_timeout, create_session
 from gateway.settings import Settings
 from gateway.state import GatewayState
 from gateway.token.auth_client import AuthClient, create_auth_session
-from gateway.token.manager import TokenSource
 from gateway.token.route_401 import Persistent401
+from gateway.token.source import TokenSource
 from gateway.token.store import RedisStore, store_for
 from gateway.tracing import Tracing
 

@@ -33,7 +33,7 @@ from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy, ClientKey
-from gateway.proxy.idempotency_store import RemoteStore
+from gateway.proxy.idempotency_remote import RemoteStore
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.tasks import cancel_and_wait, log_task_failure

@@ -25,7 +25,8 @@ from gateway.proxy.idempotency import (
     leader_deadline,
     storage_key,
 )
-from gateway.proxy.idempotency_store import POLICY_RECHECK, LocalStore, RedisStore
+from gateway.proxy.idempotency_redis import RedisStore
+from gateway.proxy.idempotency_store import POLICY_RECHECK, LocalStore
 from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError
 from tests.fake_clock import FakeClock

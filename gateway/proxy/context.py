@@ -20,8 +20,8 @@ from gateway.proxy.config import RequestPathConfig
 from gateway.proxy.guards import Upstream
 from gateway.proxy.idempotency_store import IdempotencyStore
 from gateway.proxy.limits import ClientLimits
-from gateway.token.manager import TokenSource
 from gateway.token.route_401 import Persistent401
+from gateway.token.source import TokenSource
 from gateway.tracing import Tracing
 
 

@@ -27,8 +27,8 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Any, Final, Protocol
+from dataclasses import replace
+from typing import Any, Final
 
 from gateway.clock import Clock
 from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
@@ -39,86 +39,17 @@ from gateway.token.config import PartnerConfig, TokenSide
 from gateway.token.fleet import Fleet
 from gateway.token.fleet_sync import FleetSync
 from gateway.token.renewal import Failure, RenewalState
+from gateway.token.source import (
+    AuthCalls,
+    NoEvents,
+    TokenEvents,
+    TokenStatus,
+)
 from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 
 log = logging.getLogger("gateway.token")
 #: The longest the loop sleeps before deciding again (a host may be suspended meanwhile).
 MAX_SLEEP: Final = 30.0
-
-
-class AuthCalls(Protocol):
-    """What the manager needs of an auth client."""
-
-    async def login(self) -> Exchange: ...
-
-    async def refresh(self, token: Token) -> Exchange: ...
-
-
-class TokenSource(Protocol):
-    """What the proxy needs of the token side: the manager itself, or a worker's view of the
-    supervisor's manager (``gateway.worker``)."""
-
-    @property
-    def current(self) -> Token | None: ...
-
-    @property
-    def partner_id(self) -> str:
-        """The partner of the current credentials (it follows a rotation): part of every
-        cache and Idempotency-Key scope."""
-        ...
-
-    def usable(self) -> Token | None:
-        """The current token if it is usable now (no waiting); else None: call :meth:`get`."""
-        ...
-
-    async def get(self, newer_than: int = 0) -> Token: ...
-
-    def invalidate(self, generation: int, reason: str) -> bool: ...
-
-    def ready(self) -> bool: ...
-
-    async def still_current(self, generation: int) -> bool: ...
-
-
-class TokenEvents(Protocol):
-    """Hooks for observers (metrics); every method must be cheap and never raise."""
-
-    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None: ...
-
-    def token_changed(self, token: Token | None) -> None: ...
-
-    def invalidated(self, reason: str) -> None: ...
-
-
-class _NoEvents:
-    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
-        pass
-
-    def token_changed(self, token: Token | None) -> None:
-        pass
-
-    def invalidated(self, reason: str) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class TokenStatus:
-    """A snapshot for health and debug endpoints (never holds the token's value in text)."""
-
-    token: Token | None
-    usable: bool
-    stale: bool
-    renewal_due_at: float
-    next_attempt_at: float | None
-    last_outcome: str | None
-    last_error: str | None
-    last_renewal_wall: float | None
-    consecutive_failures: int
-    blocked: str | None
-
-    @property
-    def credentials_rejected(self) -> bool:
-        return self.blocked == "invalid_credentials"
 
 
 class _AttemptFailed(Exception):
@@ -142,7 +73,7 @@ class TokenManager:
         self._s = side
         self._policy = side.policy()
         self._clock = clock
-        self._events: TokenEvents = events or _NoEvents()
+        self._events: TokenEvents = events or NoEvents()
         self._rng = rng or random.Random()
         self._persist = persist
         self._state = RenewalState()

@@ -1,0 +1,88 @@
+"""The token side's interfaces: what the request path asks of it (:class:`TokenSource`: the
+manager, or a worker's view of the supervisor's manager), what the manager calls
+(:class:`AuthCalls`) and tells (:class:`TokenEvents`), and its status (:class:`TokenStatus`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.token.auth_client import Exchange
+from gateway.token.value import RenewalKind, Token
+
+
+class AuthCalls(Protocol):
+    """What the manager needs of an auth client."""
+
+    async def login(self) -> Exchange: ...
+
+    async def refresh(self, token: Token) -> Exchange: ...
+
+
+class TokenSource(Protocol):
+    """What the proxy needs of the token side: the manager itself, or a worker's view of the
+    supervisor's manager (``gateway.worker``)."""
+
+    @property
+    def current(self) -> Token | None: ...
+
+    @property
+    def partner_id(self) -> str:
+        """The partner of the current credentials (it follows a rotation): part of every
+        cache and Idempotency-Key scope."""
+        ...
+
+    def usable(self) -> Token | None:
+        """The current token if it is usable now (no waiting); else None: call :meth:`get`."""
+        ...
+
+    async def get(self, newer_than: int = 0) -> Token: ...
+
+    def invalidate(self, generation: int, reason: str) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    async def still_current(self, generation: int) -> bool: ...
+
+
+class TokenEvents(Protocol):
+    """Hooks for observers (metrics); every method must be cheap and never raise."""
+
+    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None: ...
+
+    def token_changed(self, token: Token | None) -> None: ...
+
+    def invalidated(self, reason: str) -> None: ...
+
+
+class NoEvents:
+    """No observer."""
+
+    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
+        pass
+
+    def token_changed(self, token: Token | None) -> None:
+        pass
+
+    def invalidated(self, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TokenStatus:
+    """A snapshot for health and debug endpoints (never holds the token's value in text)."""
+
+    token: Token | None
+    usable: bool
+    stale: bool
+    renewal_due_at: float
+    next_attempt_at: float | None
+    last_outcome: str | None
+    last_error: str | None
+    last_renewal_wall: float | None
+    consecutive_failures: int
+    blocked: str | None
+
+    @property
+    def credentials_rejected(self) -> bool:
+        return self.blocked == "invalid_credentials"
