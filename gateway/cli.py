@@ -1,13 +1,16 @@
-"""The ``repairy-gateway`` command line: ``serve``, ``sandbox``, ``demo``, ``check``.
+"""The ``repairy-gateway`` command line: ``serve``, ``sandbox``, ``demo``, ``check``,
+``config``.
 
 Parses arguments, turns a bad setting into one line on stderr and exit status 2, and runs the
-chosen command's coroutine with SIGTERM/SIGINT wired to a clean stop.
+chosen command's coroutine with SIGTERM/SIGINT wired to a clean stop. Logs follow
+``GATEWAY_LOG_FORMAT`` in every command (``auto``: text on a terminal, JSON otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,9 +20,16 @@ from gateway import __version__
 from gateway.config_values import parse_duration
 from gateway.sandbox.server import serve_forever
 from gateway.sandbox.state import ACCESS_TTL, DEFAULT_APP_SECRET, REFRESH_TTL, SandboxConfig
-from gateway.settings import SettingsError, load_settings
+from gateway.settings import SPECS, Settings, SettingsError, load_settings, unknown_variables
 
 EXIT_CONFIG = 2
+
+
+def _settings_epilog(intro: str) -> str:
+    sections = list(dict.fromkeys(spec.section for spec in SPECS))
+    return (f"{intro}\nSetting groups: {', '.join(sections)}.\n"
+            "Each setting is an environment variable (or a key of the TOML file named by "
+            "GATEWAY_CONFIG):\nsee docs/settings.md, or run 'repairy-gateway config'.")
 
 
 def _duration_arg(text: str) -> float:
@@ -58,19 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"repairy-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sb = sub.add_parser("sandbox", help="run the built-in Repairy sandbox (a fake Repairy API)")
+    raw = argparse.RawDescriptionHelpFormatter
+    sb = sub.add_parser("sandbox", help="run the built-in Repairy sandbox (a fake Repairy API)",
+                        formatter_class=raw, epilog="The sandbox reads no settings: only the "
+                        "options above. Gateway settings: docs/settings.md.")
     sb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sb.add_argument("--port", type=int, default=8090,
                     help="port (default 8090; 0 picks a free one)")
     _add_sandbox_options(sb)
 
-    serve = sub.add_parser("serve", help="run the gateway (settings from the environment)")
+    serve = sub.add_parser("serve", help="run the gateway (settings from the environment)",
+                           formatter_class=raw, epilog=_settings_epilog(
+                               "An unknown GATEWAY_*/REPAIRY_* variable is logged as a warning."))
     serve.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")
 
-    check = sub.add_parser("check", help="validate settings and log in once; print the expiry")
+    check = sub.add_parser("check", help="validate settings and log in once; print the expiry",
+                           formatter_class=raw, epilog=_settings_epilog(
+                               "Exit 2 on an invalid setting or an unknown GATEWAY_*/REPAIRY_* "
+                               "variable, 1 if the login or the probe fails."))
     check.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")
 
-    demo = sub.add_parser("demo", help="run the sandbox and the gateway together on loopback")
+    config = sub.add_parser("config", help="print the effective settings and where each came "
+                            "from (secrets as fingerprints)", formatter_class=raw,
+                            epilog=_settings_epilog("Validates like serve (exit 2 if invalid); "
+                                                    "makes no connection."))
+    config.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")
+
+    demo = sub.add_parser("demo", help="run the sandbox and the gateway together on loopback",
+                          formatter_class=raw, epilog=_settings_epilog(
+                              "The gateway's listeners come from the options above; "
+                              "the other settings from the environment."))
     demo.add_argument("--listen", default="127.0.0.1:8080",
                       help="gateway proxy listener (default 127.0.0.1:8080; port 0 = any)")
     demo.add_argument("--admin-listen", default="127.0.0.1:9091",
@@ -125,9 +152,6 @@ def _setup_logging(level: str, fmt: str) -> None:
 def _warn_unknown_variables() -> None:
     """A mistyped GATEWAY_*/REPAIRY_* variable would be silently ignored: say so."""
     import logging
-    import os
-
-    from gateway.settings import unknown_variables
 
     for name, close in unknown_variables(os.environ):
         hint = f"; did you mean {close}?" if close else ""
@@ -135,6 +159,31 @@ def _warn_unknown_variables() -> None:
             "%s is not a setting of repairy-gateway: ignored%s", name, hint,
             extra={"fields": {"event": "unknown_setting", "variable": name,
                               "did_you_mean": close}})
+
+
+def _strict_settings(config_file: str | None) -> Settings:
+    """The settings, where an unknown GATEWAY_*/REPAIRY_* variable is an error too (every
+    problem at once). Kubernetes service-link variables are not settings, nor errors."""
+    unknown = [(name, "not a setting of repairy-gateway" + (
+        f"; did you mean {close}?" if close else "")) for name, close in
+        unknown_variables(os.environ)]
+    try:
+        settings = load_settings(config_file=config_file)
+    except SettingsError as exc:
+        raise SettingsError(exc.setting, exc.problem, [*exc.problems[1:], *unknown]) from None
+    if unknown:
+        raise SettingsError(*unknown[0], more=unknown[1:])
+    return settings
+
+
+def _log_format() -> str:
+    """GATEWAY_LOG_FORMAT alone (the demo takes no other setting before it starts)."""
+    spec = next(spec for spec in SPECS if spec.env == "GATEWAY_LOG_FORMAT")
+    raw = os.environ.get(spec.env) or spec.default
+    try:
+        return str(spec.parse(raw))
+    except ValueError as exc:
+        raise SettingsError(spec.env, str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,14 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             from gateway.commands import check
 
-            settings = load_settings(config_file=args.config)
+            settings = _strict_settings(args.config)
             _setup_logging("warning", settings.log.log_format)
-            _warn_unknown_variables()
             return asyncio.run(check(settings, _print))
+        if args.command == "config":
+            from gateway.settings_docs import render_effective
+
+            settings = load_settings(config_file=args.config)
+            sys.stdout.write(render_effective(settings, unknown_variables(os.environ)))
+            return 0
         if args.command == "demo":
             from gateway.commands import demo
 
-            _setup_logging("info", "text")
+            _setup_logging("info", _log_format())
             return asyncio.run(demo(_sandbox_config(args), args.listen, args.admin_listen,
                                     args.sandbox_port, args.once, _print))
     except SettingsError as exc:

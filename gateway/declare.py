@@ -28,6 +28,7 @@ class Spec:
     doc: str
     section: str
     file_variant: bool = False  # may come as <ENV>_FILE
+    secret: bool = False  # never shown: only a fingerprint
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,14 @@ class _Declared:
     default: str | None
     doc: str
     file_variant: bool
+    secret: bool
 
 
 def setting(env: str, parse: Callable[[object], Any], default: str | None, doc: str, *,
-            file_variant: bool = False) -> Any:
-    """Declare a config field as a setting (``default=None``: required)."""
-    return field(metadata={_META: _Declared(env, parse, default, doc, file_variant)})
+            file_variant: bool = False, secret: bool = False) -> Any:
+    """Declare a config field as a setting (``default=None``: required; ``secret``: its value
+    is never shown, ``repairy-gateway config`` gives a fingerprint)."""
+    return field(metadata={_META: _Declared(env, parse, default, doc, file_variant, secret)})
 
 
 def specs_of(config: type) -> tuple[Spec, ...]:
@@ -52,7 +55,8 @@ def specs_of(config: type) -> tuple[Spec, ...]:
     for f in fields(config):
         d = f.metadata.get(_META)
         if isinstance(d, _Declared):
-            found.append(Spec(f.name, d.env, d.parse, d.default, d.doc, section, d.file_variant))
+            found.append(Spec(f.name, d.env, d.parse, d.default, d.doc, section,
+                              d.file_variant, d.secret))
     return tuple(found)
 
 

@@ -3,7 +3,8 @@
 Sources, later wins: built-in defaults → the TOML file named by ``GATEWAY_CONFIG`` → the
 environment (``<NAME>_FILE`` for credentials: a Kubernetes secret mount). Each setting is
 declared once, as a field of its component's config (:mod:`gateway.declare`); :data:`SPECS`
-collects them for parsing, the example config file and docs/settings.md. Every problem, of a
+collects them for parsing and for the documents made from them (:mod:`gateway.settings_docs`).
+Every problem, of a
 single field or across fields, is reported at once. This is the only module that reads the
 environment.
 """
@@ -36,11 +37,30 @@ from gateway.proxy.config import (
     UpstreamConfig,
 )
 from gateway.proxy.idempotency import LEASE_MARGIN, leader_deadline
+from gateway.redact import fingerprint
 from gateway.serving import ServerConfig
 from gateway.token.config import AuthConfig, PartnerConfig, TokenConfig, TokenSide
 from gateway.tracing import TracingConfig
 
-__all__ = ["CONFIG_ENV", "SPECS", "Settings", "SettingsError", "Spec", "load_settings"]
+__all__ = ["CONFIG_ENV", "SPECS", "Settings", "SettingsError", "Source", "Spec", "load_settings"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a setting's value came from, and its text as given (secrets: a fingerprint)."""
+
+    key: str
+    origin: str  # "default", "file", "environment", "<NAME>_FILE", "override"
+    detail: str  # the variable, or the file's path
+    shown: str
+
+
+def _shown(spec: Spec, raw: object) -> str:
+    if spec.secret:
+        return f"<redacted fp:{fingerprint(str(raw))}>" if str(raw) else ""
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    return str(raw)
 
 
 class SettingsError(Exception):
@@ -76,8 +96,9 @@ class Settings:
     config_file: str | None = field(default=None)
     #: (setting key, path) for every setting read from a ``*_FILE`` (watched for rotation).
     secret_files: tuple[tuple[str, str], ...] = field(default=())
-    #: (setting key, where its value came from): default, file, environment, *_FILE, override.
-    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: Per setting: its key, where its value came from (default, the file, the environment, a
+    #: ``*_FILE``, an override) and its text as given, a fingerprint for secrets.
+    sources: tuple[Source, ...] = field(default=(), compare=False)
 
     def value(self, key: str) -> Any:
         """A setting's value by its file key (for generic code: comparing, printing)."""
@@ -153,14 +174,15 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
     config_file = config_file or env.get(CONFIG_ENV) or None
     from_file = _load_file(config_file) if config_file else {}
     values: dict[str, Any] = {}
-    sources: list[tuple[str, str]] = []
+    sources: list[Source] = []
     secret_files: list[tuple[str, str]] = []
     problems: list[tuple[str, str]] = []
     for spec in SPECS:
         raw: object | None = spec.default
-        origin, source = spec.env, "default"
+        origin, source, detail = spec.env, "default", ""
         if spec.key in from_file:
-            raw, origin, source = from_file[spec.key], f"{spec.key} (in {config_file})", "file"
+            raw, origin = from_file[spec.key], f"{spec.key} (in {config_file})"
+            source, detail = "file", str(config_file)
         file_var = f"{spec.env}_FILE"
         if spec.file_variant and env.get(file_var):
             if env.get(spec.env):
@@ -171,12 +193,12 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
             except SettingsError as exc:
                 problems.extend(exc.problems)
                 continue
-            origin, source = file_var, file_var
+            origin, source, detail = file_var, file_var, env[file_var]
             secret_files.append((spec.key, env[file_var]))
         elif env.get(spec.env, "") != "":
-            raw, origin, source = env[spec.env], spec.env, "environment"
+            raw, origin, source, detail = env[spec.env], spec.env, "environment", spec.env
         if overrides and spec.key in overrides:
-            raw, origin, source = overrides[spec.key], spec.env, "override"
+            raw, origin, source, detail = overrides[spec.key], spec.env, "override", ""
         if raw is None:
             extra = f" (or {file_var})" if spec.file_variant else ""
             problems.append((spec.env, f"required; set {spec.env}{extra}"))
@@ -185,7 +207,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
             values[spec.key] = spec.parse(raw)
         except (ValueError, TypeError) as exc:
             problems.append((origin, str(exc) or "invalid value"))
-        sources.append((spec.key, source))
+        sources.append(Source(spec.key, source, detail, _shown(spec, raw)))
     if problems:  # every one at once: fixing them one run at a time is no fun
         raise SettingsError(*problems[0], more=problems[1:])
     v = values
@@ -322,38 +344,3 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
 
 def _loopback_host(host: str) -> bool:
     return is_loopback(TcpAddress(host, 0))
-
-
-def render_example_config() -> str:
-    """The documented example config file (``config/repairy-gateway.toml``)."""
-    lines = [
-        "# repairy-gateway example configuration (TOML). Every setting with its default.",
-        "# Point GATEWAY_CONFIG at this file; environment variables override it.",
-        "# Durations: 30s, 5m, 48h, 14d or plain seconds. Sizes: 65536, 64KiB, 100MiB.",
-        "# Keep credentials out of this file: use REPAIRY_APP_SECRET_FILE and friends.",
-        "",
-        "[gateway]",
-    ]
-    section = ""
-    for spec in SPECS:
-        if spec.section != section:
-            section = spec.section
-            lines += ["", f"# --- {section} ---"]
-        lines.append(f"# {spec.doc} Environment: {spec.env}.")
-        if spec.default is None:
-            lines.append(f'# {spec.key} = "..."  (required)')
-        else:
-            lines.append(f'# {spec.key} = "{spec.default}"')
-    return "\n".join(lines) + "\n"
-
-
-def render_settings_table() -> str:
-    """docs/settings.md's settings table (Markdown), from :data:`SPECS`."""
-    rows = ["| Variable | File key | Default | Meaning |", "|---|---|---|---|",
-            f"| `{CONFIG_ENV}` | - | none | Optional TOML config file ([gateway] table of the "
-            "file keys below). |"]
-    for spec in SPECS:
-        default = "required" if spec.default is None else (
-            f"`{spec.default}`" if spec.default else "empty")
-        rows.append(f"| `{spec.env}` | `{spec.key}` | {default} | {spec.doc} |")
-    return "\n".join(rows) + "\n"

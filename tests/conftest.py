@@ -100,3 +100,50 @@ def log_capture() -> Iterator[LogCapture]:
     assert not leaked, f"log lines carry secret material: {leaked}"
     leaked = sorted({m for body in GATEWAY_BODIES for m in LEAK_MARKERS if m in body})
     assert not leaked, f"gateway responses carry secret material: {leaked}"
+
+
+# -- what each test is: unit, integration or system (pyproject.toml registers them) ----------
+CATEGORIES = ("unit", "integration", "system")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test says what it is: its module's ``CATEGORY``, or a mark of its own that
+    overrides it (a mark, so that ``pytest -m unit`` selects on it)."""
+    unmarked = []
+    for item in items:
+        own = [m.name for m in item.own_markers if m.name in CATEGORIES]
+        module = getattr(getattr(item, "module", None), "CATEGORY", None)
+        if not own and module in CATEGORIES:
+            item.add_marker(module)
+        elif not own:
+            unmarked.append(item.nodeid)
+    if unmarked:
+        raise pytest.UsageError("tests that do not say whether they are unit, integration or "
+                                "system (CATEGORY, or a mark): " + ", ".join(unmarked[:10]))
+
+
+class _NotInAUnitTest(AssertionError):
+    pass
+
+
+def _refuse(what: str) -> object:
+    def refused(*_args: object, **_kwargs: object) -> object:
+        raise _NotInAUnitTest(f"a unit test must not {what}: mark it integration")
+    return refused
+
+
+@pytest.fixture(autouse=True)
+def unit_stays_in_process(request: pytest.FixtureRequest,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``unit`` test opens no socket to anything and starts no process: enforced, so the
+    mark cannot drift from what the test does (the event loop's own socketpair is allowed)."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import socket
+    import subprocess
+
+    monkeypatch.setattr(socket.socket, "bind", _refuse("bind a socket"))
+    monkeypatch.setattr(socket.socket, "connect", _refuse("connect a socket"))
+    monkeypatch.setattr(socket.socket, "connect_ex", _refuse("connect a socket"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a process"))

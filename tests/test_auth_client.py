@@ -21,6 +21,8 @@ from gateway.token.auth_client import (
 from gateway.wiring import auth_client, auth_session
 from tests.gateway_helpers import settings_for
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 
 @pytest.fixture
 def blackhole() -> Iterator[int]:
@@ -63,12 +65,14 @@ async def login_error(port: int) -> AuthError:
     return info.value
 
 
+@pytest.mark.integration
 async def test_auth_timeout_before_sending_is_not_ambiguous(blackhole: int) -> None:
     """No connection in time: nothing was sent, so a refresh token would still be good."""
     exc = await login_error(blackhole)
     assert (exc.reason, exc.ambiguous) == ("timeout", False)
 
 
+@pytest.mark.integration
 async def test_auth_timeout_after_sending_is_ambiguous(silent: int) -> None:
     """Sent but unanswered: the request may have been acted on."""
     exc = await login_error(silent)

@@ -10,6 +10,8 @@ import pytest
 
 from gateway.token.parse import Grant, MalformedAuthResponse, parse_auth_response
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 SENT = 1_800_000_000.0  # Unix time the auth call was sent
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tests.tools import require_binary
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

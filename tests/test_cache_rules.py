@@ -17,6 +17,8 @@ from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults
 from tests.test_proxy_cache import api_count, cache_gateway, redis_values
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def cached_how(http: aiohttp.ClientSession, url: str,
                      headers: list[tuple[str, str]] | None = None) -> tuple[str, bytes]:
@@ -123,6 +125,7 @@ async def test_a_future_expires_caps_the_lifetime(
         await gw.stop()
 
 
+@pytest.mark.unit
 def test_lifetime_rules() -> None:
     """The arithmetic of RFC 9111 §4.2.1 and §4.2.3 on header sets, at a fixed clock."""
     now = 1_800_000_000.0

@@ -10,6 +10,8 @@ from tests.fleet_helpers import GatewayProcess
 from tests.gateway_helpers import SERVICES
 from tests.test_cache_rules import answers_with
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def how(session: aiohttp.ClientSession, gw: GatewayProcess) -> str:
     async with session.get(gw.url + SERVICES) as resp:

@@ -20,6 +20,8 @@ from gateway.token.manager import TokenManager
 from gateway.token.value import Token
 from tests.gateway_helpers import wait_until
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 
 async def pair(max_queued: int = 1 << 20) -> tuple[Channel, socket.socket, list[Fault]]:
     ours, theirs = socket.socketpair()
@@ -74,6 +76,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("half", ['{"t": "idem_reply", "id"', '{"t": "idem_reply", "id": 2, '
                                   '"n": 1000}\nabc'], ids=["mid-line", "mid-attachment"])
 async def test_channel_a_peer_killed_mid_message_fails_every_call_at_once(half: str) -> None:
@@ -210,6 +213,7 @@ def _token(generation: int) -> Token:
                  partner_id="p")
 
 
+@pytest.mark.integration
 async def test_channel_a_stalled_worker_is_restarted_and_blocks_no_broadcast() -> None:
     """Real worker processes that never read their channel: broadcasting tokens to them never
     waits; each channel overflows its bound, and the supervisor kills and restarts that

@@ -18,6 +18,8 @@ from gateway.settings import unknown_variables
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
@@ -101,11 +103,21 @@ async def test_cli_check_logs_in_and_prints_expiry_not_token(sandbox: Sandbox) -
     assert sandbox.state.control.counters["api_requests"] == 1  # the probe (a 404 passes)
 
 
-async def test_cli_warns_of_a_mistyped_variable_naming_the_real_one(sandbox: Sandbox) -> None:
-    code, _, err = await run("check", env=sandbox_env(sandbox) | {"GATEWAY_RETRY_ATTEMPT": "3"})
-    assert code == 0, err
-    assert "GATEWAY_RETRY_ATTEMPT is not a setting" in err
+async def test_cli_check_refuses_a_mistyped_variable_naming_the_real_one(
+        sandbox: Sandbox) -> None:
+    """In check, an unknown GATEWAY_* variable is an error (exit 2, nothing called), named
+    with the closest real one; Kubernetes service-link variables are not."""
+    links = {"GATEWAY_SERVICE_HOST": "10.0.0.1", "GATEWAY_SERVICE_PORT_HTTP": "8080",
+             "GATEWAY_PORT": "tcp://10.0.0.1:8080", "GATEWAY_PORT_8080_TCP_ADDR": "10.0.0.1"}
+    code, _, err = await run("check", env=sandbox_env(sandbox) | links | {
+        "GATEWAY_RETRY_ATTEMPT": "3"})
+    assert code == 2, err
+    assert "GATEWAY_RETRY_ATTEMPT: not a setting" in err
     assert "did you mean GATEWAY_RETRY_ATTEMPTS" in err
+    assert "SERVICE" not in err and "GATEWAY_PORT" not in err
+    assert sandbox.state.control.counters["token_requests"] == 0
+    code, _, err = await run("check", env=sandbox_env(sandbox) | links)
+    assert code == 0, err
 
 
 async def test_cli_check_catches_a_wrong_partner_id_with_one_api_call(
@@ -140,14 +152,23 @@ async def test_cli_demo_once_serves_a_sample_request() -> None:
     assert code == 0, out + err
     assert "curl -s http://127.0.0.1:" in out
     assert "-> 200" in out
+    # GATEWAY_LOG_FORMAT=auto (the default): not a terminal here, so JSON lines.
+    logged = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(doc.get("event") == "listening" or "msg" in doc for doc in logged)
 
 
 async def test_cli_help_and_version() -> None:
     """--help names every subcommand; --version prints the version."""
     code, out, _ = await run("--help", env=clean_env())
     assert code == 0
-    for cmd in ("serve", "sandbox", "demo", "check"):
+    for cmd in ("serve", "sandbox", "demo", "check", "config"):
         assert cmd in out
+    for cmd in ("serve", "demo", "check", "config"):  # each names its setting groups
+        code, out, _ = await run(cmd, "--help", env=clean_env())
+        assert code == 0
+        assert "Setting groups: partner, upstream," in out and "docs/settings.md" in out
+    code, out, _ = await run("sandbox", "--help", env=clean_env())
+    assert code == 0 and "reads no settings" in out and "docs/settings.md" in out
     code, out, _ = await run("--version", env=clean_env())
     assert code == 0 and out.startswith("repairy-gateway ")
 

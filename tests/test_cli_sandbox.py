@@ -8,6 +8,8 @@ import sys
 
 import aiohttp
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def test_cli_sandbox_picks_free_port_prints_url_and_stops_on_sigterm(
         http: aiohttp.ClientSession) -> None:

@@ -19,11 +19,14 @@ from tests.docs_helpers import ROOT, code_block, python_block
 from tests.gateway_helpers import settings_for, wait_until
 from tests.tools import require_binary
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 WORKSHOP = "5f1a2b3c4d5e6f7a8b9c0d01"
 KEYS = "orders=client-key-orders-0001"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
+@pytest.mark.unit
 def test_docs_every_page_is_linked_from_the_readme_and_links_resolve() -> None:
     readme = (ROOT / "README.md").read_text()
     assert DOCS and all(f"](docs/{page.name})" in readme for page in DOCS)
@@ -35,6 +38,7 @@ def test_docs_every_page_is_linked_from_the_readme_and_links_resolve() -> None:
             assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
 
 
+@pytest.mark.unit
 def test_docs_error_table_names_every_gateway_error_code() -> None:
     """docs/calling.md's troubleshooting table has a row for every code the gateway makes."""
     codes = set()

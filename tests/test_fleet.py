@@ -22,6 +22,8 @@ from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 from tests.test_rotation import SecretMount, accept
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 @dataclass
 class Load:

@@ -21,6 +21,8 @@ from gateway.sandbox import Sandbox, pattern_bytes
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def last_request(http: aiohttp.ClientSession, sb: Sandbox) -> dict[str, Any]:
     async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:

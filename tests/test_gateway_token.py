@@ -13,6 +13,8 @@ from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def test_token_200_concurrent_first_requests_make_one_login(
         http: aiohttp.ClientSession) -> None:

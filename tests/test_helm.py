@@ -27,6 +27,8 @@ from tests.helm_helpers import (
 )
 from tests.tools import require_binary, require_helm
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 K8S_VERSION = "1.35.0"  # a current release (native sidecars are GA since 1.33)
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "PodMonitor"}
 
@@ -53,6 +55,7 @@ def k8s_validate(docs: list[dict[str, Any]]) -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+@pytest.mark.unit
 def test_helm_values_and_examples_match_the_schema() -> None:
     """values.yaml and every example values file validate against values.schema.json."""
     jsonschema.Draft7Validator.check_schema(schema())
@@ -125,6 +128,7 @@ def test_helm_deployment_is_hardened_and_probed(helm_bin: str) -> None:
     assert sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False  # no GATEWAY_SERVICE_HOST & co. in its env
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert pod["terminationGracePeriodSeconds"] > 5 + 20
@@ -225,6 +229,7 @@ def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:
     return {prefix}
 
 
+@pytest.mark.unit
 def test_helm_templates_reference_only_existing_values() -> None:
     """Every .Values.x.y in the templates names a value that values.yaml defines."""
     values = load(CHART / "values.yaml")
@@ -279,6 +284,7 @@ def test_helm_several_replicas_need_the_shared_store(helm_bin: str) -> None:
     assert by_kind(docs, "PodDisruptionBudget")
 
 
+@pytest.mark.unit
 def test_helm_readme_documents_every_value() -> None:
     """The chart README's values table names every leaf value of values.yaml."""
     readme = (CHART / "README.md").read_text()
@@ -287,6 +293,7 @@ def test_helm_readme_documents_every_value() -> None:
     assert undocumented == []
 
 
+@pytest.mark.unit
 def test_helm_chart_metadata() -> None:
     """Chart.yaml is apiVersion v2 and its appVersion is the package version."""
     from gateway import __version__
@@ -298,6 +305,7 @@ def test_helm_chart_metadata() -> None:
     assert f'{{{{- define "repairy-gateway.appVersion" -}}}}{__version__}' in helpers
 
 
+@pytest.mark.unit
 def test_helm_readme_values_table_is_generated_from_values() -> None:
     """The chart README's values table is exactly what values.yaml's comments say."""
     readme = (CHART / "README.md").read_text()

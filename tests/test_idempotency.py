@@ -35,6 +35,8 @@ from tests.test_proxy_failures import sample, started
 from tests.test_proxy_retries import closed_port
 from tests.test_sandbox_api import booking_body
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 KEYS = "billing=client-key-billing-0001,crm=client-key-crm-000002"
 
 
@@ -421,6 +423,7 @@ async def test_idempotency_shutdown_waits_for_a_leader_whose_caller_left(
 # -- the policy and the store, without sockets ---------------------------------------------
 
 
+@pytest.mark.unit
 def test_idempotency_settings_parse_routes_and_name_bad_ones() -> None:
     rules = parse_idempotency_routes("POST /bookings, PUT /bookings/*")
     assert [(r.method, r.pattern) for r in rules] == [("POST", "/bookings"),
@@ -438,6 +441,7 @@ def test_idempotency_settings_parse_routes_and_name_bad_ones() -> None:
     assert info.value.setting == "GATEWAY_IDEMPOTENCY_ROUTES"
 
 
+@pytest.mark.unit
 def test_idempotency_key_parsing() -> None:
     assert parse_key('"a \\"quoted\\" key"') == 'a "quoted" key'
     assert parse_key("  bare-key ") == "bare-key"
@@ -446,12 +450,14 @@ def test_idempotency_key_parsing() -> None:
             parse_key(bad)
 
 
+@pytest.mark.unit
 def test_idempotency_what_each_status_makes_of_the_key() -> None:
     assert [settle_status(s) for s in (200, 201, 302, 400, 404, 409, 422)] == ["done"] * 7
     assert [settle_status(s) for s in (401, 408, 425, 429, 503)] == [None] * 5
     assert [settle_status(s) for s in (500, 502, 504)] == ["unknown"] * 3
 
 
+@pytest.mark.unit
 def test_idempotency_record_survives_its_wire_form() -> None:
     record = Record.claim("fp", "rid", 12.5).settled("done", 201, "Created",
                                                      (("Content-Type", "application/json"),),
@@ -459,6 +465,7 @@ def test_idempotency_record_survives_its_wire_form() -> None:
     assert Record.from_dict(json.loads(json.dumps(record.to_dict()))) == record
 
 
+@pytest.mark.unit
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000), st.booleans()),
                 max_size=200),
@@ -491,6 +498,7 @@ def test_idempotency_local_store_never_exceeds_its_limits(
     asyncio.run(run())
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None)
 @given(st.floats(0, 3600, allow_nan=False))
 def test_idempotency_polling_a_shared_store_is_floored_capped_and_bounded(

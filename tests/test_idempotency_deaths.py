@@ -26,6 +26,8 @@ from tests.sandbox_helpers import faults
 from tests.test_idempotency import book, booking_posts, bookings, open_gate
 from tests.test_proxy_failures import sample, started
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def store_calls(http: aiohttp.ClientSession, gw: GatewayProcess, slot: int) -> int:
     """Idempotency-Key calls of worker ``slot`` the supervisor is working on."""

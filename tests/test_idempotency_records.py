@@ -38,6 +38,8 @@ from tests.test_idempotency import book, booking_posts, bookings
 from tests.test_proxy_failures import sample, started
 from tests.test_sandbox_api import booking_body
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 def v1_from_dict(doc: dict[str, Any]) -> tuple[Any, ...]:
     """1ca7d9a's ``Record.from_dict`` (format 1), verbatim but for returning a tuple: what
@@ -68,6 +70,7 @@ def gateway_key(sb: Sandbox, key: str) -> str:
 
 # -- the lease, on a fake clock ------------------------------------------------------------
 
+@pytest.mark.unit
 @settings(max_examples=100, deadline=None)
 @given(st.floats(0.1, 60), st.floats(0.1, 60), st.floats(0.1, 600), st.booleans(),
        st.floats(0, 2000))
@@ -121,6 +124,7 @@ async def test_records_redis_claims_lease_sending_and_takeover(
 
 # -- formats across releases ---------------------------------------------------------------
 
+@pytest.mark.unit
 def test_records_formats_across_releases() -> None:
     done = Record.claim("fp", "rid", 12.5).settled("done", 201, "Created",
                                                    (("Content-Type", "application/json"),),

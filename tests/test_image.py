@@ -20,6 +20,8 @@ from tests import container
 from tests.gateway_helpers import wait_until
 from tests.test_cli import free_port
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 #: The build stage's install step, with /opt/venv and the source dir as placeholders.
@@ -40,6 +42,7 @@ def test_image_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_image_dockerfile_is_hardened() -> None:
     """Multi-stage on a version-pinned slim base; final stage non-root numeric UID, exec-form
     entrypoint and health check, declared ports and volume, OCI labels, no compilers."""
@@ -63,6 +66,7 @@ def test_image_dockerfile_is_hardened() -> None:
     assert "*\n" in ignore and "!gateway/" in ignore and "!requirements.lock" in ignore
 
 
+@pytest.mark.unit
 def test_image_lock_file_pins_every_runtime_dependency_with_hashes() -> None:
     """requirements.lock (pip-compile --generate-hashes) pins each of pyproject's runtime
     dependencies at a version its specifier allows, every pin with hashes."""
@@ -84,6 +88,7 @@ def test_image_lock_file_pins_every_runtime_dependency_with_hashes() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("listen", "url"), [
     ("0.0.0.0:9091", "http://127.0.0.1:9091/healthz"),
     ("[::]:9091", "http://[::1]:9091/healthz"),

@@ -36,6 +36,8 @@ from tests.conftest import LogCapture
 from tests.fake_clock import FakeAuth, FakeClock, Outcome, settle
 from tests.gateway_helpers import settings_for, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 S: Settings = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_retry_max="60s",
                            token_expiry_margin="10s", token_wait_timeout="4s",
                            auth_timeout="10s")
@@ -56,6 +58,7 @@ def _events(cap: LogCapture, event: str) -> list[dict[str, Any]]:
 
 
 # -- §3: errors ---------------------------------------------------------------------------------
+@pytest.mark.unit
 async def test_lifecycle_rotation_crash_is_logged_once_with_its_traceback(
         log_capture: LogCapture) -> None:
     """A task of the manager that ends with an unforeseen exception (here a rotation whose
@@ -78,6 +81,7 @@ async def test_lifecycle_rotation_crash_is_logged_once_with_its_traceback(
     await manager.stop()
 
 
+@pytest.mark.unit
 async def test_lifecycle_a_failing_hook_never_turns_a_refresh_into_a_failure(
         log_capture: LogCapture) -> None:
     """The token file cannot be written after a successful refresh: the refresh still counts
@@ -109,6 +113,7 @@ async def test_lifecycle_a_failing_hook_never_turns_a_refresh_into_a_failure(
     await manager.stop()
 
 
+@pytest.mark.unit
 async def test_lifecycle_no_auth_call_starts_once_the_manager_is_stopping() -> None:
     """A request still waiting for a token after ``stop`` (a worker's late ask in the
     supervisor) gets a prompt 503, never a login on an auth session about to close (the soak
@@ -128,6 +133,7 @@ async def test_lifecycle_no_auth_call_starts_once_the_manager_is_stopping() -> N
     assert [c.kind for c in auth.calls] == ["login"]
 
 
+@pytest.mark.unit
 async def test_lifecycle_an_auth_call_failing_as_its_lease_is_lost_is_retrieved() -> None:
     """The auth call fails while the lease extension is under way, and the extension fails
     too: ``lease_lost`` is raised, and the call's own error is retrieved, never reported as
@@ -165,6 +171,7 @@ async def test_lifecycle_an_auth_call_failing_as_its_lease_is_lost_is_retrieved(
     assert unretrieved == []
 
 
+@pytest.mark.unit
 async def test_lifecycle_cancel_and_wait_never_swallows_a_cancel_of_the_caller() -> None:
     """Cancelled while it waits for a slow-to-stop task, the caller is cancelled too (the
     old ``suppress(CancelledError)`` ran on as if nothing happened)."""
@@ -390,6 +397,7 @@ async def test_lifecycle_retry_back_off_sleeps_on_the_injected_clock() -> None:
     await upstream.close()
 
 
+@pytest.mark.unit
 async def test_lifecycle_fleet_waits_and_jitter_use_the_injected_sources() -> None:
     """The fleet's jitter share comes from the injected random source, and its wait for a
     change ends on the fake clock's time (or on a change), not on the loop's."""

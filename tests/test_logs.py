@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,8 @@ from gateway.sandbox import Sandbox
 from tests.conftest import LEAK_MARKERS, LogCapture
 from tests.sandbox_helpers import faults
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 
 def events(cap: LogCapture, event: str) -> list[dict[str, Any]]:
     out = []
@@ -42,6 +45,7 @@ def events(cap: LogCapture, event: str) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.mark.integration
 async def test_logs_one_json_line_per_proxied_request(
         gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession,
         log_capture: LogCapture) -> None:
@@ -65,6 +69,7 @@ async def test_logs_one_json_line_per_proxied_request(
     assert line["level"] == "info" and line["ts"].endswith("Z")
 
 
+@pytest.mark.integration
 async def test_logs_token_events_carry_fingerprint_not_token(
         gateway: GatewayServer, log_capture: LogCapture) -> None:
     """Token renewals are logged with kind, outcome, generation and a fingerprint."""
@@ -77,6 +82,7 @@ async def test_logs_token_events_carry_fingerprint_not_token(
     assert tok.access not in json.dumps(renewal)
 
 
+@pytest.mark.integration
 async def test_logs_gateway_errors_are_logged_with_their_code(
         gateway: GatewayServer, http: aiohttp.ClientSession, log_capture: LogCapture) -> None:
     """A gateway-made refusal is logged with its stable error code."""

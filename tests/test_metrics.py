@@ -21,6 +21,8 @@ from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
     value = gw.metrics.registry.get_sample_value(name, labels)
@@ -32,6 +34,7 @@ def renewals(gw: GatewayServer, kind: str, outcome: str, reason: str) -> float:
                   reason=reason)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("path", "template"), [
     ("/workshops/5f1a/services", "/workshops/{id}/services"),
     ("/workshops/5f1a/availabilities", "/workshops/{id}/availabilities"),
@@ -50,6 +53,7 @@ def test_metrics_route_template_is_bounded(path: str, template: str) -> None:
     assert route_template(path) == template
 
 
+@pytest.mark.unit
 def test_metrics_method_label_is_bounded() -> None:
     """Non-standard methods collapse to OTHER."""
     assert method_label("GET") == "GET"
@@ -210,6 +214,7 @@ async def test_metrics_tokenz_describes_token_without_revealing_it(
     assert tok.access not in raw and "sbx_" not in raw
 
 
+@pytest.mark.unit
 def test_metrics_merge_shows_the_most_open_breaker_and_sums_slots() -> None:
     """With workers, the breaker gauge is the largest of the processes' (any open one shows),
     upstream slots in use add up, and the supervisor's own token gauges win."""
@@ -229,6 +234,7 @@ def test_metrics_merge_shows_the_most_open_breaker_and_sums_slots() -> None:
     assert values["repairy_gateway_token_generation"] == 7
 
 
+@pytest.mark.unit
 def test_metrics_store_up_is_absent_without_a_store() -> None:
     """No shared store: no store_up series at all (a 0 would read as "store down")."""
     metrics = Metrics()
@@ -239,6 +245,7 @@ def test_metrics_store_up_is_absent_without_a_store() -> None:
     assert b"repairy_gateway_store_up 0.0" in metrics.render()
 
 
+@pytest.mark.unit
 def test_metrics_every_exported_family_is_in_the_docs() -> None:
     """docs/metrics.md's table names every repairy_gateway_* family the gateway exports
     (counters by their _total name), so the docs cannot drift from the code."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_spec_validator import validate
@@ -18,10 +19,13 @@ from gateway.sandbox import Sandbox
 from gateway.sandbox.openapi import OPENAPI_PATH, openapi
 from tests.sandbox_helpers import api_headers, login
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKSHOP = "5f1a2b3c4d5e6f7a8b9c0d01"
 
 
+@pytest.mark.unit
 def test_openapi_document_is_valid_3_1_and_committed() -> None:
     doc = openapi()
     assert doc["openapi"] == "3.1.0"

@@ -16,6 +16,8 @@ from gateway.app import GatewayServer
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.tools import require_binary
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "config" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "alerts_test.yml"
@@ -146,6 +148,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.unit
 def test_prometheus_dashboard_is_well_formed() -> None:
     """The Grafana dashboard: a stable uid, unique panel ids, every panel on the grid and
     querying through the datasource variable, the job/instance variables defined."""

@@ -17,6 +17,8 @@ from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 from tests.test_proxy_failures import sample, started
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 CACHED = "GET /workshops/*/services"
 
 
@@ -174,6 +176,7 @@ async def test_cache_memory_stays_within_its_limits_under_a_flood_of_keys(
         await gw.stop()
 
 
+@pytest.mark.unit
 def test_cache_routes_setting_is_checked() -> None:
     import pytest
 
@@ -247,6 +250,7 @@ async def test_cache_shared_never_writes_uncacheable_answers_and_survives_redis_
         await gw.stop()
 
 
+@pytest.mark.unit
 def test_cache_shared_needs_redis() -> None:
     with pytest.raises(SettingsError) as info:
         settings_for("http://127.0.0.1:1", cache_shared="true")

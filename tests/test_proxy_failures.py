@@ -20,6 +20,8 @@ from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
     value = gw.metrics.registry.get_sample_value(f"repairy_gateway_{name}", labels)

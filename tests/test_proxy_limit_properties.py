@@ -20,6 +20,8 @@ from gateway.proxy.limits import (
 )
 from gateway.proxy.retry import RetryBudget, backoff
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 
 class Clock:
     def __init__(self) -> None:

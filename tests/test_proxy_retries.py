@@ -20,6 +20,8 @@ from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 from tests.test_proxy_failures import sample, started
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 BOOKING = {"workshopId": "5f1a2b3c4d5e6f7a8b9c0d01", "serviceId": "svc", "start": "x"}
 
 

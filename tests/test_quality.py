@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,6 +30,7 @@ def test_quality_mypy_strict_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_quality_no_install_makes_a_missing_tool_skip_with_its_package(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """REPAIRY_GATEWAY_TESTS_NO_INSTALL=1: a missing tool skips (naming the package), it is

@@ -21,6 +21,8 @@ from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import wait_until
 from tests.test_idempotency import book, bookings
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 #: 400 answers of 200 KB: about 107 MB once sealed, more than three times the Redis's 32 MB.
 FLOOD, BODY = 400, 200_000
 CACHED = {"GATEWAY_CACHE_ROUTES": "GET /__sandbox/bytes/*=600s", "GATEWAY_CACHE_SHARED": "true",

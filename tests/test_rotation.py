@@ -17,6 +17,8 @@ from gateway.settings import Settings
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 OLD = {"app-key": "sandbox-app-key", "app-secret": "old-app-secret", "partner-id": "partner-1"}
 NEW = {"app-key": "sandbox-app-key", "app-secret": "new-app-secret", "partner-id": "partner-2"}
 

@@ -23,6 +23,8 @@ from tests.test_idempotency import booking_posts
 from tests.test_rotation import NEW, OLD, SecretMount, accept
 from tests.test_sandbox_api import booking_body
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def partner_seen(session: aiohttp.ClientSession, gw: GatewayProcess) -> str:
     """The X-Partner-ID this worker sends upstream now (the sandbox's echo; never cached)."""

@@ -11,6 +11,8 @@ from gateway.clock import SCHEDULING_CLOCK, SystemClock
 from gateway.token.route_401 import MAX_ROUTES, Persistent401
 from tests.fake_clock import FakeClock
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 R = "/bookings/{id}"
 
 

@@ -11,6 +11,8 @@ import pytest
 from gateway.sandbox import Sandbox
 from tests.sandbox_helpers import api_headers, login
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 WORKSHOP = "5f1a2b3c4d5e6f7a8b9c0d01"
 
 

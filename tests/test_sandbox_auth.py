@@ -7,6 +7,8 @@ import aiohttp
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.sandbox_helpers import api_headers, login, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 SERVICES = "/workshops/5f1a2b3c4d5e6f7a8b9c0d01/services"
 
 

@@ -15,6 +15,8 @@ from gateway.sandbox import Sandbox, pattern_bytes
 from tests.gateway_helpers import wait_until
 from tests.sandbox_helpers import api_headers, faults, login, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 SERVICES = "/workshops/5f1a2b3c4d5e6f7a8b9c0d01/services"
 
 

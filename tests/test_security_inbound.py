@@ -16,6 +16,8 @@ from gateway.settings import SettingsError
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 KEYS = "billing=client-key-billing-0001,crm=client-key-crm-000002"
 
 

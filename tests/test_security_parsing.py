@@ -21,6 +21,8 @@ from gateway.sandbox import Sandbox
 from tests.conftest import LEAK_MARKERS
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 S = SERVICES.encode()
 H = b"Host: gw\r\n"
 
@@ -126,6 +128,7 @@ CORPUS: list[tuple[str, bytes, int]] = [
 ]
 
 
+@pytest.mark.unit
 def test_security_corpus_has_at_least_fifty_cases() -> None:
     """The bad-input corpus is large enough to mean something."""
     assert len(CORPUS) >= 50
@@ -262,6 +265,7 @@ _TARGET_CHARS = st.sampled_from([*"/abcXYZ019._-~%?#=&+;:@!$'()*,\\ é", "%2e", 
                                  "/auth"])
 
 
+@pytest.mark.unit
 @given(parts=st.lists(_TARGET_CHARS, min_size=1, max_size=12))
 @settings(max_examples=500)
 def test_security_plain_target_shortcut_agrees_with_the_full_check(parts: list[str]) -> None:

@@ -21,6 +21,8 @@ from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults
 from tests.tools import require_binary
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 BASE = {"REPAIRY_APP_KEY": "k", "REPAIRY_APP_SECRET": "s", "REPAIRY_PARTNER_ID": "p"}
 
 
@@ -73,6 +75,7 @@ async def test_security_upstream_custom_ca_bundle(
             assert resp.status == 200
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("url", "allowed"), [
     ("http://api.example.test", False),
     ("http://10.1.2.3:8080", False),
@@ -94,6 +97,7 @@ def test_security_cleartext_upstream_refused_unless_loopback_or_allowed(
     load_settings({**env, "GATEWAY_ALLOW_INSECURE_UPSTREAM": "true"})
 
 
+@pytest.mark.unit
 def test_security_unreadable_ca_file_fails_startup() -> None:
     """A CA bundle path that cannot be read is a start-up error naming the setting."""
     with pytest.raises(SettingsError) as info:
@@ -185,6 +189,7 @@ async def test_security_egress_proxy_carries_plain_http_and_refuses_other_hosts(
         await locked.stop()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("value", "why"), [
     ("https://proxy.corp:3128", "http://"), ("http://u:pw@proxy.corp:3128", "password"),
     ("http://proxy.corp:3128/path", "just scheme"), ("proxy.corp:3128", "http://")])

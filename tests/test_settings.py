@@ -11,9 +11,10 @@ from gateway.settings import (
     SPECS,
     SettingsError,
     load_settings,
-    render_example_config,
-    render_settings_table,
 )
+from gateway.settings_docs import render_example_config, render_settings_table
+
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"REPAIRY_BASE_URL": "https://api.example.test/v1/", "REPAIRY_APP_KEY": "key-1",

@@ -12,6 +12,8 @@ from benchmarks.soak_parts import AofRedis, Replica
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.tools import require_binary
 
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"workshopId": "", "startTime": "2027-03-01T09:00:00+11:00",
         "serviceType": "Logbook service",

@@ -28,6 +28,8 @@ from gateway.wiring import auth_client, auth_session
 from tests.fleet_helpers import RedisServer
 from tests.gateway_helpers import settings_for, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 def store(server: RedisServer, owner: str = "owner-a", key: str | None = None,
           previous: str | None = None) -> RedisStore:
@@ -118,6 +120,7 @@ async def test_store_down_is_a_store_error(redis_server: RedisServer) -> None:
         await s.close()
 
 
+@pytest.mark.unit
 def test_adopt_takes_newer_tokens_and_shared_back_off() -> None:
     """A newer generation wins; the same token's shared back-off and refresh ban are taken
     over; a different token of the same generation replaces ours only once ours was refused."""

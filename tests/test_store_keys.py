@@ -22,6 +22,8 @@ from gateway.sandbox import Sandbox, SandboxConfig
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import SERVICES, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 KEY_A, KEY_B, KEY_C = ("a" * 40, "b" * 40, "c" * 40)
 
 

@@ -23,6 +23,8 @@ from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 BOOKING = "/bookings/000000000000000000000000"
 
 

@@ -13,6 +13,8 @@ from gateway.sandbox import Sandbox
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def test_token_file_is_private_and_reused_after_restart(
         sandbox: Sandbox, tmp_path: Path, http: aiohttp.ClientSession) -> None:

@@ -17,6 +17,8 @@ from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults, stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 #: 3 s tokens and a 1 s auth timeout: the case the issue measured (54-70 of 364 calls failed).
 TOKEN_TTL = 3.0
 AUTH_TIMEOUT = "1s"

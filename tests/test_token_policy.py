@@ -15,6 +15,8 @@ from gateway.token.value import (
     renewal_due_at,
 )
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 
 def tok(lifetime: float = 100.0, refresh_life: float | None = 1000.0,
         refresh: str | None = "r") -> Token:

@@ -41,6 +41,8 @@ from gateway.token.value import Token, is_usable
 from tests.fake_clock import Call, FakeAuth, FakeClock, Outcome, settle
 from tests.gateway_helpers import settings_for
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 S: Settings = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_retry_max="60s",
                            login_retry_interval="30s", token_expiry_margin="60s",
                            token_wait_timeout="4s", auth_timeout="10s")

@@ -11,6 +11,8 @@ from gateway.token import renewal
 from gateway.token.renewal import Failure, RenewalPolicy, RenewalState
 from gateway.token.value import Token
 
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
 P = RenewalPolicy(margin=60, at_fraction=0.8, jitter_fraction=0.1, retry_min=1, retry_max=60,
                   login_retry_interval=30)
 

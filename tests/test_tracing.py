@@ -20,6 +20,8 @@ from gateway.sandbox import Sandbox
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
 from tests.sandbox_helpers import faults
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
@@ -135,6 +137,7 @@ def test_tracing_off_imports_nothing() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.unit
 def test_tracing_endpoint_setting_is_checked() -> None:
     from gateway.settings import SettingsError
 

@@ -16,6 +16,8 @@ from tests.fleet_helpers import GatewayProcess
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import stats
 
+CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
+
 
 async def healthz(http: aiohttp.ClientSession, gw: GatewayProcess) -> dict[str, Any]:
     async with http.get(gw.admin + "/healthz") as resp:

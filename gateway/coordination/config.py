@@ -33,7 +33,7 @@ class RedisConfig:
     redis_password: Secret | None = setting(
         "GATEWAY_REDIS_PASSWORD", parse_optional_secret, "",
         "Redis password (or GATEWAY_REDIS_PASSWORD_FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     redis_ca_file: str = setting(
         "GATEWAY_REDIS_CA_FILE", parse_optional_file, "",
         "PEM CA bundle to verify a rediss:// server (empty: system CAs).")
@@ -51,10 +51,10 @@ class RedisConfig:
     store_key: Secret | None = setting(
         "GATEWAY_STORE_KEY", parse_optional_secret, "",
         "Encrypt tokens in the store with this key (AES-GCM; or GATEWAY_STORE_KEY_FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     store_key_previous: Secret | None = setting(
         "GATEWAY_STORE_KEY_PREVIOUS", parse_optional_secret, "",
         "Another store key, for reading only (or GATEWAY_STORE_KEY_PREVIOUS_FILE); 'plain' "
         "reads entries written without a key. For the steps of a store key rotation "
         "(docs/deployment.md).",
-        file_variant=True)
+        file_variant=True, secret=True)

@@ -80,7 +80,7 @@ class UpstreamConfig:
     egress_proxy_password: Secret | None = setting(
         "GATEWAY_EGRESS_PROXY_PASSWORD", parse_optional_secret, "",
         "Password for the egress proxy's user (or GATEWAY_EGRESS_PROXY_PASSWORD_FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     strip_headers: tuple[str, ...] = setting(
         "GATEWAY_STRIP_HEADERS", parse_header_names, "",
         "Comma-separated internal headers never forwarded upstream.")
@@ -198,7 +198,7 @@ class CacheConfig:
     cache_redis_password: Secret | None = setting(
         "GATEWAY_CACHE_REDIS_PASSWORD", parse_optional_secret, "",
         "Password of GATEWAY_CACHE_REDIS_URL (or GATEWAY_CACHE_REDIS_PASSWORD_FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     cache_shared_max_bytes: int = setting(
         "GATEWAY_CACHE_SHARED_MAX_BYTES", parse_size, "32MiB",
         "Most memory the shared GET cache takes in Redis, for the whole fleet (entries, "
@@ -263,7 +263,7 @@ class InboundConfig:
     client_keys: tuple[ClientKey, ...] = setting(
         "GATEWAY_CLIENT_KEYS", parse_client_keys, "",
         "Inbound client keys, name=key comma- or newline-separated (or _FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     client_key_header: str = setting(
         "GATEWAY_CLIENT_KEY_HEADER", parse_name, "X-Gateway-Key",
         "Header in which callers present their client key (never forwarded).")

@@ -43,11 +43,11 @@ class PartnerConfig:
     app_key: Secret = setting(
         "REPAIRY_APP_KEY", parse_secret, None,
         "Partner App Key (or REPAIRY_APP_KEY_FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     app_secret: Secret = setting(
         "REPAIRY_APP_SECRET", parse_secret, None,
         "Partner App Secret (or REPAIRY_APP_SECRET_FILE).",
-        file_variant=True)
+        file_variant=True, secret=True)
     partner_id: str = setting(
         "REPAIRY_PARTNER_ID", parse_name, None,
         "Partner ID sent as X-Partner-ID (or REPAIRY_PARTNER_ID_FILE).",

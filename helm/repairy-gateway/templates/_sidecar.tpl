@@ -11,6 +11,11 @@ Add this chart as a dependency (with `repairy-gateway.standalone: false`), then 
 The gateway runs as a native sidecar (an init container with restartPolicy: Always), so it
 starts before your app and stops after it; it listens on 127.0.0.1:<gateway.port> only.
 Credentials must come from credentials.existingSecret.
+
+Consider `enableServiceLinks: false` in your pod spec: Kubernetes otherwise sets
+<SERVICE>_SERVICE_HOST and friends for every Service in the namespace. The gateway ignores
+names of that shape (a Service named "gateway" gives GATEWAY_SERVICE_HOST, not a setting),
+but your app gets them too.
 */}}
 {{- define "repairy-gateway.sidecar.container" -}}
 {{- $v := .values -}}

@@ -1,0 +1,77 @@
+"""Documents made from the setting declarations: the example config file, docs/settings.md's
+table, and the effective settings of a running configuration (``repairy-gateway config``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from gateway import __version__
+from gateway.settings import CONFIG_ENV, SPECS, Settings
+
+
+def render_example_config() -> str:
+    """The documented example config file (``config/repairy-gateway.toml``)."""
+    lines = [
+        "# repairy-gateway example configuration (TOML). Every setting with its default.",
+        "# Point GATEWAY_CONFIG at this file; environment variables override it.",
+        "# Durations: 30s, 5m, 48h, 14d or plain seconds. Sizes: 65536, 64KiB, 100MiB.",
+        "# Keep credentials out of this file: use REPAIRY_APP_SECRET_FILE and friends.",
+        "",
+        "[gateway]",
+    ]
+    section = ""
+    for spec in SPECS:
+        if spec.section != section:
+            section = spec.section
+            lines += ["", f"# --- {section} ---"]
+        lines.append(f"# {spec.doc} Environment: {spec.env}.")
+        if spec.default is None:
+            lines.append(f'# {spec.key} = "..."  (required)')
+        else:
+            lines.append(f'# {spec.key} = "{spec.default}"')
+    return "\n".join(lines) + "\n"
+
+
+def render_settings_table() -> str:
+    """docs/settings.md's settings table (Markdown), from :data:`SPECS`."""
+    rows = ["| Variable | File key | Default | Meaning |", "|---|---|---|---|",
+            f"| `{CONFIG_ENV}` | - | none | Optional TOML config file ([gateway] table of the "
+            "file keys below). |"]
+    for spec in SPECS:
+        default = "required" if spec.default is None else (
+            f"`{spec.default}`" if spec.default else "empty")
+        rows.append(f"| `{spec.env}` | `{spec.key}` | {default} | {spec.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def _toml(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a TOML basic string is a JSON string
+
+
+def render_effective(settings: Settings, ignored: Iterable[tuple[str, str | None]] = ()) -> str:
+    """Every setting in effect, with where it came from, as a TOML ``[gateway]`` table that
+    could be fed back (secrets only as fingerprints). ``ignored``: GATEWAY_*/REPAIRY_*
+    variables that are not settings, with the closest name."""
+    sources = {source.key: source for source in settings.sources}
+    where = settings.config_file or "none"
+    lines = [f"# repairy-gateway {__version__}: the effective settings (config file: {where}).",
+             "# Each line says where its value came from; secrets are shown as fingerprints.",
+             "", "[gateway]"]
+    section = ""
+    for spec in SPECS:
+        if spec.section != section:
+            section = spec.section
+            lines += ["", f"# --- {section} ---"]
+        source = sources[spec.key]
+        origin = {"default": "default", "file": f"file {source.detail}",
+                  "environment": f"environment {source.detail}",
+                  "override": "command option"}.get(source.origin,
+                                                    f"{source.origin} {source.detail}")
+        lines.append(f"{spec.key} = {_toml(source.shown)}  # {origin}")
+    ignored = list(ignored)
+    if ignored:
+        lines += ["", "# Not settings of repairy-gateway (ignored):"]
+        lines += [f"#   {name}" + (f" (did you mean {close}?)" if close else "")
+                  for name, close in ignored]
+    return "\n".join(lines) + "\n"

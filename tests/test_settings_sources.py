@@ -1,0 +1,121 @@
+"""Each setting declared once; where values come from (``repairy-gateway config``); typos in
+the file; cross-field problems all at once; ``GATEWAY_LOG_FORMAT=auto``."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.logs import JsonFormatter, TextFormatter, setup_logging
+from gateway.settings import SPECS, Settings, SettingsError, load_settings, unknown_variables
+from gateway.settings_docs import render_effective
+
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
+BASE = {"REPAIRY_BASE_URL": "https://api.test", "REPAIRY_APP_KEY": "key-value-1234",
+        "REPAIRY_APP_SECRET": "secret-value-5678", "REPAIRY_PARTNER_ID": "p1"}
+
+
+def test_sources_every_setting_is_one_field_of_one_component_config() -> None:
+    """The declarations are the configs' fields: no setting without a field, no field of a
+    component config that is not a setting, no name twice."""
+    s = load_settings(BASE)
+    declared = [spec.key for spec in SPECS]
+    assert len(declared) == len(set(declared))
+    assert len({spec.env for spec in SPECS}) == len(SPECS)
+    component_fields = [f.name for group in fields(Settings) if group.name not in (
+        "config_file", "secret_files", "sources") for f in fields(getattr(s, group.name))]
+    assert sorted(component_fields) == sorted(declared)
+    for spec in SPECS:
+        assert s.value(spec.key) is not None or spec.default in ("", None)
+
+
+def test_sources_a_file_typo_gets_did_you_mean_and_all_are_reported(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nread_timeot = "30s"\npool_sise = 10\nzzz = 1\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(BASE, config_file=str(config))
+    problems = dict(info.value.problems)
+    assert problems[f"read_timeot (in {config})"].endswith("did you mean read_timeout?")
+    assert problems[f"pool_sise (in {config})"].endswith("did you mean pool_size?")
+    assert problems[f"zzz (in {config})"] == "unknown setting"
+
+
+def test_sources_cross_field_problems_are_reported_all_at_once() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(BASE | {"GATEWAY_RENEW_RETRY_MIN": "10s", "GATEWAY_RENEW_RETRY_MAX": "5s",
+                              "GATEWAY_RETRY_BACKOFF_MIN": "3s",
+                              "GATEWAY_RETRY_BACKOFF_MAX": "1s",
+                              "GATEWAY_CACHE_SHARED": "true"})
+    named = [name for name, _ in info.value.problems]
+    assert named == ["GATEWAY_RENEW_RETRY_MIN", "GATEWAY_CACHE_SHARED",
+                     "GATEWAY_RETRY_BACKOFF_MIN"]
+
+
+def test_sources_service_link_variables_are_never_unknown_settings() -> None:
+    """Kubernetes sets these for every Service in the namespace (a Service named "gateway"
+    gives GATEWAY_SERVICE_HOST): not typos of ours."""
+    links = ["GATEWAY_SERVICE_HOST", "GATEWAY_SERVICE_PORT", "GATEWAY_SERVICE_PORT_HTTP",
+             "GATEWAY_PORT", "GATEWAY_PORT_8080_TCP", "GATEWAY_PORT_8080_TCP_PROTO",
+             "GATEWAY_PORT_8080_TCP_PORT", "GATEWAY_PORT_8080_TCP_ADDR",
+             "GATEWAY_PORT_53_UDP_ADDR", "GATEWAY_PORT_9_SCTP", "REPAIRY_API_SERVICE_HOST",
+             "REPAIRY_API_PORT_443_TCP"]
+    assert unknown_variables(dict.fromkeys(links, "x")) == []
+    assert unknown_variables({"GATEWAY_PORTS": "1", "GATEWAY_PORT_X": "1"}) == [
+        ("GATEWAY_PORTS", None), ("GATEWAY_PORT_X", None)]
+
+
+def test_sources_config_report_says_where_each_value_came_from(tmp_path: Path) -> None:
+    """Every setting, with its origin: default, the file, the environment, a *_FILE; a
+    secret only as a fingerprint, wherever it came from."""
+    secret = tmp_path / "app-secret"
+    secret.write_text("file-secret-value-9999\n")
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nread_timeout = "30s"\nclient_keys = "ops=client-key-ops-1"\n'
+                      'listen = "0.0.0.0:8080"\n')
+    env = {k: v for k, v in BASE.items() if k != "REPAIRY_APP_SECRET"} | {
+        "REPAIRY_APP_SECRET_FILE": str(secret), "GATEWAY_POOL_SIZE": "7"}
+    report = render_effective(load_settings(env, config_file=str(config)),
+                              [("GATEWAY_RETRY_ATTEMPT", "GATEWAY_RETRY_ATTEMPTS")])
+    lines = {line.split(" = ")[0]: line for line in report.splitlines() if " = " in line}
+    assert len(lines) == len(SPECS)
+    assert lines["read_timeout"] == f'read_timeout = "30s"  # file {config}'
+    assert lines["pool_size"] == 'pool_size = "7"  # environment GATEWAY_POOL_SIZE'
+    assert lines["connect_timeout"] == 'connect_timeout = "5s"  # default'
+    assert lines["app_secret"].endswith(f"# REPAIRY_APP_SECRET_FILE {secret}")
+    assert "<redacted fp:" in lines["app_secret"] and "<redacted fp:" in lines["app_key"]
+    assert "<redacted fp:" in lines["client_keys"]
+    for secret_text in ("file-secret-value", "key-value-1234", "client-key-ops-1"):
+        assert secret_text not in report
+    assert "GATEWAY_RETRY_ATTEMPT (did you mean GATEWAY_RETRY_ATTEMPTS?)" in report
+    assert f"(config file: {config})" in report
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stream", "fmt", "expected"), [
+    (_Terminal(), "auto", TextFormatter), (io.StringIO(), "auto", JsonFormatter),
+    (_Terminal(), "json", JsonFormatter), (io.StringIO(), "text", TextFormatter)])
+def test_sources_log_format_auto_is_text_on_a_terminal_and_json_otherwise(
+        stream: Any, fmt: str, expected: type) -> None:
+    root = logging.getLogger()
+    level, before = root.level, list(root.handlers)
+    try:
+        handler = setup_logging("info", fmt, stream)
+        assert isinstance(handler.formatter, expected)
+    finally:
+        for h in root.handlers:
+            if h not in before:
+                root.removeHandler(h)
+        root.setLevel(level)
+    assert load_settings(BASE).log.log_format == "auto"
+    json.dumps(SPECS[0].doc)  # the docs stay plain text
