@@ -1,4 +1,5 @@
-"""Wiring and lifecycle: build the proxy and admin applications, start, drain, stop.
+"""Lifecycle: start the proxy and admin listeners, drain, stop (the components themselves are
+built by :mod:`gateway.wiring`).
 
 Start-up, top to bottom: upstream session → auth client → token manager (first login runs in
 the background; readiness waits for it) → proxy listener → admin listener. Shutdown runs in
@@ -43,9 +44,10 @@ from gateway.token.config import PartnerConfig
 from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
-from gateway.token.value import RenewalKind, Token
-from gateway.tracing import Tracing, tracing_for
+from gateway.token.value import Token
+from gateway.tracing import tracing_for
 from gateway.wiring import (
+    TokenObservers,
     auth_client,
     auth_session,
     build_idempotency,
@@ -58,28 +60,6 @@ from gateway.wiring import (
 log = logging.getLogger("gateway.app")
 #: How long ``serve``'s start-up probe waits for the first token before giving up (seconds).
 STARTUP_PROBE_WAIT: Final = 600.0
-
-
-class _TokenEvents:
-    """Metrics, spans, and a callback on each new token (the worker pool's broadcast)."""
-
-    def __init__(self, metrics: Metrics, tracing: Tracing | None) -> None:
-        self.metrics = metrics
-        self.tracing = tracing
-        self.on_token: Callable[[Token | None], None] | None = None
-
-    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
-        self.metrics.renewal(kind, ok, reason, seconds)
-        if self.tracing is not None:
-            self.tracing.renewal(kind, ok, reason, seconds)
-
-    def token_changed(self, token: Token | None) -> None:
-        self.metrics.token_changed(token)
-        if self.on_token is not None:
-            self.on_token(token)
-
-    def invalidated(self, reason: str) -> None:
-        self.metrics.invalidated(reason)
 
 
 def _bind(setting: str, address: TcpAddress | UnixAddress) -> socket.socket:
@@ -167,7 +147,7 @@ class GatewayServer:
 
         self._auth_session = auth_session(s)
         tracing = tracing_for(s.tracing.otel_endpoint, __version__)
-        events = _TokenEvents(self.metrics, tracing)
+        events = TokenObservers(self.metrics, tracing)
         tokens = TokenManager(auth_client(self._auth_session, s, self.clock), s.token_side(),
                               self.clock,
                               events, rng=self.rng, initial=initial, persist=persist,
@@ -232,7 +212,7 @@ class GatewayServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.proxy.listen.path)
 
-    async def _start_workers(self, events: _TokenEvents, listener: socket.socket) -> None:
+    async def _start_workers(self, events: TokenObservers, listener: socket.socket) -> None:
         """GATEWAY_WORKERS > 1: this process supervises; workers run the proxy listener."""
         s, state = self.settings, self.state
         self._pool = pool = WorkerPool(

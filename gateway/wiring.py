@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import random
+from collections.abc import Callable
 
 import aiohttp
 
@@ -40,6 +41,7 @@ from gateway.token.auth_client import AuthClient, create_auth_session
 from gateway.token.route_401 import Persistent401
 from gateway.token.source import TokenSource
 from gateway.token.store import RedisStore, store_for
+from gateway.token.value import RenewalKind, Token
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.app")  # the name its lines have always had
@@ -214,3 +216,25 @@ def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics) -> Persistent
     t = s.token
     return Persistent401(clock, t.persistent_401_cooldown, t.persistent_401_cooldown_max,
                          on_mark, verdict_window=t.token_wait_timeout + s.auth.auth_timeout)
+
+
+class TokenObservers:
+    """Metrics, spans, and a callback on each new token (the worker pool's broadcast)."""
+
+    def __init__(self, metrics: Metrics, tracing: Tracing | None) -> None:
+        self.metrics = metrics
+        self.tracing = tracing
+        self.on_token: Callable[[Token | None], None] | None = None
+
+    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
+        self.metrics.renewal(kind, ok, reason, seconds)
+        if self.tracing is not None:
+            self.tracing.renewal(kind, ok, reason, seconds)
+
+    def token_changed(self, token: Token | None) -> None:
+        self.metrics.token_changed(token)
+        if self.on_token is not None:
+            self.on_token(token)
+
+    def invalidated(self, reason: str) -> None:
+        self.metrics.invalidated(reason)
