@@ -13,6 +13,7 @@ from gateway.app import GatewayServer, wait_for_signal
 from gateway.clock import SystemClock
 from gateway.coordination.sealing import StoreError
 from gateway.errors import AuthError
+from gateway.logs import setup_logging
 from gateway.probe import probe
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, SettingsError, load_settings
@@ -109,8 +110,8 @@ async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_po
     async with Sandbox(config, port=sandbox_port) as sb:
         settings = load_settings(overrides={
             "base_url": sb.url, "app_key": config.app_key, "app_secret": config.app_secret,
-            "partner_id": config.partner_id, "listen": listen, "admin_listen": admin_listen,
-            "log_format": "text"})
+            "partner_id": config.partner_id, "listen": listen, "admin_listen": admin_listen})
+        setup_logging("info", settings.log.log_format)  # the file's format too, if one is set
         gw = GatewayServer(settings)
         try:
             await gw.start()

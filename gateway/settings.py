@@ -4,14 +4,14 @@ Sources, later wins: built-in defaults → the TOML file named by ``GATEWAY_CONF
 environment (``<NAME>_FILE`` for credentials: a Kubernetes secret mount). Each setting is
 declared once, as a field of its component's config (:mod:`gateway.declare`); :data:`SPECS`
 collects them for parsing and for the documents made from them (:mod:`gateway.settings_docs`).
-Every problem, of a
-single field or across fields, is reported at once. This is the only module that reads the
-environment.
+Every problem, of a single field or across fields, is reported at once. Only this module (and
+the command line, for its own checks) reads the environment.
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -55,9 +55,18 @@ class Source:
     shown: str
 
 
+#: Secrets whose fingerprint may be shown (random keys, or logged already); the others, which
+#: may be weak passwords, only as set or not: a 48-bit fingerprint of a weak one is a hash to
+#: crack.
+_FINGERPRINTED: Final = frozenset({"app_key", "store_key", "store_key_previous"})
+
+
 def _shown(spec: Spec, raw: object) -> str:
     if spec.secret:
-        return f"<redacted fp:{fingerprint(str(raw))}>" if str(raw) else ""
+        if not str(raw):
+            return ""
+        return (f"<redacted fp:{fingerprint(str(raw))}>" if spec.key in _FINGERPRINTED
+                else "<redacted>")
     if isinstance(raw, bool):
         return "true" if raw else "false"
     return str(raw)
@@ -229,16 +238,36 @@ KNOWN_VARIABLES: Final = frozenset(
     {CONFIG_ENV, *(spec.env for spec in SPECS),
      *(f"{spec.env}_FILE" for spec in SPECS if spec.file_variant)})
 _PREFIXES: Final = ("GATEWAY_", "REPAIRY_")
-#: Kubernetes service links: every Service in the namespace sets these for every pod (a Service
-#: named ``gateway`` gives ``GATEWAY_SERVICE_HOST``), so they are never a typo of ours.
-_SERVICE_LINK: Final = re.compile(
-    r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)"
-    r"(_PROTO|_PORT|_ADDR)?)$")
+#: Kubernetes service links: every Service in the namespace sets these in every pod (a Service
+#: named ``gateway`` gives ``GATEWAY_SERVICE_HOST``), so they are never a typo of ours. Told
+#: apart by name *and* value: ``GATEWAY_ADMIN_PORT=9091`` is a typo, ``GATEWAY_ADMIN_PORT=
+#: tcp://10.0.0.7:9091`` the link of a Service named ``gateway-admin``.
+_LINK_NAME: Final = re.compile(
+    r"^[A-Z0-9_]+?_(?:(?P<host>SERVICE_HOST)|(?P<sport>SERVICE_PORT(?:_[A-Z0-9_]+)?)"
+    r"|(?P<url>PORT(?:_\d+_(?:TCP|UDP|SCTP))?)|PORT_\d+_(?:TCP|UDP|SCTP)_(?P<part>PROTO|PORT|ADDR))$")
+_LINK_URL: Final = re.compile(r"^(tcp|udp|sctp)://[0-9A-Fa-f:.\[\]]+:\d{1,5}$")
 
 
-def is_service_link(name: str) -> bool:
-    """True for a name in the shape of a Kubernetes service-link variable."""
-    return _SERVICE_LINK.match(name) is not None
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """True for a Kubernetes service-link variable: its name's shape and its value's."""
+    m = _LINK_NAME.match(name)
+    if m is None:
+        return False
+    if m["host"] or m["part"] == "ADDR":
+        return _is_ip(value)
+    if m["sport"] or m["part"] == "PORT":
+        return value.isdigit()
+    if m["part"] == "PROTO":
+        return value in ("TCP", "UDP", "SCTP", "tcp", "udp", "sctp")
+    return _LINK_URL.match(value) is not None
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
@@ -248,7 +277,7 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     found = []
     for name in sorted(env):
         if (name.startswith(_PREFIXES) and name not in KNOWN_VARIABLES
-                and not is_service_link(name)):
+                and not is_service_link(name, env[name])):
             prefix = name[:name.index("_") + 1]  # compare what follows the shared prefix
             rest = {k[len(prefix):]: k for k in KNOWN_VARIABLES if k.startswith(prefix)}
             close = _closest(name[len(prefix):], list(rest))

@@ -50,13 +50,14 @@ def _toml(text: str) -> str:
 
 
 def render_effective(settings: Settings, ignored: Iterable[tuple[str, str | None]] = ()) -> str:
-    """Every setting in effect, with where it came from, as a TOML ``[gateway]`` table that
-    could be fed back (secrets only as fingerprints). ``ignored``: GATEWAY_*/REPAIRY_*
+    """Every setting in effect, with where it came from, as a TOML ``[gateway]`` table (a
+    secret that is set appears commented out, redacted, with a fingerprint only where that
+    cannot be cracked). ``ignored``: GATEWAY_*/REPAIRY_*
     variables that are not settings, with the closest name."""
     sources = {source.key: source for source in settings.sources}
     where = settings.config_file or "none"
     lines = [f"# repairy-gateway {__version__}: the effective settings (config file: {where}).",
-             "# Each line says where its value came from; secrets are shown as fingerprints.",
+             "# Each line says where its value came from; secrets are redacted and commented out.",
              "", "[gateway]"]
     section = ""
     for spec in SPECS:
@@ -68,7 +69,9 @@ def render_effective(settings: Settings, ignored: Iterable[tuple[str, str | None
                   "environment": f"environment {source.detail}",
                   "override": "command option"}.get(source.origin,
                                                     f"{source.origin} {source.detail}")
-        lines.append(f"{spec.key} = {_toml(source.shown)}  # {origin}")
+        line = f"{spec.key} = {_toml(source.shown)}  # {origin}"
+        # A secret is commented out: fed back, the file must not set it to its redaction.
+        lines.append(f"# {line}" if spec.secret and source.shown else line)
     ignored = list(ignored)
     if ignored:
         lines += ["", "# Not settings of repairy-gateway (ignored):"]

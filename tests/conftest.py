@@ -140,10 +140,13 @@ def unit_stays_in_process(request: pytest.FixtureRequest,
     mark cannot drift from what the test does (the event loop's own socketpair is allowed)."""
     if request.node.get_closest_marker("unit") is None:
         return
+    import os
     import socket
     import subprocess
 
-    monkeypatch.setattr(socket.socket, "bind", _refuse("bind a socket"))
-    monkeypatch.setattr(socket.socket, "connect", _refuse("connect a socket"))
-    monkeypatch.setattr(socket.socket, "connect_ex", _refuse("connect a socket"))
+    for name in ("bind", "connect", "connect_ex", "sendto"):
+        monkeypatch.setattr(socket.socket, name, _refuse(f"{name} a socket"))
+    monkeypatch.setattr(socket, "getaddrinfo", _refuse("resolve a name"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a process"))
+    for name in ("fork", "posix_spawn", "posix_spawnp"):
+        monkeypatch.setattr(os, name, _refuse("start a process"))

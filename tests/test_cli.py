@@ -293,3 +293,25 @@ async def test_cli_a_lease_below_its_floor_is_refused_at_start_up() -> None:
     assert code == 2
     assert err.strip() == ("repairy-gateway: invalid setting GATEWAY_REDIS_LEASE_TTL: must be "
                            "at least 1s")
+
+
+async def test_cli_serve_only_warns_of_a_mistyped_variable(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """serve keeps running with an unknown GATEWAY_* variable: one JSON warning naming the
+    closest real one (output is not a terminal, so GATEWAY_LOG_FORMAT=auto is JSON); the
+    Kubernetes service links beside it are not mentioned."""
+    from tests.fleet_helpers import GatewayProcess
+
+    gw = GatewayProcess(sandbox, {"GATEWAY_RETRY_ATTEMPT": "3",
+                                  "GATEWAY_SERVICE_HOST": "10.0.0.1",
+                                  "GATEWAY_PORT": "tcp://10.0.0.1:8080"})
+    await gw.start()
+    try:
+        await gw.ready(http)
+        await wait_until(lambda: "unknown_setting" in gw.log.read_text())
+        lines = [json.loads(x) for x in gw.log.read_text().splitlines() if "unknown_setting" in x]
+        assert [doc["variable"] for doc in lines] == ["GATEWAY_RETRY_ATTEMPT"]
+        assert lines[0]["level"] == "warning"
+        assert lines[0]["did_you_mean"] == "GATEWAY_RETRY_ATTEMPTS"
+    finally:
+        assert await gw.stop() == 0

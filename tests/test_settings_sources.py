@@ -61,12 +61,14 @@ def test_sources_cross_field_problems_are_reported_all_at_once() -> None:
 def test_sources_service_link_variables_are_never_unknown_settings() -> None:
     """Kubernetes sets these for every Service in the namespace (a Service named "gateway"
     gives GATEWAY_SERVICE_HOST): not typos of ours."""
-    links = ["GATEWAY_SERVICE_HOST", "GATEWAY_SERVICE_PORT", "GATEWAY_SERVICE_PORT_HTTP",
-             "GATEWAY_PORT", "GATEWAY_PORT_8080_TCP", "GATEWAY_PORT_8080_TCP_PROTO",
-             "GATEWAY_PORT_8080_TCP_PORT", "GATEWAY_PORT_8080_TCP_ADDR",
-             "GATEWAY_PORT_53_UDP_ADDR", "GATEWAY_PORT_9_SCTP", "REPAIRY_API_SERVICE_HOST",
-             "REPAIRY_API_PORT_443_TCP"]
-    assert unknown_variables(dict.fromkeys(links, "x")) == []
+    url = "tcp://10.0.0.1:8080"
+    env = {"GATEWAY_SERVICE_HOST": "10.0.0.1", "GATEWAY_SERVICE_PORT": "8080",
+           "GATEWAY_SERVICE_PORT_HTTP": "8080", "GATEWAY_PORT": url,
+           "GATEWAY_PORT_8080_TCP": url, "GATEWAY_PORT_8080_TCP_PROTO": "tcp",
+           "GATEWAY_PORT_8080_TCP_PORT": "8080", "GATEWAY_PORT_8080_TCP_ADDR": "10.0.0.1",
+           "GATEWAY_PORT_53_UDP_ADDR": "10.0.0.2", "GATEWAY_PORT_9_SCTP": "sctp://10.0.0.3:9",
+           "REPAIRY_API_SERVICE_HOST": "10.0.0.4", "REPAIRY_API_PORT_443_TCP": "tcp://10.0.0.4:443"}
+    assert unknown_variables(env) == []
     assert unknown_variables({"GATEWAY_PORTS": "1", "GATEWAY_PORT_X": "1"}) == [
         ("GATEWAY_PORTS", None), ("GATEWAY_PORT_X", None)]
 
@@ -85,12 +87,20 @@ def test_sources_config_report_says_where_each_value_came_from(tmp_path: Path) -
                               [("GATEWAY_RETRY_ATTEMPT", "GATEWAY_RETRY_ATTEMPTS")])
     lines = {line.split(" = ")[0]: line for line in report.splitlines() if " = " in line}
     assert len(lines) == len(SPECS)
+    fed_back = tmp_path / "fed-back.toml"
+    fed_back.write_text(report)
+    with pytest.raises(SettingsError) as info:  # no credential from a redaction
+        load_settings({}, config_file=str(fed_back))
+    assert "REPAIRY_APP_KEY" in [name for name, _ in info.value.problems]
     assert lines["read_timeout"] == f'read_timeout = "30s"  # file {config}'
     assert lines["pool_size"] == 'pool_size = "7"  # environment GATEWAY_POOL_SIZE'
     assert lines["connect_timeout"] == 'connect_timeout = "5s"  # default'
-    assert lines["app_secret"].endswith(f"# REPAIRY_APP_SECRET_FILE {secret}")
-    assert "<redacted fp:" in lines["app_secret"] and "<redacted fp:" in lines["app_key"]
-    assert "<redacted fp:" in lines["client_keys"]
+    assert lines["# app_secret"].endswith(f"# REPAIRY_APP_SECRET_FILE {secret}")
+    # Secrets are commented out (fed back, the file sets none); a fingerprint only for the
+    # App Key and store keys, never for what may be a weak password.
+    assert lines["# app_key"].startswith('# app_key = "<redacted fp:')
+    assert lines["# app_secret"].startswith('# app_secret = "<redacted>"')
+    assert lines["# client_keys"].startswith('# client_keys = "<redacted>"')
     for secret_text in ("file-secret-value", "key-value-1234", "client-key-ops-1"):
         assert secret_text not in report
     assert "GATEWAY_RETRY_ATTEMPT (did you mean GATEWAY_RETRY_ATTEMPTS?)" in report
@@ -119,3 +129,17 @@ def test_sources_log_format_auto_is_text_on_a_terminal_and_json_otherwise(
         root.setLevel(level)
     assert load_settings(BASE).log.log_format == "auto"
     json.dumps(SPECS[0].doc)  # the docs stay plain text
+
+
+def test_sources_a_typo_that_looks_like_a_service_link_is_still_reported() -> None:
+    """The name's shape is not enough: a Service link's value is an address, a port number
+    or a protocol. GATEWAY_ADMIN_PORT=9091 is a typo (the gateway has no port setting);
+    tcp://10.0.0.7:9091 is the link of a Service named gateway-admin."""
+    typos = {"GATEWAY_ADMIN_PORT": "9091", "GATEWAY_LISTEN_PORT": "8080",
+             "GATEWAY_PORT": "8080", "REPAIRY_SERVICE_HOST": "api.repairy.test",
+             "GATEWAY_PORT_8080_TCP_PROTO": "http", "GATEWAY_SERVICE_PORT": "http"}
+    assert [name for name, _ in unknown_variables(typos)] == sorted(typos)
+    links = {"GATEWAY_ADMIN_PORT": "tcp://10.0.0.7:9091", "GATEWAY_PORT": "tcp://[fd00::1]:80",
+             "GATEWAY_SERVICE_HOST": "fd00::1", "GATEWAY_PORT_8080_TCP_PROTO": "tcp",
+             "GATEWAY_SERVICE_PORT": "8080"}
+    assert unknown_variables(links) == []

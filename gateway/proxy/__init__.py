@@ -1,6 +1,6 @@
 """The proxy side: everything between a caller's request and the upstream's answer.
 
-The request path, room by room (each imports only the rooms listed before it):
+The modules, from the values up to the request's walk:
 
 - :mod:`~gateway.proxy.config`: the proxy's settings, declared once.
 - :mod:`~gateway.proxy.inbound`: the listener's HTTP protocol, parse errors, header deadline,

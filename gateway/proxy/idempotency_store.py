@@ -28,14 +28,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from gateway.clock import Clock
 from gateway.proxy.bounded import BoundedCache
 from gateway.proxy.idempotency import IdempotencyUnavailable, Record
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("gateway.idempotency")
 #: How often a claim reads the store's maxmemory-policy again (one CONFIG GET per process).

@@ -25,7 +25,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from gateway.coordination.config import RedisConfig
 from gateway.coordination.redis_client import redis_client
@@ -38,9 +38,6 @@ from gateway.coordination.sealing import (
     unseal,
 )
 from gateway.redact import Secret
-
-if TYPE_CHECKING:
-    pass
 
 #: Redis's own clock, in ms (one clock for the whole fleet: no skew between replicas).
 _NOW: Final = """
