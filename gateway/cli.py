@@ -18,9 +18,10 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config_values import parse_duration
+from gateway.env_names import unknown_variables
 from gateway.sandbox.server import serve_forever
 from gateway.sandbox.state import ACCESS_TTL, DEFAULT_APP_SECRET, REFRESH_TTL, SandboxConfig
-from gateway.settings import SPECS, Settings, SettingsError, load_settings, unknown_variables
+from gateway.settings import SPECS, Settings, SettingsError, load_settings
 
 EXIT_CONFIG = 2
 

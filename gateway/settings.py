@@ -11,9 +11,7 @@ the command line, for its own checks) reads the environment.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,7 +144,7 @@ def _read_file_setting(spec: Spec, path: str) -> str:
         raise SettingsError(f"{spec.env}_FILE", f"cannot read {path}: {exc.strerror}") from None
 
 
-def _closest(name: str, known: Sequence[str]) -> str | None:
+def closest(name: str, known: Sequence[str]) -> str | None:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     return close[0] if close else None
 
@@ -165,7 +163,7 @@ def _load_file(path: str) -> dict[str, Any]:
     unknown = []
     for key in table:
         if key not in _BY_KEY:
-            close = _closest(key, list(_BY_KEY))
+            close = closest(key, list(_BY_KEY))
             unknown.append((f"{key} (in {path})", "unknown setting"
                             + (f"; did you mean {close}?" if close else "")))
     if unknown:
@@ -231,58 +229,6 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
     if problems:
         raise SettingsError(*problems[0], more=problems[1:])
     return settings
-
-
-#: Every environment variable the gateway reads (``_FILE`` variants included).
-KNOWN_VARIABLES: Final = frozenset(
-    {CONFIG_ENV, *(spec.env for spec in SPECS),
-     *(f"{spec.env}_FILE" for spec in SPECS if spec.file_variant)})
-_PREFIXES: Final = ("GATEWAY_", "REPAIRY_")
-#: Kubernetes service links: every Service in the namespace sets these in every pod (a Service
-#: named ``gateway`` gives ``GATEWAY_SERVICE_HOST``), so they are never a typo of ours. Told
-#: apart by name *and* value: ``GATEWAY_ADMIN_PORT=9091`` is a typo, ``GATEWAY_ADMIN_PORT=
-#: tcp://10.0.0.7:9091`` the link of a Service named ``gateway-admin``.
-_LINK_NAME: Final = re.compile(
-    r"^[A-Z0-9_]+?_(?:(?P<host>SERVICE_HOST)|(?P<sport>SERVICE_PORT(?:_[A-Z0-9_]+)?)"
-    r"|(?P<url>PORT(?:_\d+_(?:TCP|UDP|SCTP))?)|PORT_\d+_(?:TCP|UDP|SCTP)_(?P<part>PROTO|PORT|ADDR))$")
-_LINK_URL: Final = re.compile(r"^(tcp|udp|sctp)://[0-9A-Fa-f:.\[\]]+:\d{1,5}$")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def is_service_link(name: str, value: str) -> bool:
-    """True for a Kubernetes service-link variable: its name's shape and its value's."""
-    m = _LINK_NAME.match(name)
-    if m is None:
-        return False
-    if m["host"] or m["part"] == "ADDR":
-        return _is_ip(value)
-    if m["sport"] or m["part"] == "PORT":
-        return value.isdigit()
-    if m["part"] == "PROTO":
-        return value in ("TCP", "UDP", "SCTP", "tcp", "udp", "sctp")
-    return _LINK_URL.match(value) is not None
-
-
-def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
-    """``GATEWAY_*``/``REPAIRY_*`` variables the gateway does not read (a typo is silently
-    ignored otherwise), each with the closest known name, if any. Kubernetes service-link
-    variables are not reported."""
-    found = []
-    for name in sorted(env):
-        if (name.startswith(_PREFIXES) and name not in KNOWN_VARIABLES
-                and not is_service_link(name, env[name])):
-            prefix = name[:name.index("_") + 1]  # compare what follows the shared prefix
-            rest = {k[len(prefix):]: k for k in KNOWN_VARIABLES if k.startswith(prefix)}
-            close = _closest(name[len(prefix):], list(rest))
-            found.append((name, rest[close] if close else None))
-    return found
 
 
 def _problems(s: Settings) -> list[tuple[str, str]]:

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from gateway.env_names import unknown_variables
 from gateway.sandbox import Sandbox
-from gateway.settings import unknown_variables
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults, stats
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from gateway.env_names import unknown_variables
 from gateway.logs import JsonFormatter, TextFormatter, setup_logging
-from gateway.settings import SPECS, Settings, SettingsError, load_settings, unknown_variables
+from gateway.settings import SPECS, Settings, SettingsError, load_settings
 from gateway.settings_docs import render_effective
 
 CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
