@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")
 
     config = sub.add_parser("config", help="print the effective settings and where each came "
-                            "from (secrets as fingerprints)", formatter_class=raw,
+                            "from (secrets redacted)", formatter_class=raw,
                             epilog=_settings_epilog("Validates like serve (exit 2 if invalid); "
                                                     "makes no connection."))
     config.add_argument("--config", help="TOML config file (overrides GATEWAY_CONFIG)")

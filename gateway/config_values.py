@@ -275,8 +275,10 @@ def _service_url(text: str, schemes: tuple[str, ...], example: str,
     if url.scheme not in schemes or not url.host:
         names = " or ".join(f"{scheme}://" for scheme in schemes)
         raise ValueError(f"must be a URL ({names}) such as {example}")
-    if url.password:
-        raise ValueError(f"must not carry a password: {credentials}")
+    if url.password or any(k.lower() in ("password", "passwd", "username", "user")
+                           for k in url.query):
+        raise ValueError(f"must not carry a password or user (in the URL or its query): "
+                         f"{credentials}")
     return url
 
 
@@ -286,7 +288,8 @@ def parse_redis_url(value: object) -> str:
     text = str(value).strip()
     if text:
         _service_url(text, ("redis", "rediss"), "redis://redis:6379/0",
-                     "set GATEWAY_REDIS_PASSWORD(_FILE)")
+                     "set its password setting (GATEWAY_REDIS_PASSWORD or "
+                     "GATEWAY_CACHE_REDIS_PASSWORD, or their _FILE)")
     return text
 
 

@@ -19,9 +19,6 @@ _PREFIXES: Final = ("GATEWAY_", "REPAIRY_")
 #: named ``gateway`` gives ``GATEWAY_SERVICE_HOST``), so they are never a typo of ours. Told
 #: apart by name *and* value: ``GATEWAY_ADMIN_PORT=9091`` is a typo, ``GATEWAY_ADMIN_PORT=
 #: tcp://10.0.0.7:9091`` the link of a Service named ``gateway-admin``.
-_LINK_NAME: Final = re.compile(
-    r"^[A-Z0-9_]+?_(?:(?P<host>SERVICE_HOST)|(?P<sport>SERVICE_PORT(?:_[A-Z0-9_]+)?)"
-    r"|(?P<url>PORT(?:_\d+_(?:TCP|UDP|SCTP))?)|PORT_\d+_(?:TCP|UDP|SCTP)_(?P<part>PROTO|PORT|ADDR))$")
 _LINK_URL: Final = re.compile(r"^(tcp|udp|sctp)://[0-9A-Fa-f:.\[\]]+:\d{1,5}$")
 
 
@@ -33,18 +30,24 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+#: Each shape a service link's name can take, with what its value must then be. A name may
+#: read several ways (a Service named ``gateway-service`` sets ``GATEWAY_SERVICE_PORT`` to a
+#: URL, one named ``gateway`` to a number): it is a link if any reading fits its value.
+_LINK_SHAPES: Final = (
+    (re.compile(r"^[A-Z0-9_]+_SERVICE_HOST$"), _is_ip),
+    (re.compile(r"^[A-Z0-9_]+_SERVICE_PORT(_[A-Z0-9_]+)?$"), str.isdecimal),
+    (re.compile(r"^[A-Z0-9_]+_PORT(_\d+_(TCP|UDP|SCTP))?$"),
+     lambda value: _LINK_URL.match(value) is not None),
+    (re.compile(r"^[A-Z0-9_]+_PORT_\d+_(TCP|UDP|SCTP)_PROTO$"),
+     lambda value: value.lower() in ("tcp", "udp", "sctp")),
+    (re.compile(r"^[A-Z0-9_]+_PORT_\d+_(TCP|UDP|SCTP)_PORT$"), str.isdecimal),
+    (re.compile(r"^[A-Z0-9_]+_PORT_\d+_(TCP|UDP|SCTP)_ADDR$"), _is_ip),
+)
+
+
 def is_service_link(name: str, value: str) -> bool:
-    """True for a Kubernetes service-link variable: its name's shape and its value's."""
-    m = _LINK_NAME.match(name)
-    if m is None:
-        return False
-    if m["host"] or m["part"] == "ADDR":
-        return _is_ip(value)
-    if m["sport"] or m["part"] == "PORT":
-        return value.isdigit()
-    if m["part"] == "PROTO":
-        return value in ("TCP", "UDP", "SCTP", "tcp", "udp", "sctp")
-    return _LINK_URL.match(value) is not None
+    """True for a Kubernetes service-link variable: a shape of its name that its value fits."""
+    return any(shape.match(name) is not None and fits(value) for shape, fits in _LINK_SHAPES)
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:

@@ -149,7 +149,8 @@ def closest(name: str, known: Sequence[str]) -> str | None:
     return close[0] if close else None
 
 
-def _load_file(path: str) -> dict[str, Any]:
+def _load_file(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The file's ``[gateway]`` table, and a problem for each key that is not a setting."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -166,9 +167,7 @@ def _load_file(path: str) -> dict[str, Any]:
             close = closest(key, list(_BY_KEY))
             unknown.append((f"{key} (in {path})", "unknown setting"
                             + (f"; did you mean {close}?" if close else "")))
-    if unknown:
-        raise SettingsError(*unknown[0], more=unknown[1:])
-    return table
+    return {k: v for k, v in table.items() if k in _BY_KEY}, unknown
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | None = None,
@@ -179,11 +178,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
     """
     env = os.environ if env is None else env
     config_file = config_file or env.get(CONFIG_ENV) or None
-    from_file = _load_file(config_file) if config_file else {}
+    from_file, problems = _load_file(config_file) if config_file else ({}, [])
     values: dict[str, Any] = {}
     sources: list[Source] = []
     secret_files: list[tuple[str, str]] = []
-    problems: list[tuple[str, str]] = []
     for spec in SPECS:
         raw: object | None = spec.default
         origin, source, detail = spec.env, "default", ""

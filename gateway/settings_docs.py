@@ -46,16 +46,24 @@ def render_settings_table() -> str:
 
 
 def _toml(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a TOML basic string is a JSON string
+    """A TOML basic string: JSON's escapes, and DEL, which TOML refuses raw; a byte the
+    environment did not decode (a lone surrogate) shows as its escape, as text."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _comment(text: str) -> str:
+    """Text safe inside a ``#`` comment (no line break, no control character)."""
+    return _toml(text)[1:-1]
 
 
 def render_effective(settings: Settings, ignored: Iterable[tuple[str, str | None]] = ()) -> str:
     """Every setting in effect, with where it came from, as a TOML ``[gateway]`` table (a
     secret that is set appears commented out, redacted, with a fingerprint only where that
-    cannot be cracked). ``ignored``: GATEWAY_*/REPAIRY_*
-    variables that are not settings, with the closest name."""
+    cannot be cracked). ``ignored``: GATEWAY_*/REPAIRY_* variables that are not settings,
+    with the closest name. The output is valid TOML whatever the values hold."""
     sources = {source.key: source for source in settings.sources}
-    where = settings.config_file or "none"
+    where = _comment(settings.config_file or "none")
     lines = [f"# repairy-gateway {__version__}: the effective settings (config file: {where}).",
              "# Each line says where its value came from; secrets are redacted and commented out.",
              "", "[gateway]"]
@@ -69,12 +77,12 @@ def render_effective(settings: Settings, ignored: Iterable[tuple[str, str | None
                   "environment": f"environment {source.detail}",
                   "override": "command option"}.get(source.origin,
                                                     f"{source.origin} {source.detail}")
-        line = f"{spec.key} = {_toml(source.shown)}  # {origin}"
+        line = f"{spec.key} = {_toml(source.shown)}  # {_comment(origin)}"
         # A secret is commented out: fed back, the file must not set it to its redaction.
         lines.append(f"# {line}" if spec.secret and source.shown else line)
     ignored = list(ignored)
     if ignored:
         lines += ["", "# Not settings of repairy-gateway (ignored):"]
-        lines += [f"#   {name}" + (f" (did you mean {close}?)" if close else "")
+        lines += [f"#   {_comment(name)}" + (f" (did you mean {close}?)" if close else "")
                   for name, close in ignored]
     return "\n".join(lines) + "\n"

@@ -108,19 +108,22 @@ CATEGORIES = ("unit", "integration", "system")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test says what it is: its module's ``CATEGORY``, or a mark of its own that
-    overrides it (a mark, so that ``pytest -m unit`` selects on it)."""
-    unmarked = []
+    """Every test says what it is, once: its module's ``CATEGORY``, or a mark on the test
+    function that overrides it (a mark, so that ``pytest -m unit`` selects on it). A mark on a
+    class or a ``pytestmark`` would add a second category: refused."""
+    wrong = []
     for item in items:
         own = [m.name for m in item.own_markers if m.name in CATEGORIES]
         module = getattr(getattr(item, "module", None), "CATEGORY", None)
         if not own and module in CATEGORIES:
             item.add_marker(module)
-        elif not own:
-            unmarked.append(item.nodeid)
-    if unmarked:
-        raise pytest.UsageError("tests that do not say whether they are unit, integration or "
-                                "system (CATEGORY, or a mark): " + ", ".join(unmarked[:10]))
+        marks = {m.name for m in item.iter_markers() if m.name in CATEGORIES}
+        if len(marks) != 1:
+            wrong.append(f"{item.nodeid} ({', '.join(sorted(marks)) or 'none'})")
+    if wrong:
+        raise pytest.UsageError("every test is exactly one of unit, integration, system "
+                                "(its module's CATEGORY, or a mark of its own): "
+                                + "; ".join(wrong[:10]))
 
 
 class _NotInAUnitTest(AssertionError):
@@ -140,13 +143,17 @@ def unit_stays_in_process(request: pytest.FixtureRequest,
     mark cannot drift from what the test does (the event loop's own socketpair is allowed)."""
     if request.node.get_closest_marker("unit") is None:
         return
+    import _posixsubprocess
     import os
     import socket
     import subprocess
 
-    for name in ("bind", "connect", "connect_ex", "sendto"):
+    for name in ("bind", "connect", "connect_ex", "sendto", "sendmsg"):
         monkeypatch.setattr(socket.socket, name, _refuse(f"{name} a socket"))
-    monkeypatch.setattr(socket, "getaddrinfo", _refuse("resolve a name"))
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
+                 "getnameinfo"):
+        monkeypatch.setattr(socket, name, _refuse("resolve a name"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a process"))
-    for name in ("fork", "posix_spawn", "posix_spawnp"):
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", _refuse("start a process"))
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
         monkeypatch.setattr(os, name, _refuse("start a process"))

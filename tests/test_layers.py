@@ -57,6 +57,13 @@ def _graph() -> dict[str, set[str]]:
             for target in targets:
                 if target in modules and target != name and target != "gateway":
                     graph[name].add(target)
+                # Python runs the target's packages first: a circle through an __init__ is
+                # one too (not the importer's own packages: their faces run it, not it them).
+                parts = target.split(".")
+                for depth in range(2, len(parts)):
+                    parent = ".".join(parts[:depth])
+                    if parent in modules and not (name + ".").startswith(parent + "."):
+                        graph[name].add(parent)
     return graph
 
 

@@ -144,3 +144,55 @@ def test_sources_a_typo_that_looks_like_a_service_link_is_still_reported() -> No
              "GATEWAY_SERVICE_HOST": "fd00::1", "GATEWAY_PORT_8080_TCP_PROTO": "tcp",
              "GATEWAY_SERVICE_PORT": "8080"}
     assert unknown_variables(links) == []
+
+
+def test_sources_a_service_named_like_a_suffix_is_still_a_link() -> None:
+    """Kubernetes' own variables for Services named gateway-service and repairy-service:
+    GATEWAY_SERVICE_PORT is then a URL, not a port number (review finding)."""
+    for svc in ("GATEWAY_SERVICE", "REPAIRY_SERVICE", "GATEWAY_ADMIN", "GATEWAY"):
+        env = {f"{svc}_SERVICE_HOST": "10.0.0.9", f"{svc}_SERVICE_PORT": "80",
+               f"{svc}_SERVICE_PORT_HTTP": "80", f"{svc}_PORT": "tcp://10.0.0.9:80",
+               f"{svc}_PORT_80_TCP": "tcp://10.0.0.9:80", f"{svc}_PORT_80_TCP_PROTO": "tcp",
+               f"{svc}_PORT_80_TCP_PORT": "80", f"{svc}_PORT_80_TCP_ADDR": "10.0.0.9"}
+        assert unknown_variables(env) == [], svc
+
+
+@pytest.mark.parametrize("url", ["redis://r:6379/0?password=querypw",
+                                 "rediss://r:6379/0?username=u&password=p",
+                                 "redis://:pw@r:6379/0"])
+def test_sources_a_redis_password_never_rides_in_the_url(url: str) -> None:
+    """redis-py takes a password from the URL's query too: refused like one in its userinfo,
+    so that neither the config report nor a log line can carry it (review finding)."""
+    for env in ("GATEWAY_REDIS_URL", "GATEWAY_CACHE_REDIS_URL"):
+        with pytest.raises(SettingsError) as info:
+            load_settings(BASE | {env: url, "GATEWAY_CACHE_SHARED": "true"})
+        assert "querypw" not in str(info.value) and ":pw@" not in str(info.value)
+        assert env in [name for name, _ in info.value.problems]
+
+
+def test_sources_a_file_typo_and_bad_variables_are_reported_together(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nread_timeot = "30s"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings({"GATEWAY_WORKERS": "abc"}, config_file=str(config))
+    named = [name for name, _ in info.value.problems]
+    assert named[0] == f"read_timeot (in {config})"
+    assert "REPAIRY_BASE_URL" in named and "GATEWAY_WORKERS" in named
+
+
+def test_sources_the_config_report_is_valid_toml_whatever_the_values_hold(
+        tmp_path: Path) -> None:
+    import tomllib
+
+    odd = tmp_path / "a\nb \"c\" \\d"
+    odd.mkdir()
+    config = odd / "gateway.toml"
+    config.write_text("[gateway]\n")
+    env = BASE | {"REPAIRY_AUTH_APP_KEY_FIELD": "a\x7fb\"c\\\u00e9\udc80",
+                  "GATEWAY_METRICS_X\n": "1"}
+    report = render_effective(load_settings(env, config_file=str(config)),
+                              [("GATEWAY_ODD\nNAME", None)])
+    table = tomllib.loads(report)["gateway"]
+    assert table["auth_app_key_field"].startswith("a\x7fb\"c\\\u00e9")
+    assert len(table) == len(SPECS) - sum(1 for spec in SPECS if spec.secret
+                                          and load_settings(env).value(spec.key))
