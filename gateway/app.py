@@ -276,7 +276,8 @@ class GatewayServer:
             log.warning("start-up probe skipped: no token after %gs", STARTUP_PROBE_WAIT,
                         extra={"fields": {"event": "startup_probe_skipped"}})
             return
-        refused = await probe(self._auth_session, s, token.access)
+        # The token's own Partner ID: a rotation may have landed since start-up.
+        refused = await probe(self._auth_session, s, token.access, token.partner_id)
         if refused is None:
             log.info("start-up probe ok: Repairy took the token and the Partner ID", extra={
                 "fields": {"event": "startup_probe_ok", "path": s.auth.check_path}})

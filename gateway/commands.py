@@ -86,7 +86,7 @@ async def check(settings: Settings, out: Print) -> int:
                                   default_ttl=settings.auth.access_token_default_ttl,
                                   default_refresh_ttl=settings.auth.refresh_token_default_ttl)
         if settings.auth.check_path:
-            refused = await probe(session, settings, tok.access)
+            refused = await probe(session, settings, tok.access, tok.partner_id)
             if refused is not None:
                 out(f"check failed: logged in, but {refused}")
                 return 1

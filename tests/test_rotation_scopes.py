@@ -184,3 +184,29 @@ async def test_a_rotation_between_claim_and_token_sends_nothing(
             assert dict(entry["headers"])["X-Partner-ID"] == NEW["partner-id"]
             stale = cache_key(OLD["partner-id"], SERVICES)
             assert cache.lookup(stale, CIMultiDict()) is None
+
+
+async def test_the_start_up_probe_after_a_rotation_sends_the_tokens_partner(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """serve's start-up probe may run after a rotation landed (it looks for the first token
+    once a second): it must send the token it takes with that token's Partner ID, not the one
+    the settings started with (found by the 20-run loop: a partner-1 request with partner-2's
+    token, and a false "Repairy refused Partner ID" warning)."""
+    mount = SecretMount(tmp_path, OLD)
+    async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
+                                     partner_id=OLD["partner-id"])) as sb:
+
+        def load() -> Settings:
+            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0")
+
+        async with GatewayServer(load(), reload_settings=load) as gw:
+            await wait_until(gw.state.tokens.ready)
+            assert gw.reloader is not None
+            await accept(http, sb, NEW)
+            mount.update(NEW)
+            assert await gw.reloader.check() == "success"
+            await gw.startup_probe()
+            async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
+                (entry,) = (await resp.json())["requests"]
+            assert entry["path"].startswith("/bookings/")
+            assert dict(entry["headers"])["X-Partner-ID"] == NEW["partner-id"]
