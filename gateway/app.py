@@ -2,7 +2,8 @@
 built by :mod:`gateway.wiring`).
 
 Start-up, top to bottom: upstream session → auth client → token manager (first login runs in
-the background; readiness waits for it) → proxy listener → admin listener. Shutdown runs in
+the background; readiness waits for it) → the probe's verdict (it probes once the first token
+is in) → proxy listener → admin listener. Shutdown runs in
 reverse: readiness goes false, an optional delay lets load balancers notice, the proxy listener
 stops accepting and in-flight requests get ``shutdown_grace`` to finish, then the token manager
 and the session close, and the admin listener last.
@@ -20,7 +21,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final, Self
+from typing import Self
 
 import aiohttp
 from aiohttp import web
@@ -34,7 +35,6 @@ from gateway.coordination.redis_client import redis_client
 from gateway.coordination.redis_policy import EvictingStore, check_store_policy
 from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
-from gateway.probe import probe
 from gateway.proxy.idempotency_store import LocalStore
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.state import GatewayState
@@ -45,6 +45,7 @@ from gateway.token.file import load_token, save_token
 from gateway.token.fleet import Fleet
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
+from gateway.token.verdict import UpstreamVerdict, VerdictPolicy
 from gateway.tracing import tracing_for
 from gateway.wiring import (
     TokenObservers,
@@ -58,8 +59,6 @@ from gateway.wiring import (
 )
 
 log = logging.getLogger("gateway.app")
-#: How long ``serve``'s start-up probe waits for the first token before giving up (seconds).
-STARTUP_PROBE_WAIT: Final = 600.0
 
 
 def _bind(setting: str, address: TcpAddress | UnixAddress) -> socket.socket:
@@ -103,6 +102,7 @@ class GatewayServer:
         self._auth_session: aiohttp.ClientSession
         self._admin_runner: web.AppRunner | None = None
         self._pool: WorkerPool | None = None
+        self._verdict_task: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> GatewayState:
@@ -159,8 +159,17 @@ class GatewayServer:
         self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing,
                                   self.rng)
         self._state.store_policy, self._state.store_notes = notes
+        self._state.verdict = verdict = UpstreamVerdict(
+            tokens, self.clock, VerdictPolicy(s.auth.reprobe_min_refusals,
+                                              s.auth.reprobe_refused_ratio),
+            enabled=bool(s.auth.check_path), events=self.metrics, rng=self.rng,
+            tally=self._state.tally)
         self.metrics.bind_ready(self._state.ready)
+        self.metrics.bind_contention(tokens.contended)
         await tokens.start()
+        self._verdict_task = asyncio.create_task(verdict.run(), name="upstream-verdict")
+        self._verdict_task.add_done_callback(
+            lambda task: log_task_failure(task, log, "upstream verdict"))
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
                                            self._reload_settings)
         await self.reloader.start()
@@ -194,6 +203,7 @@ class GatewayServer:
             steps.append(functools.partial(self._pool.stop, 0.0))
         if self.reloader is not None:
             steps.append(self.reloader.stop)
+        steps.append(self._stop_verdict)
         if state is not None:
             steps += [functools.partial(state.manager.stop, 0.0), state.upstream.close,
                       functools.partial(close_stores, state)]
@@ -218,11 +228,13 @@ class GatewayServer:
         self._pool = pool = WorkerPool(
             s.server.workers, listener, state.manager,
             state.idempotency if isinstance(state.idempotency, LocalStore) else None,
-            on_fault=lambda fault: self.metrics.channel_faults.labels(fault).inc())
+            on_fault=lambda fault: self.metrics.channel_faults.labels(fault).inc(),
+            on_traffic=state.tally.add)
         events.on_token = pool.broadcast_token
         assert self.reloader is not None
         self.reloader.on_client_keys = pool.broadcast_client_keys
         self.metrics.add_source(pool.metrics_texts)
+        state.collect = pool.pull_metrics
         state.workers = pool.status
         await pool.start()
         if isinstance(s.proxy.listen, UnixAddress):
@@ -259,31 +271,10 @@ class GatewayServer:
                      down_policy=s.redis.redis_down_policy,
                      clock=self.clock, events=self.metrics, rng=self.rng)
 
-    async def startup_probe(self) -> None:
-        """``serve``'s one probe (GATEWAY_CHECK_PATH) once the first token is in: a wrong
-        Partner ID or a refused token is logged as a warning, never fatal."""
-        s = self.settings
-        if not s.auth.check_path:
-            return
-        # Wait (calling nothing) for the first token, as long as the renewal policy may take
-        # to get it, checking once a second.
-        for _ in range(int(STARTUP_PROBE_WAIT)):
-            token = self.state.tokens.usable()
-            if token is not None:
-                break
-            await self.clock.sleep(1.0)
-        else:
-            log.warning("start-up probe skipped: no token after %gs", STARTUP_PROBE_WAIT,
-                        extra={"fields": {"event": "startup_probe_skipped"}})
-            return
-        # The token's own Partner ID: a rotation may have landed since start-up.
-        refused = await probe(self._auth_session, s, token.access, token.partner_id)
-        if refused is None:
-            log.info("start-up probe ok: Repairy took the token and the Partner ID", extra={
-                "fields": {"event": "startup_probe_ok", "path": s.auth.check_path}})
-        else:
-            log.warning("start-up probe: %s", refused, extra={"fields": {
-                "event": "startup_probe_failed", "path": s.auth.check_path}})
+    async def _stop_verdict(self) -> None:
+        task, self._verdict_task = self._verdict_task, None
+        with contextlib.suppress(Exception):  # a failure was logged when it happened
+            await cancel_and_wait(task)
 
     async def stop(self) -> None:
         if self._state is None:
@@ -303,6 +294,7 @@ class GatewayServer:
             self._pool = None
         if self.reloader is not None:
             await self.reloader.stop()
+        await self._stop_verdict()
         # A renewal under way may finish (Repairy may already have rotated the refresh token
         # it used), within the auth timeout and what is left of the shutdown deadline.
         grace = min(self.settings.auth.auth_timeout, max(0.0, deadline - loop.time()))
@@ -349,13 +341,7 @@ async def serve(settings: Settings) -> int:
     try:
         async with GatewayServer(settings, process_metrics=True) as server:
             assert server.reloader is not None
-            probing = asyncio.create_task(server.startup_probe(), name="startup-probe")
-            probing.add_done_callback(lambda task: log_task_failure(task, log, "start-up probe"))
-            try:
-                await wait_for_signal(on_hangup=server.reloader.trigger)
-            finally:
-                with contextlib.suppress(Exception):  # a failure is logged when it happens
-                    await cancel_and_wait(probing)
+            await wait_for_signal(on_hangup=server.reloader.trigger)
     finally:
         logs.flush()
     return 0

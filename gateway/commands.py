@@ -14,7 +14,6 @@ from gateway.clock import SystemClock
 from gateway.coordination.sealing import StoreError
 from gateway.errors import AuthError
 from gateway.logs import setup_logging
-from gateway.probe import probe
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.token import renewal
@@ -75,8 +74,9 @@ async def check(settings: Settings, out: Print) -> int:
             return code
     clock = SystemClock()
     async with auth_session(settings) as session:
+        client = auth_client(session, settings, clock)
         try:
-            ex = await auth_client(session, settings, clock).login()
+            ex = await client.login()
         except AuthError as exc:
             hint = _LOGIN_HINTS.get(exc.reason)
             out(f"check failed: login to {settings.partner.base_url} {exc.reason}: {exc.message}"
@@ -86,9 +86,9 @@ async def check(settings: Settings, out: Print) -> int:
                                   default_ttl=settings.auth.access_token_default_ttl,
                                   default_refresh_ttl=settings.auth.refresh_token_default_ttl)
         if settings.auth.check_path:
-            refused = await probe(session, settings, tok.access, tok.partner_id)
-            if refused is not None:
-                out(f"check failed: logged in, but {refused}")
+            probed = await client.probe(tok)
+            if probed.outcome != "ok":
+                out(f"check failed: logged in, but {probed.detail}")
                 return 1
     stated = "stated" if ex.grant.expires_in is not None else "assumed (not in the response)"
     out(f"ok: logged in to {settings.partner.base_url} as partner {settings.partner.partner_id}")

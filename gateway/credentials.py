@@ -133,8 +133,16 @@ class CredentialReloader:
         await self._poll(self._keys_trigger, step, "client keys")
 
     async def check(self) -> str:
-        """Apply changed credentials; returns the outcome (also a metric label)."""
+        """Apply changed credentials; returns the outcome (also a metric label). After a
+        SIGHUP or a rotation, the probe runs again at once (a fix shows within one probe)."""
         force, self._force = self._force, False
+        outcome = await self._check(force)
+        verdict = self._state.verdict
+        if verdict is not None and (force or outcome == "success"):
+            verdict.request_probe("rotation" if outcome == "success" else "sighup")
+        return outcome
+
+    async def _check(self, force: bool) -> str:
         current = self._state.settings
         digest = _files_digest(current)
         if digest == self._applied and not force:

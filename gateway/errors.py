@@ -174,6 +174,11 @@ class CredentialsRotated(TokenUnavailable):
     default_code = "credentials_rotated"
 
 
+class CredentialContention(TokenUnavailable):
+    """Someone else logs in with our credentials and revoked the token; logins are slowed."""
+    default_code = "credential_contention"
+
+
 class StoreKeyMismatch(TokenUnavailable):
     """The fleet's token entry is live but sealed with another GATEWAY_STORE_KEY."""
 

@@ -16,16 +16,15 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Metric,
     disable_created_metrics,
     gc_collector,
     generate_latest,
     platform_collector,
     process_collector,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
+from gateway.metrics_merge import merge_expositions
 from gateway.token.value import RenewalKind, Token
 
 NS = "repairy_gateway"
@@ -34,6 +33,10 @@ NS = "repairy_gateway"
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RENEWAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: What callers feel, 5 ms to 30 s: the latency SLO's threshold is one of these boundaries.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Refusals the probe can confirm (each exported from the start, 0 until confirmed).
+REFUSALS = ("partner_refused", "credentials_refused")
 
 
 class Metrics:
@@ -173,8 +176,28 @@ class Metrics:
         #: The value behind ``inflight`` (a plain count: no lock per request).
         self.inflight_count = 0
         self.inflight.set_function(lambda: float(self.inflight_count))
-        self.ready = Gauge(f"{NS}_ready", "1 while ready to serve (usable token, not draining).",
-                           registry=r)
+        self.ready = Gauge(f"{NS}_ready", "1 while ready to serve (a usable token, no refusal "
+                           "confirmed by the probe, not draining).", registry=r)
+        self.request_duration = Histogram(
+            f"{NS}_request_duration_seconds", "What callers feel: from the request's arrival "
+            "to its answer's last byte, gateway included, by route template, method and "
+            "status class (499: the caller left).", ["route", "method", "code_class"],
+            buckets=REQUEST_BUCKETS, registry=r)
+        self.probes = Counter(
+            f"{NS}_probes", "Probes of GATEWAY_CHECK_PATH by outcome: ok, partner_refused "
+            "(403), token_refused (401), inconclusive (no answer, 5xx, 429, other).",
+            ["outcome"], registry=r)
+        self.upstream_refused = Gauge(
+            f"{NS}_upstream_refused", "1 while the probe confirms that Repairy refuses the "
+            "configuration (/readyz is 503 with this reason).", ["reason"], registry=r)
+        for reason in REFUSALS:
+            self.upstream_refused.labels(reason).set(0)
+        self.credential_contention = Counter(
+            f"{NS}_credential_contention", "Times credential contention began: tokens revoked "
+            "by logins elsewhere (someone else uses these credentials).", registry=r)
+        self.credential_contention_active = Gauge(
+            f"{NS}_credential_contention_active", "1 while credential contention lasts "
+            "(logins slowed to one per GATEWAY_LOGIN_RETRY_INTERVAL).", registry=r)
         build = Gauge(f"{NS}_build_info", "Build information.", ["version", "python_version"],
                       registry=r)
         build.labels(__version__, platform.python_version()).set(1)
@@ -186,9 +209,13 @@ class Metrics:
         self._upstream_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         self._response_children: dict[tuple[str, int, str], Any] = {}
         self._client_children: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, str, int], Any] = {}
 
     def bind_ready(self, is_ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+
+    def bind_contention(self, contended: Callable[[], bool]) -> None:
+        self.credential_contention_active.set_function(lambda: 1.0 if contended() else 0.0)
 
     def add_source(self, source: Callable[[], list[str]]) -> None:
         """Expositions of other processes (workers) to add into :meth:`render`."""
@@ -199,7 +226,7 @@ class Metrics:
         texts = [text for source in self._sources for text in source()]
         if not texts:
             return own
-        return merge_expositions([own.decode(), *texts])
+        return merge_expositions([own.decode(), *texts])  # with workers: once per scrape
 
     # -- TokenEvents ---------------------------------------------------------------------------
     def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
@@ -219,6 +246,17 @@ class Metrics:
 
     def invalidated(self, reason: str) -> None:
         self.invalidations.labels(reason).inc()
+
+    def contention(self) -> None:
+        self.credential_contention.inc()
+
+    # -- VerdictEvents -------------------------------------------------------------------------
+    def probed(self, outcome: str) -> None:
+        self.probes.labels(outcome).inc()
+
+    def refusal(self, reason: str | None) -> None:
+        for known in REFUSALS:
+            self.upstream_refused.labels(known).set(1 if known == reason else 0)
 
     # -- FleetEvents ---------------------------------------------------------------------------
     def adopted(self) -> None:
@@ -277,62 +315,17 @@ class Metrics:
                                                                           code)
         child.inc()
 
+    def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One request answered (or left: 499), as the caller felt it."""
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.request_duration.labels(
+                route, method, f"{status // 100}xx")
+        child.observe(seconds)
+
     def client_request(self, client: str) -> None:
         child = self._client_children.get(client)
         if child is None:
             child = self._client_children[client] = self.client_requests.labels(client)
         child.inc()
-
-
-#: Gauges that add up over processes; every other gauge is this process's own (the token's,
-#: readiness, the build), the workers' copies of those are left out.
-SUMMED_GAUGES = frozenset({f"{NS}_inflight_requests", f"{NS}_upstream_slots_in_use",
-                           f"{NS}_cache_bytes", f"{NS}_cache_entries"})
-#: Gauges whose fleet-of-workers value is the largest (any worker's open breaker shows).
-MAX_GAUGES = frozenset({f"{NS}_circuit_breaker_state"})
-
-
-class _Families:
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
-def counters_only(text: str) -> str:
-    """The counters and histograms of an exposition (what a process that has exited leaves
-    behind: its gauges meant nothing once it was gone)."""
-    families = [fam for fam in text_string_to_metric_families(text) if fam.type != "gauge"]
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families))
-    return generate_latest(registry).decode()
-
-
-def merge_expositions(texts: list[str]) -> bytes:
-    """One exposition from several: counters and histograms summed sample by sample, gauges
-    from the first text (this process) except :data:`SUMMED_GAUGES` (summed) and
-    :data:`MAX_GAUGES` (the largest)."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for index, text in enumerate(texts):
-        for fam in text_string_to_metric_families(text):
-            if fam.name not in families:
-                families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
-                values[fam.name] = {}
-            acc = values[fam.name]
-            summed = fam.type != "gauge" or fam.name in SUMMED_GAUGES
-            for sample in fam.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                if fam.name in MAX_GAUGES:
-                    acc[key] = max(acc.get(key, sample.value), sample.value)
-                elif summed:
-                    acc[key] = acc.get(key, 0.0) + sample.value
-                elif index == 0 or key not in acc:
-                    acc[key] = sample.value
-    for name, fam in families.items():
-        for (sample_name, labels), value in values[name].items():
-            fam.add_sample(sample_name, dict(labels), value)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(list(families.values())))
-    return generate_latest(registry)

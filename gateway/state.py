@@ -3,7 +3,7 @@ context (:class:`~gateway.proxy.context.ProxyContext`) and what the admin side a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.proxy.context import ProxyContext
 from gateway.settings import Settings
 from gateway.token.manager import TokenManager
+from gateway.token.verdict import UpstreamVerdict
 
 
 @dataclass(kw_only=True)
@@ -23,9 +24,16 @@ class GatewayState(ProxyContext):
     store_notes: tuple[str, ...] = ()
     #: With worker processes: their status, for /healthz.
     workers: Callable[[], list[dict[str, Any]]] | None = None
+    #: Repairy's verdict on the configuration (the probe), where the token manager lives.
+    verdict: UpstreamVerdict | None = None
+    #: Before a scrape renders: fetch what other processes (workers) counted so far.
+    collect: Callable[[], Awaitable[None]] | None = None
 
     def ready(self) -> bool:
-        return not self.draining and self.tokens.ready()
+        """Ready for three reasons only: a usable token, no refusal the probe confirmed, not
+        draining."""
+        return not self.draining and self.tokens.ready() and (
+            self.verdict is None or self.verdict.ready())
 
     @property
     def manager(self) -> TokenManager:

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config_values import ListenAddress, UnixAddress
 from gateway.coordination.channel import MAX_QUEUED, STALL_AFTER, Channel, Fault, Message
 from gateway.errors import TokenUnavailable
-from gateway.metrics import counters_only, merge_expositions
+from gateway.metrics_merge import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
 from gateway.proxy.idempotency_remote import serve_remote
 from gateway.proxy.idempotency_store import LocalStore
@@ -50,6 +50,8 @@ MIN_RESTART_DELAY: Final = 1.0
 MAX_RESTART_DELAY: Final = 30.0
 #: A worker that lived at least this long died "old": its next restart is quick again.
 HEALTHY_AFTER: Final = 10.0
+#: How long a scrape waits for the workers' metrics before using their last push (seconds).
+PULL_WAIT: Final = 1.0
 
 
 def bind_listener(address: ListenAddress, backlog: int = 1024) -> socket.socket:
@@ -79,6 +81,8 @@ class _Incarnation:
     claims: set[tuple[str, str]] = field(default_factory=set)
     #: Its store calls the supervisor is working on.
     pending: int = 0
+    #: A scrape waiting for its metrics: the pull's id, and the answer's future.
+    pull: tuple[int, asyncio.Future[None]] | None = None
 
 
 @dataclass
@@ -96,6 +100,7 @@ class WorkerPool:
     def __init__(self, count: int, listener: socket.socket, manager: TokenManager,
                  idempotency: LocalStore | None = None, *, max_queued: int = MAX_QUEUED,
                  stall: float = STALL_AFTER, on_fault: Callable[[Fault], None] | None = None,
+                 on_traffic: Callable[[int, int], None] | None = None,
                  command: Sequence[str] = (sys.executable, "-m", "gateway.worker")) -> None:
         self._listener = listener
         self._command = tuple(command)  # run with the listener's and the channel's fds
@@ -104,6 +109,8 @@ class WorkerPool:
         self._max_queued = max_queued
         self._stall = stall
         self._on_fault = on_fault
+        self._on_traffic = on_traffic
+        self._pulls = 0
         self._workers = [_Worker(i) for i in range(count)]
         self._stopping = False
         self._answers: set[asyncio.Task[None]] = set()
@@ -144,9 +151,17 @@ class WorkerPool:
             self._track(self._idem(life, message))
         elif message.kind == "invalidate":
             self._manager.invalidate(int(doc["generation"]), str(doc.get("reason", "")))
+        elif message.kind == "route_explained":
+            self._manager.route_explained(int(doc["generation"]))
+        elif message.kind == "traffic":
+            if self._on_traffic is not None:
+                self._on_traffic(int(doc["calls"]), int(doc["refused"]))
         elif message.kind == "metrics":
             if worker.life is life:
                 worker.metrics = str(doc["text"])
+                pull = life.pull
+                if pull is not None and doc.get("id") == pull[0] and not pull[1].done():
+                    pull[1].set_result(None)
         else:
             raise ValueError(f"{message.kind} is not for the supervisor")
 
@@ -221,6 +236,23 @@ class WorkerPool:
         for worker in self._workers:
             if worker.life is not None:
                 worker.life.channel.send("client_keys", message)
+
+    async def pull_metrics(self, within: float = PULL_WAIT) -> None:
+        """A scrape is waiting: ask every live worker for its metrics now, and wait up to
+        ``within`` for their answers (a worker that does not answer in time counts with its
+        last push, at most a second old)."""
+        waits = []
+        for worker in self._workers:
+            life = worker.life
+            if life is None or life.channel.closed:
+                continue
+            if life.pull is None or life.pull[1].done():
+                self._pulls += 1
+                life.pull = (self._pulls, asyncio.get_running_loop().create_future())
+                life.channel.send("metrics_pull", {"id": self._pulls})
+            waits.append(life.pull[1])
+        if waits:
+            await asyncio.wait(waits, timeout=within)
 
     def metrics_texts(self) -> list[str]:
         texts = [w.metrics for w in self._workers if w.metrics]

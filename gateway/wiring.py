@@ -183,7 +183,7 @@ def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics
     upstream = build_upstream(s, clock, metrics, rng)
     return GatewayState(settings=s, config=s.request_path(), tokens=tokens, upstream=upstream,
                         metrics=metrics, access=build_access_policy(s),
-                        route_401=route_401_tracker(s, clock, metrics),
+                        route_401=route_401_tracker(s, clock, metrics, tokens),
                         limits=build_limits(s, clock, metrics), clock=clock,
                         cache=build_cache(s, clock, metrics), idempotency=idempotency,
                         tracing=tracing)
@@ -205,9 +205,12 @@ def build_access_policy(s: Settings) -> AccessPolicy:
     return AccessPolicy(i.client_keys, i.allowed_cidrs, i.allowed_routes, i.client_key_header)
 
 
-def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics) -> Persistent401:
-    def on_mark(route: str, cooldown: float) -> None:
+def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics,
+                      tokens: TokenSource | None = None) -> Persistent401:
+    def on_mark(route: str, cooldown: float, generation: int) -> None:
         metrics.persistent_401.labels(route).inc()
+        if tokens is not None:  # that route's invalidation was no revocation
+            tokens.route_explained(generation)
         log.warning("route %s refuses a brand-new token too: passing its 401s back without "
                     "renewing for %gs", route, cooldown, extra={"fields": {
                         "event": "persistent_401", "route": route, "cooldown_s": cooldown}})
@@ -238,3 +241,6 @@ class TokenObservers:
 
     def invalidated(self, reason: str) -> None:
         self.metrics.invalidated(reason)
+
+    def contention(self) -> None:
+        self.metrics.contention()

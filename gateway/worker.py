@@ -5,8 +5,10 @@ The supervisor (:mod:`gateway.supervisor`) owns the token manager, the admin lis
 credential reloading. A worker inherits the bound proxy socket and one end of a socket pair,
 its channel to the supervisor (:mod:`gateway.coordination.channel`: the messages and their
 invariants). Over it the worker asks for tokens (``get``), reports upstream 401s
-(``invalidate``) and its metrics (every second and at exit), and calls the supervisor's
-Idempotency-Key store (``idem``) when there is no Redis.
+(``invalidate``, ``route_explained``), its metrics (every second, at exit, and at once when a
+scrape asks: ``metrics_pull``), its upstream answers and the 401/403 among them each second
+(``traffic``, for the probe's verdict), and calls the supervisor's Idempotency-Key store
+(``idem``) when there is no Redis.
 
 A worker exits when the supervisor goes away (end of the channel), and drains on SIGTERM.
 Run as ``python -m gateway.worker LISTEN_FD CONTROL_FD`` by the supervisor only.
@@ -39,6 +41,7 @@ from gateway.state import GatewayState
 from gateway.tasks import cancel_and_wait, log_task_failure
 from gateway.token.renewal import token_from_dict
 from gateway.token.value import Token, is_usable
+from gateway.token.verdict import Tally
 from gateway.tracing import tracing_for
 
 log = logging.getLogger("gateway.worker")
@@ -106,6 +109,9 @@ class RemoteTokens:
         self._channel.send("invalidate", {"generation": generation, "reason": reason})
         return True
 
+    def route_explained(self, generation: int) -> None:
+        self._channel.send("route_explained", {"generation": generation})
+
     def on_token(self, tok: Token, newer_than: int | None) -> None:
         if self._current is None or tok.generation >= self._current.generation:
             self._current = tok
@@ -127,7 +133,7 @@ class RemoteTokens:
 
 
 def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
-             calls: Calls) -> None:
+             calls: Calls, channel: Channel) -> None:
     """One message from the supervisor (one that raises is counted and skipped)."""
     doc = message.fields
     if message.kind == "token":
@@ -136,6 +142,9 @@ def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
         tokens.on_error(int(doc["newer_than"]), doc)
     elif message.kind == "idem_reply":
         calls.settle(message)
+    elif message.kind == "metrics_pull":  # a scrape waits: this second's counts, now
+        channel.send("metrics", {"text": state.metrics.render().decode(),
+                                       "id": int(doc["id"])})
     elif message.kind == "client_keys":
         s = state.settings
         keys = tuple(ClientKey(str(name), bytes.fromhex(digest)) for name, digest in doc["keys"])
@@ -143,9 +152,12 @@ def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
                                     s.inbound.client_key_header)
 
 
-async def _push_metrics(channel: Channel, metrics: Metrics) -> None:
+async def _push_metrics(channel: Channel, metrics: Metrics, tally: Tally) -> None:
     while not channel.closed:
         channel.send("metrics", {"text": metrics.render().decode()})
+        calls, refused = tally.take()
+        if calls:
+            channel.send("traffic", {"calls": calls, "refused": refused})
         await asyncio.sleep(METRICS_EVERY)
 
 
@@ -179,8 +191,8 @@ async def run(listen_fd: int, control_fd: int) -> int:
     await runner.setup()
     await web.SockSite(runner, listener).start()
     background = [asyncio.create_task(channel.serve(
-                      lambda message: _control(message, tokens, state, calls))),
-                  asyncio.create_task(_push_metrics(channel, metrics))]
+                      lambda message: _control(message, tokens, state, calls, channel))),
+                  asyncio.create_task(_push_metrics(channel, metrics, state.tally))]
     for task, what in zip(background, ("worker channel", "worker metrics push"), strict=True):
         task.add_done_callback(functools.partial(log_task_failure, log=log, what=what))
     channel.send("get", {"newer_than": 0})  # the current token, at once

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.errors import AuthError, AuthReason
-from gateway.token.auth_client import Exchange
+from gateway.token.auth_client import Exchange, ProbeResult
 from gateway.token.parse import Grant
 from gateway.token.value import RenewalKind, Token
 
@@ -117,12 +117,25 @@ class FakeAuth:
         self.inflight = 0
         self.max_inflight = 0
         self._n = 0
+        self.probes: list[tuple[float, int]] = []  # (when, generation) of each probe
+        self.probe_answers: list[ProbeResult] = []
+        self.probe_default = ProbeResult("ok", 404, "ok")
+        self.probe_duration = 0.0
 
     async def login(self) -> Exchange:
         return await self._call("login", None)
 
     async def refresh(self, token: Token) -> Exchange:
         return await self._call("refresh", token.refresh)
+
+    async def probe(self, token: Token) -> ProbeResult:
+        """GATEWAY_CHECK_PATH: ``probe_answers`` in turn, then ``probe_default`` (each after
+        ``probe_duration`` on the clock)."""
+        self.probes.append((self.clock.now, token.generation))
+        await self.clock.sleep(self.probe_duration)
+        if self.probe_answers:
+            return self.probe_answers.pop(0)
+        return self.probe_default
 
     def for_rotation(self) -> RotationAuth:
         return RotationAuth(self)
@@ -163,3 +176,6 @@ class RotationAuth:
 
     async def refresh(self, token: Token) -> Exchange:
         return await self._auth._call("refresh", token.refresh, rotation=True)
+
+    async def probe(self, token: Token) -> ProbeResult:
+        return await self._auth.probe(token)

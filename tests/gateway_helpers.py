@@ -19,7 +19,9 @@ def settings_for(sb: Sandbox | str, env: dict[str, str] | None = None,
     """Settings pointing at a sandbox (or any URL), listeners on free loopback ports.
 
     ``env`` is the environment to load from (default: none); ``overrides`` win over it,
-    except that credentials given in ``env`` (as *_FILE) are not overridden.
+    except that credentials given in ``env`` (as *_FILE) are not overridden. The probe
+    (``GATEWAY_CHECK_PATH``) is off unless asked for, so that tests counting upstream calls
+    see only their own (tests/test_readiness.py and the CLI tests run it).
     """
     url = sb if isinstance(sb, str) else sb.url
     cfg = None if isinstance(sb, str) else sb.state.config
@@ -36,6 +38,7 @@ def settings_for(sb: Sandbox | str, env: dict[str, str] | None = None,
         "login_retry_interval": "0.3s",
         "token_wait_timeout": "3s",
         "shutdown_grace": "5s",
+        "check_path": "",
     }
     env = env or {}
     for key in ("app_key", "app_secret", "partner_id"):

@@ -8,7 +8,9 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -259,29 +261,52 @@ async def test_cli_busy_port_is_a_start_up_error_naming_the_setting(sandbox: San
     assert sandbox.state.control.counters["token_requests"] == 0
 
 
-async def test_cli_serve_probes_once_at_start_up_and_only_warns(
-        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
-    """serve makes check's one authenticated call once the first token is in: a wrong
-    Partner ID is a warning naming REPAIRY_PARTNER_ID, and the gateway still serves."""
+async def test_cli_serve_a_wrong_partner_id_is_not_ready_then_a_fix_and_sighup_ready(
+        sandbox: Sandbox, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """serve with a wrong Partner ID: /readyz is 503 partner_refused within 15 s of start,
+    /startz 200 (no restart loop), one error line naming REPAIRY_PARTNER_ID, the process
+    keeps running; after the fix and a SIGHUP, /readyz is 200 within one probe interval."""
     from tests.fleet_helpers import GatewayProcess
 
-    gw = GatewayProcess(sandbox, {"REPAIRY_PARTNER_ID": "someone-else"})
+    partner = tmp_path / "partner-id"
+    partner.write_text("someone-else")
+    gw = GatewayProcess(sandbox, {"REPAIRY_PARTNER_ID_FILE": str(partner)})
+    gw.env.pop("REPAIRY_PARTNER_ID")
+    started = time.monotonic()
     await gw.start()
     try:
-        await gw.ready(http)
-        await wait_until(lambda: "startup_probe_failed" in gw.log.read_text())
-        line = next(x for x in gw.log.read_text().splitlines() if "startup_probe" in x)
-        assert "REPAIRY_PARTNER_ID" in line and json.loads(line)["level"] == "warning"
+        async def refused() -> bool:
+            try:
+                async with http.get(gw.admin + "/readyz") as resp:
+                    body = await resp.json()
+                    return resp.status == 503 and body["codes"] == ["partner_refused"]
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(refused, within=15)
+        assert time.monotonic() - started < 15
+        async with http.get(gw.admin + "/readyz") as resp:
+            (reason,) = (await resp.json())["reasons"]
+        assert "REPAIRY_PARTNER_ID" in reason and "403" in reason
+        async with http.get(gw.admin + "/startz") as resp:
+            assert resp.status == 200
+        tokenz = await gw.tokenz(http)
+        assert tokenz["usable"] and tokenz["upstream"]["refusal"] == "partner_refused"
+        assert tokenz["upstream"]["fix"] == "REPAIRY_PARTNER_ID"
+        lines = [json.loads(x) for x in gw.log.read_text().splitlines()
+                 if '"upstream_refused"' in x]
+        assert len(lines) == 1 and lines[0]["level"] == "error"
+        assert "REPAIRY_PARTNER_ID" in lines[0]["msg"]
         assert gw.proc is not None and gw.proc.returncode is None
+
+        partner.write_text(sandbox.state.config.partner_id)
+        fixed = time.monotonic()
+        gw.proc.send_signal(signal.SIGHUP)
+        await gw.ready(http, within=10)
+        assert time.monotonic() - fixed < 5 + 2  # one probe interval (the floor), and a login
+        await wait_until(lambda: '"upstream_accepted"' in gw.log.read_text())  # logs batch
     finally:
         assert await gw.stop() == 0
-    good = GatewayProcess(sandbox, {})
-    await good.start()
-    try:
-        await good.ready(http)
-        await wait_until(lambda: "startup_probe_ok" in good.log.read_text())
-    finally:
-        assert await good.stop() == 0
 
 
 async def test_cli_a_lease_below_its_floor_is_refused_at_start_up() -> None:

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "gateway"
 ABOVE_COMPONENTS = ("gateway.settings", "gateway.settings_docs", "gateway.wiring",
                     "gateway.state", "gateway.app", "gateway.cli", "gateway.commands",
                     "gateway.worker", "gateway.supervisor", "gateway.admin",
-                    "gateway.credentials", "gateway.probe")
+                    "gateway.credentials")
 COMPONENTS = ("gateway.token", "gateway.proxy", "gateway.coordination")
 #: Lines a module may have; the exceptions say why.
 MAX_LINES = 370

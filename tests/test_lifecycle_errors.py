@@ -26,6 +26,7 @@ from gateway.proxy.retry import Attempts
 from gateway.sandbox import Sandbox
 from gateway.settings import Settings
 from gateway.tasks import cancel_and_wait, sleep_or_set
+from gateway.token.auth_client import AuthClient, ProbeResult
 from gateway.token.config import PartnerConfig
 from gateway.token.fleet import Fleet
 from gateway.token.fleet_sync import FleetSync
@@ -352,20 +353,23 @@ def _free_port() -> int:
         return port
 
 
-async def test_lifecycle_a_crashing_start_up_probe_is_logged_and_serve_goes_on(
+async def test_lifecycle_a_crashing_probe_is_logged_and_serve_goes_on(
         sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, log_capture: LogCapture) -> None:
-    """The start-up probe fails with an unforeseen error: it is logged at once, with its
-    traceback (never "exception was never retrieved" at some later collection), and
-    ``serve`` keeps serving, then stops cleanly."""
+    """The probe fails with an unforeseen error: it is logged at once, with its traceback
+    (never "exception was never retrieved" at some later collection), counted as a probe
+    that said nothing (readiness stays as it was), and ``serve`` keeps serving, then stops
+    cleanly."""
 
-    async def crashing_probe(self: GatewayServer) -> None:
+    async def crashing_probe(self: AuthClient, token: Token) -> ProbeResult:
         raise RuntimeError("probe bug")
 
-    monkeypatch.setattr(GatewayServer, "startup_probe", crashing_probe)
-    serving = asyncio.create_task(serve(settings_for(sandbox)))
-    await wait_until(lambda: _events(log_capture, "task_failed") != [], within=10)
-    failed = _events(log_capture, "task_failed")
-    assert failed[0]["task"] == "start-up probe" and "RuntimeError" in failed[0]["exc"]
+    monkeypatch.setattr(AuthClient, "probe", crashing_probe)
+    serving = asyncio.create_task(serve(settings_for(
+        sandbox, check_path="/bookings/000000000000000000000000")))
+    await wait_until(lambda: _events(log_capture, "probe_crashed") != [], within=10)
+    crashed = _events(log_capture, "probe_crashed")
+    assert "RuntimeError" in crashed[0]["exc"] and crashed[0]["level"] == "error"
+    assert _events(log_capture, "probe_inconclusive") != []
     assert not serving.done()
     os.kill(os.getpid(), signal.SIGTERM)
     assert await asyncio.wait_for(serving, 20) == 0

@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.app import GatewayServer
-from gateway.metrics import Metrics, merge_expositions
+from gateway.metrics import Metrics
+from gateway.metrics_merge import merge_expositions
 from gateway.proxy.routes import method_label, route_template
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until

@@ -186,27 +186,32 @@ async def test_a_rotation_between_claim_and_token_sends_nothing(
             assert cache.lookup(stale, CIMultiDict()) is None
 
 
-async def test_the_start_up_probe_after_a_rotation_sends_the_tokens_partner(
+async def test_the_probe_after_a_rotation_sends_the_tokens_partner(
         tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """serve's start-up probe may run after a rotation landed (it looks for the first token
-    once a second): it must send the token it takes with that token's Partner ID, not the one
-    the settings started with (found by the 20-run loop: a partner-1 request with partner-2's
-    token, and a false "Repairy refused Partner ID" warning)."""
+    """The probe runs again after a rotation: it must send the token it takes with that
+    token's Partner ID, not the one the settings started with (found by the 20-run loop: a
+    partner-1 request with partner-2's token, and a false "Repairy refused Partner ID")."""
     mount = SecretMount(tmp_path, OLD)
     async with Sandbox(SandboxConfig(app_secret=OLD["app-secret"],
                                      partner_id=OLD["partner-id"])) as sb:
 
         def load() -> Settings:
-            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0")
+            return settings_for(sb, env=mount.env(sb), secrets_poll_interval="0",
+                                check_path="/bookings/000000000000000000000000")
 
         async with GatewayServer(load(), reload_settings=load) as gw:
-            await wait_until(gw.state.tokens.ready)
+            verdict = gw.state.verdict
+            assert verdict is not None
+            await wait_until(lambda: verdict.rounds == 1 and verdict.first_round_done)
             assert gw.reloader is not None
             await accept(http, sb, NEW)
             mount.update(NEW)
             assert await gw.reloader.check() == "success"
-            await gw.startup_probe()
-            async with http.get(f"{sb.url}/__sandbox/requests?limit=1") as resp:
-                (entry,) = (await resp.json())["requests"]
-            assert entry["path"].startswith("/bookings/")
-            assert dict(entry["headers"])["X-Partner-ID"] == NEW["partner-id"]
+            await wait_until(lambda: verdict.rounds == 2 and verdict.last_result is not None
+                             and verdict._due is None, within=10)
+            assert verdict.last_result is not None and verdict.last_result.outcome == "ok"
+            assert verdict.ready()
+            async with http.get(f"{sb.url}/__sandbox/requests?limit=20") as resp:
+                probes = [e for e in (await resp.json())["requests"]
+                          if e["path"].startswith("/bookings/")]
+            assert dict(probes[-1]["headers"])["X-Partner-ID"] == NEW["partner-id"]

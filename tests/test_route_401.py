@@ -17,7 +17,7 @@ R = "/bookings/{id}"
 
 
 def tracker(clock: FakeClock, marks: list[tuple[str, float]]) -> Persistent401:
-    return Persistent401(clock, 60, 3600, lambda route, cool: marks.append((route, cool)))
+    return Persistent401(clock, 60, 3600, lambda route, cool, _gen: marks.append((route, cool)))
 
 
 def test_route_401_marks_after_a_newer_token_is_refused_too() -> None:
@@ -69,7 +69,7 @@ async def test_route_401_verdict_only_within_the_window() -> None:
     later, generation 50): it invalidates again instead of marking the route."""
     clock = FakeClock()
     marks: list[tuple[str, float]] = []
-    t = Persistent401(clock, 60, 3600, lambda r, c: marks.append((r, c)), verdict_window=14)
+    t = Persistent401(clock, 60, 3600, lambda r, c, _g: marks.append((r, c)), verdict_window=14)
     assert t.unauthorized(R, 1)  # a streamed POST: no replay, no verdict yet
     await clock.advance(3 * 86400)
     assert t.unauthorized(R, 50) is True

@@ -14,7 +14,7 @@ import aiohttp
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.fleet_helpers import GatewayProcess
 from tests.gateway_helpers import SERVICES, wait_until
-from tests.sandbox_helpers import stats
+from tests.sandbox_helpers import faults, stats
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
 
@@ -117,3 +117,52 @@ async def test_workers_a_dead_worker_is_restarted_and_logged(
         finally:
             assert await gw.stop() == 0
     assert '"event": "worker_died"' in gw.logs()
+
+
+async def test_workers_metrics_are_collected_at_scrape_time_and_their_403s_ask_a_probe(
+        http: aiohttp.ClientSession) -> None:
+    """GATEWAY_WORKERS=2: a scrape right after each burst of requests counts every one of
+    them (collected from the workers at scrape time, not up to a push old); the workers'
+    callers getting 403s reach the supervisor's probe, which runs once and passes."""
+    async with Sandbox() as sb:
+        gw = GatewayProcess(sb, {"GATEWAY_WORKERS": "2"})
+        await gw.start()
+        try:
+            await gw.ready(http)
+
+            async def probes() -> float:
+                return await metric(http, gw, 'repairy_gateway_probes_total{outcome="ok"}')
+
+            await wait_until(lambda: probes())  # the start-up probe
+            assert await probes() == 1
+            sessions = [await gw.pinned(http, slot) for slot in (0, 1)]
+            sent = 2  # the pinning requests
+            try:
+                for burst in range(6):
+                    for session in sessions:
+                        for _ in range(burst + 1):
+                            async with session.get(gw.url + SERVICES) as resp:
+                                await resp.read()
+                                assert resp.status == 200
+                            sent += 1
+                    counted = await metric(http, gw, "repairy_gateway_client_requests_total")
+                    assert counted == sent, (burst, counted, sent)
+                # More 403s than the minute's 44 good answers: past both numbers.
+                await faults(http, sb, {"status": 403, "path": "/workshops/*", "count": 60})
+                for _ in range(30):
+                    for session in sessions:
+                        async with session.get(gw.url + SERVICES) as resp:
+                            await resp.read()
+                            assert resp.status == 403
+            finally:
+                for session in sessions:
+                    await session.close()
+            await wait_until(lambda: probes_are(probes, 2), within=10)
+            async with http.get(gw.admin + "/readyz") as resp:
+                assert resp.status == 200
+        finally:
+            assert await gw.stop() == 0
+
+
+async def probes_are(probes: Any, n: int) -> bool:
+    return bool(await probes() == n)

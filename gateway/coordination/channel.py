@@ -7,9 +7,11 @@ inside JSON, and a reply can hand over the bytes the store already holds without
 
 **Types**, with the fields :data:`FIELDS` requires of each. Worker → supervisor: ``get`` (a
 token newer than a generation), ``invalidate`` (the upstream refused generation G),
-``metrics`` (the worker's exposition), ``idem`` (a call on the supervisor's Idempotency-Key
-store). Supervisor → worker: ``token``, ``error`` (no token can be had), ``client_keys``,
-``idem_reply``.
+``route_explained`` (a route refused a newer token too: G's invalidation was the route's),
+``metrics`` (the worker's exposition: each second, and in answer to ``metrics_pull`` with its
+``id``), ``traffic`` (a second's upstream answers and 401/403 among them), ``idem`` (a call on
+the supervisor's Idempotency-Key store). Supervisor → worker: ``token``, ``error`` (no token
+can be had), ``client_keys``, ``metrics_pull`` (a scrape is waiting), ``idem_reply``.
 
 **Invariants.**
 
@@ -50,15 +52,18 @@ from typing import Any, Final, Literal, cast
 
 log = logging.getLogger("gateway.channel")
 
-Kind = Literal["get", "token", "error", "invalidate", "metrics", "client_keys", "idem",
-               "idem_reply"]
+Kind = Literal["get", "token", "error", "invalidate", "route_explained", "metrics",
+               "metrics_pull", "traffic", "client_keys", "idem", "idem_reply"]
 #: The fields each type must carry (more may come).
 FIELDS: Final[dict[str, frozenset[str]]] = {
     "get": frozenset({"newer_than"}),
     "token": frozenset({"token"}),
     "error": frozenset({"newer_than"}),
     "invalidate": frozenset({"generation"}),
+    "route_explained": frozenset({"generation"}),
     "metrics": frozenset({"text"}),
+    "metrics_pull": frozenset({"id"}),
+    "traffic": frozenset({"calls", "refused"}),
     "client_keys": frozenset({"keys"}),
     "idem": frozenset({"id", "op", "key"}),
     "idem_reply": frozenset({"id"}),

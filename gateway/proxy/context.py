@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -22,6 +22,7 @@ from gateway.proxy.idempotency_store import IdempotencyStore
 from gateway.proxy.limits import ClientLimits
 from gateway.token.route_401 import Persistent401
 from gateway.token.source import TokenSource
+from gateway.token.verdict import Tally
 from gateway.tracing import Tracing
 
 
@@ -44,6 +45,8 @@ class ProxyContext:
     #: OpenTelemetry spans (None: off, the default).
     tracing: Tracing | None = None
     draining: bool = False
+    #: Upstream answers passed back, and the 401/403 among them (the probe's verdict reads it).
+    tally: Tally = field(default_factory=Tally)
 
 
 class InFlight:

@@ -37,6 +37,7 @@ from gateway.proxy.inbound import GatewayRequestHandler, send_continue
 from gateway.proxy.leader import IdempotencyLeader
 from gateway.proxy.outcome import Outcome, log_request
 from gateway.proxy.respond import Responder
+from gateway.proxy.routes import method_label
 from gateway.urls import target_url
 
 log = logging.getLogger("gateway.proxy")
@@ -111,6 +112,13 @@ class Proxy:
             self._inflight.end()
             if isinstance(protocol, GatewayRequestHandler):
                 protocol.end_request()
+            status = outcome.status
+            if status is not None:
+                ctx.metrics.request_done(method_label(request.method), outcome.route, status,
+                                         time.monotonic() - started)
+                if outcome.error is None and outcome.source == "upstream" and (
+                        outcome.upstream_status is not None):  # an upstream answer passed back
+                    ctx.tally.answered(status)
             log_request(request, rid, outcome, started)
 
     def _gone(self, outcome: Outcome) -> None:

@@ -1,4 +1,5 @@
-"""Calls to Repairy's two auth endpoints (log in, refresh), and nothing else.
+"""Calls to Repairy's two auth endpoints (log in, refresh), and the probe that asks whether
+Repairy takes a token with its Partner ID (:meth:`AuthClient.probe`).
 
 These requests are built here from settings, never through the proxy path that injects the
 managed token, and travel on their own small connection pool (:func:`create_auth_session`),
@@ -26,6 +27,7 @@ import logging
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Literal
 from urllib.parse import urlencode
 
 import aiohttp
@@ -58,6 +60,22 @@ class Exchange:
     sent_mono: float
     sent_wall: float
     partner_id: str
+
+
+#: What one probe showed: Repairy took the token and the Partner ID (``ok``), refused the
+#: Partner ID (403), refused the token (401), or said nothing that decides (no answer, a 5xx
+#: or 429, another status).
+ProbeOutcome = Literal["ok", "partner_refused", "token_refused", "inconclusive"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe's answer: its outcome, the status (None: no answer) and a line for humans
+    (no secret: a path, a status, a setting to check)."""
+
+    outcome: ProbeOutcome
+    status: int | None
+    detail: str
 
 
 async def _on_headers_sent(session: aiohttp.ClientSession, ctx: SimpleNamespace,
@@ -163,6 +181,42 @@ class AuthClient:
         detail = self._error_code(raw, body, bearer)
         raise AuthError(reason, f"{kind} answered {status}" + (f" ({detail})" if detail else ""),
                         status=status, retry_after=retry_after)
+
+    async def probe(self, token: Token) -> ProbeResult:
+        """One cheap authenticated call (``GATEWAY_CHECK_PATH``) with ``token`` and the Partner
+        ID it was issued for: 2xx, or 404 (the resource need not exist), means Repairy took
+        both; 403 refuses the Partner ID, 401 the token. A login alone cannot tell a wrong
+        Partner ID."""
+        s, path = self._auth, self._auth.check_path
+        url = target_url(self._partner.base_url, path)
+        headers = {"Authorization": f"Bearer {token.access}", "X-Partner-ID": token.partner_id,
+                   "Accept": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=s.auth_timeout,
+                                        sock_connect=min(self._connect_timeout, s.auth_timeout))
+        try:
+            async with self._session.get(url, headers=headers, allow_redirects=False,
+                                         timeout=timeout) as resp:
+                status = resp.status
+                await read_up_to(resp, MAX_AUTH_BODY)
+        except TimeoutError:
+            return ProbeResult("inconclusive", None, f"the probe GET {path} got no answer "
+                                                     f"within {s.auth_timeout:g}s")
+        except aiohttp.ClientError as exc:
+            return ProbeResult("inconclusive", None,
+                               f"the probe GET {path} failed ({type(exc).__name__})")
+        if 200 <= status < 300 or status == 404:
+            return ProbeResult("ok", status, f"Repairy took the token and the Partner ID on "
+                                             f"GET {path} ({status})")
+        if status == 401:
+            return ProbeResult("token_refused", status, f"Repairy refused the token on GET "
+                               f"{path} (401): check REPAIRY_APP_KEY / REPAIRY_APP_SECRET and "
+                               "the auth settings")
+        if status == 403:
+            return ProbeResult("partner_refused", status, f"Repairy refused Partner ID "
+                               f"{token.partner_id!r} on GET {path} (403): check "
+                               "REPAIRY_PARTNER_ID")
+        return ProbeResult("inconclusive", status, f"the probe GET {path} answered {status} "
+                                                   "(GATEWAY_CHECK_PATH)")
 
     def _note(self, kind: RenewalKind, notes: tuple[str, ...]) -> None:
         """Log each correction of an auth answer once per process, not on every renewal."""

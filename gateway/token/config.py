@@ -12,6 +12,8 @@ from typing import ClassVar
 from yarl import URL
 
 from gateway.config_values import (
+    bounded_int,
+    bounded_number,
     choice,
     duration_at_least,
     parse_base_url,
@@ -83,8 +85,18 @@ class AuthConfig:
         "Send the current access token as Bearer on refresh.")
     check_path: str = setting(
         "GATEWAY_CHECK_PATH", parse_optional_api_path, "/bookings/000000000000000000000000",
-        "What 'check' GETs after logging in to prove "
-        "the token and the Partner ID work (2xx or 404 pass; off: no call).")
+        "What 'check' and the running gateway GET to prove the token and the Partner ID "
+        "work (2xx or 404 pass; 403 or a 401 that survives a renewal: not ready; off: no "
+        "call).")
+    reprobe_min_refusals: int = setting(
+        "GATEWAY_REPROBE_MIN_REFUSALS", bounded_int(1, 1_000_000), "20",
+        "Live traffic asks for a probe of GATEWAY_CHECK_PATH (at most one a minute) when a "
+        "minute holds at least this many upstream 401/403 passed back to callers, and "
+        "GATEWAY_REPROBE_REFUSED_RATIO of its upstream answers.")
+    reprobe_refused_ratio: float = setting(
+        "GATEWAY_REPROBE_REFUSED_RATIO", bounded_number(0.01, 1.0), "0.5",
+        "The share of a minute's upstream answers that must be 401/403 (and at least "
+        "GATEWAY_REPROBE_MIN_REFUSALS of them) before live traffic asks for a probe.")
     auth_timeout: float = setting(
         "GATEWAY_AUTH_TIMEOUT", duration_at_least(0.1), "10s",
         "Time allowed for one login or refresh call. At least 100ms.")
@@ -134,6 +146,15 @@ class TokenConfig:
     persistent_401_cooldown_max: float = setting(
         "GATEWAY_PERSISTENT_401_COOLDOWN_MAX", parse_positive_duration, "1h",
         "Longest persistent-401 cool-down of a route.")
+    contention_invalidations: int = setting(
+        "GATEWAY_CONTENTION_INVALIDATIONS", bounded_int(1, 1000), "3",
+        "This many invalidations of the newest token that no fleet peer's renewal explains, "
+        "within GATEWAY_CONTENTION_WINDOW, mean someone else logs in with our credentials "
+        "(then at most one login per GATEWAY_LOGIN_RETRY_INTERVAL).")
+    contention_window: float = setting(
+        "GATEWAY_CONTENTION_WINDOW", duration_at_least(1.0), "10m",
+        "The window of GATEWAY_CONTENTION_INVALIDATIONS; contention ends after a window "
+        "without one. At least 1s.")
     token_file: str = setting(
         "GATEWAY_TOKEN_FILE", parse_optional_path, "",
         "Keep the token in this file (0600) so a restart reuses it (empty: memory only).")

@@ -31,11 +31,12 @@ from dataclasses import replace
 from typing import Any, Final
 
 from gateway.clock import Clock
-from gateway.errors import AuthError, CredentialsRejected, StoreKeyMismatch, TokenUnavailable
+from gateway.errors import AuthError, StoreKeyMismatch, TokenUnavailable
 from gateway.tasks import cancel_and_wait, log_task_failure, sleep_or_set, sleep_or_until
 from gateway.token import renewal
-from gateway.token.auth_client import Exchange, token_from_exchange
+from gateway.token.auth_client import Exchange, ProbeResult, token_from_exchange
 from gateway.token.config import PartnerConfig, TokenSide
+from gateway.token.contention import ContentionWatch
 from gateway.token.fleet import Fleet
 from gateway.token.fleet_sync import FleetSync
 from gateway.token.renewal import Failure, RenewalState
@@ -45,6 +46,7 @@ from gateway.token.source import (
     TokenEvents,
     TokenStatus,
 )
+from gateway.token.unavailable import unavailable
 from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 
 log = logging.getLogger("gateway.token")
@@ -86,6 +88,8 @@ class TokenManager:
         self._usable_until = 0.0
         self._stopping = False  # stop() has begun: no new auth call starts
         self._sync = None if fleet is None else FleetSync(fleet, self, clock, self._policy)
+        self._contention = ContentionWatch(side.token.contention_invalidations,
+                                           side.token.contention_window)
         if initial is not None:  # a stored token from an earlier run
             self._state = renewal.succeeded(self._state, initial, self._policy,
                                             self._rng.random())
@@ -143,7 +147,8 @@ class TokenManager:
                 plan = renewal.next_attempt(st, now, self._policy)
                 if plan is None or (st.not_before is not None and st.not_before > now) or (
                         plan.when > deadline):
-                    raise self._unavailable(now)
+                    raise unavailable(st, plan, now, contended=self._contention.active(now),
+                                      store_down=self._fleet is not None and not self._fleet.up)
                 await self._wait_any(None, plan.when - now)
                 continue
             await self._wait_any(task, deadline - now)
@@ -177,19 +182,31 @@ class TokenManager:
         tok = self._state.token
         return tok is not None and tok.generation == generation
 
+    def route_explained(self, generation: int) -> None:
+        self._contention.retract(generation)
+
+    async def probe(self, token: Token) -> ProbeResult:
+        """GATEWAY_CHECK_PATH with ``token``, through the current credentials' client."""
+        return await self._auth.probe(token)
+
     # -- status --------------------------------------------------------------------------------
     def ready(self) -> bool:
-        """A usable token that the upstream has not refused (and the fleet's, if any)."""
-        st = self._state
-        return not st.stale and not self._mismatch() and is_usable(
-            st.token, self._clock.monotonic(), self._policy.margin)
+        """A usable token (and the fleet's, if any). A token the upstream refused keeps
+        serving until its replacement lands, so it stays ready meanwhile."""
+        return not self._mismatch() and is_usable(self._state.token, self._clock.monotonic(),
+                                                  self._policy.margin)
+
+    def contended(self) -> bool:
+        return self._contention.active(self._clock.monotonic())
 
     def status(self) -> TokenStatus:
         st = self._state
-        plan = renewal.next_attempt(st, self._clock.monotonic(), self._policy)
+        now = self._clock.monotonic()
+        plan = renewal.next_attempt(st, now, self._policy)
         return TokenStatus(st.token, self.ready(), st.stale, st.due_at,
                            None if plan is None else plan.when, self._last_outcome,
-                           st.last_error, self._last_renewal_wall, st.failures, st.blocked)
+                           st.last_error, self._last_renewal_wall, st.failures, st.blocked,
+                           self._contention.active(now), self._contention.count(now))
 
     @property
     def state(self) -> RenewalState:
@@ -370,6 +387,8 @@ class TokenManager:
 
     async def _renew(self, kind: RenewalKind, holding: bool) -> None:
         st = self._state
+        if st.stale and st.token is not None:  # renewed here: no fleet peer explains it
+            self._unexplained(st.token.generation)
         prev = None if st.stale else st.token
         if kind == "refresh" and prev is None:
             kind = "login"  # invalidated between the plan and now: nothing to refresh with
@@ -421,6 +440,14 @@ class TokenManager:
         except AuthError as exc:
             raise _AttemptFailed("login", exc) from exc
 
+    def _unexplained(self, generation: int) -> None:
+        """An invalidation of the newest token that no peer's renewal explains."""
+        if self._contention.record(self._clock.monotonic(), generation,
+                                   self._policy.login_retry_interval):
+            self._events.contention()
+        if self._contention.until is not None:
+            self._state = renewal.contended(self._state, self._contention.until)
+
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
                                      self._policy, self._rng.random())
@@ -470,28 +497,6 @@ class TokenManager:
             "expires_in": round(token.lifetime, 3),
             "renew_in": round(self._state.due_at - token.obtained_at, 3)}})
         return token
-
-    def _unavailable(self, now: float) -> TokenUnavailable:
-        st = self._state
-        plan = renewal.next_attempt(st, now, self._policy)
-        wait = max(0.0, plan.when - now) if plan is not None else 1.0
-        if st.blocked == "invalid_credentials":
-            return CredentialsRejected(
-                "Repairy rejected the gateway's credentials; retrying in the background",
-                retry_after=wait)
-        if st.blocked is not None:
-            return TokenUnavailable(
-                f"Repairy refused the gateway's auth request ({st.blocked}); check the "
-                "configuration", retry_after=wait)
-        if st.last_error:
-            why = f"no usable access token: last renewal failed ({st.last_error})"
-        elif st.stale:
-            why = "no usable access token: the upstream refused it; renewing"
-        elif self._fleet is not None and not self._fleet.up:
-            why = "no usable access token: waiting for the token store"
-        else:
-            why = "no usable access token yet"
-        return TokenUnavailable(why, retry_after=wait)
 
     async def _wait_any(self, task: asyncio.Task[Any] | None, seconds: float) -> None:
         """Until ``task`` ends or ``seconds`` pass on the clock."""

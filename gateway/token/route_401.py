@@ -37,7 +37,7 @@ class _Mark:
 
 class Persistent401:
     def __init__(self, clock: Clock, cooldown: float, cooldown_max: float,
-                 on_mark: Callable[[str, float], None] | None = None,
+                 on_mark: Callable[[str, float, int], None] | None = None,
                  verdict_window: float = 30.0) -> None:
         self._clock = clock
         self._cooldown = cooldown
@@ -71,8 +71,8 @@ class Persistent401:
             cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
             self._remember(self._marks, route, _Mark(now + cooldown, cooldown))
             del self._pending[route]
-            if self._on_mark is not None:
-                self._on_mark(route, cooldown)
+            if self._on_mark is not None:  # the generation it invalidated was not at fault
+                self._on_mark(route, cooldown, pending)
             return False
         if pending is None or generation > pending:
             self._remember(self._pending, route, (generation, now))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.token.auth_client import Exchange
+from gateway.token.auth_client import Exchange, ProbeResult
 from gateway.token.value import RenewalKind, Token
 
 
@@ -17,6 +17,10 @@ class AuthCalls(Protocol):
     async def login(self) -> Exchange: ...
 
     async def refresh(self, token: Token) -> Exchange: ...
+
+    async def probe(self, token: Token) -> ProbeResult:
+        """One cheap authenticated call (GATEWAY_CHECK_PATH) with ``token``."""
+        ...
 
 
 class TokenSource(Protocol):
@@ -40,6 +44,11 @@ class TokenSource(Protocol):
 
     def invalidate(self, generation: int, reason: str) -> bool: ...
 
+    def route_explained(self, generation: int) -> None:
+        """A route refused a newer token too (it is marked persistent 401): the invalidation
+        of ``generation`` was that route's, not a revocation (not contention)."""
+        ...
+
     def ready(self) -> bool: ...
 
     async def still_current(self, generation: int) -> bool: ...
@@ -54,6 +63,10 @@ class TokenEvents(Protocol):
 
     def invalidated(self, reason: str) -> None: ...
 
+    def contention(self) -> None:
+        """Contention began: someone else logs in with our credentials."""
+        ...
+
 
 class NoEvents:
     """No observer."""
@@ -65,6 +78,9 @@ class NoEvents:
         pass
 
     def invalidated(self, reason: str) -> None:
+        pass
+
+    def contention(self) -> None:
         pass
 
 
@@ -82,6 +98,9 @@ class TokenStatus:
     last_renewal_wall: float | None
     consecutive_failures: int
     blocked: str | None
+    #: Someone else logs in with our credentials (logins are slowed until then).
+    contended: bool = False
+    contention_invalidations: int = 0
 
     @property
     def credentials_rejected(self) -> bool:

@@ -1,0 +1,173 @@
+"""Credential contention on a fake clock (gateway/token/contention.py and the manager): what
+counts, what is taken back, what contention changes (logins slowed, callers told why), and
+that a storm of other failures is never mistaken for it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import CredentialContention
+from gateway.token.contention import ContentionWatch
+from gateway.token.manager import TokenManager
+from gateway.token.value import RenewalKind, Token
+from tests.fake_clock import FakeAuth, FakeClock, settle
+from tests.gateway_helpers import settings_for
+
+CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
+
+S = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_retry_max="60s",
+                 login_retry_interval="30s", token_wait_timeout="4s",
+                 contention_invalidations="3", contention_window="10m")
+
+
+class Seen:
+    """TokenEvents that remembers contention."""
+
+    def __init__(self) -> None:
+        self.contentions = 0
+
+    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
+        pass
+
+    def token_changed(self, token: Token | None) -> None:
+        pass
+
+    def invalidated(self, reason: str) -> None:
+        pass
+
+    def contention(self) -> None:
+        self.contentions += 1
+
+
+def test_the_watch_needs_the_threshold_within_the_window_and_ends_a_window_after() -> None:
+    w = ContentionWatch(3, 600)
+    assert not w.record(0, 1, 30) and not w.record(300, 2, 30)
+    assert not w.record(901, 3, 30)  # the first is older than the window
+    assert not w.record(1000, 4, 30)  # and now the second
+    assert w.record(1100, 5, 30) and w.active(1100) and w.detected == 1
+    assert not w.record(1500, 6, 30)  # while it lasts: extends, never begins again
+    assert w.active(2099) and not w.active(2100)
+    assert w.count(2100) == 1
+
+
+def test_the_watch_forgets_an_invalidation_a_route_explained() -> None:
+    w = ContentionWatch(3, 600)
+    w.record(0, 1, 30)
+    w.record(10, 2, 30)
+    assert w.retract(2) and not w.retract(2)
+    assert not w.record(20, 3, 30) and w.count(20) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.floats(0, 1e6), max_size=200), threshold=st.integers(1, 10),
+       window=st.floats(1, 1e5))
+def test_the_watch_begins_only_with_the_threshold_inside_one_window(
+        times: list[float], threshold: int, window: float) -> None:
+    w = ContentionWatch(threshold, window)
+    seen: list[float] = []
+    for g, at in enumerate(sorted(times)):
+        seen.append(at)
+        began = w.record(at, g, 30)
+        if began:
+            assert sum(1 for t in seen if at - t <= window) >= threshold
+        assert w.count(at) <= threshold
+
+
+async def _manager(clock: FakeClock, seen: Seen) -> tuple[TokenManager, FakeAuth]:
+    auth = FakeAuth(clock)
+    manager = TokenManager(auth, S.token_side(), clock, seen, rng=random.Random(3))
+    await manager.start()
+    await settle()
+    await clock.advance(0.1)
+    return manager, auth
+
+
+async def _revoke(manager: TokenManager, clock: FakeClock, after: float = 2.0) -> None:
+    tok = manager.current
+    assert tok is not None
+    manager.invalidate(tok.generation, "upstream_401")
+    await clock.advance(after)
+
+
+def test_three_revocations_in_ten_minutes_are_contention_then_logins_slow_down() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        seen = Seen()
+        manager, auth = await _manager(clock, seen)
+        for _ in range(2):
+            await _revoke(manager, clock, 60)
+        assert not manager.contended() and seen.contentions == 0
+        await _revoke(manager, clock)
+        assert manager.contended() and seen.contentions == 1
+        assert manager.status().contended and manager.status().contention_invalidations == 3
+        logins = len(auth.calls)
+        # Someone keeps revoking at once: at most one login per GATEWAY_LOGIN_RETRY_INTERVAL.
+        for _ in range(40):
+            tok = manager.current
+            assert tok is not None
+            manager.invalidate(tok.generation, "upstream_401")
+            await clock.advance(3)
+        assert len(auth.calls) - logins <= 120 / 30 + 1
+        starts = [c.start for c in auth.calls[logins - 1:]]
+        assert all(b - a >= 30 - 1e-6 for a, b in itertools.pairwise(starts))
+        # A caller whose token died is told why, with Retry-After.
+        tok = manager.current
+        assert tok is not None
+        manager.invalidate(tok.generation, "upstream_401")
+        with pytest.raises(CredentialContention) as caught:
+            await manager.get(tok.generation)
+        assert caught.value.code == "credential_contention" and caught.value.status == 503
+        assert caught.value.retry_after is not None and 1 <= caught.value.retry_after <= 30
+        assert seen.contentions == 1  # it began once
+        # The other holder stops: a window later, logins are prompt again.
+        await clock.advance(11 * 60)
+        assert not manager.contended()
+        await _revoke(manager, clock, 1)
+        assert manager.current is not None and manager.current.generation > tok.generation
+        await manager.stop()
+
+    asyncio.run(scenario())
+
+
+def test_invalidations_a_route_explained_are_never_contention() -> None:
+    """A route that refuses every token (marked persistent 401 after each cool-down) causes
+    one invalidation per cool-down: each is taken back, never counted."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        seen = Seen()
+        manager, _ = await _manager(clock, seen)
+        for _ in range(10):
+            tok = manager.current
+            assert tok is not None
+            manager.invalidate(tok.generation, "upstream_401")
+            await clock.advance(1)
+            manager.route_explained(tok.generation)
+            await clock.advance(30)
+        assert not manager.contended() and seen.contentions == 0
+        await manager.stop()
+
+    asyncio.run(scenario())
+
+
+def test_scheduled_renewals_are_never_contention() -> None:
+    """Dozens of ordinary renewals: no invalidation, no contention."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        seen = Seen()
+        auth = FakeAuth(clock)
+        manager = TokenManager(auth, S.token_side(), clock, seen, rng=random.Random(3))
+        await manager.start()
+        await clock.advance(5 * 3600)  # 600 s tokens: dozens of scheduled renewals
+        assert len(auth.calls) > 20
+        assert not manager.contended() and seen.contentions == 0
+        await manager.stop()
+
+    asyncio.run(scenario())
