@@ -351,11 +351,15 @@ def _set_json(values: dict[str, Any]) -> list[str]:
 
 
 def test_helm_probes_are_named_and_the_startup_budget_is_a_value(helm_bin: str) -> None:
+    """The start-up probe asks /startz (the gateway has tried: never a restart loop on a
+    refused configuration), readiness /readyz, liveness /healthz; the budget is a value."""
     docs = render(helm_bin, "-f", str(EXAMPLES / "values-standalone.yaml"),
                   "--set", "startupProbe.budgetSeconds=61", "--set",
                   "startupProbe.periodSeconds=10", "--set", "livenessProbe.periodSeconds=7")
     (c,) = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert c["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/startz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 61
     assert c["startupProbe"]["failureThreshold"] == 7  # ceil(61 / 10)
     assert c["livenessProbe"]["periodSeconds"] == 7

@@ -4,7 +4,6 @@ Prometheus server scraping the admin listener."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +13,12 @@ import pytest
 
 from gateway.app import GatewayServer
 from tests.gateway_helpers import SERVICES, wait_until
+from tests.prometheus_helpers import RULES, prometheus, query
 from tests.tools import require_binary
 
 CATEGORY = "system"  # unit, integration or system: tests/conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "config" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "alerts_test.yml"
 
 
@@ -33,7 +32,7 @@ def test_prometheus_alert_rules_pass_promtool_check(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "10 rules found" in result.stdout
+    assert "31 rules found" in result.stdout
 
 
 def test_prometheus_alert_rules_unit_tests_pass(promtool: str) -> None:
@@ -59,45 +58,10 @@ async def test_prometheus_live_scrape_passes_promtool_check_metrics(
     assert b"repairy_gateway_upstream_requests_total" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 async def prometheus_server(gateway: GatewayServer, tmp_path: Path) -> AsyncIterator[str]:
-    binary = require_binary("prometheus", "prometheus")
-    port = _free_port()
-    target = gateway.admin_url.removeprefix("http://")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {RULES}\n"
-        "scrape_configs:\n  - job_name: repairy-gateway\n"
-        f"    static_configs:\n      - targets: ['{target}']\n")
-    proc = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        await proc.wait()
-
-
-async def _query(http: aiohttp.ClientSession, prom: str, expr: str) -> list[dict[str, object]]:
-    try:
-        async with http.get(f"{prom}/api/v1/query", params={"query": expr}) as resp:
-            if resp.status != 200:
-                return []
-            body = await resp.json()
-    except aiohttp.ClientConnectionError:
-        return []
-    result: list[dict[str, object]] = body["data"]["result"]
-    return result
+    async with prometheus([gateway.admin_url.removeprefix("http://")], tmp_path) as url:
+        yield url
 
 
 async def test_prometheus_server_scrapes_token_expiry_and_upstream_counter(
@@ -110,21 +74,21 @@ async def test_prometheus_server_scrapes_token_expiry_and_upstream_counter(
     counter = 'repairy_gateway_upstream_requests_total{route="/workshops/{id}/services"}'
 
     async def scraped() -> bool:
-        return bool(await _query(http, prometheus_server, counter))
+        return bool(await query(http, prometheus_server, counter))
 
     await wait_until(scraped, within=30, interval=0.25)
-    (expiry,) = await _query(http, prometheus_server,
+    (expiry,) = await query(http, prometheus_server,
                              "repairy_gateway_token_expiry_timestamp_seconds")
     value = expiry["value"]
     assert isinstance(value, list)
     local = gateway.metrics.registry.get_sample_value(
         "repairy_gateway_token_expiry_timestamp_seconds")
     assert float(value[1]) == pytest.approx(local, abs=0.01)
-    (requests,) = await _query(http, prometheus_server, counter)
+    (requests,) = await query(http, prometheus_server, counter)
     value = requests["value"]
     assert isinstance(value, list)
     assert float(value[1]) == 3
-    (ready,) = await _query(http, prometheus_server, "repairy_gateway_ready")
+    (ready,) = await query(http, prometheus_server, "repairy_gateway_ready")
     assert isinstance(ready["value"], list) and ready["value"][1] == "1"
 
 
@@ -182,8 +146,8 @@ async def test_prometheus_dashboard_queries_run_on_a_live_scrape(
     counter = 'repairy_gateway_upstream_requests_total{route="/workshops/{id}/services"}'
 
     async def scraped_twice() -> bool:  # rate() needs two samples
-        found = await _query(http, prometheus_server, f"count_over_time({counter}[1m])")
-        return bool(found) and float(found[0]["value"][1]) >= 2  # type: ignore[index]
+        found = await query(http, prometheus_server, f"count_over_time({counter}[1m])")
+        return bool(found) and float(found[0]["value"][1]) >= 2
 
     await wait_until(scraped_twice, within=30, interval=0.25)
     async with http.get(gateway.admin_url + "/metrics") as resp:

@@ -173,7 +173,7 @@ One gateway container (a list item). Dict arguments:
   {{- if $v.startupProbe.enabled }}
   startupProbe:
     httpGet:
-      path: /readyz
+      path: /startz
       port: {{ $admin }}
     periodSeconds: {{ $v.startupProbe.periodSeconds }}
     timeoutSeconds: {{ $v.startupProbe.timeoutSeconds }}

@@ -1,0 +1,102 @@
+"""Credential contention for real: two gateways without the shared store against a sandbox
+that keeps one live token per credential (each login revokes the other's token), with a real
+Prometheus evaluating the shipped alert rules; and one gateway alone under revocations, which
+is never flagged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from gateway.app import GatewayServer
+from gateway.sandbox import Sandbox, SandboxConfig
+from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.prometheus_helpers import firing, prometheus
+from tests.sandbox_helpers import faults, stats
+
+CATEGORY = "system"  # unit, integration or system: tests/conftest.py
+
+LOGIN_EVERY = 2.0
+
+
+def sample(gw: GatewayServer, name: str, **labels: str) -> float:
+    value = gw.metrics.registry.get_sample_value(f"repairy_gateway_{name}", labels)
+    return value or 0.0
+
+
+async def _load(http: aiohttp.ClientSession, gw: GatewayServer, stop: asyncio.Event,
+                codes: list[str]) -> None:
+    while not stop.is_set():
+        async with http.get(gw.url + SERVICES) as resp:
+            body = await resp.read()
+            if resp.status == 503:
+                codes.append(resp.headers.get("X-Repairy-Gateway-Error", "") or body.decode())
+        await asyncio.sleep(0.02)
+
+
+async def test_two_gateways_without_redis_are_flagged_logins_bounded_and_the_alert_fires(
+        http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Two gateways share credentials without GATEWAY_REDIS_URL on a one-live-token API:
+    each detects contention within 60 s; from then on each logs in at most once per
+    GATEWAY_LOGIN_RETRY_INTERVAL; callers whose token died get 503 credential_contention;
+    the counter and gauge say so and RepairyGatewayCredentialContention fires in Prometheus."""
+    async with Sandbox(SandboxConfig(single_token=True)) as sb:
+        settings = [settings_for(sb, login_retry_interval=f"{LOGIN_EVERY}s",
+                                 renew_retry_min="0.2s", token_wait_timeout="1s")
+                    for _ in range(2)]
+        async with GatewayServer(settings[0]) as a, GatewayServer(settings[1]) as b:
+            gateways = (a, b)
+            admins = [gw.admin_url.removeprefix("http://") for gw in gateways]
+            async with prometheus(admins, tmp_path) as prom:
+                stop = asyncio.Event()
+                codes: list[str] = []
+                started = time.monotonic()
+                loads = [asyncio.create_task(_load(http, gw, stop, codes))
+                         for gw in gateways for _ in range(3)]
+                try:
+                    await wait_until(lambda: all(gw.state.manager.contended()
+                                                 for gw in gateways), within=60)
+                    detected = time.monotonic() - started
+                    logins = (await stats(http, sb))["token_requests"]
+                    await asyncio.sleep(5 * LOGIN_EVERY)  # the bound is over a span of time
+                    more = (await stats(http, sb))["token_requests"] - logins
+
+                    async def alert() -> bool:
+                        return len(await firing(http, prom,
+                                                "RepairyGatewayCredentialContention")) == 2
+
+                    await wait_until(alert, within=30, interval=0.25)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*loads)
+    assert detected < 60
+    # Each gateway: at most one login per interval over the span, and one already due.
+    assert more <= 2 * (5 + 1), more
+    for gw in gateways:
+        assert sample(gw, "credential_contention_total") == 1
+        assert sample(gw, "credential_contention_active") == 1
+    assert any("credential_contention" in c for c in codes), codes[:5]
+
+
+async def test_one_gateway_under_repeated_revocations_is_never_flagged(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """The revoke-storm shape (every token revoked, 1.5 s apart, under load) on one gateway:
+    one re-login each, and no contention (two in ten minutes are under the threshold)."""
+    stop = asyncio.Event()
+    codes: list[str] = []
+    loads = [asyncio.create_task(_load(http, gateway, stop, codes)) for _ in range(4)]
+    try:
+        for _ in range(2):
+            await asyncio.sleep(1.5)
+            await faults(http, sandbox, {"revoke_tokens": True})
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*loads)
+    assert codes == []
+    assert not gateway.state.manager.contended()
+    assert sample(gateway, "credential_contention_total") == 0
+    assert gateway.state.manager.status().contention_invalidations == 2
