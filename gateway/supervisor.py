@@ -177,7 +177,8 @@ class WorkerPool:
             channel.send("error", {"newer_than": newer_than, "code": exc.code,
                                    "message": exc.message, "retry_after": exc.retry_after})
         else:
-            channel.send("token", {"newer_than": newer_than, "token": token_to_wire(tok)})
+            channel.send("token", {"newer_than": newer_than, "token": token_to_wire(tok),
+                                   "contended_for": self._manager.contended_for()})
 
     async def _idem(self, life: _Incarnation, message: Message) -> None:
         assert self._idempotency is not None
@@ -226,7 +227,8 @@ class WorkerPool:
         restarted, never holding up the others."""
         if tok is None:
             return
-        message = {"token": token_to_wire(tok)}
+        message = {"token": token_to_wire(tok),
+                   "contended_for": self._manager.contended_for()}
         for worker in self._workers:
             if worker.life is not None:
                 worker.life.channel.send("token", message)

@@ -30,7 +30,12 @@ from aiohttp import web
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
 from gateway.coordination.channel import Calls, Channel, Message
-from gateway.errors import CredentialsRejected, StoreKeyMismatch, TokenUnavailable
+from gateway.errors import (
+    CredentialContention,
+    CredentialsRejected,
+    StoreKeyMismatch,
+    TokenUnavailable,
+)
 from gateway.logs import flush as flush_logs
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
@@ -59,6 +64,7 @@ class RemoteTokens:
         self._clock = clock
         self._current: Token | None = None
         self._waiting: dict[int, asyncio.Future[Token]] = {}  # newer_than -> answer
+        self._contended_until = 0.0  # as the supervisor last said (its tokens carry it)
 
     @property
     def current(self) -> Token | None:
@@ -98,6 +104,9 @@ class RemoteTokens:
             raise TokenUnavailable("timed out waiting for an access token",
                                    retry_after=1.0) from None
 
+    def contended(self) -> bool:
+        return self._clock.monotonic() < self._contended_until
+
     async def still_current(self, generation: int) -> bool:
         tok = self._current
         return tok is not None and tok.generation == generation
@@ -112,7 +121,8 @@ class RemoteTokens:
     def route_explained(self, generation: int) -> None:
         self._channel.send("route_explained", {"generation": generation})
 
-    def on_token(self, tok: Token, newer_than: int | None) -> None:
+    def on_token(self, tok: Token, newer_than: int | None, contended_for: float = 0.0) -> None:
+        self._contended_until = self._clock.monotonic() + min(max(contended_for, 0.0), 86400.0)
         if self._current is None or tok.generation >= self._current.generation:
             self._current = tok
         for key in [k for k in self._waiting if tok.generation > k]:
@@ -126,6 +136,7 @@ class RemoteTokens:
             return
         code = str(doc.get("code") or "token_unavailable")
         cls = {"credentials_rejected": CredentialsRejected,
+               "credential_contention": CredentialContention,
                "store_key_mismatch": StoreKeyMismatch}.get(code, TokenUnavailable)
         future.set_exception(cls(str(doc.get("message", "no usable access token")),
                                  retry_after=float(doc.get("retry_after") or 1.0)))
@@ -137,7 +148,8 @@ def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
     """One message from the supervisor (one that raises is counted and skipped)."""
     doc = message.fields
     if message.kind == "token":
-        tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"))
+        tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"),
+                        float(doc.get("contended_for") or 0.0))
     elif message.kind == "error":
         tokens.on_error(int(doc["newer_than"]), doc)
     elif message.kind == "idem_reply":

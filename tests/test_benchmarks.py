@@ -58,3 +58,22 @@ def test_benchmarks_redis_sharing_bound_leaves_room_for_a_booking() -> None:
     assert "failed writes         0 (-)" in result.stdout
     ratio = float(result.stdout.split("real / counted")[1].split()[0])
     assert 0.8 < ratio < 1.35, result.stdout
+
+
+def test_benchmarks_refusals_prints_the_readiness_and_contention_figures() -> None:
+    """The wrong-Partner-ID figures (start to partner_refused, SIGHUP to ready) and the
+    contention figures come out as JSON; the behaviour bounds the issue sets hold."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.refusals", "--contention-seconds", "4"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    wrong = figures["wrong_partner_id"]
+    assert wrong["start_to_partner_refused_s"] is not None
+    assert wrong["start_to_partner_refused_s"] < 15
+    assert wrong["sighup_to_ready_s"] is not None and wrong["sighup_to_ready_s"] < 5 + 2
+    contention = figures["contention"]
+    assert contention["detected_after_s"] is not None and contention["detected_after_s"] < 60
+    assert set(contention["answers_after_detection"]) <= {"200", "503 credential_contention"}

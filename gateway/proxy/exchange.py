@@ -11,7 +11,13 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import CredentialsRotated, GatewayError, UpstreamBusy, UpstreamError
+from gateway.errors import (
+    CredentialContention,
+    CredentialsRotated,
+    GatewayError,
+    UpstreamBusy,
+    UpstreamError,
+)
 from gateway.proxy.context import Outbound, ProxyContext
 from gateway.proxy.headers import with_credentials
 from gateway.proxy.limits import Outcome as BreakerOutcome
@@ -104,7 +110,9 @@ class UpstreamExchange:
                          replayable: bool, token: Token, resp: aiohttp.ClientResponse,
                          attempts: Attempts, outcome: Outcome) -> aiohttp.ClientResponse:
         """An upstream 401: renew and replay once (kept bodies), unless the route is marked
-        persistent 401 (then, and for streamed bodies, the 401 is passed back)."""
+        persistent 401 (then, and for streamed bodies, the 401 is passed back). While someone
+        else logs in with our credentials, a caller whose token died (and whose replay's
+        token died too, or who cannot be replayed) gets 503 credential_contention."""
         ctx = self.ctx
         try:
             passed_back = not await self._judge_401(outcome.route, token.generation)
@@ -115,6 +123,9 @@ class UpstreamExchange:
             return resp
         ctx.tokens.invalidate(token.generation, "upstream_401")
         if not replayable:
+            if ctx.tokens.contended():
+                resp.release()
+                raise _contention()
             return resp
         resp.release()
         token = await ctx.tokens.get(newer_than=token.generation)
@@ -126,6 +137,10 @@ class UpstreamExchange:
             url, with_credentials(headers, token.access, token.partner_id), data, attempts)
         if resp.status != 401:
             ctx.route_401.answered(outcome.route, token.generation)
+        elif ctx.tokens.contended():  # that token died too: no route to blame
+            resp.release()
+            ctx.tokens.invalidate(token.generation, "upstream_401")
+            raise _contention()
         else:  # no second replay: pass it back, and judge the route
             await self._judge_401(outcome.route, token.generation)
         return resp
@@ -135,14 +150,21 @@ class UpstreamExchange:
         False to pass it back (the route is marked persistent 401). A verdict on the route
         counts only while that token is still the newest, here and in the fleet."""
         r401 = self.ctx.route_401
-        if r401.would_mark(route, generation) and not await self.ctx.tokens.still_current(
-                generation):
+        if r401.would_mark(route, generation) and (
+                self.ctx.tokens.contended()  # a newer token refused: someone else's login
+                or not await self.ctx.tokens.still_current(generation)):
             r401.forget(route)
         return r401.unauthorized(route, generation)
 
     def _upstream_failed(self, error: GatewayError) -> None:
         if isinstance(error, UpstreamError):
             self.ctx.metrics.upstream_error(error.kind)
+
+
+def _contention() -> CredentialContention:
+    return CredentialContention("someone else logs in with the gateway's credentials and "
+                                "revoked the token this call used; nothing was acted on",
+                                retry_after=1.0)
 
 
 def same_partner(outcome: Outcome, token: Token) -> None:

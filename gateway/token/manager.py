@@ -135,6 +135,8 @@ class TokenManager:
                     tok, now, self._policy.margin):
                 return tok
             if now >= deadline:
+                if self._contention.active(now) and self._state.stale:
+                    raise unavailable(self._state, None, now, contended=True, store_down=False)
                 raise TokenUnavailable("timed out waiting for an access token",
                                        retry_after=1.0)
             task = self._task
@@ -198,6 +200,11 @@ class TokenManager:
 
     def contended(self) -> bool:
         return self._contention.active(self._clock.monotonic())
+
+    def contended_for(self) -> float:
+        """Seconds contention lasts from now, if nothing more happens (0: none)."""
+        until = self._contention.until
+        return 0.0 if until is None else max(0.0, until - self._clock.monotonic())
 
     def status(self) -> TokenStatus:
         st = self._state

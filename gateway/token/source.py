@@ -51,6 +51,11 @@ class TokenSource(Protocol):
 
     def ready(self) -> bool: ...
 
+    def contended(self) -> bool:
+        """Someone else logs in with our credentials now (a 401 on a newer token says nothing
+        about the route then)."""
+        ...
+
     async def still_current(self, generation: int) -> bool: ...
 
 
