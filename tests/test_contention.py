@@ -171,3 +171,42 @@ def test_scheduled_renewals_are_never_contention() -> None:
         await manager.stop()
 
     asyncio.run(scenario())
+
+
+@settings(max_examples=30, deadline=None)
+@given(gaps=st.lists(st.floats(0.0, 120.0), min_size=1, max_size=60),
+       seed=st.integers(0, 2**32 - 1))
+def test_logins_under_any_revocation_history_keep_the_contention_floor(
+        gaps: list[float], seed: int) -> None:
+    """Revocations at any times: once contention began, no two auth calls come closer than
+    GATEWAY_LOGIN_RETRY_INTERVAL while it lasts, and an hour never holds more than
+    3600/30 + the threshold + 1 calls beyond the scheduled renewals."""
+
+    async def scenario() -> tuple[list[float], list[tuple[float, float]]]:
+        clock = FakeClock()
+        seen = Seen()
+        auth = FakeAuth(clock)
+        manager = TokenManager(auth, S.token_side(), clock, seen, rng=random.Random(seed))
+        await manager.start()
+        await clock.advance(0.1)
+        spans: list[tuple[float, float]] = []  # (from, until) of contention
+        for gap in gaps:
+            await clock.advance(gap)
+            tok = manager.current
+            if tok is not None:
+                manager.invalidate(tok.generation, "upstream_401")
+            await settle()
+            until = manager._contention.until
+            if until is not None and manager.contended():
+                spans.append((clock.now, until))
+        await clock.advance(60)
+        await manager.stop()
+        return [c.start for c in auth.calls], spans
+
+    starts, spans = asyncio.run(scenario())
+    for a, b in itertools.pairwise(starts):
+        if any(lo <= a and b <= hi for lo, hi in spans):
+            assert b - a >= 30 - 1e-6, (a, b)
+    for i, first in enumerate(starts):
+        within = [t for t in starts[i:] if t < first + 3600]
+        assert len(within) <= 3600 / 30 + 3 + 1 + 3600 / 60, len(within)
