@@ -231,6 +231,7 @@ class GatewayServer:
             on_fault=lambda fault: self.metrics.channel_faults.labels(fault).inc(),
             on_traffic=state.tally.add)
         events.on_token = pool.broadcast_token
+        events.on_contention = lambda: pool.broadcast_token(state.manager.current)
         assert self.reloader is not None
         self.reloader.on_client_keys = pool.broadcast_client_keys
         self.metrics.add_source(pool.metrics_texts)

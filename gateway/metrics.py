@@ -247,8 +247,9 @@ class Metrics:
     def invalidated(self, reason: str) -> None:
         self.invalidations.labels(reason).inc()
 
-    def contention(self) -> None:
-        self.credential_contention.inc()
+    def contention(self, began: bool) -> None:
+        if began:
+            self.credential_contention.inc()
 
     # -- VerdictEvents -------------------------------------------------------------------------
     def probed(self, outcome: str) -> None:

@@ -228,6 +228,8 @@ class TokenObservers:
         self.metrics = metrics
         self.tracing = tracing
         self.on_token: Callable[[Token | None], None] | None = None
+        #: Told while contention begins or lasts longer (workers hear it with the token).
+        self.on_contention: Callable[[], None] | None = None
 
     def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
         self.metrics.renewal(kind, ok, reason, seconds)
@@ -242,5 +244,7 @@ class TokenObservers:
     def invalidated(self, reason: str) -> None:
         self.metrics.invalidated(reason)
 
-    def contention(self) -> None:
-        self.metrics.contention()
+    def contention(self, began: bool) -> None:
+        self.metrics.contention(began)
+        if self.on_contention is not None:
+            self.on_contention()

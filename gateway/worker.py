@@ -45,8 +45,8 @@ from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.tasks import cancel_and_wait, log_task_failure
 from gateway.token.renewal import token_from_dict
+from gateway.token.traffic import Tally
 from gateway.token.value import Token, is_usable
-from gateway.token.verdict import Tally
 from gateway.tracing import tracing_for
 
 log = logging.getLogger("gateway.worker")

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import CredentialContention
+from gateway.errors import CredentialContention, CredentialsRejected
 from gateway.token.contention import ContentionWatch
 from gateway.token.manager import TokenManager
 from gateway.token.value import RenewalKind, Token
-from tests.fake_clock import FakeAuth, FakeClock, settle
+from tests.fake_clock import FakeAuth, FakeClock, Outcome, settle
 from tests.gateway_helpers import settings_for
 
 CATEGORY = "unit"  # unit, integration or system: tests/conftest.py
@@ -41,8 +41,8 @@ class Seen:
     def invalidated(self, reason: str) -> None:
         pass
 
-    def contention(self) -> None:
-        self.contentions += 1
+    def contention(self, began: bool) -> None:
+        self.contentions += began
 
 
 def test_the_watch_needs_the_threshold_within_the_window_and_ends_a_window_after() -> None:
@@ -210,3 +210,49 @@ def test_logins_under_any_revocation_history_keep_the_contention_floor(
     for i, first in enumerate(starts):
         within = [t for t in starts[i:] if t < first + 3600]
         assert len(within) <= 3600 / 30 + 3 + 1 + 3600 / 60, len(within)
+
+
+def test_one_revocation_and_failing_re_logins_are_not_contention() -> None:
+    """One 401, then the login fails again and again (Repairy's auth down): one generation,
+    one count, however many attempts its renewal takes."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        seen = Seen()
+        auth = FakeAuth(clock)
+        manager = TokenManager(auth, S.token_side(), clock, seen, rng=random.Random(3))
+        await manager.start()
+        await clock.advance(0.1)
+        auth.default = lambda: Outcome("server_error")
+        await _revoke(manager, clock, 600)
+        assert len(auth.calls) > 5
+        assert not manager.contended() and seen.contentions == 0
+        assert manager.status().contention_invalidations == 1
+        await manager.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_revoked_secret_is_credentials_rejected_and_not_ready_never_contention() -> None:
+    """A live 401, and every login since is refused: callers get credentials_rejected, the
+    gateway is not ready (no replacement can land), and no contention is claimed."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        seen = Seen()
+        auth = FakeAuth(clock)
+        manager = TokenManager(auth, S.token_side(), clock, seen, rng=random.Random(3))
+        await manager.start()
+        await clock.advance(0.1)
+        auth.default = lambda: Outcome("invalid_credentials")
+        for _ in range(4):
+            await _revoke(manager, clock, 120)
+        assert not manager.ready()
+        tok = manager.current
+        assert tok is not None
+        with pytest.raises(CredentialsRejected):
+            await manager.get(tok.generation)
+        assert seen.contentions == 0
+        await manager.stop()
+
+    asyncio.run(scenario())

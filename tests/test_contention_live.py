@@ -28,12 +28,14 @@ def sample(gw: GatewayServer, name: str, **labels: str) -> float:
 
 
 async def _load(http: aiohttp.ClientSession, gw: GatewayServer, stop: asyncio.Event,
-                codes: list[str]) -> None:
-    """Requests until ``stop``; every answer other than 200 noted as its status and code."""
+                codes: list[str], since: list[float] | None = None) -> None:
+    """Requests until ``stop``; every answer other than 200 noted as its status and code
+    (only for requests sent after ``since[0]``, when given)."""
     while not stop.is_set():
+        sent = time.monotonic()
         async with http.get(gw.url + SERVICES) as resp:
             await resp.read()
-            if resp.status != 200:
+            if resp.status != 200 and (since is None or sent > since[0]):
                 codes.append(f"{resp.status} {resp.headers.get('X-Repairy-Gateway-Error')}")
         await asyncio.sleep(0.02)
 
@@ -55,14 +57,14 @@ async def test_two_gateways_without_redis_are_flagged_logins_bounded_and_the_ale
                 stop = asyncio.Event()
                 codes: list[str] = []
                 started = time.monotonic()
-                loads = [asyncio.create_task(_load(http, gw, stop, codes))
+                since = [float("inf")]  # what is sent once contention is known
+                loads = [asyncio.create_task(_load(http, gw, stop, codes, since))
                          for gw in gateways for _ in range(3)]
                 try:
                     await wait_until(lambda: all(gw.state.manager.contended()
                                                  for gw in gateways), within=60)
                     detected = time.monotonic() - started
-                    await asyncio.sleep(0.5)  # answers already on their way
-                    codes.clear()
+                    since[0] = time.monotonic()
                     logins = (await stats(http, sb))["token_requests"]
                     await asyncio.sleep(5 * LOGIN_EVERY)  # the bound is over a span of time
                     more = (await stats(http, sb))["token_requests"] - logins
@@ -107,3 +109,44 @@ async def test_one_gateway_under_repeated_revocations_is_never_flagged(
     assert not gateway.state.manager.contended()
     assert sample(gateway, "credential_contention_total") == 0
     assert gateway.state.manager.status().contention_invalidations == 2
+
+
+async def test_contention_ends_when_the_other_holder_goes_even_with_a_route_that_401s(
+        http: aiohttp.ClientSession) -> None:
+    """Two gateways contend; then one stops. The other's traffic includes a route that
+    answers 401 whatever the token: that route is marked persistent 401 once its refused
+    token is seen alive on another route, and contention ends a window after the last
+    unexplained revocation (it is never kept alive by the route)."""
+    booking = "/bookings/0123456789abcdef01234567"
+    async with Sandbox(SandboxConfig(single_token=True)) as sb:
+        s = settings_for(sb, login_retry_interval=f"{LOGIN_EVERY}s", renew_retry_min="0.2s",
+                         token_wait_timeout="1s", contention_window="6s")
+        async with GatewayServer(s) as a:
+            b = GatewayServer(s)
+            await b.start()
+            stop_b, stop_a = asyncio.Event(), asyncio.Event()
+            codes: list[str] = []
+            loads = [asyncio.create_task(_load(http, b, stop_b, codes)) for _ in range(3)]
+            loads += [asyncio.create_task(_load(http, a, stop_a, codes)) for _ in range(3)]
+            try:
+                await wait_until(lambda: a.state.manager.contended(), within=60)
+                stop_b.set()
+                await asyncio.gather(*loads[:3])
+                await b.stop()
+                await faults(http, sb, {"status": 401, "path": "/bookings/*",
+                                        "persistent": True})
+
+                async def booking_calls() -> None:
+                    while not stop_a.is_set():
+                        async with http.get(a.url + booking) as resp:
+                            await resp.read()
+                        await asyncio.sleep(0.2)
+
+                loads.append(asyncio.create_task(booking_calls()))
+                await wait_until(lambda: "/bookings/{id}" in a.state.route_401.marked(),
+                                 within=30)
+                await wait_until(lambda: not a.state.manager.contended(), within=30)
+            finally:
+                stop_a.set()
+                stop_b.set()
+                await asyncio.gather(*loads)

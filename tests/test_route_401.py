@@ -108,3 +108,33 @@ def test_clock_measures_expiry_on_boottime() -> None:
     before = time.clock_gettime(time.CLOCK_BOOTTIME)
     now = SystemClock().monotonic()
     assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def test_under_contention_a_route_is_marked_once_its_refused_token_is_alive_elsewhere() -> None:
+    """A suspect (a newer token refused while someone else logs in) becomes a mark only
+    when that token is answered on another route for a request sent after the refusal."""
+    clock = FakeClock()
+    marks: list[tuple[str, float, int]] = []
+    t = Persistent401(clock, 60, 3600, lambda r, c, g: marks.append((r, c, g)))
+    assert t.unauthorized("/bookings/{id}", 1)  # invalidates generation 1
+    clock.now += 1
+    assert t.would_mark("/bookings/{id}", 2)
+    t.suspect("/bookings/{id}", 2)
+    t.answered("/workshops/{id}/services", 2, sent_at=clock.now - 5)  # sent before: no proof
+    t.answered("/bookings/{id}", 2, sent_at=clock.now + 1)  # the same route: no proof
+    t.answered("/workshops/{id}/services", 3, sent_at=clock.now + 1)  # another token
+    assert marks == [] and t.marked() == {}
+    t.answered("/workshops/{id}/services", 2, sent_at=clock.now + 0.5)
+    assert marks == [("/bookings/{id}", 60, 1)] and "/bookings/{id}" in t.marked()
+
+
+def test_under_contention_a_suspect_whose_token_died_is_dropped_after_the_window() -> None:
+    clock = FakeClock()
+    marks: list[tuple[str, float, int]] = []
+    t = Persistent401(clock, 60, 3600, lambda r, c, g: marks.append((r, c, g)),
+                      verdict_window=14)
+    t.unauthorized("/bookings/{id}", 1)
+    t.suspect("/bookings/{id}", 2)
+    clock.now += 15
+    t.answered("/workshops/{id}/services", 2, sent_at=clock.now)
+    assert marks == []

@@ -9,18 +9,18 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import CredentialsRejected
 from gateway.token.auth_client import ProbeResult
+from gateway.token.traffic import Tally, TrafficWindow
 from gateway.token.value import Token
 from gateway.token.verdict import (
     CAP,
     FLOOR,
     REPROBE_EVERY,
-    Tally,
-    TrafficWindow,
     UpstreamVerdict,
     VerdictPolicy,
 )
@@ -43,6 +43,8 @@ class FakeTarget:
     default: ProbeResult = OK
     has_token: bool = True
     renew_fails: bool = False
+    contention: bool = False
+    probe_delay: float = 0.05
     generation: int = 1
     probes: list[tuple[float, int]] = field(default_factory=list)
     invalidated: list[int] = field(default_factory=list)
@@ -69,9 +71,12 @@ class FakeTarget:
         self.invalidated.append(generation)
         return True
 
+    def contended(self) -> bool:
+        return self.contention
+
     async def probe(self, token: Token) -> ProbeResult:
         self.probes.append((self.clock.now, token.generation))
-        await self.clock.sleep(0.05)
+        await self.clock.sleep(self.probe_delay)
         return self.answers.pop(0) if self.answers else self.default
 
 
@@ -336,3 +341,106 @@ def test_probe_rounds_have_a_floor_and_a_bound_per_hour_on_any_history(
         for i, start in enumerate(rounds):
             within = [t for t in rounds[i:] if t < start + 3600]
             assert len(within) <= 1 + 60 + 20, len(within)
+
+
+def test_credentials_refused_clears_once_repairy_takes_new_tokens_again() -> None:
+    """Repairy refused every token up to generation 3, then takes new ones: a SIGHUP renews
+    at once (an operator asked); without one, a back-off round renews after CAP."""
+
+    async def scenario(sighup: bool) -> tuple[str | None, float]:
+        clock = FakeClock()
+        refused_up_to = [3]
+
+        class Target(FakeTarget):
+            async def probe(self, token: Token) -> ProbeResult:
+                self.probes.append((self.clock.now, token.generation))
+                await self.clock.sleep(0.05)
+                return TOKEN if token.generation <= refused_up_to[0] else OK
+
+        target = Target(clock)
+        verdict = _verdict(target)
+        task = await _running(verdict)
+        await clock.advance(1)
+        assert verdict.refusal == "credentials_refused"  # generations 1 and 2
+        refused_up_to[0] = 2  # fixed on Repairy's side: generation 3 onwards is taken
+        renewals = len(target.renewals)
+        await clock.advance(60)
+        assert verdict.refusal == "credentials_refused"  # re-probes renew nothing yet
+        assert len(target.renewals) == renewals
+        if sighup:
+            verdict.request_probe("sighup")
+            await clock.advance(1)
+        else:
+            await clock.advance(CAP * 2)
+        await _stop(task)
+        return verdict.refusal, clock.now
+
+    assert asyncio.run(scenario(sighup=True))[0] is None
+    assert asyncio.run(scenario(sighup=False))[0] is None
+
+
+def test_a_request_during_a_round_is_kept_for_after_it() -> None:
+    """A SIGHUP that arrives while a (slow) round is in flight is not lost under that
+    round's back-off: the next probe comes within the floor."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        target = FakeTarget(clock, answers=[PARTNER, PARTNER, PARTNER, PARTNER])
+        verdict = _verdict(target)
+        task = await _running(verdict)
+        await clock.advance(1)
+        await clock.advance(CAP)  # back-off grown: the next round is minutes away
+        target.answers, target.default = [PARTNER], OK
+        target.probe_delay = 3.0
+        verdict._due = clock.now  # a back-off round starts now ...
+        verdict._wake.set()
+        await clock.advance(1)
+        assert verdict._in_round
+        verdict.request_probe("sighup")  # ... and the fix lands during it
+        await clock.advance(FLOOR + 3)
+        assert verdict.refusal is None
+        await _stop(task)
+
+    asyncio.run(scenario())
+
+
+def test_a_401_during_contention_confirms_nothing() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        target = FakeTarget(clock, answers=[TOKEN, TOKEN], contention=True)
+        verdict = _verdict(target)
+        task = await _running(verdict)
+        await clock.advance(1)
+        assert verdict.ready() and verdict.refusal is None
+        assert len(target.renewals) == 1  # the one renewal; then nothing is confirmed
+        await _stop(task)
+
+    asyncio.run(scenario())
+
+
+def test_a_wrong_check_path_is_said_once_and_not_retried(caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        target = FakeTarget(clock, default=ProbeResult("inconclusive", 400, "400"))
+        verdict = _verdict(target)
+        task = await _running(verdict)
+        await clock.advance(3600)
+        assert len(target.probes) == 1 and verdict.ready()
+        verdict.request_probe("sighup")
+        await clock.advance(10)
+        assert len(target.probes) == 2
+        await _stop(task)
+
+    asyncio.run(scenario())
+    said = [r for r in caplog.records if "GATEWAY_CHECK_PATH answered 400" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_the_window_forgets_everything_after_a_gap_longer_than_itself() -> None:
+    window = TrafficWindow(60)
+    window.push(100, 100)
+    window.push(0, 0, seconds=120)
+    assert (window.calls, window.refused) == (0, 0)
+    window.push(5, 5, seconds=30)
+    assert (window.calls, window.refused) == (5, 5)

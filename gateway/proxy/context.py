@@ -22,7 +22,7 @@ from gateway.proxy.idempotency_store import IdempotencyStore
 from gateway.proxy.limits import ClientLimits
 from gateway.token.route_401 import Persistent401
 from gateway.token.source import TokenSource
-from gateway.token.verdict import Tally
+from gateway.token.traffic import Tally
 from gateway.tracing import Tracing
 
 

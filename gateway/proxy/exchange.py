@@ -77,6 +77,7 @@ class UpstreamExchange:
         ticket = upstream.breaker.admit()
         result: BreakerOutcome = "neutral"
         outcome.generation, outcome.sent_partner = token.generation, token.partner_id
+        sent_at = ctx.clock.monotonic()
         try:
             resp = await upstream.retry.send(
                 out.url, with_credentials(out.headers, token.access, token.partner_id),
@@ -90,7 +91,7 @@ class UpstreamExchange:
         if resp.status == 401:
             return await self._after_401(out.url, out.headers, body.data, body.replayable,
                                          token, resp, attempts, outcome)
-        ctx.route_401.answered(outcome.route, token.generation)
+        ctx.route_401.answered(outcome.route, token.generation, sent_at)
         return resp
 
     async def _traced_send(self, out: Outbound, token: Token, caller_gone: Callable[[], bool],
@@ -115,11 +116,14 @@ class UpstreamExchange:
         token died too, or who cannot be replayed) gets 503 credential_contention."""
         ctx = self.ctx
         try:
-            passed_back = not await self._judge_401(outcome.route, token.generation)
+            verdict = await self._judge_401(outcome.route, token.generation)
         except BaseException:
             resp.release()
             raise
-        if passed_back:
+        if verdict is None:  # contention: that token may have died; nothing was acted on
+            resp.release()
+            raise _contention()
+        if not verdict:
             return resp
         ctx.tokens.invalidate(token.generation, "upstream_401")
         if not replayable:
@@ -133,27 +137,37 @@ class UpstreamExchange:
         outcome.replayed = True
         ctx.metrics.replayed.labels("upstream_401").inc()
         outcome.generation, outcome.sent_partner = token.generation, token.partner_id
+        sent_at = ctx.clock.monotonic()
         resp = await ctx.upstream.retry.send(
             url, with_credentials(headers, token.access, token.partner_id), data, attempts)
         if resp.status != 401:
-            ctx.route_401.answered(outcome.route, token.generation)
-        elif ctx.tokens.contended():  # that token died too: no route to blame
+            ctx.route_401.answered(outcome.route, token.generation, sent_at)
+            return resp
+        # No second replay: judge the route, and pass the 401 back (under contention the
+        # route is only suspected, and the caller is told of the contention instead).
+        try:
+            verdict = await self._judge_401(outcome.route, token.generation)
+        except BaseException:
             resp.release()
-            ctx.tokens.invalidate(token.generation, "upstream_401")
+            raise
+        if verdict is not False and ctx.tokens.contended():
+            resp.release()
             raise _contention()
-        else:  # no second replay: pass it back, and judge the route
-            await self._judge_401(outcome.route, token.generation)
         return resp
 
-    async def _judge_401(self, route: str, generation: int) -> bool:
+    async def _judge_401(self, route: str, generation: int) -> bool | None:
         """A 401 on ``route`` with ``generation``: True to invalidate the token (and replay),
-        False to pass it back (the route is marked persistent 401). A verdict on the route
-        counts only while that token is still the newest, here and in the fleet."""
+        False to pass it back (the route is marked persistent 401), None when the route is
+        only suspected (contention: someone else's login may have revoked that token). A
+        verdict on the route counts only while that token is still the newest, here and in
+        the fleet."""
         r401 = self.ctx.route_401
-        if r401.would_mark(route, generation) and (
-                self.ctx.tokens.contended()  # a newer token refused: someone else's login
-                or not await self.ctx.tokens.still_current(generation)):
-            r401.forget(route)
+        if r401.would_mark(route, generation):
+            if self.ctx.tokens.contended():
+                r401.suspect(route, generation)
+                return None
+            if not await self.ctx.tokens.still_current(generation):
+                r401.forget(route)
         return r401.unauthorized(route, generation)
 
     def _upstream_failed(self, error: GatewayError) -> None:

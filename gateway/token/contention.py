@@ -37,7 +37,10 @@ class ContentionWatch:
 
     def record(self, now: float, generation: int, login_every: float) -> bool:
         """An unexplained invalidation of ``generation``: True when contention begins (then
-        an error line says what to look for; logins come ``login_every`` seconds apart)."""
+        an error line says what to look for; logins come ``login_every`` seconds apart). A
+        generation counts once, however many attempts its renewal takes."""
+        if any(g == generation for _, g in self._records):
+            return False
         self._records.append((now, generation))
         if self.active(now):
             self.until = now + self.window

@@ -136,7 +136,8 @@ class TokenManager:
                 return tok
             if now >= deadline:
                 if self._contention.active(now) and self._state.stale:
-                    raise unavailable(self._state, None, now, contended=True, store_down=False)
+                    raise unavailable(self._state, renewal.next_attempt(
+                        self._state, now, self._policy), now, contended=True, store_down=False)
                 raise TokenUnavailable("timed out waiting for an access token",
                                        retry_after=1.0)
             task = self._task
@@ -194,9 +195,11 @@ class TokenManager:
     # -- status --------------------------------------------------------------------------------
     def ready(self) -> bool:
         """A usable token (and the fleet's, if any). A token the upstream refused keeps
-        serving until its replacement lands, so it stays ready meanwhile."""
-        return not self._mismatch() and is_usable(self._state.token, self._clock.monotonic(),
-                                                  self._policy.margin)
+        serving until its replacement lands, so it stays ready meanwhile, unless Repairy
+        refuses the configuration its replacement needs (then no replacement can land)."""
+        st = self._state
+        return not self._mismatch() and not (st.stale and st.blocked is not None) and (
+            is_usable(st.token, self._clock.monotonic(), self._policy.margin))
 
     def contended(self) -> bool:
         return self._contention.active(self._clock.monotonic())
@@ -449,11 +452,12 @@ class TokenManager:
 
     def _unexplained(self, generation: int) -> None:
         """An invalidation of the newest token that no peer's renewal explains."""
-        if self._contention.record(self._clock.monotonic(), generation,
-                                   self._policy.login_retry_interval):
-            self._events.contention()
-        if self._contention.until is not None:
+        now = self._clock.monotonic()
+        began = self._contention.record(now, generation, self._policy.login_retry_interval)
+        if self._contention.active(now):
+            assert self._contention.until is not None
             self._state = renewal.contended(self._state, self._contention.until)
+            self._events.contention(began)
 
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),

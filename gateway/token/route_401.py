@@ -14,6 +14,11 @@ partner lacks) must not cost a login per request. Keyed by route *template*:
 
 A 401 on any other route always invalidates at once: there is no global limiter that could
 delay a genuine revocation. Time comes from the injected clock.
+
+While someone else logs in with our credentials (contention), a newer token refused by the
+route may simply have been revoked meanwhile: the route is only *suspected*
+(:meth:`Persistent401.suspect`), and marked once that same token is answered on another
+route for a request sent after the refusal (it was alive: the route is to blame).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class Persistent401:
         self._marks: dict[str, _Mark] = {}
         #: route -> (the generation it invalidated, when), awaiting a newer token's verdict
         self._pending: dict[str, tuple[int, float]] = {}
+        #: route -> (the newer generation it refused, the one it invalidated, when): under
+        #: contention, awaiting proof that the newer token was alive
+        self._suspects: dict[str, tuple[int, int, float]] = {}
 
     def _pending_generation(self, route: str, now: float) -> int | None:
         entry = self._pending.get(route)
@@ -68,11 +76,7 @@ class Persistent401:
         if pending is not None and generation > pending:
             # A token newer than the one this route invalidated was refused too: it is the
             # route, not the token.
-            cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
-            self._remember(self._marks, route, _Mark(now + cooldown, cooldown))
-            del self._pending[route]
-            if self._on_mark is not None:  # the generation it invalidated was not at fault
-                self._on_mark(route, cooldown, pending)
+            self._mark(route, pending, now)
             return False
         if pending is None or generation > pending:
             self._remember(self._pending, route, (generation, now))
@@ -89,21 +93,49 @@ class Persistent401:
         pending = self._pending_generation(route, now)
         return pending is not None and generation > pending
 
+    def _mark(self, route: str, invalidated: int, now: float) -> None:
+        mark = self._marks.get(route)
+        cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
+        self._remember(self._marks, route, _Mark(now + cooldown, cooldown))
+        self._pending.pop(route, None)
+        self._suspects.pop(route, None)
+        if self._on_mark is not None:  # the generation it invalidated was not at fault
+            self._on_mark(route, cooldown, invalidated)
+
+    def suspect(self, route: str, generation: int) -> None:
+        """Under contention, ``route`` refused ``generation``, newer than the one it
+        invalidated: mark it only once that token is answered elsewhere, for a request sent
+        after now (:meth:`answered`); if it never is, the token had died."""
+        now = self._clock.monotonic()
+        pending = self._pending_generation(route, now)
+        if pending is not None and generation > pending:
+            self._remember(self._suspects, route, (generation, pending, now))
+
     def forget(self, route: str) -> None:
         """Drop the pending verdict of ``route`` (it proved inconclusive)."""
         self._pending.pop(route, None)
 
-    def answered(self, route: str, generation: int) -> None:
-        """A non-401 answer on ``route`` with a token of ``generation``."""
-        if not self._pending and not self._marks:
-            return  # the common case costs two truth tests
+    def answered(self, route: str, generation: int, sent_at: float | None = None) -> None:
+        """A non-401 answer on ``route`` with a token of ``generation``, for a request sent
+        at ``sent_at``."""
+        if not self._pending and not self._marks and not self._suspects:
+            return  # the common case costs three truth tests
         now = self._clock.monotonic()
+        if self._suspects:
+            self._settle_suspects(route, generation, now if sent_at is None else sent_at, now)
         pending = self._pending_generation(route, now)
         if pending is not None and generation > pending:
             del self._pending[route]
         mark = self._marks.get(route)
         if mark is not None and now >= mark.until:
             del self._marks[route]  # it works again: the next mark starts from the base
+
+    def _settle_suspects(self, route: str, generation: int, sent_at: float, now: float) -> None:
+        for suspect, (refused, invalidated, at) in list(self._suspects.items()):
+            if now - at > self._window:
+                del self._suspects[suspect]  # never shown alive: it had died
+            elif refused == generation and suspect != route and sent_at > at:
+                self._mark(suspect, invalidated, now)  # that token was alive after all
 
     def marked(self) -> dict[str, float]:
         """Routes marked now, with the seconds left (for the status endpoint)."""

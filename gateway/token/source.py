@@ -68,8 +68,8 @@ class TokenEvents(Protocol):
 
     def invalidated(self, reason: str) -> None: ...
 
-    def contention(self) -> None:
-        """Contention began: someone else logs in with our credentials."""
+    def contention(self, began: bool) -> None:
+        """Someone else logs in with our credentials: contention began, or lasts longer."""
         ...
 
 
@@ -85,7 +85,7 @@ class NoEvents:
     def invalidated(self, reason: str) -> None:
         pass
 
-    def contention(self) -> None:
+    def contention(self, began: bool) -> None:
         pass
 
 

@@ -6,8 +6,15 @@ A login alone cannot tell a wrong Partner ID: Repairy answers it with 403 on eve
 
 * a 403 on the probe confirms ``partner_refused`` at once;
 * a 401 confirms ``credentials_refused`` only if it survives one renewal and a second probe
-  (a 401 alone may be a token someone else's login revoked);
-* no answer, a 5xx, a 429 or any other status confirms nothing and changes nothing.
+  (a 401 alone may be a token someone else's login revoked), and never while the manager
+  sees credential contention (someone else's login may revoke the new token too);
+* no answer, a 5xx, a 429 or any other status confirms nothing and changes nothing (another
+  4xx means ``GATEWAY_CHECK_PATH`` itself is wrong: said once, not retried).
+
+While ``credentials_refused`` holds, a round renews again only when an operator asked for it
+(a SIGHUP or a rotation) or :data:`CAP` after its last renewal, so that a fix on Repairy's
+side shows without a flood of logins. A request that arrives during a round is kept for
+after it.
 
 When it probes: once the first token is in (start-up), then only when asked (a SIGHUP or a
 credential rotation: :meth:`UpstreamVerdict.request_probe`) or when live traffic looks
@@ -26,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -35,6 +41,7 @@ from gateway.errors import TokenUnavailable
 from gateway.tasks import sleep_or_set
 from gateway.token.auth_client import ProbeResult
 from gateway.token.renewal import backoff
+from gateway.token.traffic import Tally, TrafficWindow
 from gateway.token.value import Token
 
 log = logging.getLogger("gateway.token")
@@ -44,8 +51,6 @@ FLOOR: Final = 5.0
 CAP: Final = 300.0
 #: Live traffic starts at most one probe round this often (seconds).
 REPROBE_EVERY: Final = 60.0
-#: The traffic window: this many one-second buckets.
-WINDOW_SECONDS: Final = 60
 #: How often the loop looks at the traffic while there is some, and for a first token.
 TICK: Final = 1.0
 #: How often it looks while no traffic came for a minute (what came meanwhile is counted then).
@@ -70,6 +75,8 @@ class ProbeTarget(Protocol):
 
     async def probe(self, token: Token) -> ProbeResult: ...
 
+    def contended(self) -> bool: ...
+
 
 class VerdictEvents(Protocol):
     """Observers (metrics); cheap, never raise."""
@@ -85,64 +92,6 @@ class _NoEvents:
 
     def refusal(self, reason: str | None) -> None:
         pass
-
-
-class Tally:
-    """Upstream answers passed back to callers, and how many of them were 401 or 403. The
-    request path adds (two integer additions); the verdict takes them once a second."""
-
-    __slots__ = ("calls", "refused")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.refused = 0
-
-    def answered(self, status: int) -> None:
-        self.calls += 1
-        if status == 401 or status == 403:
-            self.refused += 1
-
-    def add(self, calls: int, refused: int) -> None:
-        """Counts from elsewhere (a worker's second), clamped to sense."""
-        calls = max(0, calls)
-        self.calls += calls
-        self.refused += min(max(0, refused), calls)
-
-    def take(self) -> tuple[int, int]:
-        counts = (self.calls, self.refused)
-        self.calls = self.refused = 0
-        return counts
-
-
-class TrafficWindow:
-    """The last :data:`WINDOW_SECONDS` seconds of (calls, refused), one bucket a second."""
-
-    def __init__(self, seconds: int = WINDOW_SECONDS) -> None:
-        self._buckets: deque[tuple[int, int]] = deque(maxlen=seconds)
-        self.calls = 0
-        self.refused = 0
-
-    @property
-    def empty(self) -> bool:
-        return self.calls == 0
-
-    def push(self, calls: int, refused: int, seconds: int = 1) -> None:
-        """``seconds`` have passed since the last push: the counts are the newest one's."""
-        for _ in range(min(max(seconds, 1), len(self._buckets) + 1) - 1):
-            self._push(0, 0)
-        self._push(calls, refused)
-
-    def _push(self, calls: int, refused: int) -> None:
-        if len(self._buckets) == self._buckets.maxlen:
-            old_calls, old_refused = self._buckets[0]
-            self.calls -= old_calls
-            self.refused -= old_refused
-        self._buckets.append((calls, refused))
-        self.calls += calls
-        self.refused += refused
-
-    def looks_refused(self, min_refusals: int, ratio: float) -> bool:
-        return self.refused >= min_refusals and self.refused >= ratio * self.calls
 
 
 @dataclass(frozen=True)
@@ -180,6 +129,11 @@ class UpstreamVerdict:
         self._last_traffic_round: float | None = None
         self._failures = 0
         self._next_tick = self._last_tick = clock.monotonic()
+        self._in_round = False
+        self._asked: float | None = None  # a request that came during a round: when
+        self._operator = False  # a SIGHUP or rotation asked: the next round may renew
+        self._renewed_at: float | None = None  # this verdict's last renewal
+        self._misconfigured: set[int] = set()  # statuses of GATEWAY_CHECK_PATH said once
 
     # -- asking --------------------------------------------------------------------------------
     def request_probe(self, why: str) -> None:
@@ -188,7 +142,11 @@ class UpstreamVerdict:
             return
         now = self._clock.monotonic()
         when = now if self._last_round is None else max(now, self._last_round + FLOOR)
-        if self._due is None or when < self._due:
+        if why in ("sighup", "rotation"):
+            self._operator = True
+        if self._in_round:  # kept for after this round, whatever it concludes
+            self._asked = when if self._asked is None else min(self._asked, when)
+        elif self._due is None or when < self._due:
             self._due = when
             log.info("probe requested (%s)", why, extra={"fields": {
                 "event": "probe_requested", "why": why}})
@@ -266,18 +224,36 @@ class UpstreamVerdict:
         self._last_round = now
         self._due = None
         self.rounds += 1
-        result = await self._probe(token)
-        if result.outcome == "token_refused" and self.refusal != "credentials_refused":
-            self._target.invalidate(token.generation, "probe_401")
-            try:
-                newer = await self._target.get(token.generation)
-            except TokenUnavailable as exc:
-                result = ProbeResult("inconclusive", None, f"a 401 on the probe, and no newer "
-                                     f"token to probe again with ({exc.code})")
-            else:
-                result = await self._probe(newer)
-        self._conclude(result)
-        self.first_round_done = True
+        self._in_round = True
+        operator, self._operator = self._operator, False
+        try:
+            result = await self._probe(token)
+            if result.outcome == "token_refused" and (
+                    self.refusal != "credentials_refused" or operator or (
+                        self._renewed_at is None or now - self._renewed_at >= CAP)):
+                result = await self._after_renewal(token)
+            self._conclude(result)
+        finally:
+            self._in_round = False
+            self.first_round_done = True
+            asked, self._asked = self._asked, None
+            if asked is not None:
+                self._due = asked if self._due is None else min(self._due, asked)
+
+    async def _after_renewal(self, token: Token) -> ProbeResult:
+        """A 401 on the probe: renew once, and probe again with the new token."""
+        self._renewed_at = self._clock.monotonic()
+        self._target.invalidate(token.generation, "probe_401")
+        try:
+            newer = await self._target.get(token.generation)
+        except TokenUnavailable as exc:
+            return ProbeResult("inconclusive", None, f"a 401 on the probe, and no newer "
+                                                     f"token to probe again with ({exc.code})")
+        result = await self._probe(newer)
+        if result.outcome == "token_refused" and self._target.contended():
+            return ProbeResult("inconclusive", 401, "a 401 on the probe after a renewal, but "
+                               "someone else logs in with these credentials (contention)")
+        return result
 
     async def _probe(self, token: Token) -> ProbeResult:
         try:
@@ -301,6 +277,16 @@ class UpstreamVerdict:
                 self._set(None, None)
             return
         if outcome == "inconclusive":
+            status = result.status
+            if status is not None and status < 500 and status not in (401, 408, 425, 429):
+                if status not in self._misconfigured and len(self._misconfigured) < 20:
+                    self._misconfigured.add(status)
+                    log.error("GATEWAY_CHECK_PATH answered %d: the probe proves nothing; set "
+                              "a path that answers 2xx or 404 (or off)", status, extra={
+                                  "fields": {"event": "probe_misconfigured",
+                                             "status": status}})
+                if self.refusal is None:
+                    return  # no retrying a wrong path; traffic or an operator may ask again
             log.warning("probe inconclusive: %s", result.detail, extra={"fields": {
                 "event": "probe_inconclusive", "status": result.status}})
         else:
