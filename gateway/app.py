@@ -230,8 +230,10 @@ class GatewayServer:
             state.idempotency if isinstance(state.idempotency, LocalStore) else None,
             on_fault=lambda fault: self.metrics.channel_faults.labels(fault).inc(),
             on_traffic=state.tally.add)
-        events.on_token = pool.broadcast_token
-        events.on_contention = lambda: pool.broadcast_token(state.manager.current)
+        manager = state.manager
+        events.on_token = lambda tok: pool.broadcast_token(tok, manager.status().contended_for)
+        events.on_contention = lambda: pool.broadcast_token(manager.current,
+                                                            manager.status().contended_for)
         assert self.reloader is not None
         self.reloader.on_client_keys = pool.broadcast_client_keys
         self.metrics.add_source(pool.metrics_texts)

@@ -178,7 +178,7 @@ class WorkerPool:
                                    "message": exc.message, "retry_after": exc.retry_after})
         else:
             channel.send("token", {"newer_than": newer_than, "token": token_to_wire(tok),
-                                   "contended_for": self._manager.contended_for()})
+                                   "contended_for": self._manager.status().contended_for})
 
     async def _idem(self, life: _Incarnation, message: Message) -> None:
         assert self._idempotency is not None
@@ -222,13 +222,13 @@ class WorkerPool:
             worker.restarts += 1
             await self._spawn(worker)
 
-    def broadcast_token(self, tok: Token | None) -> None:
+    def broadcast_token(self, tok: Token | None, contended_for: float = 0.0) -> None:
         """Each worker's channel takes it without waiting: a stalled one overflows and is
-        restarted, never holding up the others."""
+        restarted, never holding up the others. ``contended_for``: how long credential
+        contention lasts from now (0: none)."""
         if tok is None:
             return
-        message = {"token": token_to_wire(tok),
-                   "contended_for": self._manager.contended_for()}
+        message = {"token": token_to_wire(tok), "contended_for": contended_for}
         for worker in self._workers:
             if worker.life is not None:
                 worker.life.channel.send("token", message)

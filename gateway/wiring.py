@@ -207,10 +207,8 @@ def build_access_policy(s: Settings) -> AccessPolicy:
 
 def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics,
                       tokens: TokenSource | None = None) -> Persistent401:
-    def on_mark(route: str, cooldown: float, generation: int) -> None:
+    def on_mark(route: str, cooldown: float) -> None:
         metrics.persistent_401.labels(route).inc()
-        if tokens is not None:  # that route's invalidation was no revocation
-            tokens.route_explained(generation)
         log.warning("route %s refuses a brand-new token too: passing its 401s back without "
                     "renewing for %gs", route, cooldown, extra={"fields": {
                         "event": "persistent_401", "route": route, "cooldown_s": cooldown}})
@@ -218,7 +216,9 @@ def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics,
     # A replay gets its verdict within the token wait (plus the login it may wait for).
     t = s.token
     return Persistent401(clock, t.persistent_401_cooldown, t.persistent_401_cooldown_max,
-                         on_mark, verdict_window=t.token_wait_timeout + s.auth.auth_timeout)
+                         on_mark, verdict_window=t.token_wait_timeout + s.auth.auth_timeout,
+                         # a route to blame: its invalidation was no revocation
+                         on_explained=None if tokens is None else tokens.route_explained)
 
 
 class TokenObservers:

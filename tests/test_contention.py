@@ -256,3 +256,24 @@ def test_a_revoked_secret_is_credentials_rejected_and_not_ready_never_contention
         await manager.stop()
 
     asyncio.run(scenario())
+
+
+def test_invalidations_a_streamed_body_caused_never_count() -> None:
+    """A 401 on a request that cannot be replayed gives its route no verdict: the renewal
+    happens, but the invalidation is not counted (a forbidden upload route called now and
+    then would otherwise look like contention)."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        seen = Seen()
+        manager, _ = await _manager(clock, seen)
+        for _ in range(5):
+            tok = manager.current
+            assert tok is not None
+            manager.invalidate(tok.generation, "upstream_401_streamed")
+            await clock.advance(40)
+        assert manager.current is not None and manager.current.generation == 6
+        assert not manager.contended() and manager.status().contention_invalidations == 0
+        await manager.stop()
+
+    asyncio.run(scenario())

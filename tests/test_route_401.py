@@ -17,7 +17,7 @@ R = "/bookings/{id}"
 
 
 def tracker(clock: FakeClock, marks: list[tuple[str, float]]) -> Persistent401:
-    return Persistent401(clock, 60, 3600, lambda route, cool, _gen: marks.append((route, cool)))
+    return Persistent401(clock, 60, 3600, lambda route, cool: marks.append((route, cool)))
 
 
 def test_route_401_marks_after_a_newer_token_is_refused_too() -> None:
@@ -69,7 +69,7 @@ async def test_route_401_verdict_only_within_the_window() -> None:
     later, generation 50): it invalidates again instead of marking the route."""
     clock = FakeClock()
     marks: list[tuple[str, float]] = []
-    t = Persistent401(clock, 60, 3600, lambda r, c, _g: marks.append((r, c)), verdict_window=14)
+    t = Persistent401(clock, 60, 3600, lambda r, c: marks.append((r, c)), verdict_window=14)
     assert t.unauthorized(R, 1)  # a streamed POST: no replay, no verdict yet
     await clock.advance(3 * 86400)
     assert t.unauthorized(R, 50) is True
@@ -110,31 +110,47 @@ def test_clock_measures_expiry_on_boottime() -> None:
     assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def test_under_contention_a_route_is_marked_once_its_refused_token_is_alive_elsewhere() -> None:
-    """A suspect (a newer token refused while someone else logs in) becomes a mark only
-    when that token is answered on another route for a request sent after the refusal."""
-    clock = FakeClock()
-    marks: list[tuple[str, float, int]] = []
-    t = Persistent401(clock, 60, 3600, lambda r, c, g: marks.append((r, c, g)))
-    assert t.unauthorized("/bookings/{id}", 1)  # invalidates generation 1
-    clock.now += 1
-    assert t.would_mark("/bookings/{id}", 2)
-    t.suspect("/bookings/{id}", 2)
-    t.answered("/workshops/{id}/services", 2, sent_at=clock.now - 5)  # sent before: no proof
-    t.answered("/bookings/{id}", 2, sent_at=clock.now + 1)  # the same route: no proof
-    t.answered("/workshops/{id}/services", 3, sent_at=clock.now + 1)  # another token
-    assert marks == [] and t.marked() == {}
-    t.answered("/workshops/{id}/services", 2, sent_at=clock.now + 0.5)
-    assert marks == [("/bookings/{id}", 60, 1)] and "/bookings/{id}" in t.marked()
+def test_a_route_is_to_blame_once_its_refused_token_is_alive_elsewhere() -> None:
+    """A mark protects the logins at once; the route is held to blame (its invalidation
+    explained) only when that token is answered on another route for a request sent after
+    the refusal. Under contention the route is only suspected, and marked on that proof."""
+    for contended in (False, True):
+        clock = FakeClock()
+        marks: list[tuple[str, float]] = []
+        explained: list[int] = []
+
+        def on_mark(route: str, cooldown: float, into: list[tuple[str, float]] = marks) -> None:
+            into.append((route, cooldown))
+
+        t = Persistent401(clock, 60, 3600, on_mark, on_explained=explained.append)
+        assert t.unauthorized("/bookings/{id}", 1)  # invalidates generation 1
+        clock.now += 1
+        if contended:
+            assert t.would_mark("/bookings/{id}", 2)
+            t.suspect("/bookings/{id}", 2)
+            assert marks == []
+        else:
+            assert not t.unauthorized("/bookings/{id}", 2)
+            assert marks == [("/bookings/{id}", 60)]
+        t.answered("/workshops/{id}/services", 2, sent_at=clock.now - 5)  # sent before
+        t.answered("/bookings/{id}", 2, sent_at=clock.now + 1)  # the same route
+        t.answered("/workshops/{id}/services", 3, sent_at=clock.now + 1)  # another token
+        assert explained == []
+        t.answered("/workshops/{id}/services", 2, sent_at=clock.now + 0.5)
+        assert explained == [1] and "/bookings/{id}" in t.marked()
+        assert len(marks) == 1
 
 
-def test_under_contention_a_suspect_whose_token_died_is_dropped_after_the_window() -> None:
+def test_a_suspect_whose_token_died_is_never_blamed_and_an_unproven_mark_drops() -> None:
+    """The refused token was never seen alive (revoked): no blame; and under contention an
+    unproven mark no longer passes the route's 401s back."""
     clock = FakeClock()
-    marks: list[tuple[str, float, int]] = []
-    t = Persistent401(clock, 60, 3600, lambda r, c, g: marks.append((r, c, g)),
-                      verdict_window=14)
+    explained: list[int] = []
+    t = Persistent401(clock, 60, 3600, None, verdict_window=14, on_explained=explained.append)
     t.unauthorized("/bookings/{id}", 1)
-    t.suspect("/bookings/{id}", 2)
+    assert not t.unauthorized("/bookings/{id}", 2)  # marked, not proven
     clock.now += 15
     t.answered("/workshops/{id}/services", 2, sent_at=clock.now)
-    assert marks == []
+    assert explained == []
+    assert not t.unauthorized("/bookings/{id}", 3)  # marked: passed back
+    assert t.unauthorized("/bookings/{id}", 3, contended=True)  # unproven: dropped

@@ -44,11 +44,13 @@ class FakeTarget:
     has_token: bool = True
     renew_fails: bool = False
     contention: bool = False
+    lost: bool = False  # the newest token was refused elsewhere too
     probe_delay: float = 0.05
     generation: int = 1
     probes: list[tuple[float, int]] = field(default_factory=list)
     invalidated: list[int] = field(default_factory=list)
     renewals: list[float] = field(default_factory=list)
+    explained: list[int] = field(default_factory=list)
 
     def _token(self) -> Token:
         now = self.clock.now
@@ -73,6 +75,12 @@ class FakeTarget:
 
     def contended(self) -> bool:
         return self.contention
+
+    def holds(self, generation: int) -> bool:
+        return generation == self.generation and not self.lost
+
+    def route_explained(self, generation: int) -> None:
+        self.explained.append(generation)
 
     async def probe(self, token: Token) -> ProbeResult:
         self.probes.append((self.clock.now, token.generation))
@@ -150,6 +158,7 @@ def test_a_401_is_confirmed_only_if_it_survives_a_renewal_and_a_second_probe() -
         await clock.advance(FLOOR + 1)
         assert verdict.refusal == "credentials_refused"
         assert "401" in (verdict.detail or "")
+        assert target.explained == [2]  # the credentials, not a revocation: no contention
         renewals = len(target.renewals)
         target.default = TOKEN
         await clock.advance(FLOOR * 4)
@@ -444,3 +453,19 @@ def test_the_window_forgets_everything_after_a_gap_longer_than_itself() -> None:
     assert (window.calls, window.refused) == (0, 0)
     window.push(5, 5, seconds=30)
     assert (window.calls, window.refused) == (5, 5)
+
+
+def test_a_401_on_a_new_token_that_died_elsewhere_too_confirms_nothing() -> None:
+    """Between the renewal and the second probe, someone's login revoked the new token
+    (live traffic saw it refused too): inconclusive, never credentials_refused."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        target = FakeTarget(clock, answers=[TOKEN, TOKEN], lost=True)
+        verdict = _verdict(target)
+        task = await _running(verdict)
+        await clock.advance(1)
+        assert verdict.ready() and target.explained == []
+        await _stop(task)
+
+    asyncio.run(scenario())

@@ -125,7 +125,10 @@ class UpstreamExchange:
             raise _contention()
         if not verdict:
             return resp
-        ctx.tokens.invalidate(token.generation, "upstream_401")
+        # A streamed body is not replayed, so its route gets no verdict: its invalidation
+        # renews all the same, but never counts toward contention.
+        ctx.tokens.invalidate(token.generation,
+                              "upstream_401" if replayable else "upstream_401_streamed")
         if not replayable:
             if ctx.tokens.contended():
                 resp.release()
@@ -168,7 +171,7 @@ class UpstreamExchange:
                 return None
             if not await self.ctx.tokens.still_current(generation):
                 r401.forget(route)
-        return r401.unauthorized(route, generation)
+        return r401.unauthorized(route, generation, self.ctx.tokens.contended())
 
     def _upstream_failed(self, error: GatewayError) -> None:
         if isinstance(error, UpstreamError):

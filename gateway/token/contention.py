@@ -69,6 +69,17 @@ class ContentionWatch:
     def active(self, now: float) -> bool:
         return self.until is not None and now < self.until
 
+    def remaining(self, now: float) -> float:
+        """Seconds it lasts from ``now`` if nothing more happens (0: none)."""
+        return 0.0 if self.until is None else max(0.0, self.until - now)
+
+    def hold_until(self, now: float, last_call: float | None, every: float) -> float | None:
+        """While it lasts, auth calls come ``every`` seconds apart: when the next may go, if
+        that is later than ``now`` (else None)."""
+        if last_call is None or not self.active(now) or now >= last_call + every:
+            return None
+        return last_call + every
+
     def count(self, now: float) -> int:
         """Unexplained invalidations within the window."""
         return sum(1 for at, _ in self._records if now - at <= self.window)

@@ -1,23 +1,17 @@
 """The one managed token: obtained, renewed ahead of expiry, shared by every request.
 
-The manager keeps no decision state of its own: everything that decides "when is the next
-auth call, and which kind?" is the one :class:`~gateway.token.renewal.RenewalState` value, and
-the manager only applies what :mod:`gateway.token.renewal` decides. Its time (decisions and
-sleeps) comes from the injected :class:`~gateway.clock.Clock`, so the whole lifecycle runs on
-a fake clock in the tests.
+Everything that decides "when is the next auth call, and which kind?" is the one
+:class:`~gateway.token.renewal.RenewalState` value; the manager applies what
+:mod:`gateway.token.renewal` decides, on the injected :class:`~gateway.clock.Clock`.
 
-* Requests call :meth:`TokenManager.get`; while the token held is usable it returns at once,
-  without a lock or an await on I/O.
-* One auth call at a time, by construction: the one task in ``_task`` (a renewal, or the
-  login of a credential rotation); whoever needs a token waits for it.
-* The background loop sleeps until the next attempt is due (never more than
-  :data:`MAX_SLEEP` at a time, so a suspended host re-decides when it wakes).
-* A refresh the endpoint definitely rejected, or one that ended ambiguously (no answer, a cut
-  or garbled one: its refresh token may be used up), is followed by a login in the same
-  attempt, at once; any other failure is backed off (a 429 or 5xx on refresh never turns into
-  a login at once).
-* :meth:`invalidate` means "renew now": the rejected token keeps serving until a replacement
-  lands, and only the generation a caller used is affected (the kubernetes#99324 pitfall).
+* :meth:`TokenManager.get` returns a usable token at once (no lock, no I/O), else waits
+  (bounded) for the one auth call under way (``_task``: a renewal or a rotation's login).
+* The loop sleeps until the next attempt (at most :data:`MAX_SLEEP`: a host may be suspended).
+* A refresh refused, or ended ambiguously (its refresh token may be used up), is followed by a
+  login at once; other failures back off (a 429 or 5xx never turns into a login at once).
+* :meth:`invalidate` means "renew now" for that generation only; the token keeps serving until
+  its replacement lands (the kubernetes#99324 pitfall). Invalidations nobody explains are
+  counted (:mod:`gateway.token.contention`): while contention lasts, auth calls are spaced.
 """
 
 from __future__ import annotations
@@ -52,6 +46,9 @@ from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 log = logging.getLogger("gateway.token")
 #: The longest the loop sleeps before deciding again (a host may be suspended meanwhile).
 MAX_SLEEP: Final = 30.0
+#: Invalidations never counted toward contention: no route verdict can follow a streamed
+#: body's 401, and the probe's 401s are the verdict's own business.
+UNCOUNTED: Final = frozenset({"upstream_401_streamed", "probe_401"})
 
 
 class _AttemptFailed(Exception):
@@ -90,6 +87,8 @@ class TokenManager:
         self._sync = None if fleet is None else FleetSync(fleet, self, clock, self._policy)
         self._contention = ContentionWatch(side.token.contention_invalidations,
                                            side.token.contention_window)
+        self._unverified = 0  # a generation invalidated with no route verdict possible
+        self._last_auth_at: float | None = None  # the last login or refresh sent
         if initial is not None:  # a stored token from an earlier run
             self._state = renewal.succeeded(self._state, initial, self._policy,
                                             self._rng.random())
@@ -152,9 +151,9 @@ class TokenManager:
                         plan.when > deadline):
                     raise unavailable(st, plan, now, contended=self._contention.active(now),
                                       store_down=self._fleet is not None and not self._fleet.up)
-                await self._wait_any(None, plan.when - now)
+                await sleep_or_until(self._clock, plan.when - now, None)
                 continue
-            await self._wait_any(task, deadline - now)
+            await sleep_or_until(self._clock, deadline - now, task)
 
     def invalidate(self, generation: int, reason: str) -> bool:
         """The upstream refused the token of ``generation``: renew now. False if that token is
@@ -165,6 +164,8 @@ class TokenManager:
             return False
         tok = before.token
         assert tok is not None
+        if reason in UNCOUNTED:
+            self._unverified = generation
         log.warning("token invalidated", extra={"fields": {
             "event": "token_invalidated", "reason": reason, "generation": generation,
             "token_fp": tok.fingerprint}})
@@ -173,10 +174,9 @@ class TokenManager:
         return True
 
     async def still_current(self, generation: int) -> bool:
-        """Is ``generation`` still the newest token, here and (with a store) in the fleet?
-        Only then does a 401 with it say anything about the route (persistent-401 marking).
-        With the store unreachable, or rekeyed to credentials a rotation is still switching
-        to, nobody can tell: False."""
+        """Is ``generation`` still the newest token, here and in the fleet? Only then does a
+        401 with it say anything about the route. Nobody can tell (False) with the store
+        unreachable, or rekeyed to credentials a rotation is still switching to."""
         if self._sync is not None:
             flight = self._state.in_flight
             if flight is not None and flight.kind == "rotation":
@@ -187,6 +187,10 @@ class TokenManager:
 
     def route_explained(self, generation: int) -> None:
         self._contention.retract(generation)
+
+    def holds(self, generation: int) -> bool:
+        """Is ``generation`` the newest token, not refused since?"""
+        return self._state.generation == generation and not self._state.stale
 
     async def probe(self, token: Token) -> ProbeResult:
         """GATEWAY_CHECK_PATH with ``token``, through the current credentials' client."""
@@ -204,11 +208,6 @@ class TokenManager:
     def contended(self) -> bool:
         return self._contention.active(self._clock.monotonic())
 
-    def contended_for(self) -> float:
-        """Seconds contention lasts from now, if nothing more happens (0: none)."""
-        until = self._contention.until
-        return 0.0 if until is None else max(0.0, until - self._clock.monotonic())
-
     def status(self) -> TokenStatus:
         st = self._state
         now = self._clock.monotonic()
@@ -216,7 +215,8 @@ class TokenManager:
         return TokenStatus(st.token, self.ready(), st.stale, st.due_at,
                            None if plan is None else plan.when, self._last_outcome,
                            st.last_error, self._last_renewal_wall, st.failures, st.blocked,
-                           self._contention.active(now), self._contention.count(now))
+                           self._contention.active(now), self._contention.count(now),
+                           self._contention.remaining(now))
 
     @property
     def state(self) -> RenewalState:
@@ -385,6 +385,8 @@ class TokenManager:
                 if turn is None:
                     return  # adopted the fleet's token, or waiting on the fleet
                 kind, holding = turn
+            if self._held_back():
+                return
             await self._renew(kind, holding)
             if sync is not None:
                 await sync.publish_result(holding)
@@ -397,8 +399,8 @@ class TokenManager:
 
     async def _renew(self, kind: RenewalKind, holding: bool) -> None:
         st = self._state
-        if st.stale and st.token is not None:  # renewed here: no fleet peer explains it
-            self._unexplained(st.token.generation)
+        if st.stale and st.token is not None and st.token.generation != self._unverified:
+            self._unexplained(st.token.generation)  # renewed here: no fleet peer explains it
         prev = None if st.stale else st.token
         if kind == "refresh" and prev is None:
             kind = "login"  # invalidated between the plan and now: nothing to refresh with
@@ -455,9 +457,16 @@ class TokenManager:
         now = self._clock.monotonic()
         began = self._contention.record(now, generation, self._policy.login_retry_interval)
         if self._contention.active(now):
-            assert self._contention.until is not None
-            self._state = renewal.contended(self._state, self._contention.until)
             self._events.contention(began)
+
+    def _held_back(self) -> bool:
+        """While contention lasts, one auth call per GATEWAY_LOGIN_RETRY_INTERVAL: the next
+        waits (adopting a fleet peer's token never does)."""
+        until = self._contention.hold_until(self._clock.monotonic(), self._last_auth_at,
+                                            self._policy.login_retry_interval)
+        if until is not None:
+            self._state = renewal.held_back(self._state, until)
+        return until is not None
 
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
@@ -472,7 +481,7 @@ class TokenManager:
 
     async def _timed(self, kind: RenewalKind, call: Awaitable[Exchange],
                      holding: bool = False) -> Exchange:
-        started = self._clock.monotonic()
+        started = self._last_auth_at = self._clock.monotonic()
         try:
             result = await (self._sync.leased(call) if self._sync is not None and holding
                             else call)
@@ -509,14 +518,6 @@ class TokenManager:
             "renew_in": round(self._state.due_at - token.obtained_at, 3)}})
         return token
 
-    async def _wait_any(self, task: asyncio.Task[Any] | None, seconds: float) -> None:
-        """Until ``task`` ends or ``seconds`` pass on the clock."""
-        await sleep_or_until(self._clock, seconds, task)
-
-    async def _sleep_or_woken(self, wake: asyncio.Event, seconds: float) -> None:
-        """Until ``wake`` is set or ``seconds`` pass on the clock."""
-        await sleep_or_set(self._clock, wake, seconds)
-
     async def _run(self) -> None:
         while True:
             try:
@@ -529,7 +530,7 @@ class TokenManager:
                 plan = renewal.next_attempt(self._state, now, self._policy)
                 delay = MAX_SLEEP if plan is None else min(max(plan.when - now, 0.0), MAX_SLEEP)
                 self._wake.clear()
-                await self._sleep_or_woken(self._wake, delay)
+                await sleep_or_set(self._clock, self._wake, delay)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not end renewal for good, nor spin

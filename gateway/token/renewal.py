@@ -114,9 +114,6 @@ class RenewalState:
     #: ``not_before`` is only a wait on the fleet's store, not a back-off: a 401 or the store
     #: coming back ends it.
     deferred: bool = False
-    #: Someone else logs in with our credentials (:mod:`gateway.token.contention`): until
-    #: then, at most one attempt per ``login_retry_interval``.
-    contended_until: float | None = None
 
     @property
     def generation(self) -> int:
@@ -154,8 +151,6 @@ def next_attempt(state: RenewalState, now: float, policy: RenewalPolicy) -> Atte
         when = max(when, state.not_before)
     if state.last_attempt_at is not None:
         when = max(when, state.last_attempt_at + policy.floor)
-        if state.contended_until is not None and now < state.contended_until:
-            when = max(when, state.last_attempt_at + policy.login_retry_interval)
     at = max(when, now)
     usable = None if state.stale else tok
     kind = choose_renewal(usable, at, policy.margin, not state.refresh_banned)
@@ -218,6 +213,12 @@ def deferred(state: RenewalState, until: float) -> RenewalState:
     return replace(state, not_before=until, in_flight=None, deferred=True)
 
 
+def held_back(state: RenewalState, until: float) -> RenewalState:
+    """No auth call before ``until`` (credential contention: one login per
+    ``login_retry_interval``); no failure is counted, and a 401 does not end it."""
+    return replace(state, not_before=until, in_flight=None, deferred=False)
+
+
 def undeferred(state: RenewalState) -> RenewalState:
     """The wait on the store is over (it answers again, or the upstream refused the token)."""
     return replace(state, not_before=None, deferred=False) if state.deferred else state
@@ -232,8 +233,7 @@ def adopt(local: RenewalState, shared: RenewalState) -> RenewalState:
     lt, st = local.token, shared.token
     if st is not None and (lt is None or st.generation > lt.generation or (
             st.generation == lt.generation and st.access != lt.access)):
-        return replace(shared, in_flight=local.in_flight, last_attempt_at=local.last_attempt_at,
-                       contended_until=local.contended_until)
+        return replace(shared, in_flight=local.in_flight, last_attempt_at=local.last_attempt_at)
     same = st is None or (lt is not None and st.access == lt.access)
     if not same:
         return local  # the store is behind us: ours gets published
@@ -247,11 +247,6 @@ def adopt(local: RenewalState, shared: RenewalState) -> RenewalState:
                        refresh_banned=local.refresh_banned or (
                            st is not None and shared.refresh_banned))
     return local
-
-
-def contended(state: RenewalState, until: float) -> RenewalState:
-    """Contention lasts until ``until``: one attempt per ``login_retry_interval`` till then."""
-    return replace(state, contended_until=until)
 
 
 def invalidated(state: RenewalState, generation: int) -> RenewalState:

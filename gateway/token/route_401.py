@@ -15,10 +15,12 @@ partner lacks) must not cost a login per request. Keyed by route *template*:
 A 401 on any other route always invalidates at once: there is no global limiter that could
 delay a genuine revocation. Time comes from the injected clock.
 
-While someone else logs in with our credentials (contention), a newer token refused by the
-route may simply have been revoked meanwhile: the route is only *suspected*
-(:meth:`Persistent401.suspect`), and marked once that same token is answered on another
-route for a request sent after the refusal (it was alive: the route is to blame).
+**Whose fault, for contention** (:mod:`gateway.token.contention`). A newer token refused by
+the route may also have been revoked meanwhile by someone else's login. So the route is held
+*to blame* (``on_explained``: its invalidation is taken back) only once that same token is
+answered on another route for a request sent after the refusal: it was alive. Until then the
+mark only protects the logins. While contention lasts, a refusal marks nothing: the route is
+only suspected, marked once the token is seen alive, and an unproven mark is dropped.
 """
 
 from __future__ import annotations
@@ -38,23 +40,32 @@ V = TypeVar("V")
 class _Mark:
     until: float
     cooldown: float
+    proven: bool = False  # its refused token was seen alive elsewhere
+
+
+@dataclass(frozen=True)
+class _Suspect:
+    refused: int  # the newer generation the route refused
+    invalidated: int  # the generation its first 401 invalidated
+    at: float
 
 
 class Persistent401:
     def __init__(self, clock: Clock, cooldown: float, cooldown_max: float,
-                 on_mark: Callable[[str, float, int], None] | None = None,
-                 verdict_window: float = 30.0) -> None:
+                 on_mark: Callable[[str, float], None] | None = None,
+                 verdict_window: float = 30.0,
+                 on_explained: Callable[[int], None] | None = None) -> None:
         self._clock = clock
         self._cooldown = cooldown
         self._max = max(cooldown, cooldown_max)
         self._on_mark = on_mark
+        self._on_explained = on_explained
         self._window = verdict_window
         self._marks: dict[str, _Mark] = {}
         #: route -> (the generation it invalidated, when), awaiting a newer token's verdict
         self._pending: dict[str, tuple[int, float]] = {}
-        #: route -> (the newer generation it refused, the one it invalidated, when): under
-        #: contention, awaiting proof that the newer token was alive
-        self._suspects: dict[str, tuple[int, int, float]] = {}
+        #: route -> a newer token it refused, awaiting proof that token was alive
+        self._suspects: dict[str, _Suspect] = {}
 
     def _pending_generation(self, route: str, now: float) -> int | None:
         entry = self._pending.get(route)
@@ -65,22 +76,43 @@ class Persistent401:
             return None
         return entry[0]
 
-    def unauthorized(self, route: str, generation: int) -> bool:
+    def unauthorized(self, route: str, generation: int, contended: bool = False) -> bool:
         """A 401 on ``route`` for a token of ``generation``: True to invalidate the token and
-        replay, False to pass the 401 back as it is (the route is marked)."""
+        replay, False to pass the 401 back as it is (the route is marked). Under contention
+        a mark not proven drops (its 401s were likely revocations)."""
         now = self._clock.monotonic()
         mark = self._marks.get(route)
         if mark is not None and now < mark.until:
-            return False
+            if not contended or mark.proven:
+                return False
+            del self._marks[route]
         pending = self._pending_generation(route, now)
         if pending is not None and generation > pending:
-            # A token newer than the one this route invalidated was refused too: it is the
-            # route, not the token.
-            self._mark(route, pending, now)
+            # A token newer than the one this route invalidated was refused too: the route,
+            # most likely (proven once that token is seen alive elsewhere).
+            self.suspect(route, generation)
+            self._mark(route, now)
             return False
         if pending is None or generation > pending:
             self._remember(self._pending, route, (generation, now))
         return True
+
+    def _mark(self, route: str, now: float, proven: bool = False) -> None:
+        mark = self._marks.get(route)
+        cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
+        self._remember(self._marks, route, _Mark(now + cooldown, cooldown, proven))
+        self._pending.pop(route, None)
+        if self._on_mark is not None:
+            self._on_mark(route, cooldown)
+
+    def suspect(self, route: str, generation: int) -> None:
+        """``route`` refused ``generation``, newer than the one it invalidated: it is to blame
+        once that token is answered elsewhere, for a request sent after now
+        (:meth:`answered`); if it never is, the token had died."""
+        now = self._clock.monotonic()
+        pending = self._pending_generation(route, now)
+        if pending is not None and generation > pending:
+            self._remember(self._suspects, route, _Suspect(generation, pending, now))
 
     def would_mark(self, route: str, generation: int) -> bool:
         """Would a 401 for ``generation`` now mark ``route``? (So that the caller can first
@@ -92,24 +124,6 @@ class Persistent401:
             return False
         pending = self._pending_generation(route, now)
         return pending is not None and generation > pending
-
-    def _mark(self, route: str, invalidated: int, now: float) -> None:
-        mark = self._marks.get(route)
-        cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
-        self._remember(self._marks, route, _Mark(now + cooldown, cooldown))
-        self._pending.pop(route, None)
-        self._suspects.pop(route, None)
-        if self._on_mark is not None:  # the generation it invalidated was not at fault
-            self._on_mark(route, cooldown, invalidated)
-
-    def suspect(self, route: str, generation: int) -> None:
-        """Under contention, ``route`` refused ``generation``, newer than the one it
-        invalidated: mark it only once that token is answered elsewhere, for a request sent
-        after now (:meth:`answered`); if it never is, the token had died."""
-        now = self._clock.monotonic()
-        pending = self._pending_generation(route, now)
-        if pending is not None and generation > pending:
-            self._remember(self._suspects, route, (generation, pending, now))
 
     def forget(self, route: str) -> None:
         """Drop the pending verdict of ``route`` (it proved inconclusive)."""
@@ -131,11 +145,18 @@ class Persistent401:
             del self._marks[route]  # it works again: the next mark starts from the base
 
     def _settle_suspects(self, route: str, generation: int, sent_at: float, now: float) -> None:
-        for suspect, (refused, invalidated, at) in list(self._suspects.items()):
-            if now - at > self._window:
-                del self._suspects[suspect]  # never shown alive: it had died
-            elif refused == generation and suspect != route and sent_at > at:
-                self._mark(suspect, invalidated, now)  # that token was alive after all
+        for name, s in list(self._suspects.items()):
+            if now - s.at > self._window:
+                del self._suspects[name]  # never shown alive: it had died
+            elif s.refused == generation and name != route and sent_at > s.at:
+                del self._suspects[name]  # that token was alive: the route is to blame
+                mark = self._marks.get(name)
+                if mark is not None and now < mark.until:
+                    self._marks[name] = _Mark(mark.until, mark.cooldown, True)
+                else:
+                    self._mark(name, now, proven=True)
+                if self._on_explained is not None:
+                    self._on_explained(s.invalidated)
 
     def marked(self) -> dict[str, float]:
         """Routes marked now, with the seconds left (for the status endpoint)."""

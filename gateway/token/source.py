@@ -106,6 +106,8 @@ class TokenStatus:
     #: Someone else logs in with our credentials (logins are slowed until then).
     contended: bool = False
     contention_invalidations: int = 0
+    #: Seconds contention lasts from now if nothing more happens (0: none).
+    contended_for: float = 0.0
 
     @property
     def credentials_rejected(self) -> bool:

@@ -77,6 +77,10 @@ class ProbeTarget(Protocol):
 
     def contended(self) -> bool: ...
 
+    def holds(self, generation: int) -> bool: ...
+
+    def route_explained(self, generation: int) -> None: ...
+
 
 class VerdictEvents(Protocol):
     """Observers (metrics); cheap, never raise."""
@@ -250,9 +254,13 @@ class UpstreamVerdict:
             return ProbeResult("inconclusive", None, f"a 401 on the probe, and no newer "
                                                      f"token to probe again with ({exc.code})")
         result = await self._probe(newer)
-        if result.outcome == "token_refused" and self._target.contended():
+        if result.outcome != "token_refused":
+            return result
+        if self._target.contended() or not self._target.holds(newer.generation):
+            # Someone else's login may have revoked the new token too.
             return ProbeResult("inconclusive", 401, "a 401 on the probe after a renewal, but "
-                               "someone else logs in with these credentials (contention)")
+                               "the new token was refused elsewhere too (contention?)")
+        self._target.route_explained(token.generation)  # the credentials, not a revocation
         return result
 
     async def _probe(self, token: Token) -> ProbeResult:
