@@ -238,6 +238,9 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
     if s.token.renew_jitter_fraction >= s.token.renew_at_fraction:
         add(("GATEWAY_RENEW_JITTER_FRACTION",
              "must be below GATEWAY_RENEW_AT_FRACTION"))
+    if s.token.contention_window <= 2 * s.token.login_retry_interval:
+        add(("GATEWAY_CONTENTION_WINDOW", "must exceed twice GATEWAY_LOGIN_RETRY_INTERVAL "
+             "(logins are spaced by it while contention lasts)"))
     redis, cache = s.redis, s.cache
     if (redis.redis_password is not None or redis.store_key is not None
             or redis.store_key_previous is not None) and not (redis.redis_url

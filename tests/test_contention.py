@@ -235,7 +235,7 @@ def test_one_revocation_and_failing_re_logins_are_not_contention() -> None:
 
 def test_a_revoked_secret_is_credentials_rejected_and_not_ready_never_contention() -> None:
     """A live 401, and every login since is refused: callers get credentials_rejected, the
-    gateway is not ready (no replacement can land), and no contention is claimed."""
+    manager reports the refused renewal (for the probe), and no contention is claimed."""
 
     async def scenario() -> None:
         clock = FakeClock()
@@ -247,7 +247,8 @@ def test_a_revoked_secret_is_credentials_rejected_and_not_ready_never_contention
         auth.default = lambda: Outcome("invalid_credentials")
         for _ in range(4):
             await _revoke(manager, clock, 120)
-        assert not manager.ready()
+        assert manager.renewal_refused()  # the probe's verdict decides readiness
+        assert manager.ready()  # the refused token still serves: nothing is taken away
         tok = manager.current
         assert tok is not None
         with pytest.raises(CredentialsRejected):

@@ -110,47 +110,48 @@ def test_clock_measures_expiry_on_boottime() -> None:
     assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def test_a_route_is_to_blame_once_its_refused_token_is_alive_elsewhere() -> None:
-    """A mark protects the logins at once; the route is held to blame (its invalidation
-    explained) only when that token is answered on another route for a request sent after
-    the refusal. Under contention the route is only suspected, and marked on that proof."""
-    for contended in (False, True):
-        clock = FakeClock()
-        marks: list[tuple[str, float]] = []
-        explained: list[int] = []
-
-        def on_mark(route: str, cooldown: float, into: list[tuple[str, float]] = marks) -> None:
-            into.append((route, cooldown))
-
-        t = Persistent401(clock, 60, 3600, on_mark, on_explained=explained.append)
-        assert t.unauthorized("/bookings/{id}", 1)  # invalidates generation 1
-        clock.now += 1
-        if contended:
-            assert t.would_mark("/bookings/{id}", 2)
-            t.suspect("/bookings/{id}", 2)
-            assert marks == []
-        else:
-            assert not t.unauthorized("/bookings/{id}", 2)
-            assert marks == [("/bookings/{id}", 60)]
-        t.answered("/workshops/{id}/services", 2, sent_at=clock.now - 5)  # sent before
-        t.answered("/bookings/{id}", 2, sent_at=clock.now + 1)  # the same route
-        t.answered("/workshops/{id}/services", 3, sent_at=clock.now + 1)  # another token
-        assert explained == []
-        t.answered("/workshops/{id}/services", 2, sent_at=clock.now + 0.5)
-        assert explained == [1] and "/bookings/{id}" in t.marked()
-        assert len(marks) == 1
+def test_a_marked_route_explains_its_invalidation_at_once() -> None:
+    """Outside contention, a route marked persistent 401 explains (takes back) the
+    invalidation it caused, as soon as it is marked."""
+    clock = FakeClock()
+    explained: list[int] = []
+    t = Persistent401(clock, 60, 3600, None, on_explained=explained.append)
+    assert t.unauthorized("/bookings/{id}", 1)
+    assert not t.unauthorized("/bookings/{id}", 2)
+    assert explained == [1] and "/bookings/{id}" in t.marked()
 
 
-def test_a_suspect_whose_token_died_is_never_blamed_and_an_unproven_mark_drops() -> None:
-    """The refused token was never seen alive (revoked): no blame; and under contention an
-    unproven mark no longer passes the route's 401s back."""
+def test_under_contention_a_suspect_is_marked_once_its_token_is_alive_elsewhere() -> None:
+    """A suspect (a newer token refused while someone else logs in) becomes a mark, and its
+    invalidation explained, only when that token is answered alive on another route for a
+    request sent after the refusal."""
+    clock = FakeClock()
+    marks: list[tuple[str, float]] = []
+    explained: list[int] = []
+    t = Persistent401(clock, 60, 3600, lambda r, c: marks.append((r, c)),
+                      on_explained=explained.append)
+    assert t.unauthorized("/bookings/{id}", 1)  # invalidates generation 1
+    clock.now += 1
+    refused_at = clock.now
+    assert t.would_mark("/bookings/{id}", 2)
+    t.suspect("/bookings/{id}", 2)
+    clock.now += 1
+    t.suspect("/bookings/{id}", 2)  # refused again: the first refusal's time stands
+    t.answered("/workshops/{id}/services", 2, sent_at=refused_at - 0.5)  # sent before it
+    t.answered("/bookings/{id}", 2, sent_at=refused_at + 0.5)  # the same route
+    t.answered("/workshops/{id}/services", 3, sent_at=refused_at + 0.5)  # another token
+    t.answered("/workshops/{id}/services", 2, sent_at=refused_at + 0.5, status=503)  # edge
+    assert marks == [] and explained == []
+    t.answered("/workshops/{id}/services", 2, sent_at=refused_at + 0.5, status=404)
+    assert marks == [("/bookings/{id}", 60)] and explained == [1]
+
+
+def test_under_contention_a_suspect_whose_token_died_is_never_marked() -> None:
     clock = FakeClock()
     explained: list[int] = []
     t = Persistent401(clock, 60, 3600, None, verdict_window=14, on_explained=explained.append)
     t.unauthorized("/bookings/{id}", 1)
-    assert not t.unauthorized("/bookings/{id}", 2)  # marked, not proven
+    t.suspect("/bookings/{id}", 2)
     clock.now += 15
     t.answered("/workshops/{id}/services", 2, sent_at=clock.now)
-    assert explained == []
-    assert not t.unauthorized("/bookings/{id}", 3)  # marked: passed back
-    assert t.unauthorized("/bookings/{id}", 3, contended=True)  # unproven: dropped
+    assert explained == [] and t.marked() == {}

@@ -238,3 +238,15 @@ def test_settings_durations_that_bound_others_have_floors(env: str) -> None:
 def test_settings_a_poll_interval_of_zero_stays_off() -> None:
     s = load_settings({**BASE, "GATEWAY_SECRETS_POLL_INTERVAL": "0"})
     assert s.server.secrets_poll_interval == 0
+
+
+@pytest.mark.unit
+def test_settings_the_contention_window_must_outlast_the_spaced_logins() -> None:
+    """While contention lasts logins come GATEWAY_LOGIN_RETRY_INTERVAL apart: a window of
+    two intervals or less could never see it last."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "GATEWAY_LOGIN_RETRY_INTERVAL": "5m",
+                       "GATEWAY_CONTENTION_WINDOW": "10m"})
+    assert caught.value.setting == "GATEWAY_CONTENTION_WINDOW"
+    load_settings({**BASE, "GATEWAY_LOGIN_RETRY_INTERVAL": "30s",
+                   "GATEWAY_CONTENTION_WINDOW": "61s"})

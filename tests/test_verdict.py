@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import CredentialsRejected
+from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.token.auth_client import ProbeResult
 from gateway.token.traffic import Tally, TrafficWindow
 from gateway.token.value import Token
@@ -43,8 +43,10 @@ class FakeTarget:
     default: ProbeResult = OK
     has_token: bool = True
     renew_fails: bool = False
+    renew_rejected: bool = False
     contention: bool = False
     lost: bool = False  # the newest token was refused elsewhere too
+    refused_renewal: bool = False  # stale, and Repairy refuses the login that would replace it
     probe_delay: float = 0.05
     generation: int = 1
     probes: list[tuple[float, int]] = field(default_factory=list)
@@ -63,7 +65,9 @@ class FakeTarget:
 
     async def get(self, newer_than: int = 0) -> Token:
         await self.clock.sleep(0.1)
-        if self.renew_fails:
+        if self.renew_fails:  # Repairy's login is down (a rejected one is a verdict)
+            raise TokenUnavailable("no", retry_after=1.0)
+        if self.renew_rejected:
             raise CredentialsRejected("no", retry_after=1.0)
         self.generation = max(self.generation, newer_than) + 1
         self.renewals.append(self.clock.now)
@@ -76,8 +80,11 @@ class FakeTarget:
     def contended(self) -> bool:
         return self.contention
 
-    def holds(self, generation: int) -> bool:
-        return generation == self.generation and not self.lost
+    def holds(self, token: Token) -> bool:
+        return token.generation == self.generation and not self.lost
+
+    def renewal_refused(self) -> bool:
+        return self.refused_renewal
 
     def route_explained(self, generation: int) -> None:
         self.explained.append(generation)
@@ -466,6 +473,27 @@ def test_a_401_on_a_new_token_that_died_elsewhere_too_confirms_nothing() -> None
         task = await _running(verdict)
         await clock.advance(1)
         assert verdict.ready() and target.explained == []
+        await _stop(task)
+
+    asyncio.run(scenario())
+
+
+def test_a_401_whose_renewal_repairy_refuses_confirms_credentials_refused() -> None:
+    """The probe's 401 survives the renewal when that renewal is refused (the App Secret
+    was revoked): credentials_refused. Callers getting 503 credentials_rejected (no
+    upstream answer for the traffic window) ask for that round."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        target = FakeTarget(clock)
+        verdict = _verdict(target)
+        task = await _running(verdict)
+        await clock.advance(2)
+        assert verdict.ready() and len(target.probes) == 1
+        target.default, target.renew_rejected, target.refused_renewal = TOKEN, True, True
+        await clock.advance(6)  # the next (idle) tick sees the refused renewal: one round
+        assert verdict.refusal == "credentials_refused"
+        assert len(target.probes) == 2
         await _stop(task)
 
     asyncio.run(scenario())

@@ -91,7 +91,7 @@ class UpstreamExchange:
         if resp.status == 401:
             return await self._after_401(out.url, out.headers, body.data, body.replayable,
                                          token, resp, attempts, outcome)
-        ctx.route_401.answered(outcome.route, token.generation, sent_at)
+        ctx.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
         return resp
 
     async def _traced_send(self, out: Outbound, token: Token, caller_gone: Callable[[], bool],
@@ -122,6 +122,7 @@ class UpstreamExchange:
             raise
         if verdict is None:  # contention: that token may have died; nothing was acted on
             resp.release()
+            ctx.tokens.invalidate(token.generation, "upstream_401")
             raise _contention()
         if not verdict:
             return resp
@@ -144,7 +145,7 @@ class UpstreamExchange:
         resp = await ctx.upstream.retry.send(
             url, with_credentials(headers, token.access, token.partner_id), data, attempts)
         if resp.status != 401:
-            ctx.route_401.answered(outcome.route, token.generation, sent_at)
+            ctx.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
             return resp
         # No second replay: judge the route, and pass the 401 back (under contention the
         # route is only suspected, and the caller is told of the contention instead).
@@ -155,6 +156,7 @@ class UpstreamExchange:
             raise
         if verdict is not False and ctx.tokens.contended():
             resp.release()
+            ctx.tokens.invalidate(token.generation, "upstream_401")
             raise _contention()
         return resp
 
@@ -166,12 +168,12 @@ class UpstreamExchange:
         the fleet."""
         r401 = self.ctx.route_401
         if r401.would_mark(route, generation):
-            if self.ctx.tokens.contended():
+            if not await self.ctx.tokens.still_current(generation):
+                r401.forget(route)  # replaced meanwhile (a fleet peer): it says nothing
+            elif self.ctx.tokens.contended():
                 r401.suspect(route, generation)
                 return None
-            if not await self.ctx.tokens.still_current(generation):
-                r401.forget(route)
-        return r401.unauthorized(route, generation, self.ctx.tokens.contended())
+        return r401.unauthorized(route, generation)
 
     def _upstream_failed(self, error: GatewayError) -> None:
         if isinstance(error, UpstreamError):

@@ -22,6 +22,9 @@ log = logging.getLogger("gateway.token")
 
 #: Invalidations remembered at most (the threshold is bounded by its setting).
 MAX_RECORDS: Final = 1024
+#: Invalidations never counted: no route verdict can follow a streamed body's 401, and the
+#: probe's 401s are the verdict's own business.
+UNCOUNTED: Final = frozenset({"upstream_401_streamed", "probe_401"})
 
 
 class ContentionWatch:
@@ -34,12 +37,31 @@ class ContentionWatch:
         #: Contention lasts until then (None: never detected).
         self.until: float | None = None
         self.detected = 0
+        #: Generations a route explained: never counted again.
+        self._explained: deque[int] = deque(maxlen=64)
+        self._unverified = 0  # invalidated for an uncounted reason only
+        #: When the last login or refresh was sent (for :meth:`hold_until`).
+        self.last_call: float | None = None
+
+    def invalidated(self, generation: int, reason: str, first: bool) -> None:
+        """The manager was told ``generation`` was refused (``first``: it was not yet)."""
+        if first and reason in UNCOUNTED:
+            self._unverified = generation
+        elif generation == self._unverified and reason not in UNCOUNTED:
+            self._unverified = 0  # a counted 401 on it too: it counts
+
+    def renewing(self, now: float, generation: int, login_every: float) -> bool:
+        """The manager renews the refused ``generation`` itself (no fleet peer did): record
+        it unless only an uncounted reason refused it. True when contention begins."""
+        if generation == self._unverified:
+            return False
+        return self.record(now, generation, login_every)
 
     def record(self, now: float, generation: int, login_every: float) -> bool:
         """An unexplained invalidation of ``generation``: True when contention begins (then
         an error line says what to look for; logins come ``login_every`` seconds apart). A
         generation counts once, however many attempts its renewal takes."""
-        if any(g == generation for _, g in self._records):
+        if generation in self._explained or any(g == generation for _, g in self._records):
             return False
         self._records.append((now, generation))
         if self.active(now):
@@ -59,12 +81,18 @@ class ContentionWatch:
 
     def retract(self, generation: int) -> bool:
         """A route, not a revocation, explained the invalidation of ``generation``."""
+        self._explained.append(generation)
         kept = [r for r in self._records if r[1] != generation]
         if len(kept) == len(self._records):
             return False
         self._records.clear()
         self._records.extend(kept)
         return True
+
+    def clear(self) -> None:
+        """Start over (new credentials)."""
+        self._records.clear()
+        self.until = None
 
     def active(self, now: float) -> bool:
         return self.until is not None and now < self.until
@@ -73,12 +101,13 @@ class ContentionWatch:
         """Seconds it lasts from ``now`` if nothing more happens (0: none)."""
         return 0.0 if self.until is None else max(0.0, self.until - now)
 
-    def hold_until(self, now: float, last_call: float | None, every: float) -> float | None:
+    def hold_until(self, now: float, every: float) -> float | None:
         """While it lasts, auth calls come ``every`` seconds apart: when the next may go, if
         that is later than ``now`` (else None)."""
-        if last_call is None or not self.active(now) or now >= last_call + every:
+        last = self.last_call
+        if last is None or not self.active(now) or now >= last + every:
             return None
-        return last_call + every
+        return last + every
 
     def count(self, now: float) -> int:
         """Unexplained invalidations within the window."""

@@ -52,6 +52,11 @@ class Renewer(Protocol):
         """A token written by another replica is now ours."""
         ...
 
+    def held_back(self) -> bool:
+        """Our own auth call must wait (credential contention): True, and the wait is in
+        ``state``."""
+        ...
+
 
 class FleetSync:
     """Keeps one manager's renewal in step with the fleet's shared store."""
@@ -126,7 +131,7 @@ class FleetSync:
                     log.warning("taking over a renewal whose holder vanished: logging in",
                                 extra={"fields": {"event": "lease_takeover"}})
             due = self._due_kind(previous)
-            if due is None:
+            if due is None or host.held_back():  # nothing to do, or our call must wait
                 await fleet.release()
                 return None
             host.state = renewal.started(host.state, due, self._clock.monotonic())

@@ -46,9 +46,6 @@ from gateway.token.value import RenewalKind, Token, is_usable, usable_until
 log = logging.getLogger("gateway.token")
 #: The longest the loop sleeps before deciding again (a host may be suspended meanwhile).
 MAX_SLEEP: Final = 30.0
-#: Invalidations never counted toward contention: no route verdict can follow a streamed
-#: body's 401, and the probe's 401s are the verdict's own business.
-UNCOUNTED: Final = frozenset({"upstream_401_streamed", "probe_401"})
 
 
 class _AttemptFailed(Exception):
@@ -78,6 +75,7 @@ class TokenManager:
         self._state = RenewalState()
         self._task: asyncio.Task[Any] | None = None  # the one auth call under way
         self._wake = asyncio.Event()
+        self._landed = asyncio.Event()  # set (and replaced) whenever a token lands
         self._loop_task: asyncio.Task[None] | None = None
         self._last_outcome: str | None = None
         self._last_renewal_wall: float | None = None
@@ -87,8 +85,6 @@ class TokenManager:
         self._sync = None if fleet is None else FleetSync(fleet, self, clock, self._policy)
         self._contention = ContentionWatch(side.token.contention_invalidations,
                                            side.token.contention_window)
-        self._unverified = 0  # a generation invalidated with no route verdict possible
-        self._last_auth_at: float | None = None  # the last login or refresh sent
         if initial is not None:  # a stored token from an earlier run
             self._state = renewal.succeeded(self._state, initial, self._policy,
                                             self._rng.random())
@@ -147,6 +143,11 @@ class TokenManager:
                 # Retry-After), or only the short floor between attempts (wait for it).
                 st = self._state
                 plan = renewal.next_attempt(st, now, self._policy)
+                if self._sync is not None and self._contention.hold_until(
+                        now, self._policy.login_retry_interval) is not None:
+                    # Our login is held back; a fleet peer's token may land meanwhile.
+                    await sleep_or_set(self._clock, self._landed, deadline - now)
+                    continue
                 if plan is None or (st.not_before is not None and st.not_before > now) or (
                         plan.when > deadline):
                     raise unavailable(st, plan, now, contended=self._contention.active(now),
@@ -160,12 +161,11 @@ class TokenManager:
         already replaced or marked. The token keeps serving until its replacement lands."""
         before = self._state
         self._state = renewal.invalidated(before, generation)
+        self._contention.invalidated(generation, reason, self._state is not before)
         if self._state is before:
             return False
         tok = before.token
         assert tok is not None
-        if reason in UNCOUNTED:
-            self._unverified = generation
         log.warning("token invalidated", extra={"fields": {
             "event": "token_invalidated", "reason": reason, "generation": generation,
             "token_fp": tok.fingerprint}})
@@ -188,22 +188,23 @@ class TokenManager:
     def route_explained(self, generation: int) -> None:
         self._contention.retract(generation)
 
-    def holds(self, generation: int) -> bool:
-        """Is ``generation`` the newest token, not refused since?"""
-        return self._state.generation == generation and not self._state.stale
+    def holds(self, token: Token) -> bool:
+        """Is ``token`` the newest, not refused since?"""
+        held = self._state.token
+        return held is not None and held.access == token.access and not self._state.stale
 
-    async def probe(self, token: Token) -> ProbeResult:
-        """GATEWAY_CHECK_PATH with ``token``, through the current credentials' client."""
+    async def probe(self, token: Token) -> ProbeResult:  # with the current credentials
         return await self._auth.probe(token)
 
     # -- status --------------------------------------------------------------------------------
     def ready(self) -> bool:
-        """A usable token (and the fleet's, if any). A token the upstream refused keeps
-        serving until its replacement lands, so it stays ready meanwhile, unless Repairy
-        refuses the configuration its replacement needs (then no replacement can land)."""
-        st = self._state
-        return not self._mismatch() and not (st.stale and st.blocked is not None) and (
-            is_usable(st.token, self._clock.monotonic(), self._policy.margin))
+        """A usable token (and the fleet's). A refused one serves until replaced: ready."""
+        return not self._mismatch() and is_usable(self._state.token, self._clock.monotonic(),
+                                                  self._policy.margin)
+
+    def renewal_refused(self) -> bool:
+        """The token held was refused, and so is the login to replace it (for the probe)."""
+        return self._state.stale and self._state.blocked is not None
 
     def contended(self) -> bool:
         return self._contention.active(self._clock.monotonic())
@@ -235,6 +236,17 @@ class TokenManager:
 
     def token_adopted(self, token: Token) -> None:
         self._events.token_changed(token)
+        self._landed.set()
+        self._landed = asyncio.Event()
+
+    def held_back(self) -> bool:
+        """While contention lasts, one auth call per GATEWAY_LOGIN_RETRY_INTERVAL: the next
+        waits (checked after adopting the fleet's token, which is never held back)."""
+        until = self._contention.hold_until(self._clock.monotonic(),
+                                            self._policy.login_retry_interval)
+        if until is not None:
+            self._state = renewal.held_back(self._state, until)
+        return until is not None
 
     @property
     def fleet(self) -> Fleet | None:
@@ -334,6 +346,7 @@ class TokenManager:
     def _switch(self, partner: PartnerConfig, auth: AuthCalls) -> None:
         self._auth, self._s = auth, replace(self._s, partner=partner)
         self._usable_token = None  # the margin may have changed
+        self._contention.clear()  # new credentials: whoever used the old ones is no matter
 
     def _adopt_rotated(self, shared: Token) -> Token:
         """Take the fleet's token for the new credentials as this rotation's result. Its
@@ -385,7 +398,7 @@ class TokenManager:
                 if turn is None:
                     return  # adopted the fleet's token, or waiting on the fleet
                 kind, holding = turn
-            if self._held_back():
+            if not holding and self.held_back():  # under the lease, the turn checked it
                 return
             await self._renew(kind, holding)
             if sync is not None:
@@ -399,8 +412,12 @@ class TokenManager:
 
     async def _renew(self, kind: RenewalKind, holding: bool) -> None:
         st = self._state
-        if st.stale and st.token is not None and st.token.generation != self._unverified:
-            self._unexplained(st.token.generation)  # renewed here: no fleet peer explains it
+        if st.stale and st.token is not None:  # renewed here: no fleet peer explains it
+            now = self._clock.monotonic()
+            began = self._contention.renewing(now, st.token.generation,
+                                              self._policy.login_retry_interval)
+            if self._contention.active(now):
+                self._events.contention(began)
         prev = None if st.stale else st.token
         if kind == "refresh" and prev is None:
             kind = "login"  # invalidated between the plan and now: nothing to refresh with
@@ -452,22 +469,6 @@ class TokenManager:
         except AuthError as exc:
             raise _AttemptFailed("login", exc) from exc
 
-    def _unexplained(self, generation: int) -> None:
-        """An invalidation of the newest token that no peer's renewal explains."""
-        now = self._clock.monotonic()
-        began = self._contention.record(now, generation, self._policy.login_retry_interval)
-        if self._contention.active(now):
-            self._events.contention(began)
-
-    def _held_back(self) -> bool:
-        """While contention lasts, one auth call per GATEWAY_LOGIN_RETRY_INTERVAL: the next
-        waits (adopting a fleet peer's token never does)."""
-        until = self._contention.hold_until(self._clock.monotonic(), self._last_auth_at,
-                                            self._policy.login_retry_interval)
-        if until is not None:
-            self._state = renewal.held_back(self._state, until)
-        return until is not None
-
     def _failed(self, failure: Failure, detail: str) -> None:
         self._state = renewal.failed(self._state, failure, self._clock.monotonic(),
                                      self._policy, self._rng.random())
@@ -481,7 +482,8 @@ class TokenManager:
 
     async def _timed(self, kind: RenewalKind, call: Awaitable[Exchange],
                      holding: bool = False) -> Exchange:
-        started = self._last_auth_at = self._clock.monotonic()
+        started = self._clock.monotonic()
+        self._contention.last_call = started
         try:
             result = await (self._sync.leased(call) if self._sync is not None and holding
                             else call)

@@ -15,12 +15,12 @@ partner lacks) must not cost a login per request. Keyed by route *template*:
 A 401 on any other route always invalidates at once: there is no global limiter that could
 delay a genuine revocation. Time comes from the injected clock.
 
-**Whose fault, for contention** (:mod:`gateway.token.contention`). A newer token refused by
-the route may also have been revoked meanwhile by someone else's login. So the route is held
-*to blame* (``on_explained``: its invalidation is taken back) only once that same token is
-answered on another route for a request sent after the refusal: it was alive. Until then the
-mark only protects the logins. While contention lasts, a refusal marks nothing: the route is
-only suspected, marked once the token is seen alive, and an unproven mark is dropped.
+**Whose fault, for contention** (:mod:`gateway.token.contention`). A marked route explains
+the invalidation it caused (``on_explained``: it is taken back). While contention lasts, a
+newer token refused by the route may just have been revoked by someone else's login: the
+route is only *suspected* (:meth:`Persistent401.suspect`), and marked, with its invalidation
+explained, once that same token is answered alive (not 401, 429 or 5xx) on another route for
+a request sent after the refusal.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ V = TypeVar("V")
 class _Mark:
     until: float
     cooldown: float
-    proven: bool = False  # its refused token was seen alive elsewhere
 
 
 @dataclass(frozen=True)
@@ -76,34 +75,33 @@ class Persistent401:
             return None
         return entry[0]
 
-    def unauthorized(self, route: str, generation: int, contended: bool = False) -> bool:
+    def unauthorized(self, route: str, generation: int) -> bool:
         """A 401 on ``route`` for a token of ``generation``: True to invalidate the token and
-        replay, False to pass the 401 back as it is (the route is marked). Under contention
-        a mark not proven drops (its 401s were likely revocations)."""
+        replay, False to pass the 401 back as it is (the route is marked)."""
         now = self._clock.monotonic()
         mark = self._marks.get(route)
         if mark is not None and now < mark.until:
-            if not contended or mark.proven:
-                return False
-            del self._marks[route]
+            return False
         pending = self._pending_generation(route, now)
         if pending is not None and generation > pending:
-            # A token newer than the one this route invalidated was refused too: the route,
-            # most likely (proven once that token is seen alive elsewhere).
-            self.suspect(route, generation)
-            self._mark(route, now)
+            # A token newer than the one this route invalidated was refused too: it is the
+            # route, not the token.
+            self._mark(route, pending, now)
             return False
         if pending is None or generation > pending:
             self._remember(self._pending, route, (generation, now))
         return True
 
-    def _mark(self, route: str, now: float, proven: bool = False) -> None:
+    def _mark(self, route: str, invalidated: int, now: float) -> None:
         mark = self._marks.get(route)
         cooldown = self._cooldown if mark is None else min(mark.cooldown * 2, self._max)
-        self._remember(self._marks, route, _Mark(now + cooldown, cooldown, proven))
+        self._remember(self._marks, route, _Mark(now + cooldown, cooldown))
         self._pending.pop(route, None)
+        self._suspects.pop(route, None)
         if self._on_mark is not None:
             self._on_mark(route, cooldown)
+        if self._on_explained is not None:  # the generation it invalidated was not at fault
+            self._on_explained(invalidated)
 
     def suspect(self, route: str, generation: int) -> None:
         """``route`` refused ``generation``, newer than the one it invalidated: it is to blame
@@ -111,6 +109,9 @@ class Persistent401:
         (:meth:`answered`); if it never is, the token had died."""
         now = self._clock.monotonic()
         pending = self._pending_generation(route, now)
+        known = self._suspects.get(route)
+        if known is not None and known.refused == generation:
+            return  # the earliest refusal stands: proof sent after it counts
         if pending is not None and generation > pending:
             self._remember(self._suspects, route, _Suspect(generation, pending, now))
 
@@ -129,13 +130,14 @@ class Persistent401:
         """Drop the pending verdict of ``route`` (it proved inconclusive)."""
         self._pending.pop(route, None)
 
-    def answered(self, route: str, generation: int, sent_at: float | None = None) -> None:
-        """A non-401 answer on ``route`` with a token of ``generation``, for a request sent
-        at ``sent_at``."""
+    def answered(self, route: str, generation: int, sent_at: float | None = None,
+                 status: int = 200) -> None:
+        """A non-401 answer (``status``) on ``route`` with a token of ``generation``, for a
+        request sent at ``sent_at``."""
         if not self._pending and not self._marks and not self._suspects:
             return  # the common case costs three truth tests
         now = self._clock.monotonic()
-        if self._suspects:
+        if self._suspects and status < 500 and status != 429:  # the token was alive
             self._settle_suspects(route, generation, now if sent_at is None else sent_at, now)
         pending = self._pending_generation(route, now)
         if pending is not None and generation > pending:
@@ -149,14 +151,7 @@ class Persistent401:
             if now - s.at > self._window:
                 del self._suspects[name]  # never shown alive: it had died
             elif s.refused == generation and name != route and sent_at > s.at:
-                del self._suspects[name]  # that token was alive: the route is to blame
-                mark = self._marks.get(name)
-                if mark is not None and now < mark.until:
-                    self._marks[name] = _Mark(mark.until, mark.cooldown, True)
-                else:
-                    self._mark(name, now, proven=True)
-                if self._on_explained is not None:
-                    self._on_explained(s.invalidated)
+                self._mark(name, s.invalidated, now)  # that token was alive: the route
 
     def marked(self) -> dict[str, float]:
         """Routes marked now, with the seconds left (for the status endpoint)."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from gateway.clock import Clock
-from gateway.errors import TokenUnavailable
+from gateway.errors import CredentialsRejected, TokenUnavailable
 from gateway.tasks import sleep_or_set
 from gateway.token.auth_client import ProbeResult
 from gateway.token.renewal import backoff
@@ -77,7 +77,9 @@ class ProbeTarget(Protocol):
 
     def contended(self) -> bool: ...
 
-    def holds(self, generation: int) -> bool: ...
+    def holds(self, token: Token) -> bool: ...
+
+    def renewal_refused(self) -> bool: ...
 
     def route_explained(self, generation: int) -> None: ...
 
@@ -208,8 +210,14 @@ class UpstreamVerdict:
         self._window.push(calls, refused, int(now - self._last_tick))
         self._last_tick = now
         self._next_tick = now + (IDLE_TICK if self._window.empty else TICK)
-        if self.refusal is not None or self._due is not None:
+        if self.refusal is not None or self._due is not None or self._in_round:
             return  # a round is due anyway (or the back-off decides while refused)
+        if self._target.renewal_refused():  # callers get 503s now: Repairy's verdict?
+            last = self._last_traffic_round
+            if last is None or now - last >= REPROBE_EVERY:
+                self._last_traffic_round = now
+                self.request_probe("renewal_refused")
+            return
         if not self._window.looks_refused(self._policy.min_refusals, self._policy.refused_ratio):
             return
         last = self._last_traffic_round
@@ -250,13 +258,17 @@ class UpstreamVerdict:
         self._target.invalidate(token.generation, "probe_401")
         try:
             newer = await self._target.get(token.generation)
+        except CredentialsRejected:  # the 401 survives: no renewal can replace that token
+            return ProbeResult("token_refused", 401, "Repairy refused the token on "
+                               "GATEWAY_CHECK_PATH (401), and refuses a new login: check "
+                               "REPAIRY_APP_KEY / REPAIRY_APP_SECRET")
         except TokenUnavailable as exc:
             return ProbeResult("inconclusive", None, f"a 401 on the probe, and no newer "
                                                      f"token to probe again with ({exc.code})")
         result = await self._probe(newer)
         if result.outcome != "token_refused":
             return result
-        if self._target.contended() or not self._target.holds(newer.generation):
+        if self._target.contended() or not self._target.holds(newer):
             # Someone else's login may have revoked the new token too.
             return ProbeResult("inconclusive", 401, "a 401 on the probe after a renewal, but "
                                "the new token was refused elsewhere too (contention?)")
