@@ -220,6 +220,41 @@ def test_helm_sidecar_requires_existing_secret(helm_bin: str, tmp_path: Path) ->
     assert app.exists()
 
 
+def test_helm_sidecar_knows_its_replicas_and_refuses_more_than_one_pod_without_redis(
+        helm_bin: str, tmp_path: Path) -> None:
+    """The sidecar include needs the host's replica count and autoscaling flag; more than one
+    pod possible without the shared store is a render error (as in standalone mode), and
+    with Redis (or the explicit opt-out) it renders."""
+    copy_dir = tmp_path / "w"
+    copy_dir.mkdir()
+    render_app_chart(helm_bin, copy_dir)  # builds dependencies in copy_dir/app-chart
+    chart = copy_dir / "app-chart"
+
+    def render(values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "v.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return helm(helm_bin, "template", "demo", str(chart), "-f", str(path))
+
+    refused = render({"replicaCount": 2})
+    assert refused.returncode != 0 and "redis.url and redis.passwordSecret" in refused.stderr
+    redis = {"url": "rediss://redis.example:6380", "passwordSecret": "redis-auth"}
+    shared = render({"replicaCount": 3, "repairy-gateway": {"redis": redis}})
+    assert shared.returncode == 0, shared.stderr
+    (deployment,) = [d for d in yaml.safe_load_all(shared.stdout)
+                     if d and d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    opted_out = render({"replicaCount": 2,
+                        "repairy-gateway": {"redis": {"allowUnsharedReplicas": True}}})
+    assert opted_out.returncode == 0, opted_out.stderr
+    template = chart / "templates" / "deployment.yaml"
+    text = template.read_text()
+    template.write_text(text.replace('"replicas" .Values.replicaCount "autoscaling" false', ""))
+    missing = render({})
+    assert missing.returncode != 0 and '"replicas"' in missing.stderr
+    template.write_text(text.replace('"autoscaling" false', '"autoscaling" true'))
+    assert render({}).returncode != 0  # autoscaling: more than one pod, no Redis
+
+
 def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:
     if isinstance(tree, dict) and tree:
         out: set[str] = set()
