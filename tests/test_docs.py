@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -79,19 +80,43 @@ async def test_docs_python_httpx_example_calls_through_the_gateway(
                                 WORKSHOP)
 
 
-def test_docs_node_example_passes_node_check(tmp_path: Path) -> None:
+async def test_docs_python_booking_examples_live_a_booking_through_the_gateway(
+        keyed_gateway: GatewayServer, sandbox: Sandbox) -> None:
+    """Both Python booking examples, against the sandbox through the gateway: created with
+    an Idempotency-Key, read, edited, and moved to completed; its start is tomorrow (computed
+    from today), and each create went out once."""
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    life = python_block("docs/calling.md", "python-aiohttp-booking")["booking_life"]
+    booking = await life(keyed_gateway.url, "client-key-orders-0001", WORKSHOP)
+    assert booking["status"] == "completed"
+    assert booking["startTime"].startswith(f"{tomorrow}T10:00")  # moved by an hour
+    assert booking["notes"] == "Customer asked for 10:00"
+    life = python_block("docs/calling.md", "python-httpx-booking")["booking_life"]
+    other = await asyncio.to_thread(life, keyed_gateway.url, "client-key-orders-0001",
+                                    WORKSHOP)
+    assert other["status"] == "completed" and other["startTime"].startswith(tomorrow)
+    assert other["id"] != booking["id"]
+    assert len(sandbox.state.data.bookings) == 2
+    example = python_block("docs/calling.md", "python-aiohttp-booking")
+    with pytest.raises(example["GatewayError"], match="401 client_unauthenticated"):
+        await example["booking_life"](keyed_gateway.url, "client-key-wrong-000001", WORKSHOP)
+
+
+@pytest.mark.parametrize("name", ["node-fetch", "node-booking"])
+def test_docs_node_examples_pass_node_check(tmp_path: Path, name: str) -> None:
     node = require_binary("node", "nodejs")
     source = tmp_path / "client.mjs"
-    source.write_text(code_block("docs/calling.md", "node-fetch"))
+    source.write_text(code_block("docs/calling.md", name))
     result = subprocess.run([node, "--check", str(source)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
 
 
-def test_docs_go_example_passes_go_vet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["go-net-http", "go-booking"])
+def test_docs_go_example_passes_go_vet(tmp_path: Path, name: str) -> None:
     go = require_binary("go", "golang-go")
     (tmp_path / "go.mod").write_text("module example.com/repairyclient\n\ngo 1.19\n")
-    (tmp_path / "client.go").write_text(code_block("docs/calling.md", "go-net-http"))
+    (tmp_path / "client.go").write_text(code_block("docs/calling.md", name))
     env = {**os.environ, "GOPATH": str(tmp_path / "gopath"), "GOCACHE": str(tmp_path / "cache"),
            "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "GOPROXY": "off"}
     result = subprocess.run([go, "vet", "./..."], cwd=tmp_path, capture_output=True, text=True,
