@@ -201,9 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from gateway.app import serve
             from gateway.event_loop import run
+            from gateway.logs import setup_audit
 
             settings = load_settings(config_file=args.config)
             _setup_logging(settings.log.log_level, settings.log.log_format)
+            setup_audit(settings.log.audit_log)
             _warn_unknown_variables()
             return run(serve(settings), settings.server.event_loop)
         if args.command == "check":

@@ -337,6 +337,16 @@ def parse_optional_path(value: object) -> str:
     return path
 
 
+def parse_audit_target(value: object) -> str:
+    """Where audit lines go: stderr, stdout, off, or a file (in a writable directory)."""
+    text = str(value).strip()
+    if text.lower() in ("stderr", "stdout", "off"):
+        return text.lower()
+    if not text.startswith("/"):
+        raise ValueError("stderr, stdout, off, or an absolute file path")
+    return parse_optional_path(text)
+
+
 def parse_optional_api_path(value: object) -> str:
     """An API path, or ``off`` (or empty in the TOML file): none."""
     text = str(value).strip()

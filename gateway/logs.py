@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, ClassVar, Final
 
-from gateway.config_values import choice
+from gateway.config_values import choice, parse_audit_target
 from gateway.declare import setting
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -44,6 +44,11 @@ class LogConfig:
         "GATEWAY_LOG_FORMAT", choice("auto", "json", "text"), "auto",
         "Log format: json (one object a line), text, or auto: text on a terminal, json "
         "otherwise.")
+    audit_log: str = setting(
+        "GATEWAY_AUDIT_LOG", parse_audit_target, "stderr",
+        "Where the audit trail goes (one JSON line per mutating request, logger 'audit', "
+        "written at once): stderr (with the logs), stdout (apart from them), an absolute "
+        "file path (appended), or off.")
 
 
 #: Write a batch at least this often (seconds), and when it reaches this many lines.
@@ -248,6 +253,29 @@ def _is_terminal(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+AUDIT: Final = "audit"
+
+
+def setup_audit(target: str) -> None:
+    """The ``audit`` logger: its own handler, JSON whatever the log format, written and
+    flushed line by line (never batched), not passed on to the root logger's handlers."""
+    audit = logging.getLogger(AUDIT)
+    for old in [h for h in audit.handlers if getattr(h, "_repairy_gateway", False)]:
+        audit.removeHandler(old)
+        old.close()
+    audit.propagate = False
+    audit.disabled = target == "off"
+    if target == "off":
+        return
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr if target == "stderr" else sys.stdout)
+        if target in ("stderr", "stdout") else logging.FileHandler(target, encoding="utf-8"))
+    handler.setFormatter(JsonFormatter())
+    setattr(handler, "_repairy_gateway", True)  # noqa: B010 (ours to replace later)
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
 
 
 def setup_logging(level: str, fmt: str, stream: Any = None) -> logging.Handler:

@@ -37,7 +37,7 @@ from gateway.errors import (
     TokenUnavailable,
 )
 from gateway.logs import flush as flush_logs
-from gateway.logs import setup_logging
+from gateway.logs import setup_audit, setup_logging
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy, ClientKey
 from gateway.proxy.idempotency_remote import RemoteStore
@@ -178,6 +178,7 @@ async def run(listen_fd: int, control_fd: int) -> int:
 
     settings = load_settings()
     setup_logging(settings.log.log_level, settings.log.log_format)
+    setup_audit(settings.log.audit_log)
     listener = socket.socket(fileno=listen_fd)
     metrics = Metrics()
     channel = await Channel.open(

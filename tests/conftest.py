@@ -83,19 +83,26 @@ class LogCapture(logging.Handler):
 
 @pytest.fixture(autouse=True)
 def log_capture() -> Iterator[LogCapture]:
-    """Capture all logging at DEBUG during a test; afterwards, no log line and no
-    gateway-made response body may carry a token or a secret."""
+    """Capture all logging at DEBUG (and the audit trail) during a test; afterwards, no log
+    or audit line and no gateway-made response body may carry a token or a secret."""
     cap = LogCapture()
     GATEWAY_BODIES.clear()
     root = logging.getLogger()
-    old_level = root.level
+    audit = logging.getLogger("audit")  # its own logger, not passed on to the root's
+    old_level, old_audit, old_propagate = root.level, audit.level, audit.propagate
     root.addHandler(cap)
+    audit.addHandler(cap)
+    audit.propagate = False  # as serve sets it up: once, not twice
     root.setLevel(logging.DEBUG)
+    audit.setLevel(logging.INFO)
     try:
         yield cap
     finally:
         root.removeHandler(cap)
+        audit.removeHandler(cap)
         root.setLevel(old_level)
+        audit.setLevel(old_audit)
+        audit.propagate = old_propagate
     leaked = sorted({m for line in cap.lines for m in LEAK_MARKERS if m in line})
     assert not leaked, f"log lines carry secret material: {leaked}"
     leaked = sorted({m for body in GATEWAY_BODIES for m in LEAK_MARKERS if m in body})

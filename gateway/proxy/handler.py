@@ -27,6 +27,7 @@ from aiohttp import web
 
 from gateway.errors import ClientClosedRequest, GatewayError, ShuttingDown
 from gateway.proxy.admission import admit
+from gateway.proxy.audit import audit
 from gateway.proxy.body import NO_BODY, BodyReader, take_body
 from gateway.proxy.cache_path import CachePath
 from gateway.proxy.context import InFlight, Outbound, ProxyContext
@@ -77,7 +78,8 @@ class Proxy:
         self._inflight.begin()
         rid = request_id_of(request.headers)
         started = time.monotonic()
-        outcome = Outcome(metrics=ctx.metrics, method=request.method)
+        outcome = Outcome(metrics=ctx.metrics, method=request.method, request_id=rid,
+                          peer=request.remote or "unix", started=started)
         ctx.metrics.inflight_count += 1
         try:
             response = await self._forward(request, rid, outcome)
@@ -112,6 +114,9 @@ class Proxy:
             self._inflight.end()
             if isinstance(protocol, GatewayRequestHandler):
                 protocol.end_request()
+            if not outcome.audited and not outcome.audit_leader:  # a refusal, or no answer
+                audit(outcome, status=None if outcome.error else outcome.upstream_status,
+                      code=outcome.error)
             status = outcome.status
             if status is not None:
                 ctx.metrics.request_done(method_label(request.method), outcome.route, status,
@@ -148,7 +153,7 @@ class Proxy:
                 header = request.headers.get(IDEMPOTENCY_KEY)
                 routes = config.idempotency.idempotency_routes
                 if header is not None and protected(routes, request.method, outcome.path):
-                    idempotency_key = parse_key(header)
+                    idempotency_key = outcome.idempotency_key = parse_key(header)
             caller_gone = functools.partial(_caller_gone, request)
             reader = outcome.reader = BodyReader(
                 request.content, config.inbound.client_body_timeout,
@@ -164,6 +169,7 @@ class Proxy:
             token = await self._exchange.claim(outcome)
             try:
                 resp = await self._exchange.send(out, token, caller_gone, outcome)
+                audit(outcome, status=resp.status, location=resp.headers.get("Location"))
                 return await self._responder.answer(request, resp, rid, outcome)
             finally:
                 self._exchange.release()

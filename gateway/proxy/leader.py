@@ -26,6 +26,7 @@ from gateway.errors import (
     UpstreamBusy,
     UpstreamTimeout,
 )
+from gateway.proxy.audit import audit
 from gateway.proxy.context import InFlight, Outbound, ProxyContext
 from gateway.proxy.exchange import UpstreamExchange
 from gateway.proxy.headers import REQUEST_ID, CachedResponse, downstream_response_headers
@@ -144,6 +145,8 @@ class IdempotencyLeader:
         out.headers[REPLAYED] = "true"
         out.headers[REQUEST_ID] = record.request_id
         outcome.idempotency, outcome.source = "replayed", "replay"
+        audit(outcome, status=record.status, location=dict(record.headers).get("Location"),
+              body=record.body, replayed=True)
         try:
             await out.prepare(request)
             await out.write_eof()
@@ -158,6 +161,7 @@ class IdempotencyLeader:
         """Send the claimed request in a task of its own, shielded: if the caller leaves, the
         exchange still runs to its end (within the leader's deadline) and its answer is kept,
         so the caller's retry finds it."""
+        outcome.audit_leader = True  # written when the exchange ends, caller or not
         task = asyncio.create_task(self._settle(out, key, claim, outcome, until))
         self._keep(task)
         try:
@@ -231,6 +235,8 @@ class IdempotencyLeader:
                     body = b""
                     if resp.content_length is None or resp.content_length <= limit:
                         body = await self._responder.read_up_to(resp, limit)
+                    audit(outcome, status=resp.status, location=resp.headers.get("Location"),
+                          body=body if len(body) <= limit else None)
             except TimeoutError:
                 cut_off = True
                 if not sending:  # the store took the deadline: nothing was sent
@@ -253,6 +259,8 @@ class IdempotencyLeader:
         except BaseException as exc:
             attempts = outcome.attempts
             cut_off = cut_off or isinstance(exc, asyncio.CancelledError)
+            audit(outcome, status=None if resp is None else resp.status,
+                  code=getattr(exc, "code", "shutting_down" if cut_off else "internal_error"))
             if sending and (resp is not None or (attempts is not None and (
                     attempts.maybe_acted or (cut_off and attempts.number > 0)))):
                 kept = claim.settled("unknown")  # it may have acted; nobody knows how

@@ -53,6 +53,13 @@ class Outcome:
     metrics: Metrics | None = None
     method: str = "GET"
     idempotency: str | None = None  # new, replayed, or the refusal's code
+    # -- for the audit trail (:mod:`gateway.proxy.audit`) --
+    request_id: str = ""
+    peer: str = ""
+    started: float = 0.0
+    idempotency_key: str | None = None
+    audited: bool = False
+    audit_leader: bool = False  # an Idempotency-Key leader writes it, caller or not
 
     def answered(self, resp: aiohttp.ClientResponse, seconds: float) -> None:
         """An upstream attempt got its status line."""

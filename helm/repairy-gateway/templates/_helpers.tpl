@@ -84,6 +84,7 @@ GATEWAY_LISTEN: {{ .listen | quote }}
 GATEWAY_ADMIN_LISTEN: {{ printf "0.0.0.0:%v" $v.gateway.adminPort | quote }}
 GATEWAY_LOG_LEVEL: {{ $v.gateway.logLevel | quote }}
 GATEWAY_LOG_FORMAT: {{ $v.gateway.logFormat | quote }}
+GATEWAY_AUDIT_LOG: {{ $v.gateway.auditLog | quote }}
 GATEWAY_SHUTDOWN_DELAY: {{ printf "%vs" $v.gateway.shutdownDelaySeconds | quote }}
 GATEWAY_SHUTDOWN_GRACE: {{ printf "%vs" $v.gateway.shutdownGraceSeconds | quote }}
 {{- if and $v.gateway.persistToken (not $v.redis.url) }}
