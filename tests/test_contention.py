@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from gateway.errors import CredentialContention, CredentialsRejected
 from gateway.token.contention import ContentionWatch
 from gateway.token.manager import TokenManager
-from gateway.token.value import RenewalKind, Token
+from gateway.token.source import NoEvents
 from tests.fake_clock import FakeAuth, FakeClock, Outcome, settle
 from tests.gateway_helpers import settings_for
 
@@ -26,20 +26,11 @@ S = settings_for("http://127.0.0.1:9", renew_retry_min="1s", renew_retry_max="60
                  contention_invalidations="3", contention_window="10m")
 
 
-class Seen:
+class Seen(NoEvents):
     """TokenEvents that remembers contention."""
 
     def __init__(self) -> None:
         self.contentions = 0
-
-    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
-        pass
-
-    def token_changed(self, token: Token | None) -> None:
-        pass
-
-    def invalidated(self, reason: str) -> None:
-        pass
 
     def contention(self, began: bool) -> None:
         self.contentions += began

@@ -216,8 +216,7 @@ class TokenManager:
         return TokenStatus(st.token, self.ready(), st.stale, st.due_at,
                            None if plan is None else plan.when, self._last_outcome,
                            st.last_error, self._last_renewal_wall, st.failures, st.blocked,
-                           self._contention.active(now), self._contention.count(now),
-                           self._contention.remaining(now))
+                           self._contention.count(now), self._contention.remaining(now))
 
     @property
     def state(self) -> RenewalState:

@@ -103,11 +103,14 @@ class TokenStatus:
     last_renewal_wall: float | None
     consecutive_failures: int
     blocked: str | None
-    #: Someone else logs in with our credentials (logins are slowed until then).
-    contended: bool = False
     contention_invalidations: int = 0
     #: Seconds contention lasts from now if nothing more happens (0: none).
     contended_for: float = 0.0
+
+    @property
+    def contended(self) -> bool:
+        """Someone else logs in with our credentials (logins are slowed meanwhile)."""
+        return self.contended_for > 0
 
     @property
     def credentials_rejected(self) -> bool:
