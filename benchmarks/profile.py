@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import PATH, _wait_port, _wait_ready, gateway_env, started, upstream_conf
 from benchmarks.proxy_overhead import _free_port
-from benchmarks.speed import PATH, _wait_port, _wait_ready, gateway_env, started, upstream_conf
 from tests.tools import require_binary
 
 _FOLDED = ("prometheus_client", "json/", "logging/", "aiohttp_retry", "/re/", "functools",

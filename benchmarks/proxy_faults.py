@@ -26,8 +26,8 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.harness import _wait_ready
 from benchmarks.proxy_overhead import _free_port
-from benchmarks.speed import _wait_ready
 from benchmarks.token_failures import _settings, _stats, _wait
 from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox

@@ -268,6 +268,65 @@ async def _raw_exchange(url: str, request: bytes) -> bytes:
         writer.close()
 
 
+async def test_proxy_requests_leave_no_reference_cycles(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A request's objects are freed when it ends, not at the garbage collector's next pass:
+    with the collector off, none of the request path's objects outlive their requests
+    (forwarded, with a body, refused, upstream errors, a 401 replay)."""
+    import gc
+
+    from gateway.proxy.outcome import Outcome
+    from gateway.proxy.retry import Attempts
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            async with http.get(gateway.url + SERVICES) as resp:
+                assert resp.status == 200
+            async with http.post(gateway.url + "/__sandbox/echo/x", data=b"{}") as resp:
+                assert resp.status == 200
+            async with http.get(gateway.url + "/auth/token") as resp:
+                assert resp.status == 403
+            async with http.get(gateway.url + "/bookings/000000000000000000000000") as resp:
+                assert resp.status == 404
+        await faults(http, sandbox, {"status": 401, "path": "/workshops/*", "count": 1})
+        async with http.get(gateway.url + SERVICES) as resp:
+            assert resp.status == 200
+        await asyncio.sleep(0.05)  # the handlers' tasks finish after their answers
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a pass finds unreachable is kept, to look at
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage
+                  if isinstance(o, Outcome | Attempts | aiohttp.web.BaseRequest)]
+        assert cyclic == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def test_proxy_adds_none_of_the_client_librarys_own_headers(
+        gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A caller that sends no User-Agent, Accept, Accept-Encoding or Content-Type (a raw
+    socket: aiohttp's client would add its own) gets none added upstream, with or without a
+    body; one that sends them has them forwarded as sent."""
+    auto = {"user-agent", "accept", "accept-encoding", "content-type"}
+    for request in (b"GET " + SERVICES.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                    b"Connection: close\r\n\r\n",
+                    b"POST /__sandbox/echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                    b"Connection: close\r\n\r\n{}"):
+        answer = await _raw_exchange(gateway.url, request)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        got = {h[0].lower() for h in (await last_request(http, sandbox))["headers"]}
+        assert not got & auto, got & auto
+    sent = {"User-Agent": "booking-app/1.0", "Accept": "application/json",
+            "Accept-Encoding": "identity", "Content-Type": "application/json"}
+    async with http.post(gateway.url + "/__sandbox/echo/y", data=b"{}", headers=sent) as resp:
+        assert resp.status == 200
+    got_values = {h[0].lower(): h[1] for h in (await last_request(http, sandbox))["headers"]}
+    assert {k.lower(): v for k, v in sent.items()}.items() <= got_values.items()
+
+
 @pytest.mark.parametrize("target", [b"http://evil.example/workshops", b"//evil.example/x",
                                     b"https://evil.example:443/"])
 async def test_proxy_never_contacts_another_host(
