@@ -71,28 +71,34 @@ class UpstreamExchange:
             deadline=(ctx.clock.monotonic() + total) if total else None,
             caller_gone=caller_gone, on_attempt=outcome.answered,
             body_error=out.reader.failed, on_failure=self._upstream_failed)
-        upstream.retry.budget.request()
-        # Under a breaker ticket until the upstream answered (its status line) or
-        # failed: only connection failures and timeouts count against it.
-        ticket = upstream.breaker.admit()
-        result: BreakerOutcome = "neutral"
-        outcome.generation, outcome.sent_partner = token.generation, token.partner_id
-        sent_at = ctx.clock.monotonic()
         try:
-            resp = await upstream.retry.send(
-                out.url, with_credentials(out.headers, token.access, token.partner_id),
-                body.data, attempts)
-            result = "success"
-        except UpstreamError as exc:
-            result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
-            raise
+            upstream.retry.budget.request()
+            # Under a breaker ticket until the upstream answered (its status line) or
+            # failed: only connection failures and timeouts count against it.
+            ticket = upstream.breaker.admit()
+            result: BreakerOutcome = "neutral"
+            outcome.generation, outcome.sent_partner = token.generation, token.partner_id
+            sent_at = ctx.clock.monotonic()
+            try:
+                resp = await upstream.retry.send(
+                    out.url, with_credentials(out.headers, token.access, token.partner_id),
+                    body.data, attempts)
+                result = "success"
+            except UpstreamError as exc:
+                result = "failure" if exc.kind in _BREAKER_FAILURE_KINDS else "neutral"
+                raise
+            finally:
+                upstream.breaker.record(ticket, result)
+            if resp.status == 401:
+                return await self._after_401(out.url, out.headers, body.data, body.replayable,
+                                             token, resp, attempts, outcome)
+            ctx.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
+            return resp
         finally:
-            upstream.breaker.record(ticket, result)
-        if resp.status == 401:
-            return await self._after_401(out.url, out.headers, body.data, body.replayable,
-                                         token, resp, attempts, outcome)
-        ctx.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
-        return resp
+            # The attempts are over: drop the callback that closes the cycle outcome ->
+            # attempts -> outcome.answered, so a request's objects go when it ends rather
+            # than at the garbage collector's next pass (which would then scan them all).
+            attempts.on_attempt = _after_the_exchange
 
     async def _traced_send(self, out: Outbound, token: Token, caller_gone: Callable[[], bool],
                            outcome: Outcome) -> aiohttp.ClientResponse:
@@ -178,6 +184,10 @@ class UpstreamExchange:
     def _upstream_failed(self, error: GatewayError) -> None:
         if isinstance(error, UpstreamError):
             self.ctx.metrics.upstream_error(error.kind)
+
+
+def _after_the_exchange(resp: aiohttp.ClientResponse, seconds: float) -> None:
+    """An ended exchange's ``on_attempt``: no attempt comes after it."""
 
 
 def _contention() -> CredentialContention:
