@@ -11,11 +11,12 @@ types here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from contextvars import ContextVar
 from typing import Any, Final
 
 import aiohttp
+from multidict import CIMultiDict
 
 from gateway.errors import (
     UpstreamError,
@@ -30,6 +31,7 @@ from gateway.urls import egress_session, upstream_tls
 Body = bytes | AsyncIterable[bytes] | None
 #: Headers aiohttp would add on its own; the caller's are forwarded instead.
 SKIP_AUTO: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_SKIPPED: Final[CIMultiDict[None]] = CIMultiDict((name, None) for name in SKIP_AUTO)
 #: How many connections the current task has opened (its attempts' new connections). Bumped
 #: by :class:`ReuseMarkingConnector` in the task that sends the request (aiohttp awaits the
 #: connector directly); the retry policy compares it across an attempt: unchanged means the
@@ -51,6 +53,15 @@ class ReuseMarkingConnector(aiohttp.TCPConnector):
         return await super()._create_connection(req, traces, timeout)
 
 
+class PassThroughRequest(aiohttp.ClientRequest):
+    """A ``ClientRequest`` that adds none of aiohttp's automatic headers (:data:`SKIP_AUTO`):
+    what ``skip_auto_headers`` does, without building its lookup table anew for every
+    request (it cost about 3 % of a request's CPU)."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _SKIPPED  # read only: a body's Content-Type is skipped too
+
+
 def create_session(up: UpstreamConfig) -> aiohttp.ClientSession:
     """The one upstream session of a process (create inside the running loop)."""
     connector = ReuseMarkingConnector(limit=up.pool_size,
@@ -60,7 +71,7 @@ def create_session(up: UpstreamConfig) -> aiohttp.ClientSession:
                              connector=connector, timeout=attempt_timeout(up, None),
                              auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                              trust_env=False, raise_for_status=False,
-                             skip_auto_headers=SKIP_AUTO)
+                             request_class=PassThroughRequest)
     disable_silent_resend(session)
     return session
 
