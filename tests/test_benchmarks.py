@@ -32,6 +32,42 @@ def test_benchmarks_speed_harness_runs_every_contender_for_a_second() -> None:
     assert "non-2xx 0)" in table  # every renewal under load went unnoticed by callers
 
 
+def test_benchmarks_speed_fixed_rate_mode_runs_briefly_with_a_baseline_build() -> None:
+    """The fixed-rate table (hey at 1,000 requests/s) for nginx, the floor and the gateway,
+    with this same checkout as the baseline build of a paired run."""
+    require_binary("nginx", "nginx")
+    require_binary("hey", "hey")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--fixed-rate", "--rate-seconds", "2",
+         "--rounds", "1", "--only", "nginx-proxy,floor,gateway", "--baseline", str(ROOT),
+         "--no-save"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = result.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"contender", "direct", "nginx-proxy", "floor", "gateway", "baseline"}
+    for name in ("nginx-proxy", "floor", "gateway", "baseline"):
+        achieved, vcpu = rows[name][0], rows[name][1]
+        assert 800 <= float(achieved.replace(",", "")) <= 1100, table  # the rate was held
+        assert 0 < float(vcpu) < 2, table
+    assert "vCPU per 1,000 requests/s (goal <= 0.25" in table
+
+
+def test_benchmarks_instructions_counts_floor_and_gateway_under_callgrind() -> None:
+    """Instructions per request under callgrind: a figure for each, the gateway's above the
+    floor's (it does everything the floor does, and more)."""
+    require_binary("nginx", "nginx")
+    require_binary("hey", "hey")
+    require_binary("valgrind", "valgrind")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--requests", "200"], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    figures = {line.split()[0]: float(line.split()[1].replace(",", ""))
+               for line in result.stdout.splitlines()[1:]}
+    assert 50_000 < figures["floor"] < figures["gateway"] < 10_000_000, result.stdout
+
+
 def test_benchmarks_idempotency_flood_real_memory_stays_within_the_limit() -> None:
     """The store's byte count is honest: under a flood of distinct keys with booking-sized
     answers, what Python really holds for the store stays within the configured limit."""
