@@ -28,6 +28,7 @@ from gateway.logs import (
     json_line,
     setup_logging,
 )
+from gateway.proxy.outcome import AccessLine, access_line
 from gateway.sandbox import Sandbox
 from tests.conftest import LEAK_MARKERS, LogCapture
 from tests.sandbox_helpers import faults
@@ -140,6 +141,25 @@ def test_logs_access_line_is_byte_for_byte_what_logging_writes() -> None:
         expected = JsonFormatter().format(record) + "\n"
         assert json_line(created, "info", "gateway.proxy", "GET /bookings/{id} 200",
                          fields) == expected
+
+
+_opt_ints = st.none() | st.integers(min_value=-(2**70), max_value=2**70)
+_opt_texts = st.none() | st.text()
+
+
+@settings(max_examples=300, deadline=None)
+@given(created=st.floats(min_value=0, max_value=4e9, allow_nan=False), msg=st.text(),
+       line=st.builds(AccessLine, st.text(), st.text(), st.text(), st.text(), _opt_ints,
+                      _opt_ints, _opt_texts, st.floats(), st.integers(min_value=0),
+                      st.integers(min_value=0), _opt_ints, st.booleans(), st.booleans(),
+                      _opt_texts, _opt_texts, _opt_texts))
+def test_logs_fast_access_line_is_json_line_for_any_values(created: float, msg: str,
+                                                           line: AccessLine) -> None:
+    """The hand-built access line is byte for byte the generic JSON line for the same fields,
+    whatever they hold: any text (quotes, control characters, non-ASCII, lone surrogates),
+    big or missing numbers, NaN and infinities."""
+    assert access_line(created, msg, line) == json_line(created, "info", "gateway.proxy", msg,
+                                                        line.fields())
 
 
 async def test_logs_are_batched_and_flushed_within_100ms_and_in_order() -> None:

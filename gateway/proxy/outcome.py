@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.logs import access_sink, json_line
+from gateway.logs import access_sink, fast_iso_ms
 from gateway.metrics import Metrics
 from gateway.proxy.access import ANONYMOUS
 from gateway.proxy.body import BodyReader
@@ -74,23 +77,73 @@ class Outcome:
 
 def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: float) -> None:
     """The request's one access line: preformatted into the log batch when our JSON handler
-    is the only one (the same bytes ``logging`` would write), through ``logging`` otherwise."""
+    is the only one (the same bytes ``logging`` would write: :func:`access_line`), through
+    ``logging`` otherwise."""
     attempts = outcome.attempts
-    fields = {
-        "event": "request", "request_id": rid, "client": outcome.client,
-        "method": request.method[:16], "route": outcome.route, "status": outcome.status,
-        "upstream_status": outcome.upstream_status, "error": outcome.error,
-        "duration_ms": round((time.monotonic() - started) * 1000, 2),
-        "bytes_in": outcome.reader.bytes_in if outcome.reader else 0,
-        "bytes_out": outcome.bytes_out,
-        "token_generation": outcome.generation, "replayed": outcome.replayed,
-        "retried": bool(attempts and attempts.retried),
-        "retries": ",".join(attempts.retried) if attempts and attempts.retried else None,
-        "cache": outcome.cache, "idempotency": outcome.idempotency}
+    retried = attempts.retried if attempts is not None else None
+    line = AccessLine(
+        rid, outcome.client, request.method[:16], outcome.route, outcome.status,
+        outcome.upstream_status, outcome.error, round((time.monotonic() - started) * 1000, 2),
+        outcome.reader.bytes_in if outcome.reader else 0, outcome.bytes_out,
+        outcome.generation, outcome.replayed, bool(retried),
+        ",".join(retried) if retried else None, outcome.cache, outcome.idempotency)
     sink = access_sink(log)
     if sink is not None:
-        msg = f"{request.method} {outcome.route} {outcome.status}"
-        sink.write(json_line(time.time(), "info", log.name, msg, fields))
+        sink.write(access_line(time.time(), f"{request.method} {outcome.route} "
+                                            f"{outcome.status}", line))
     else:
         log.info("%s %s %s", request.method, outcome.route, outcome.status,
-                 extra={"fields": fields})
+                 extra={"fields": line.fields()})
+
+
+class AccessLine(NamedTuple):
+    """The access line's fields, in their order on the line."""
+
+    request_id: str
+    client: str
+    method: str
+    route: str
+    status: int | None
+    upstream_status: int | None
+    error: str | None
+    duration_ms: float
+    bytes_in: int
+    bytes_out: int
+    token_generation: int | None
+    replayed: bool
+    retried: bool
+    retries: str | None
+    cache: str | None
+    idempotency: str | None
+
+    def fields(self) -> dict[str, object]:
+        return {"event": "request", **self._asdict()}
+
+
+_str: Final = json.encoder.encode_basestring_ascii  # the C encoder of json.dumps
+
+
+def _opt_str(value: str | None) -> str:
+    return "null" if value is None else _str(value)
+
+
+def _opt_int(value: int | None) -> str:
+    return "null" if value is None else int.__repr__(value)
+
+
+def access_line(created: float, msg: str, f: AccessLine) -> str:
+    """``json_line(created, "info", "gateway.proxy", msg, f.fields())``, byte for byte (a
+    property test holds it to that), without building the dict or walking it."""
+    duration = f.duration_ms
+    return (
+        f'{{"ts": "{fast_iso_ms(created)}", "level": "info", "logger": "gateway.proxy", '
+        f'"msg": {_str(msg)}, "event": "request", "request_id": {_str(f.request_id)}, '
+        f'"client": {_str(f.client)}, "method": {_str(f.method)}, "route": {_str(f.route)}, '
+        f'"status": {_opt_int(f.status)}, "upstream_status": {_opt_int(f.upstream_status)}, '
+        f'"error": {_opt_str(f.error)}, "duration_ms": '
+        f'{float.__repr__(duration) if math.isfinite(duration) else json.dumps(duration)}, '
+        f'"bytes_in": {int.__repr__(f.bytes_in)}, "bytes_out": {int.__repr__(f.bytes_out)}, '
+        f'"token_generation": {_opt_int(f.token_generation)}, '
+        f'"replayed": {"true" if f.replayed else "false"}, '
+        f'"retried": {"true" if f.retried else "false"}, "retries": {_opt_str(f.retries)}, '
+        f'"cache": {_opt_str(f.cache)}, "idempotency": {_opt_str(f.idempotency)}}}\n')
