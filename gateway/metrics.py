@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from gateway import __version__
+from gateway.metrics_counts import CountedCounter, CountedHistogram
 from gateway.metrics_merge import merge_expositions
 from gateway.token.value import RenewalKind, Token
 
@@ -87,13 +88,14 @@ class Metrics:
         self.credential_reloads = Counter(
             f"{NS}_credential_reloads", "Credential file checks that found a change, by "
             "outcome (success: switched; failure: kept the old ones).", ["outcome"], registry=r)
-        self.upstream_requests = Counter(
+        # The families every request touches are counted in plain Python (metrics_counts).
+        self.upstream_requests = CountedCounter(
             f"{NS}_upstream_requests", "Upstream responses received (replays included).",
-            ["method", "route", "status"], registry=r)
-        self.upstream_duration = Histogram(
+            ["method", "route", "status"], r)
+        self.upstream_duration = CountedHistogram(
             f"{NS}_upstream_request_duration_seconds",
             "Time from sending a request upstream to receiving its response headers.",
-            ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["method", "route"], _LATENCY_BUCKETS, r)
         self.upstream_errors = Counter(
             f"{NS}_upstream_errors",
             "Upstream failures: connect, timeout, tls, protocol, status_5xx, status_429, "
@@ -164,13 +166,13 @@ class Metrics:
         self.upstream_slots_in_use = Gauge(
             f"{NS}_upstream_slots_in_use", "Upstream exchanges in progress (bounded by "
             "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE).", registry=r)
-        self.responses = Counter(
+        self.responses = CountedCounter(
             f"{NS}_responses", "Responses to callers: source=upstream (passed through) or "
             "gateway (made by the gateway, with its error code).",
-            ["source", "status", "code"], registry=r)
-        self.client_requests = Counter(
+            ["source", "status", "code"], r)
+        self.client_requests = CountedCounter(
             f"{NS}_client_requests", "Admitted requests by client name (from the client key; "
-            "'anonymous' when no keys are configured).", ["client"], registry=r)
+            "'anonymous' when no keys are configured).", ["client"], r)
         self.inflight = Gauge(f"{NS}_inflight_requests", "Proxied requests in progress.",
                               registry=r)
         #: The value behind ``inflight`` (a plain count: no lock per request).
@@ -178,11 +180,11 @@ class Metrics:
         self.inflight.set_function(lambda: float(self.inflight_count))
         self.ready = Gauge(f"{NS}_ready", "1 while ready to serve (a usable token, no refusal "
                            "confirmed by the probe, not draining).", registry=r)
-        self.request_duration = Histogram(
+        self.request_duration = CountedHistogram(
             f"{NS}_request_duration_seconds", "What callers feel: from the request's arrival "
             "to its answer's last byte, gateway included, by route template, method and "
             "status class (499: the caller left).", ["route", "method", "code_class"],
-            buckets=REQUEST_BUCKETS, registry=r)
+            REQUEST_BUCKETS, r)
         self.probes = Counter(
             f"{NS}_probes", "Probes of GATEWAY_CHECK_PATH by outcome: ok, partner_refused "
             "(403), token_refused (401), inconclusive (no answer, 5xx, 429, other).",
@@ -206,10 +208,11 @@ class Metrics:
         self._sources: list[Callable[[], list[str]]] = []
         # Label children by label values (all from bounded sets: methods, route templates,
         # statuses, error codes, configured client names).
-        self._upstream_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
-        self._response_children: dict[tuple[str, int, str], Any] = {}
-        self._client_children: dict[str, Any] = {}
-        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._upstream_children: dict[tuple[str, str, int],
+                                      tuple[list[float], list[float], Any]] = {}
+        self._response_children: dict[tuple[str, int, str], list[float]] = {}
+        self._client_children: dict[str, list[float]] = {}
+        self._request_children: dict[tuple[str, str, int], list[float]] = {}
 
     def bind_ready(self, is_ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
@@ -296,12 +299,12 @@ class Metrics:
             kind = ("status_5xx" if status >= 500 else
                     f"status_{status}" if status in (401, 429) else None)
             children = self._upstream_children[key] = (
-                self.upstream_requests.labels(method, route, str(status)),
-                self.upstream_duration.labels(method, route),
+                self.upstream_requests.cell(method, route, str(status)),
+                self.upstream_duration.cell(method, route),
                 self.upstream_errors.labels(kind) if kind else None)
         count, duration, error = children
-        count.inc()
-        duration.observe(seconds)
+        count[0] += 1
+        self.upstream_duration.observe(duration, seconds)
         if error is not None:
             error.inc()
 
@@ -312,21 +315,21 @@ class Metrics:
         key = (source, status, code)
         child = self._response_children.get(key)
         if child is None:
-            child = self._response_children[key] = self.responses.labels(source, str(status),
-                                                                          code)
-        child.inc()
+            child = self._response_children[key] = self.responses.cell(source, str(status),
+                                                                        code)
+        child[0] += 1
 
     def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
         """One request answered (or left: 499), as the caller felt it."""
         key = (method, route, status)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.request_duration.labels(
+            child = self._request_children[key] = self.request_duration.cell(
                 route, method, f"{status // 100}xx")
-        child.observe(seconds)
+        self.request_duration.observe(child, seconds)
 
     def client_request(self, client: str) -> None:
         child = self._client_children.get(client)
         if child is None:
-            child = self._client_children[client] = self.client_requests.labels(client)
-        child.inc()
+            child = self._client_children[client] = self.client_requests.cell(client)
+        child[0] += 1
