@@ -42,9 +42,10 @@ from benchmarks.proxy_overhead import _free_port
 from tests.tools import require_binary
 
 
-def count(name: str, requests: int, upstream: str, d: Path, checkout: Path = ROOT) -> int:
-    """Instructions the contender ``name`` (floor or a gateway from ``checkout``) executed
-    for ``requests`` requests."""
+def count(name: str, requests: int, upstream: str, d: Path, checkout: Path = ROOT,
+          settings: dict[str, str] | None = None) -> int:
+    """Instructions the contender ``name`` (floor or a gateway from ``checkout``, with
+    ``settings`` added to its environment) executed for ``requests`` requests."""
     valgrind = require_binary("valgrind", "valgrind")
     control = require_binary("callgrind_control", "valgrind")
     hey = require_binary("hey", "hey")
@@ -59,7 +60,7 @@ def count(name: str, requests: int, upstream: str, d: Path, checkout: Path = ROO
         env = None
     else:
         args = [*vg, sys.executable, "-m", "gateway", "serve"]
-        env = gateway_env(upstream, port, admin)
+        env = gateway_env(upstream, port, admin, **(settings or {}))
     url = f"http://127.0.0.1:{port}{PATH}"
     with started(args, env, d / f"{name}.log", cwd=checkout) as proc:
         _wait_port(port, 300)

@@ -118,11 +118,14 @@ class BatchWriter:
         self._batch: list[str] = []
         self._armed: asyncio.AbstractEventLoop | None = None  # the loop whose timer flushes
 
-    def write(self, text: str) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # no loop in this thread: nothing would flush later
-            loop = None
+    def write(self, text: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Batch ``text``. ``loop``: the running loop, when the caller knows it is on it (the
+        access line: asking asyncio costs a ``getpid`` system call)."""
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread: nothing would flush later
+                loop = None
         with self._lock:
             self._batch.append(text)
             later = (loop is not None and len(self._batch) < FLUSH_LINES

@@ -305,6 +305,30 @@ async def test_proxy_requests_leave_no_reference_cycles(
         gc.enable()
 
 
+async def test_proxy_request_path_never_asks_asyncio_for_its_loop(
+        gateway: GatewayServer, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``asyncio.get_running_loop()`` makes a ``getpid`` system call each time: the request
+    path (header deadlines, the access line's batch) is handed its loop instead."""
+    import sys
+
+    real = asyncio.get_running_loop
+    callers: list[str] = []
+
+    def counting() -> asyncio.AbstractEventLoop:
+        callers.append(sys._getframe(1).f_code.co_filename)
+        return real()
+
+    async with http.get(gateway.url + SERVICES) as resp:  # the connection is made
+        assert resp.status == 200
+    monkeypatch.setattr(asyncio, "get_running_loop", counting)
+    for _ in range(10):
+        async with http.get(gateway.url + SERVICES) as resp:
+            assert resp.status == 200
+    monkeypatch.setattr(asyncio, "get_running_loop", real)
+    assert [c for c in callers if "/gateway/" in c] == []
+
+
 async def test_proxy_adds_none_of_the_client_librarys_own_headers(
         gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """A caller that sends no User-Agent, Accept, Accept-Encoding or Content-Type (a raw

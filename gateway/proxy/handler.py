@@ -73,8 +73,9 @@ class Proxy:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         ctx = self.ctx
         protocol = request.protocol
-        if isinstance(protocol, GatewayRequestHandler):
-            protocol.begin_request()
+        ours = protocol if isinstance(protocol, GatewayRequestHandler) else None
+        if ours is not None:
+            ours.begin_request()
         self._inflight.begin()
         rid = request_id_of(request.headers)
         started = time.monotonic()
@@ -112,8 +113,8 @@ class Proxy:
         finally:
             ctx.metrics.inflight_count -= 1
             self._inflight.end()
-            if isinstance(protocol, GatewayRequestHandler):
-                protocol.end_request()
+            if ours is not None:
+                ours.end_request()
             if not outcome.audited and not outcome.audit_leader:  # a refusal, or no answer
                 audit(outcome, status=None if outcome.error else outcome.upstream_status,
                       code=outcome.error)
@@ -124,7 +125,8 @@ class Proxy:
                 if outcome.error is None and outcome.source == "upstream" and (
                         outcome.upstream_status is not None):  # an upstream answer passed back
                     ctx.tally.answered(status)
-            log_request(request, rid, outcome, started)
+            log_request(request, rid, outcome, started,
+                        ours.event_loop if ours is not None else None)
 
     def _gone(self, outcome: Outcome) -> None:
         outcome.error = "client_closed_request"

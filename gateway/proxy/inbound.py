@@ -170,10 +170,11 @@ class HeaderDeadlines:
         self._waiting: dict[GatewayRequestHandler, float] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def wait(self, conn: GatewayRequestHandler) -> None:
+    def wait(self, conn: GatewayRequestHandler, loop: asyncio.AbstractEventLoop) -> None:
+        """``conn`` (on ``loop``: asking asyncio costs a ``getpid`` system call) waits for
+        request headers."""
         if conn in self._waiting:
             return
-        loop = asyncio.get_running_loop()
         self._waiting[conn] = loop.time() + self.timeout
         if self._timer is None:
             self._timer = loop.call_later(self._every, self._sweep)
@@ -202,9 +203,10 @@ class HeaderDeadlines:
 class GatewayRequestHandler(web.RequestHandler):
     """aiohttp's connection protocol, plus a header deadline and JSON parse errors."""
 
-    def __init__(self, manager: web.Server, *, deadlines: HeaderDeadlines, on_reject: OnReject,
-                 **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop,
+                 deadlines: HeaderDeadlines, on_reject: OnReject, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self.event_loop = loop
         self._deadlines = deadlines
         self._on_reject = on_reject
         self._in_request = False
@@ -214,13 +216,13 @@ class GatewayRequestHandler(web.RequestHandler):
         super().connection_made(transport)
         # A connection that never sends a byte gets the header timeout too, not the
         # (longer) keep-alive timeout.
-        self._deadlines.wait(self)
+        self._deadlines.wait(self, self.event_loop)
 
     def data_received(self, data: bytes) -> None:
         if data:
             self._silent = False
             if not self._in_request:
-                self._deadlines.wait(self)
+                self._deadlines.wait(self, self.event_loop)
         super().data_received(data)
 
     def begin_request(self) -> None:

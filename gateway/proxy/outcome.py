@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -75,10 +76,11 @@ class Outcome:
                                            seconds)
 
 
-def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: float) -> None:
+def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: float,
+                loop: asyncio.AbstractEventLoop | None = None) -> None:
     """The request's one access line: preformatted into the log batch when our JSON handler
     is the only one (the same bytes ``logging`` would write: :func:`access_line`), through
-    ``logging`` otherwise."""
+    ``logging`` otherwise. ``loop``: the running loop, if the caller knows it."""
     attempts = outcome.attempts
     retried = attempts.retried if attempts is not None else None
     line = AccessLine(
@@ -90,7 +92,7 @@ def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: f
     sink = access_sink(log)
     if sink is not None:
         sink.write(access_line(time.time(), f"{request.method} {outcome.route} "
-                                            f"{outcome.status}", line))
+                                            f"{outcome.status}", line), loop)
     else:
         log.info("%s %s %s", request.method, outcome.route, outcome.status,
                  extra={"fields": line.fields()})
