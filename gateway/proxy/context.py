@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -75,10 +76,9 @@ class InFlight:
                 await self._drained.wait()
 
 
-@dataclass(frozen=True)
-class Outbound:
+class Outbound(NamedTuple):
     """What is sent upstream: the target, the headers (credentials added at each send), the
-    body, and its reader (for blame)."""
+    body, and its reader (for blame). A tuple: one is made per request."""
 
     url: URL
     headers: CIMultiDict[str]

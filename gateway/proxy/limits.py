@@ -107,10 +107,10 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._probes = 0
         self._epoch = 0  # bumped on every transition: late outcomes of old periods are ignored
-
-    @property
-    def enabled(self) -> bool:
-        return self.config.failures > 0
+        self.enabled = config.failures > 0
+        #: What a request admitted while closed holds (one per closed period, not one a
+        #: request: the common case makes nothing).
+        self._closed_ticket = Ticket(False, 0)
 
     @property
     def observed_state(self) -> BreakerState:
@@ -123,7 +123,7 @@ class CircuitBreaker:
     def check(self) -> None:
         """Raise :class:`CircuitOpen` (503 with Retry-After) if a request would be refused
         now; changes nothing. The admission checks call it, so a refusal comes at once."""
-        if not self.enabled or self.state is BreakerState.CLOSED:
+        if self.state is BreakerState.CLOSED or not self.enabled:
             return
         now = self._clock.monotonic()
         if self.state is BreakerState.OPEN and now < self._open_until:
@@ -136,11 +136,11 @@ class CircuitBreaker:
     def admit(self) -> Ticket:
         """Let a request through to the upstream now, or raise :class:`CircuitOpen`. Hand the
         ticket back with :meth:`record` as soon as the upstream answered or failed."""
+        if self.state is BreakerState.CLOSED:  # disabled, it never leaves CLOSED
+            return self._closed_ticket
         self.check()
         if self.state is BreakerState.OPEN:
             self._move(BreakerState.HALF_OPEN, "cool-down over: probing")
-        if self.state is BreakerState.CLOSED or not self.enabled:
-            return Ticket(False, self._epoch)
         self._probes += 1
         return Ticket(True, self._epoch)
 
@@ -182,6 +182,7 @@ class CircuitBreaker:
     def _move(self, state: BreakerState, why: str) -> None:
         self.state = state
         self._epoch += 1
+        self._closed_ticket = Ticket(False, self._epoch)
         self._probes = 0
         if state is BreakerState.CLOSED:
             self._consecutive = 0

@@ -27,7 +27,7 @@ from gateway.proxy.routes import method_label
 log = logging.getLogger("gateway.proxy")
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """What happened to one request, for its log line and metrics."""
 

@@ -101,7 +101,7 @@ class RetryableFailure(Exception):
         self.error = error
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempts:
     """One request's retry state, shared by the attempts and the callbacks."""
 
