@@ -70,6 +70,8 @@ class _Timestamps:
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
+        self._ms = -1  # the last text's millisecond (under load, several lines share one)
+        self._text = ""
 
     def __call__(self, created: float) -> str:
         frac, whole = math.modf(created)
@@ -84,7 +86,12 @@ class _Timestamps:
         if second != self._second:
             self._second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{us // 1000:03d}Z"
+            self._ms = -1
+        ms = us // 1000
+        if ms != self._ms:
+            self._ms = ms
+            self._text = f"{self._prefix}.{ms:03d}Z"
+        return self._text
 
 
 fast_iso_ms = _Timestamps()

@@ -213,6 +213,18 @@ def test_logs_fast_timestamp_is_the_formatters_for_any_time(created: float) -> N
     assert fast_iso_ms(created) == iso_ms(created)
 
 
+@given(start=st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False),
+       steps=st.lists(st.floats(min_value=-0.002, max_value=0.002), max_size=40))
+@settings(max_examples=500)
+def test_logs_fast_timestamp_in_runs_of_nearby_times(start: float, steps: list[float]) -> None:
+    """Times close together (several in one millisecond, back and forth across second
+    boundaries) each get their own text, not a neighbour's cached one."""
+    created = start
+    for step in steps:
+        created = max(0.0, created + step)
+        assert fast_iso_ms(created) == iso_ms(created)
+
+
 def test_logs_fast_timestamp_edge_cases() -> None:
     for created in (1_800_000_858.7939997, 1_800_000_000.9999995, 1_800_000_000.0005,
                     1_800_000_000.0004999, 1_799_999_999.9999999, 0.0):

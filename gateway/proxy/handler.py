@@ -27,7 +27,7 @@ from aiohttp import web
 
 from gateway.errors import ClientClosedRequest, GatewayError, ShuttingDown
 from gateway.proxy.admission import admit
-from gateway.proxy.audit import audit
+from gateway.proxy.audit import MUTATING, audit
 from gateway.proxy.body import NO_BODY, BodyReader, take_body
 from gateway.proxy.cache_path import CachePath
 from gateway.proxy.context import InFlight, Outbound, ProxyContext
@@ -79,8 +79,9 @@ class Proxy:
         self._inflight.begin()
         rid = request_id_of(request.headers)
         started = time.monotonic()
-        outcome = Outcome(metrics=ctx.metrics, method=request.method, request_id=rid,
-                          peer=request.remote or "unix", started=started)
+        method = request.method
+        outcome = Outcome(metrics=ctx.metrics, method=method, request_id=rid, started=started,
+                          peer=(request.remote or "unix") if method in MUTATING else "")
         ctx.metrics.inflight_count += 1
         try:
             response = await self._forward(request, rid, outcome)

@@ -85,7 +85,7 @@ def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: f
     retried = attempts.retried if attempts is not None else None
     line = AccessLine(
         rid, outcome.client, request.method[:16], outcome.route, outcome.status,
-        outcome.upstream_status, outcome.error, round((time.monotonic() - started) * 1000, 2),
+        outcome.upstream_status, outcome.error, round((time.monotonic() - started) * 100_000) / 100,
         outcome.reader.bytes_in if outcome.reader else 0, outcome.bytes_out,
         outcome.generation, outcome.replayed, bool(retried),
         ",".join(retried) if retried else None, outcome.cache, outcome.idempotency)
@@ -125,27 +125,23 @@ class AccessLine(NamedTuple):
 _str: Final = json.encoder.encode_basestring_ascii  # the C encoder of json.dumps
 
 
-def _opt_str(value: str | None) -> str:
-    return "null" if value is None else _str(value)
-
-
-def _opt_int(value: int | None) -> str:
-    return "null" if value is None else int.__repr__(value)
-
-
 def access_line(created: float, msg: str, f: AccessLine) -> str:
     """``json_line(created, "info", "gateway.proxy", msg, f.fields())``, byte for byte (a
     property test holds it to that), without building the dict or walking it."""
-    duration = f.duration_ms
+    duration, status, upstream, generation = (f.duration_ms, f.status, f.upstream_status,
+                                              f.token_generation)
     return (
         f'{{"ts": "{fast_iso_ms(created)}", "level": "info", "logger": "gateway.proxy", '
         f'"msg": {_str(msg)}, "event": "request", "request_id": {_str(f.request_id)}, '
         f'"client": {_str(f.client)}, "method": {_str(f.method)}, "route": {_str(f.route)}, '
-        f'"status": {_opt_int(f.status)}, "upstream_status": {_opt_int(f.upstream_status)}, '
-        f'"error": {_opt_str(f.error)}, "duration_ms": '
+        f'"status": {"null" if status is None else int.__repr__(status)}, '
+        f'"upstream_status": {"null" if upstream is None else int.__repr__(upstream)}, '
+        f'"error": {"null" if f.error is None else _str(f.error)}, "duration_ms": '
         f'{float.__repr__(duration) if math.isfinite(duration) else json.dumps(duration)}, '
         f'"bytes_in": {int.__repr__(f.bytes_in)}, "bytes_out": {int.__repr__(f.bytes_out)}, '
-        f'"token_generation": {_opt_int(f.token_generation)}, '
+        f'"token_generation": {"null" if generation is None else int.__repr__(generation)}, '
         f'"replayed": {"true" if f.replayed else "false"}, '
-        f'"retried": {"true" if f.retried else "false"}, "retries": {_opt_str(f.retries)}, '
-        f'"cache": {_opt_str(f.cache)}, "idempotency": {_opt_str(f.idempotency)}}}\n')
+        f'"retried": {"true" if f.retried else "false"}, '
+        f'"retries": {"null" if f.retries is None else _str(f.retries)}, '
+        f'"cache": {"null" if f.cache is None else _str(f.cache)}, '
+        f'"idempotency": {"null" if f.idempotency is None else _str(f.idempotency)}}}\n')
