@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import CircuitOpen
@@ -88,12 +88,17 @@ def test_retry_budget_bounds_retries_in_every_window(
                        max_size=300),
        probes=st.integers(min_value=1, max_value=3),
        failures=st.integers(min_value=0, max_value=8))
+@example(events=[(0.0, "failure"), (2.0, "neutral"), (0.0, "neutral"), (0.0, "neutral"),
+                 (0.0, "success")], probes=1, failures=1)  # neutral probes, one after another
 @settings(max_examples=200, deadline=None)
 def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
         events: list[tuple[float, Outcome]], probes: int, failures: int) -> None:
     """However outcomes arrive, while the breaker is not closed the upstream sees at most
-    ``probes`` requests per cool-down; it opens after ``failures`` failures in a row; with
-    ``failures=0`` it is off and never refuses."""
+    ``probes`` requests per cool-down that say anything about its health; it opens after
+    ``failures`` failures in a row; with ``failures=0`` it is off and never refuses. A probe
+    whose outcome is neutral (the caller left, a protocol error: nothing learned) hands its
+    place to the next request, as resilience4j's ignored calls do: the bound on those is the
+    probes' concurrency, which a sequential history cannot exceed."""
     cooldown = 2.0
     clock = Clock()
     breaker = CircuitBreaker(BreakerConfig(failures, 0.5, 20, 10.0, cooldown, probes), clock)
@@ -111,7 +116,7 @@ def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
             assert failures > 0
             assert refused.retry_after is not None and refused.retry_after > 0
             continue
-        if not (was_closed and not ticket.probe):
+        if not (was_closed and not ticket.probe) and outcome != "neutral":
             admitted_not_closed.append(clock.now)
         breaker.record(ticket, outcome)
         if not ticket.probe:
