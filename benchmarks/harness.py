@@ -229,12 +229,14 @@ CONTENDERS = ("direct", "nginx-proxy", "floor", "gateway", "gateway-2w", "baseli
 
 
 @contextlib.contextmanager
-def contenders_up(d: Path, names: tuple[str, ...], baseline: Path | None = None) -> Iterator[
+def contenders_up(d: Path, names: tuple[str, ...], baseline: Path | None = None,
+                  variants: dict[str, dict[str, str]] | None = None) -> Iterator[
         tuple[list[Contender], str]]:
     """nginx as the upstream (and the upload sink behind it), then each named contender,
     started and ready; yields them and the upstream's URL. ``baseline``: a checkout of another
     build of the gateway, run as the contender ``baseline`` (for paired A/B runs: the same
-    settings, interleaved with ``gateway``)."""
+    settings, interleaved with ``gateway``). ``variants``: more gateways, by name, each with
+    settings of its own (run last)."""
     import sys
 
     from benchmarks.proxy_overhead import _free_port
@@ -253,6 +255,8 @@ def contenders_up(d: Path, names: tuple[str, ...], baseline: Path | None = None)
     wanted = [n for n in CONTENDERS if n == "direct" or n in names]
     if baseline is None and "baseline" in wanted:
         wanted.remove("baseline")
+    variants = variants or {}
+    wanted += list(variants)
     ports = {n: (_free_port(), _free_port()) for n in wanted}
     contenders = [Contender(n, upstream_url if n == "direct" else
                             f"http://127.0.0.1:{ref_port if n == 'nginx-proxy' else ports[n][0]}")
@@ -274,7 +278,8 @@ def contenders_up(d: Path, names: tuple[str, ...], baseline: Path | None = None)
                     [py, "-m", "benchmarks.floor_proxy", "--listen", f"127.0.0.1:{port}",
                      "--upstream", upstream_url], None, d / "floor.log", cwd=ROOT))
             elif c.name != "direct":
-                extra = {"GATEWAY_WORKERS": "2"} if c.name == "gateway-2w" else {}
+                extra = ({"GATEWAY_WORKERS": "2"} if c.name == "gateway-2w"
+                         else variants.get(c.name, {}))
                 c.proc = stack.enter_context(started(
                     [py, "-m", "gateway", "serve"],
                     gateway_env(upstream_url, port, admin, GATEWAY_MAX_BODY_SIZE="0", **extra),

@@ -113,3 +113,15 @@ def test_benchmarks_refusals_prints_the_readiness_and_contention_figures() -> No
     contention = figures["contention"]
     assert contention["detected_after_s"] is not None and contention["detected_after_s"] < 60
     assert set(contention["answers_after_detection"]) <= {"200", "503 credential_contention"}
+
+
+def test_benchmarks_shares_patches_all_still_apply(tmp_path: Path) -> None:
+    """Every feature switch of benchmarks/shares.py still finds its text in the source, and
+    the patched copy still compiles (a renamed line would otherwise measure nothing)."""
+    import compileall
+
+    from benchmarks.shares import FEATURES, scratch_copy
+
+    for name, (_, patches, _) in FEATURES.items():
+        copy = scratch_copy(patches, tmp_path / name)
+        assert compileall.compile_dir(copy / "gateway", quiet=1), name
