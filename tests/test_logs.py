@@ -152,14 +152,24 @@ _opt_texts = st.none() | st.text()
        line=st.builds(AccessLine, st.text(), st.text(), st.text(), st.text(), _opt_ints,
                       _opt_ints, _opt_texts, st.floats(), st.integers(min_value=0),
                       st.integers(min_value=0), _opt_ints, st.booleans(), st.booleans(),
-                      _opt_texts, _opt_texts, _opt_texts))
-def test_logs_fast_access_line_is_json_line_for_any_values(created: float, msg: str,
-                                                           line: AccessLine) -> None:
+                      _opt_texts, _opt_texts, _opt_texts),
+       others=st.lists(st.tuples(st.floats(min_value=0, max_value=4e9, allow_nan=False),
+                                 st.text(), st.floats(), st.integers(min_value=0),
+                                 st.integers(min_value=0)), max_size=4))
+def test_logs_fast_access_line_is_json_line_for_any_values(
+        created: float, msg: str, line: AccessLine,
+        others: list[tuple[float, str, float, int, int]]) -> None:
     """The hand-built access line is byte for byte the generic JSON line for the same fields,
     whatever they hold: any text (quotes, control characters, non-ASCII, lone surrogates),
-    big or missing numbers, NaN and infinities."""
+    big or missing numbers, NaN and infinities; also for the next requests that share its
+    repeating fields (their parts come from the cache)."""
     assert access_line(created, msg, line) == json_line(created, "info", "gateway.proxy", msg,
                                                         line.fields())
+    for when, rid, duration, bytes_in, bytes_out in others:
+        again = line._replace(request_id=rid, duration_ms=duration, bytes_in=bytes_in,
+                              bytes_out=bytes_out)
+        assert access_line(when, msg, again) == json_line(when, "info", "gateway.proxy", msg,
+                                                          again.fields())
 
 
 async def test_logs_are_batched_and_flushed_within_100ms_and_in_order() -> None:

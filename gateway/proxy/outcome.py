@@ -125,23 +125,47 @@ class AccessLine(NamedTuple):
 _str: Final = json.encoder.encode_basestring_ascii  # the C encoder of json.dumps
 
 
-def access_line(created: float, msg: str, f: AccessLine) -> str:
-    """``json_line(created, "info", "gateway.proxy", msg, f.fields())``, byte for byte (a
-    property test holds it to that), without building the dict or walking it."""
-    duration, status, upstream, generation = (f.duration_ms, f.status, f.upstream_status,
-                                              f.token_generation)
-    return (
-        f'{{"ts": "{fast_iso_ms(created)}", "level": "info", "logger": "gateway.proxy", '
-        f'"msg": {_str(msg)}, "event": "request", "request_id": {_str(f.request_id)}, '
-        f'"client": {_str(f.client)}, "method": {_str(f.method)}, "route": {_str(f.route)}, '
+#: The access line's parts that repeat from request to request (all but the time, the request
+#: id, the duration and the byte counts), by the fields they are made of. Bounded: the values
+#: come from small sets (methods, route templates, statuses, codes, client names), and the
+#: cache starts afresh if they ever add up to more.
+_PARTS: dict[tuple[object, ...], tuple[str, str, str]] = {}
+_MOST_PARTS: Final = 1024
+
+
+def _parts(msg: str, f: AccessLine) -> tuple[str, str, str]:
+    status, upstream, generation = f.status, f.upstream_status, f.token_generation
+    head = (f'", "level": "info", "logger": "gateway.proxy", "msg": {_str(msg)}, '
+            '"event": "request", "request_id": ')
+    middle = (
+        f', "client": {_str(f.client)}, "method": {_str(f.method)}, "route": {_str(f.route)}, '
         f'"status": {"null" if status is None else int.__repr__(status)}, '
         f'"upstream_status": {"null" if upstream is None else int.__repr__(upstream)}, '
-        f'"error": {"null" if f.error is None else _str(f.error)}, "duration_ms": '
-        f'{float.__repr__(duration) if math.isfinite(duration) else json.dumps(duration)}, '
-        f'"bytes_in": {int.__repr__(f.bytes_in)}, "bytes_out": {int.__repr__(f.bytes_out)}, '
-        f'"token_generation": {"null" if generation is None else int.__repr__(generation)}, '
+        f'"error": {"null" if f.error is None else _str(f.error)}, "duration_ms": ')
+    tail = (
+        f', "token_generation": {"null" if generation is None else int.__repr__(generation)}, '
         f'"replayed": {"true" if f.replayed else "false"}, '
         f'"retried": {"true" if f.retried else "false"}, '
         f'"retries": {"null" if f.retries is None else _str(f.retries)}, '
         f'"cache": {"null" if f.cache is None else _str(f.cache)}, '
         f'"idempotency": {"null" if f.idempotency is None else _str(f.idempotency)}}}\n')
+    return head, middle, tail
+
+
+def access_line(created: float, msg: str, f: AccessLine) -> str:
+    """``json_line(created, "info", "gateway.proxy", msg, f.fields())``, byte for byte (a
+    property test holds it to that), without building the dict or walking it: the parts that
+    repeat are made once (:data:`_PARTS`)."""
+    key = (msg, f.client, f.method, f.route, f.status, f.upstream_status, f.error,
+           f.token_generation, f.replayed, f.retried, f.retries, f.cache, f.idempotency)
+    parts = _PARTS.get(key)
+    if parts is None:
+        if len(_PARTS) >= _MOST_PARTS:
+            _PARTS.clear()
+        parts = _PARTS[key] = _parts(msg, f)
+    head, middle, tail = parts
+    duration = f.duration_ms
+    return (f'{{"ts": "{fast_iso_ms(created)}{head}{_str(f.request_id)}{middle}'
+            f'{float.__repr__(duration) if math.isfinite(duration) else json.dumps(duration)}'
+            f', "bytes_in": {int.__repr__(f.bytes_in)}, "bytes_out": '
+            f'{int.__repr__(f.bytes_out)}{tail}')
