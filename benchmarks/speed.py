@@ -192,7 +192,8 @@ def report(contenders: list[Contender], extra: dict[str, Any], seconds: float,
         added = (_med(c.p50_1c_ms) - direct_1c) * 1000
         idle = f"{c.idle_rss_kib / 1024:.1f}" if c.proc else "-"
         peak = f"{c.peak_rss_kib / 1024:.1f}" if c.proc else "-"
-        lines.append(f"| {c.name} | {_med(c.rps):,.0f} | {_med(c.rps) / ref_rps:.2f} | "
+        ratio = f"{_med(c.rps) / ref_rps:.2f}" if ref_rps == ref_rps else "-"  # NaN: no nginx
+        lines.append(f"| {c.name} | {_med(c.rps):,.0f} | {ratio} | "
                      f"{_med(c.p50_ms):.2f} | {_med(c.p99_ms):.2f} | {cpu} | "
                      f"{'-' if c.name == 'direct' else f'{added:+.0f}'} | {idle} | {peak} |")
     lines += ["", "Goals (same run):"]

@@ -9,9 +9,10 @@ Before the loop starts, the garbage collector is tuned for a long-running server
 live as long as the process) is frozen out of its scans, and its youngest generation is
 collected every :data:`GC_YOUNG_THRESHOLD` net allocations rather than Python's 700. The
 request path makes no reference cycles (a test holds it to that), so a request's objects are
-freed when it ends and the collector has little to find; at Python's defaults it ran about
-40 times a second under load and took some 7 % of the CPU (``benchmarks.speed``'s paired run
-in docs/performance.md).
+freed when it ends and the collector has little to find. At Python's defaults, under load, it
+ran its youngest generation about 120 times a second and a full pass about once a second,
+walking every start-up object each time: some 7 % of the process's time
+(docs/performance.md).
 """
 
 from __future__ import annotations
