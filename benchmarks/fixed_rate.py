@@ -7,11 +7,13 @@ calling the upstream directly).
 The load comes from Debian's ``hey`` (``-c 4 -q 250``: four keep-alive connections, each
 sending at most 250 requests a second), as the issue that asked for this table proposed. No
 truly open-loop generator installs here (wrk2, vegeta, fortio and oha are in neither Debian
-nor PyPI; autocannon on npm would share the two cores with a Node.js process). hey's limits,
-to read the table by: each connection waits for its answer before its next tick (a stall
+nor PyPI, and no Go module proxy is reachable for vegeta's module; autocannon on npm would
+share the two cores with a Node.js process). hey's limits, to read the table by: each
+connection waits for its answer before its next tick (a stall
 sends fewer requests rather than queueing them: the achieved rate is in the table, so a
-contender that cannot keep up shows), and it reports latency in 0.1 ms steps (the added
-figures are differences of such steps).
+contender that cannot keep up shows, as do requests that failed, which hey leaves out of its
+CSV), and it reports latency in 0.1 ms steps (the added figures are differences of such
+steps). vCPU is over the run's wall time, hey's start and stop included (a few ms in 15 s).
 
 CPU is the contender's whole process tree (``/proc``, workers included), over the run's wall
 time, divided by the achieved rate; RSS the tree's after the run.

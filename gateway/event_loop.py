@@ -1,4 +1,5 @@
-"""The event loop the gateway runs on: uvloop by default, asyncio's own on request.
+"""The runtime the gateway's processes run on: the event loop (uvloop by default, asyncio's
+own on request) and the garbage collector's tuning.
 
 ``GATEWAY_EVENT_LOOP=uvloop`` (the default) runs on uvloop, a runtime dependency on Linux,
 imported only here and only then; where it is not installed (another platform) the gateway
@@ -8,8 +9,10 @@ Before the loop starts, the garbage collector is tuned for a long-running server
 (:func:`tune_gc`): what start-up built (modules, settings: some forty thousand objects that
 live as long as the process) is frozen out of its scans, and its youngest generation is
 collected every :data:`GC_YOUNG_THRESHOLD` net allocations rather than Python's 700. The
-request path makes no reference cycles (a test holds it to that), so a request's objects are
-freed when it ends and the collector has little to find. At Python's defaults, under load, it
+request path makes no reference cycles on its answers, refusals and upstream errors (a test
+holds it to that; an upstream body broken mid-stream still leaves one, through its
+exception's traceback), so a request's objects are freed when it ends and the collector has
+little to find. At Python's defaults, under load, it
 ran its youngest generation about 120 times a second and a full pass about once a second,
 walking every start-up object each time: some 7 % of the process's time
 (docs/performance.md).

@@ -63,15 +63,15 @@ def iso_ms(created: float) -> str:
 
 
 class _Timestamps:
-    """:func:`iso_ms` with the whole-second part cached: the same text, cheaper. Like
+    """:func:`iso_ms` with the last second's and the last millisecond's text kept: the same
+    text, cheaper (under load several lines share a millisecond). Like
     ``datetime.fromtimestamp`` it first rounds to the microsecond (half to even), then
-    ``isoformat`` cuts to the millisecond."""
+    ``isoformat`` cuts to the millisecond. Each cache is one tuple, replaced whole, so a
+    thread that logs meanwhile never pairs one second's text with another's."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-        self._ms = -1  # the last text's millisecond (under load, several lines share one)
-        self._text = ""
+        self._second: tuple[int, str] = (-1, "")
+        self._last: tuple[int, int, str] = (-1, -1, "")
 
     def __call__(self, created: float) -> str:
         frac, whole = math.modf(created)
@@ -83,15 +83,17 @@ class _Timestamps:
         elif us < 0:
             second -= 1
             us += 1_000_000
-        if second != self._second:
-            self._second = second
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._ms = -1
         ms = us // 1000
-        if ms != self._ms:
-            self._ms = ms
-            self._text = f"{self._prefix}.{ms:03d}Z"
-        return self._text
+        last = self._last
+        if last[0] == second and last[1] == ms:
+            return last[2]
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, datetime.fromtimestamp(second, UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S"))
+        text = f"{cached[1]}.{ms:03d}Z"
+        self._last = (second, ms, text)
+        return text
 
 
 fast_iso_ms = _Timestamps()

@@ -15,6 +15,7 @@ from gateway.proxy.limits import (
     BreakerState,
     CircuitBreaker,
     Outcome,
+    Ticket,
     TokenBucket,
     WindowCounter,
 )
@@ -132,6 +133,36 @@ def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
     for i, t in enumerate(admitted_not_closed):
         within = [u for u in admitted_not_closed[i:] if u < t + cooldown]
         assert len(within) <= max(probes, 1) * 2 + 1
+
+
+@given(actions=st.lists(st.sampled_from(["admit", "neutral", "failure", "success", "wait"]),
+                        max_size=200),
+       probes=st.integers(min_value=1, max_value=3))
+@settings(max_examples=300, deadline=None)
+def test_half_open_breaker_never_has_more_than_the_probes_in_flight(
+        actions: list[str], probes: int) -> None:
+    """The bound on probes whose outcome is neutral: however admissions and outcomes
+    interleave, no half-open period has more than ``probes`` of its probes in flight at
+    once (a neutral outcome hands its place on; it never adds one)."""
+    clock = Clock()
+    breaker = CircuitBreaker(BreakerConfig(1, 0.5, 20, 10.0, 2.0, probes), clock)
+    breaker.record(breaker.admit(), "failure")  # open
+    in_flight: deque[Ticket] = deque()
+    for action in actions:
+        if action == "wait":
+            clock.now += 2.0  # a cool-down passes
+        elif action == "admit":
+            try:
+                ticket = breaker.admit()
+            except CircuitOpen:
+                continue
+            if ticket.probe:
+                in_flight.append(ticket)
+        elif in_flight:
+            breaker.record(in_flight.popleft(), action)  # type: ignore[arg-type]
+        if in_flight:
+            latest = max(t.epoch for t in in_flight)
+            assert sum(t.epoch == latest for t in in_flight) <= probes
 
 
 @given(attempt=st.integers(min_value=1, max_value=40),
