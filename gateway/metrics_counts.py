@@ -69,7 +69,8 @@ class CountedHistogram:
 
     def observe(self, cell: list[float], value: float) -> None:
         """One observation: counted in the first bucket whose bound is at least ``value``
-        (``prometheus_client``'s rule), or +Inf."""
+        (``prometheus_client``'s rule), or +Inf. (A NaN, which no duration is, lands in the
+        first bucket; ``prometheus_client`` counts it in none.)"""
         cell[0] += value
         cell[bisect_left(self.bounds, value) + 1] += 1
 

@@ -272,8 +272,9 @@ async def test_proxy_requests_leave_no_reference_cycles(
         gateway: GatewayServer, sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """A request's objects are freed when it ends, not at the garbage collector's next pass:
     with the collector off, none of the request path's objects outlive their requests
-    (forwarded, with a body, refused, an upstream 404 and 503, a 401 replay). An upstream
-    body broken mid-stream still leaves one (its exception's traceback): not covered."""
+    (forwarded, with a body, refused, an upstream 404 and 503, a 401 replay). A request that
+    fails upstream (a reset, a timeout, a body broken mid-stream) still leaves one through its
+    exception's traceback: not covered."""
     import gc
 
     from gateway.proxy.outcome import Outcome

@@ -138,6 +138,11 @@ def test_open_breaker_lets_at_most_the_probes_through_per_cooldown(
 @given(actions=st.lists(st.sampled_from(["admit", "neutral", "failure", "success", "wait"]),
                         max_size=200),
        probes=st.integers(min_value=1, max_value=3))
+# A stale probe of an earlier period must not give a place back in the current one; a neutral
+# outcome gives back one place, not two (each caught a deliberately broken breaker).
+@example(actions=["wait", "admit", "admit", "failure", "wait", "admit", "admit", "neutral",
+                  "admit"], probes=2)
+@example(actions=["wait", "admit", "admit", "neutral", "admit", "admit"], probes=2)
 @settings(max_examples=300, deadline=None)
 def test_half_open_breaker_never_has_more_than_the_probes_in_flight(
         actions: list[str], probes: int) -> None:
