@@ -223,6 +223,22 @@ def measure(c: Contender, binary: str, seconds: float) -> None:
     c.peak_rss_kib = max(c.peak_rss_kib, rss_kib(pids, "VmHWM"))
 
 
+@contextlib.contextmanager
+def nginx_upstream(d: Path, sink_port: int = 0) -> Iterator[str]:
+    """nginx as the upstream (fixed JSON answers, :func:`upstream_conf`), running from ``d``
+    until the block ends; yields its URL. ``sink_port``: where its ``/upload`` goes."""
+    from benchmarks.proxy_overhead import _free_port
+    from tests.tools import require_binary
+
+    nginx = require_binary("nginx", "nginx")
+    d.chmod(0o755)  # nginx's workers may run as another user
+    port = _free_port()
+    (d / "up.conf").write_text(upstream_conf(d, port, sink_port or _free_port()))
+    with started([nginx, "-p", str(d), "-c", str(d / "up.conf")], None, d / "up.log"):
+        _wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+
+
 #: Every contender, in the order they run; ``direct`` is always measured (added latency is
 #: over it), ``baseline`` only with a baseline checkout.
 CONTENDERS = ("direct", "nginx-proxy", "floor", "gateway", "gateway-2w", "baseline")
@@ -247,26 +263,24 @@ def contenders_up(d: Path, names: tuple[str, ...], baseline: Path | None = None,
     with (d / "big.bin").open("wb") as f:
         f.truncate(GIB)  # sparse: nginx reads zeros from the page cache
     (d / "big.bin").chmod(0o644)
-    up_port, ref_port, sink_port = _free_port(), _free_port(), _free_port()
-    (d / "up.conf").write_text(upstream_conf(d, up_port, sink_port))
-    (d / "ref.conf").write_text(reference_conf(d, ref_port, up_port))
+    ref_port, sink_port = _free_port(), _free_port()
     py = sys.executable
-    upstream_url = f"http://127.0.0.1:{up_port}"
     wanted = [n for n in CONTENDERS if n == "direct" or n in names]
     if baseline is None and "baseline" in wanted:
         wanted.remove("baseline")
     variants = variants or {}
     wanted += list(variants)
     ports = {n: (_free_port(), _free_port()) for n in wanted}
-    contenders = [Contender(n, upstream_url if n == "direct" else
-                            f"http://127.0.0.1:{ref_port if n == 'nginx-proxy' else ports[n][0]}")
-                  for n in wanted]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(started([nginx, "-p", str(d), "-c", str(d / "up.conf")], None,
-                                    d / "up.log"))
+        upstream_url = stack.enter_context(nginx_upstream(d, sink_port))
+        (d / "ref.conf").write_text(
+            reference_conf(d, ref_port, int(upstream_url.rpartition(":")[2])))
+        contenders = [Contender(n, upstream_url if n == "direct" else
+                                f"http://127.0.0.1:"
+                                f"{ref_port if n == 'nginx-proxy' else ports[n][0]}")
+                      for n in wanted]
         stack.enter_context(started([py, "-m", "benchmarks.speed", "--sink", str(sink_port)],
                                     None, d / "sink.log", cwd=ROOT))
-        _wait_port(up_port)
         _wait_port(sink_port)
         for c in contenders:
             port, admin = ports[c.name]

@@ -35,8 +35,8 @@ from benchmarks.harness import (
     _wait_port,
     _wait_ready,
     gateway_env,
+    nginx_upstream,
     started,
-    upstream_conf,
 )
 from benchmarks.proxy_overhead import _free_port
 from tests.tools import require_binary
@@ -92,21 +92,15 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path,
                         help="a checkout of another build, counted as 'baseline'")
     args = parser.parse_args()
-    nginx = require_binary("nginx", "nginx")
-    with tempfile.TemporaryDirectory(prefix="repairy-instructions-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="repairy-instructions-") as tmp, nginx_upstream(
+            Path(tmp)) as upstream:
         d = Path(tmp)
-        d.chmod(0o755)
-        up = _free_port()
-        (d / "up.conf").write_text(upstream_conf(d, up, _free_port()))
-        with started([nginx, "-p", str(d), "-c", str(d / "up.conf")], None, d / "up.log"):
-            _wait_port(up)
-            upstream = f"http://127.0.0.1:{up}"
-            t0 = time.monotonic()
-            figures = {"floor": count("floor", args.requests, upstream, d),
-                       "gateway": count("gateway", args.requests, upstream, d)}
-            if args.baseline is not None:
-                figures["baseline"] = count("baseline", args.requests, upstream, d,
-                                            args.baseline.resolve())
+        t0 = time.monotonic()
+        figures = {"floor": count("floor", args.requests, upstream, d),
+                   "gateway": count("gateway", args.requests, upstream, d)}
+        if args.baseline is not None:
+            figures["baseline"] = count("baseline", args.requests, upstream, d,
+                                        args.baseline.resolve())
     floor = figures["floor"]
     print(f"instructions per request, {args.requests} requests each (hey -c 4), "
           f"{time.monotonic() - t0:.0f} s under callgrind; Python {sys.version.split()[0]}, "

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import PATH, _wait_port, _wait_ready, gateway_env, started, upstream_conf
+from benchmarks.harness import PATH, _wait_ready, gateway_env, nginx_upstream, started
 from benchmarks.proxy_overhead import _free_port
 from tests.tools import require_binary
 
@@ -66,28 +66,24 @@ def main() -> None:
     parser.add_argument("settings", nargs="*", help="NAME=value for the gateway")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.settings)
-    nginx, wrk = require_binary("nginx", "nginx"), require_binary("wrk", "wrk")
+    wrk = require_binary("wrk", "wrk")
     py_spy = Path(sys.executable).parent / "py-spy"
     with tempfile.TemporaryDirectory(prefix="repairy-profile-") as tmp:
         d = Path(tmp)
-        d.chmod(0o755)
-        up, port, admin = _free_port(), _free_port(), _free_port()
-        (d / "up.conf").write_text(upstream_conf(d, up, _free_port()))
+        port, admin = _free_port(), _free_port()
         raw = d / "profile.txt"
-        with started([nginx, "-p", str(d), "-c", str(d / "up.conf")], None, d / "up.log"):
-            _wait_port(up)
-            with started([sys.executable, "-m", "gateway", "serve"],
-                         gateway_env(f"http://127.0.0.1:{up}", port, admin, **extra),
-                         d / "gw.log") as gw:
-                _wait_ready(admin)
-                load = subprocess.Popen(
-                    [wrk, "-t1", "-c32", f"-d{args.seconds + 3}s", f"http://127.0.0.1:{port}{PATH}"],
-                    stdout=subprocess.PIPE, text=True)
-                time.sleep(1.5)
-                subprocess.run([str(py_spy), "record", "-r", "400", "-d", str(args.seconds),
-                                "-p", str(gw.pid), "-f", "raw", "-o", str(raw), "--nonblocking"],
-                               check=True, capture_output=True)
-                out = load.communicate()[0]
+        with nginx_upstream(d) as upstream, started(
+                [sys.executable, "-m", "gateway", "serve"],
+                gateway_env(upstream, port, admin, **extra), d / "gw.log") as gw:
+            _wait_ready(admin)
+            load = subprocess.Popen(
+                [wrk, "-t1", "-c32", f"-d{args.seconds + 3}s", f"http://127.0.0.1:{port}{PATH}"],
+                stdout=subprocess.PIPE, text=True)
+            time.sleep(1.5)
+            subprocess.run([str(py_spy), "record", "-r", "400", "-d", str(args.seconds),
+                            "-p", str(gw.pid), "-f", "raw", "-o", str(raw), "--nonblocking"],
+                           check=True, capture_output=True)
+            out = load.communicate()[0]
         rps = re.search(r"Requests/sec:\s+(\S+)", out)
         print(f"wrk: {rps.group(1) if rps else '?'} requests/s while sampled")
         print(summarise(raw))

@@ -17,10 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import ROOT, _wait_port, started, upstream_conf
+from benchmarks.harness import ROOT, nginx_upstream
 from benchmarks.instructions import count
-from benchmarks.proxy_overhead import _free_port
-from tests.tools import require_binary
 
 Patch = tuple[str, str, str]  # file, text, replacement
 _METRICS_OFF: list[Patch] = [
@@ -91,30 +89,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("features", nargs="*", default=list(FEATURES))
     args = parser.parse_args()
-    nginx = require_binary("nginx", "nginx")
-    with tempfile.TemporaryDirectory(prefix="repairy-shares-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="repairy-shares-") as tmp, nginx_upstream(
+            Path(tmp)) as upstream:
         d = Path(tmp)
-        d.chmod(0o755)
-        up = _free_port()
-        (d / "up.conf").write_text(upstream_conf(d, up, _free_port()))
-        with started([nginx, "-p", str(d), "-c", str(d / "up.conf")], None, d / "up.log"):
-            _wait_port(up)
-            upstream = f"http://127.0.0.1:{up}"
-            n = args.requests
-            floor = count("floor", n, upstream, d) / n
-            whole = count("gateway", n, upstream, d) / n
-            print(f"instructions per request: floor {floor:,.0f}, gateway {whole:,.0f} "
-                  f"(+{whole - floor:,.0f})")
-            print()
-            print("| feature | what | saves | share of the gateway | share of its excess |")
-            print("|---|---|---|---|---|")
-            for name in args.features:
-                what, patches, settings = FEATURES[name]
-                copy = scratch_copy(patches, d / f"copy-{name}")
-                without = count(f"without-{name}", n, upstream, d, copy, settings) / n
-                saved = whole - without
-                print(f"| {name} | {what} | {saved:,.0f} | {saved / whole:.1%} | "
-                      f"{saved / (whole - floor):.1%} |", flush=True)
+        n = args.requests
+        floor = count("floor", n, upstream, d) / n
+        whole = count("gateway", n, upstream, d) / n
+        print(f"instructions per request: floor {floor:,.0f}, gateway {whole:,.0f} "
+              f"(+{whole - floor:,.0f})")
+        print()
+        print("| feature | what | saves | share of the gateway | share of its excess |")
+        print("|---|---|---|---|---|")
+        for name in args.features:
+            what, patches, settings = FEATURES[name]
+            copy = scratch_copy(patches, d / f"copy-{name}")
+            without = count(f"without-{name}", n, upstream, d, copy, settings) / n
+            saved = whole - without
+            print(f"| {name} | {what} | {saved:,.0f} | {saved / whole:.1%} | "
+                  f"{saved / (whole - floor):.1%} |", flush=True)
 
 
 if __name__ == "__main__":
