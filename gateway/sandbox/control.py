@@ -40,7 +40,8 @@ class Fault:
     ``headers`` adds response headers to the answer (``Cache-Control``, ``Vary``, ...).
     ``reset`` closes the connection at once, before any byte of an answer (a keep-alive
     connection the server dropped); ``bare`` answers ``status`` (default 200) with ``body``
-    and no ``Content-Type`` or ``Server`` header.
+    and no ``Content-Type`` or ``Server`` header. ``partner`` limits the fault to requests
+    carrying that ``X-Partner-ID`` (the gateway sends it on the auth calls too).
     """
 
     remaining: int = 1
@@ -64,6 +65,7 @@ class Fault:
     #: The request is handled first (a booking is made), then the fault replaces or delays
     #: the answer: Repairy acted, and the caller cannot tell.
     after: bool = False
+    partner: str | None = None
 
     @classmethod
     def from_json(cls, spec: object, now: float = 0.0) -> Fault:
@@ -72,7 +74,7 @@ class Fault:
         unknown = set(spec) - {"count", "status", "retry_after", "latency", "drop", "path",
                                "scope", "body", "length", "chunk", "chunk_delay",
                                "retry_after_date", "duration", "persistent", "reset", "bare",
-                               "headers", "hold", "after"}
+                               "headers", "hold", "after", "partner"}
         if unknown:
             raise ControlError(f"unknown fault fields: {', '.join(sorted(unknown))}")
         count = spec.get("count", 1)
@@ -130,6 +132,9 @@ class Fault:
         after = spec.get("after", False)
         if not isinstance(after, bool):
             raise ControlError("after must be true or false")
+        partner = spec.get("partner")
+        if partner is not None and not (isinstance(partner, str) and partner):
+            raise ControlError("partner must be a Partner ID")
         if status is None and not (drop or latency or reset or bare or headers or hold) and (
                 chunk is None):
             raise ControlError("a fault needs at least one of status, latency, drop, reset, "
@@ -137,9 +142,11 @@ class Fault:
         return cls(count, status, retry_after, float(latency), drop, path, scope, body, length,
                    chunk, float(chunk_delay), retry_after_date,
                    None if duration is None else now + float(duration), persistent, reset,
-                   bare, headers, hold, after)
+                   bare, headers, hold, after, partner)
 
-    def matches(self, path: str, kind: Kind) -> bool:
+    def matches(self, path: str, kind: Kind, partner: str | None = None) -> bool:
+        if self.partner is not None and partner != self.partner:
+            return False
         if self.scope == "auth" and kind == "api":
             return False
         if self.scope == "api" and kind != "api":
@@ -161,6 +168,10 @@ class ControlState:
         #: Gates that held requests wait on (``hold``), and how many each holds now.
         self.gates: dict[str, asyncio.Event] = {}
         self.holding: Counter[str] = Counter()
+        #: Per Partner ID: logins, refreshes, calls (API requests carrying that X-Partner-ID
+        #: with a valid token) and wrong_partner_calls (among them, those whose token belongs
+        #: to another partner).
+        self.partners: dict[str, Counter[str]] = {}
 
     async def hold(self, gate: str) -> None:
         """Hold a request until ``gate`` opens, or for HOLD_MAX at the most (a test that
@@ -189,19 +200,29 @@ class ControlState:
         self.requests.clear()
         self.counters.clear()
         self.statuses.clear()
+        self.partners.clear()
 
     def count_received(self, kind: Kind) -> None:
         key = {"token": "token_requests", "refresh": "refresh_requests", "api": "api_requests"}
         self.counters[key[kind]] += 1
 
+    def count_partner(self, partner: str, what: str) -> None:
+        counts = self.partners.get(partner)
+        if counts is None:
+            if len(self.partners) >= 1000:  # made-up Partner IDs cannot grow it without end
+                return
+            counts = self.partners[partner] = Counter()
+        counts[what] += 1
+
     def count_status(self, status: int) -> None:
         self.statuses[status] += 1
 
-    def take_fault(self, path: str, kind: Kind, now: float = 0.0) -> Fault | None:
+    def take_fault(self, path: str, kind: Kind, now: float = 0.0,
+                   partner: str | None = None) -> Fault | None:
         """Consume one use of the first fault matching this request (expired ones go)."""
         self.faults[:] = [f for f in self.faults if f.until is None or now < f.until]
         for fault in self.faults:
-            if fault.matches(path, kind):
+            if fault.matches(path, kind, partner):
                 if fault.until is None and not fault.persistent:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
@@ -224,6 +245,9 @@ class ControlState:
         }
         out["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
         out["held"] = {gate: n for gate, n in sorted(self.holding.items()) if n}
+        out["partners"] = {partner: {what: counts[what] for what in (
+            "logins", "refreshes", "calls", "wrong_partner_calls")}
+            for partner, counts in sorted(self.partners.items())}
         return out
 
 

@@ -34,8 +34,11 @@ async def control_add_faults(request: web.Request) -> web.StreamResponse:
         specs = []
     else:
         specs = [body]
-    if isinstance(body, dict) and body.get("revoke_tokens") is True:
+    revoke = body.get("revoke_tokens") if isinstance(body, dict) else None
+    if revoke is True:
         revoked = state.tokens.revoke_all()
+    elif isinstance(revoke, str) and revoke:  # one partner's tokens only
+        revoked = state.tokens.revoke_partner(revoke)
     try:
         faults = [Fault.from_json(s, state.clock()) for s in specs]
     except ControlError as exc:
@@ -80,7 +83,9 @@ async def control_requests(request: web.Request) -> web.StreamResponse:
 
 
 async def control_credentials(request: web.Request) -> web.StreamResponse:
-    """Replace the accepted credentials (as when Repairy support issues new ones).
+    """Replace the accepted credentials (as when Repairy support issues new ones): one
+    object replaces them all with one partner's; ``{"credentials": [...]}`` with several;
+    ``{"replace": {...}}`` replaces only the partner of that ``partner_id``.
 
     Tokens already issued stay valid until they expire or are revoked.
     """
@@ -90,13 +95,23 @@ async def control_credentials(request: web.Request) -> web.StreamResponse:
     except ValueError:
         return error(400, "invalid_json", "the body is not valid JSON")
     fields = ("app_key", "app_secret", "partner_id")
-    if not isinstance(body, dict) or not all(isinstance(body.get(f), str) and body[f]
-                                             for f in fields):
+    one = isinstance(body, dict) and "replace" in body
+    specs = (body.get("credentials") if isinstance(body, dict) and "credentials" in body
+             else [body.get("replace") if one else body])
+    if not isinstance(specs, list) or not specs or not all(
+            isinstance(spec, dict) and all(isinstance(spec.get(f), str) and spec[f]
+                                           for f in fields) for spec in specs):
         return error(400, "invalid_credentials_spec",
-                      "app_key, app_secret and partner_id are required strings")
-    state.tokens.credentials = [Credential(body["app_key"], body["app_secret"],
-                                           body["partner_id"])]
-    return web.json_response({"app_key": body["app_key"], "partner_id": body["partner_id"]})
+                     "app_key, app_secret and partner_id are required strings")
+    creds = [Credential(spec["app_key"], spec["app_secret"], spec["partner_id"])
+             for spec in specs]
+    if one:
+        kept = [c for c in state.tokens.credentials if c.partner_id != creds[0].partner_id]
+        creds = [*kept, *creds]
+    state.tokens.credentials = creds
+    first = creds[-1] if one else creds[0]
+    return web.json_response({"app_key": first.app_key, "partner_id": first.partner_id,
+                              "partners": [c.partner_id for c in creds]})
 
 
 async def control_config(request: web.Request) -> web.StreamResponse:
@@ -107,4 +122,7 @@ async def control_config(request: web.Request) -> web.StreamResponse:
         "partner_id": cfg.partner_id, "access_ttl": cfg.access_ttl,
         "refresh_ttl": cfg.refresh_ttl, "rotate_refresh": cfg.rotate_refresh,
         "single_token": cfg.single_token,
+        "partners": [{"app_key": c.app_key, "partner_id": c.partner_id,
+                      "app_secret_fingerprint": fingerprint(c.app_secret)}
+                     for c in request.app[STATE].tokens.credentials],
         "workshops": list(request.app[STATE].data.workshops)})

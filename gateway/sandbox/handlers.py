@@ -42,6 +42,8 @@ async def _grant(request: web.Request, issue: IssueFn, success_counter: str) -> 
         status = 400 if exc.code == "invalid_request" else 401
         return error(status, exc.code, exc.message)
     state.control.counters[success_counter] += 1
+    state.control.count_partner(issued.partner_id, "logins" if success_counter == (
+        "logins_succeeded") else "refreshes")
     return ok(_auth_payload(issued))
 
 

@@ -30,7 +30,7 @@ from gateway.sandbox.state import (
     bearer,
     error,
 )
-from gateway.sandbox.tokens import Credential, TokenRejected, TokenStore
+from gateway.sandbox.tokens import TokenRejected, TokenStore
 
 CONTROL_PREFIX = "/__sandbox/"
 _DIAGNOSTIC_PREFIXES = ("/__sandbox/echo", "/__sandbox/bytes/")
@@ -107,7 +107,8 @@ def _retry_after(fault: Fault) -> str:
 
 async def _faulted_or_handled(request: web.Request, handler: Handler, state: SandboxState,
                               kind: Kind) -> web.StreamResponse:
-    fault = state.control.take_fault(request.path, kind, state.clock())
+    fault = state.control.take_fault(request.path, kind, state.clock(),
+                                     request.headers.get("X-Partner-ID"))
     resp = await _apply_fault(request, handler, state, kind, fault)
     if fault is not None and fault.headers and not resp.prepared:
         resp.headers.update(fault.headers)
@@ -162,8 +163,11 @@ async def _handle(request: web.Request, handler: Handler, state: SandboxState,
         if not partner:
             state.control.counters["rejected_requests"] += 1
             return error(403, "partner_id_missing", "X-Partner-ID header is required")
-        if partner != record.credential.partner_id:
+        owner = record.credential.partner_id
+        state.control.count_partner(partner, "calls")
+        if partner != owner:  # one partner's token sent as another: never from a gateway
             state.control.counters["rejected_requests"] += 1
+            state.control.count_partner(partner, "wrong_partner_calls")
             return error(403, "partner_id_mismatch", "X-Partner-ID does not match the token")
         request[PARTNER] = partner
     try:
@@ -180,11 +184,11 @@ def create_app(config: SandboxConfig | None = None,
                clock: Callable[[], float] = time.monotonic) -> web.Application:
     """Build the sandbox application (not yet listening)."""
     config = config or SandboxConfig()
-    cred = Credential(config.app_key, config.app_secret, config.partner_id)
     app = web.Application(middlewares=[_gate], client_max_size=64 * 1024 * 1024)
     app[STATE] = SandboxState(
         config=config,
-        tokens=TokenStore([cred], access_ttl=config.access_ttl, refresh_ttl=config.refresh_ttl,
+        tokens=TokenStore(config.partners(), access_ttl=config.access_ttl,
+                          refresh_ttl=config.refresh_ttl,
                           rotate_refresh=config.rotate_refresh,
                           single_token=config.single_token, clock=clock),
         data=SandboxData(),

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.sandbox.control import ControlState
 from gateway.sandbox.data import ApiError, SandboxData
-from gateway.sandbox.tokens import TokenStore
+from gateway.sandbox.tokens import Credential, TokenStore
 
 DEFAULT_APP_KEY = "sandbox-app-key"
 DEFAULT_APP_SECRET = "sandbox-app-secret"
@@ -34,6 +34,19 @@ class SandboxConfig:
     rotate_refresh: bool = True
     single_token: bool = False
     request_log_size: int = 1000
+    #: Further partners, each with its own credentials and bookings (the first is the one
+    #: above): ``--partners N`` on the command line adds ``sandbox-app-key-2``... .
+    more_partners: tuple[Credential, ...] = ()
+
+    def partners(self) -> list[Credential]:
+        """Every partner this sandbox accepts, the first one first."""
+        return [Credential(self.app_key, self.app_secret, self.partner_id), *self.more_partners]
+
+
+def numbered_partner(n: int) -> Credential:
+    """The made-up credentials of partner ``n`` (2, 3, ...) of a sandbox with several."""
+    return Credential(f"{DEFAULT_APP_KEY}-{n}", f"{DEFAULT_APP_SECRET}-{n}",
+                      f"{DEFAULT_PARTNER_ID}-{n}")
 
 
 @dataclass

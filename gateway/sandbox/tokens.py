@@ -137,6 +137,16 @@ class TokenStore:
         return record
 
     # -- revoking ----------------------------------------------------------------------------
+    def revoke_partner(self, partner_id: str) -> int:
+        """Revoke every token of one partner's credentials (as Repairy support might)."""
+        access = [t for t, r in self._access.items() if r.credential.partner_id == partner_id]
+        refresh = [t for t, r in self._refresh.items() if r.credential.partner_id == partner_id]
+        for tok in access:
+            del self._access[tok]
+        for tok in refresh:
+            del self._refresh[tok]
+        return len(access) + len(refresh)
+
     def revoke_all(self) -> int:
         n = len(self._access) + len(self._refresh)
         self._access.clear()
