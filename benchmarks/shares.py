@@ -22,14 +22,14 @@ from benchmarks.instructions import count
 
 Patch = tuple[str, str, str]  # file, text, replacement
 _METRICS_OFF: list[Patch] = [
-    ("gateway/metrics.py", f"    def {name}(self, {args}) -> None:\n",
+    (f"gateway/{module}.py", f"    def {name}(self, {args}) -> None:\n",
      f"    def {name}(self, {args}) -> None:\n        return\n")
-    for name, args in (("upstream_response", "method: str, route: str, status: int, "
-                                             "seconds: float"),
-                       ("response", "source: str, status: int, code: str"),
-                       ("request_done", "method: str, route: str, status: int, "
-                                        "seconds: float"),
-                       ("client_request", "client: str"))]
+    for module, name, args in (
+        ("metrics_credential", "upstream_response", "method: str, route: str, status: int, "
+                                                    "seconds: float"),
+        ("metrics", "response", "source: str, status: int, code: str"),
+        ("metrics", "request_done", "method: str, route: str, status: int, seconds: float"),
+        ("metrics", "client_request", "client: str"))]
 
 #: Feature: (what it is, patches, settings).
 FEATURES: dict[str, tuple[str, list[Patch], dict[str, str]]] = {
@@ -47,7 +47,7 @@ FEATURES: dict[str, tuple[str, list[Patch], dict[str, str]]] = {
          "            ticket = None"),
         ("gateway/proxy/exchange.py", "                upstream.breaker.record(ticket, result)",
          "                pass"),
-        ("gateway/proxy/admission.py", "    ctx.upstream.breaker.check()", "    pass")], {}),
+        ("gateway/proxy/admission.py", "    lane.upstream.breaker.check()", "    pass")], {}),
     "retry_budget": ("the retry budget's request count", [
         ("gateway/proxy/exchange.py", "            upstream.retry.budget.request()",
          "            pass")], {}),

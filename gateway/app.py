@@ -20,7 +20,6 @@ import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Self
 
 import aiohttp
@@ -37,25 +36,23 @@ from gateway.credentials import CredentialReloader
 from gateway.metrics import Metrics
 from gateway.proxy.idempotency_store import LocalStore
 from gateway.settings import Settings, SettingsError, load_settings
-from gateway.state import GatewayState
+from gateway.state import GatewayState, ProfileState
 from gateway.supervisor import WorkerPool, bind_listener
 from gateway.tasks import cancel_and_wait, log_task_failure
-from gateway.token.config import PartnerConfig
-from gateway.token.file import load_token, save_token
-from gateway.token.fleet import Fleet
+from gateway.token.config import DEFAULT_PROFILE
 from gateway.token.manager import TokenManager
 from gateway.token.value import Token
 from gateway.token.verdict import UpstreamVerdict, VerdictPolicy
 from gateway.tracing import tracing_for
 from gateway.wiring import (
     TokenObservers,
-    auth_client,
     auth_session,
     build_idempotency,
     build_proxy_server,
     build_state,
+    build_token_manager,
+    close_lanes,
     close_stores,
-    token_store,
 )
 
 log = logging.getLogger("gateway.app")
@@ -102,7 +99,8 @@ class GatewayServer:
         self._auth_session: aiohttp.ClientSession
         self._admin_runner: web.AppRunner | None = None
         self._pool: WorkerPool | None = None
-        self._verdict_task: asyncio.Task[None] | None = None
+        self._verdict_tasks: list[asyncio.Task[None]] = []
+        self._observers: dict[str, TokenObservers] = {}
 
     @property
     def state(self) -> GatewayState:
@@ -133,48 +131,44 @@ class GatewayServer:
     async def _start_on(self, listener: socket.socket, admin_sock: socket.socket) -> None:
         s = self.settings
         notes = await self._check_store_policy(s)
-        initial, persist = None, None
-        fleet = self._fleet(s)
-        if s.token.token_file and fleet is not None:
-            log.info("GATEWAY_REDIS_URL is set: the token lives in the shared store, not in "
-                     "GATEWAY_TOKEN_FILE", extra={"fields": {"event": "token_file_unused"}})
-        elif s.token.token_file:
-            path = Path(s.token.token_file)
-            initial = load_token(path, s.token_side(), self.clock)
-
-            def persist(token: Token, partner: PartnerConfig) -> None:
-                save_token(path, token, partner)
-
         self._auth_session = auth_session(s)
         tracing = tracing_for(s.tracing.otel_endpoint, __version__)
-        events = TokenObservers(self.metrics, tracing)
-        tokens = TokenManager(auth_client(self._auth_session, s, self.clock), s.token_side(),
-                              self.clock,
-                              events, rng=self.rng, initial=initial, persist=persist,
-                              fleet=fleet)
+        # The token side, once per credential profile.
+        self._observers = {p.name: TokenObservers(self.metrics.credential(p.name), tracing)
+                           for p in s.profiles}
+        managers = {p.name: build_token_manager(s, p, self._auth_session, self.clock,
+                                                self._observers[p.name], self.rng)
+                    for p in s.profiles}
         # With workers this process serves no request: it holds the Idempotency-Key store for
         # them only without Redis (with it, each worker talks to Redis itself).
         idempotency = (None if s.server.workers > 1 and s.redis.redis_url
                        else build_idempotency(s, self.clock, self.metrics))
-        self._state = build_state(s, tokens, self.clock, self.metrics, idempotency, tracing,
-                                  self.rng)
-        self._state.store_policy, self._state.store_notes = notes
-        self._state.verdict = verdict = UpstreamVerdict(
-            tokens, self.clock, VerdictPolicy(s.auth.reprobe_min_refusals,
-                                              s.auth.reprobe_refused_ratio),
-            enabled=bool(s.auth.check_path), events=self.metrics, rng=self.rng,
-            tally=self._state.tally)
-        self.metrics.bind_ready(self._state.ready)
-        self.metrics.bind_contention(tokens.contended)
-        await tokens.start()
-        self._verdict_task = asyncio.create_task(verdict.run(), name="upstream-verdict")
-        self._verdict_task.add_done_callback(
-            lambda task: log_task_failure(task, log, "upstream verdict"))
+        self._state = state = build_state(s, managers, self.clock, self.metrics, idempotency,
+                                          tracing, self.rng)
+        state.store_policy, state.store_notes = notes
+        policy = VerdictPolicy(s.auth.reprobe_min_refusals, s.auth.reprobe_refused_ratio)
+        for profile in s.profiles:
+            manager, view = managers[profile.name], self._observers[profile.name].metrics
+            verdict = UpstreamVerdict(
+                manager, self.clock, policy, enabled=bool(profile.side.auth.check_path),
+                events=view, rng=self.rng, tally=state.lanes.by_name[profile.name].tally)
+            state.profiles[profile.name] = held = ProfileState(profile, manager, verdict)
+            view.bind_contention(manager.contended)
+            view.bind_ready(held.ready)
+        state.verdict = state.profiles[DEFAULT_PROFILE].verdict
+        self.metrics.bind_ready(state.ready)
+        for held in state.profiles.values():
+            await held.manager.start()
+            assert held.verdict is not None
+            task = asyncio.create_task(held.verdict.run(),
+                                       name=f"upstream-verdict-{held.profile.name}")
+            task.add_done_callback(lambda task: log_task_failure(task, log, "upstream verdict"))
+            self._verdict_tasks.append(task)
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
                                            self._reload_settings)
         await self.reloader.start()
         if s.server.workers > 1:
-            await self._start_workers(events, listener)
+            await self._start_workers(listener)
         else:
             self._proxy_runner = web.ServerRunner(build_proxy_server(self._state),
                                                   shutdown_timeout=s.server.shutdown_grace)
@@ -189,7 +183,11 @@ class GatewayServer:
         log.info("gateway listening", extra={"fields": {
             "event": "started", "proxy": self.url, "admin": self.admin_url,
             "upstream": str(s.partner.base_url), "partner_id": s.partner.partner_id,
-            "app_key_fp": s.partner.app_key.fingerprint}})
+            "app_key_fp": s.partner.app_key.fingerprint,
+            "credentials": [{"name": p.name, "upstream": str(p.partner.base_url),
+                             "partner_id": p.partner.partner_id,
+                             "app_key_fp": p.partner.app_key.fingerprint,
+                             "required": p.required} for p in s.profiles]}})
 
     async def _roll_back(self) -> None:
         """Undo a start that failed part-way, in the order :meth:`stop` uses; each step is
@@ -205,7 +203,9 @@ class GatewayServer:
             steps.append(self.reloader.stop)
         steps.append(self._stop_verdict)
         if state is not None:
-            steps += [functools.partial(state.manager.stop, 0.0), state.upstream.close,
+            steps += [functools.partial(held.manager.stop, 0.0)
+                      for held in state.profiles.values()]
+            steps += [functools.partial(close_lanes, state.lanes),
                       functools.partial(close_stores, state)]
         if hasattr(self, "_auth_session"):
             steps.append(self._auth_session.close)
@@ -222,18 +222,26 @@ class GatewayServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.proxy.listen.path)
 
-    async def _start_workers(self, events: TokenObservers, listener: socket.socket) -> None:
+    async def _start_workers(self, listener: socket.socket) -> None:
         """GATEWAY_WORKERS > 1: this process supervises; workers run the proxy listener."""
         s, state = self.settings, self.state
+        lanes = state.lanes.by_name
+
+        def on_traffic(name: str, calls: int, refused: int) -> None:
+            lane = lanes.get(name)
+            if lane is not None:
+                lane.tally.add(calls, refused)
+
         self._pool = pool = WorkerPool(
-            s.server.workers, listener, state.manager,
+            s.server.workers, listener,
+            {name: held.manager for name, held in state.profiles.items()},
             state.idempotency if isinstance(state.idempotency, LocalStore) else None,
             on_fault=lambda fault: self.metrics.channel_faults.labels(fault).inc(),
-            on_traffic=state.tally.add)
-        manager = state.manager
-        events.on_token = lambda tok: pool.broadcast_token(tok, manager.status().contended_for)
-        events.on_contention = lambda: pool.broadcast_token(manager.current,
-                                                            manager.status().contended_for)
+            on_traffic=on_traffic)
+        for name, held in state.profiles.items():
+            events, manager = self._observers[name], held.manager
+            events.on_token = functools.partial(_broadcast, pool, name, manager)
+            events.on_contention = functools.partial(_broadcast, pool, name, manager, None)
         assert self.reloader is not None
         self.reloader.on_client_keys = pool.broadcast_client_keys
         self.metrics.add_source(pool.metrics_texts)
@@ -262,22 +270,11 @@ class GatewayServer:
             await client.aclose()
         return verdict.policy, (verdict.note,) if verdict.note else ()
 
-    def _fleet(self, s: Settings) -> Fleet | None:
-        """The shared token store, when GATEWAY_REDIS_URL is set (redis imported only then)."""
-        if not s.redis.redis_url:
-            return None
-        store = token_store(s, timeout=min(2.0, s.redis.redis_lease_ttl / 2))
-        log.info("sharing the token through Redis", extra={"fields": {
-            "event": "store_configured", "replica": store.replica, "owner": store.owner,
-            "encrypted": s.redis.store_key is not None}})
-        return Fleet(store, lease_ttl=s.redis.redis_lease_ttl,
-                     down_policy=s.redis.redis_down_policy,
-                     clock=self.clock, events=self.metrics, rng=self.rng)
-
     async def _stop_verdict(self) -> None:
-        task, self._verdict_task = self._verdict_task, None
-        with contextlib.suppress(Exception):  # a failure was logged when it happened
-            await cancel_and_wait(task)
+        tasks, self._verdict_tasks = self._verdict_tasks, []
+        for task in tasks:
+            with contextlib.suppress(Exception):  # a failure was logged when it happened
+                await cancel_and_wait(task)
 
     async def stop(self) -> None:
         if self._state is None:
@@ -301,8 +298,9 @@ class GatewayServer:
         # A renewal under way may finish (Repairy may already have rotated the refresh token
         # it used), within the auth timeout and what is left of the shutdown deadline.
         grace = min(self.settings.auth.auth_timeout, max(0.0, deadline - loop.time()))
-        await self._state.manager.stop(grace)
-        await self._state.upstream.close()
+        await asyncio.gather(*(held.manager.stop(grace)
+                               for held in self._state.profiles.values()))
+        await close_lanes(self._state.lanes)
         await close_stores(self._state)
         await self._auth_session.close()
         if self._admin_runner is not None:
@@ -319,6 +317,13 @@ class GatewayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _broadcast(pool: WorkerPool, name: str, manager: TokenManager, tok: Token | None) -> None:
+    """Tell the workers of a profile's token (None: the manager's current one) and how long
+    contention lasts."""
+    pool.broadcast_token(name, manager.current if tok is None else tok,
+                         manager.status().contended_for)
 
 
 async def wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:

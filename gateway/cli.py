@@ -20,7 +20,13 @@ from gateway import __version__
 from gateway.config_values import parse_duration
 from gateway.env_names import unknown_variables
 from gateway.sandbox.server import serve_forever
-from gateway.sandbox.state import ACCESS_TTL, DEFAULT_APP_SECRET, REFRESH_TTL, SandboxConfig
+from gateway.sandbox.state import (
+    ACCESS_TTL,
+    DEFAULT_APP_SECRET,
+    REFRESH_TTL,
+    SandboxConfig,
+    numbered_partner,
+)
 from gateway.settings import SPECS, Settings, SettingsError, load_settings
 
 EXIT_CONFIG = 2
@@ -40,7 +46,7 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
+def _add_sandbox_options(p: argparse.ArgumentParser, partners: int = 1) -> None:
     defaults = SandboxConfig()
     p.add_argument("--app-key", default=defaults.app_key, help="accepted App Key")
     p.add_argument("--app-secret", default=defaults.app_secret, help="accepted App Secret")
@@ -53,13 +59,20 @@ def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
                    help="issue a new refresh token on every refresh (default on)")
     p.add_argument("--single-token", action=argparse.BooleanOptionalAction, default=False,
                    help="one live access token per credential (default off)")
+    p.add_argument("--partners", type=int, default=partners, choices=range(1, 10), metavar="N",
+                   help=f"accept N partners (default {partners}): the first from the options "
+                        "above, "
+                        "partner n from sandbox-app-key-n, sandbox-app-secret-n, "
+                        "sandbox-partner-n; each has its own bookings")
 
 
 def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
     return SandboxConfig(app_key=args.app_key, app_secret=args.app_secret,
                          partner_id=args.partner_id, access_ttl=args.access_ttl,
                          refresh_ttl=args.refresh_ttl, rotate_refresh=args.rotate_refresh,
-                         single_token=args.single_token)
+                         single_token=args.single_token,
+                         more_partners=tuple(numbered_partner(n)
+                                             for n in range(2, args.partners + 1)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sandbox port (default: any free port)")
     demo.add_argument("--once", action="store_true",
                       help="make the sample request, print it, and exit")
-    _add_sandbox_options(demo)
+    _add_sandbox_options(demo, partners=2)  # the demo shows two credential profiles
     return parser
 
 
@@ -123,6 +136,9 @@ def _announce_sandbox(config: SandboxConfig) -> Callable[[str], None]:
                f"partner id: {config.partner_id}")
         _print(f"  access ttl: {config.access_ttl:.10g}s  refresh ttl: {config.refresh_ttl:.10g}s  "
                f"rotation: {config.rotate_refresh}  single token: {config.single_token}")
+        for more in config.more_partners:
+            _print(f"  app key: {more.app_key}  app secret: {more.app_secret}  "
+                   f"partner id: {more.partner_id}")
 
     return announce
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.token import renewal
 from gateway.token.auth_client import token_from_exchange
+from gateway.token.config import CredentialProfile
 from gateway.token.value import is_usable
 from gateway.wiring import auth_client, auth_session, token_store
 
@@ -37,16 +39,17 @@ def _iso(unix: float) -> str:
         "+00:00", "Z")
 
 
-async def _check_store(settings: Settings, out: Print) -> int | None:
+async def _check_store(settings: Settings, profile: CredentialProfile, out: Print,
+                       tag: str) -> int | None:
     """With a shared store: report the fleet's token instead of logging in (a login would
     replace it, and an API with one live token per credential would revoke the fleet's).
     None: the store holds no token yet, a login is harmless."""
     clock = SystemClock()
-    store = token_store(settings, timeout=2.0)
+    store = token_store(settings, 2.0, profile)
     try:
         stored = await store.load(settings.redis.redis_lease_ttl)
     except StoreError as exc:
-        out(f"check failed: the token store at GATEWAY_REDIS_URL: {exc}")
+        out(f"check failed{tag}: the token store at GATEWAY_REDIS_URL: {exc}")
         return 1
     finally:
         await store.close()
@@ -54,10 +57,11 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
         return None
     state = renewal.from_dict(stored.state, clock.monotonic(), clock.time())
     tok = state.token
-    if tok is None or not is_usable(tok, clock.monotonic(), settings.token.token_expiry_margin):
+    if tok is None or not is_usable(tok, clock.monotonic(),
+                                    profile.side.token.token_expiry_margin):
         return None
-    out("ok: the fleet's token store holds a usable token for partner "
-        f"{settings.partner.partner_id} "
+    out(f"ok{tag}: the fleet's token store holds a usable token for partner "
+        f"{profile.partner.partner_id} "
         f"(renewed by {stored.by}); not logging in, which would replace it")
     out(f"  access token fp:{tok.fingerprint} generation {tok.generation} expires "
         f"{_iso(tok.wall(tok.expires_at))}")
@@ -65,35 +69,53 @@ async def _check_store(settings: Settings, out: Print) -> int | None:
 
 
 async def check(settings: Settings, out: Print) -> int:
-    """Log in once against the configured upstream and make one cheap authenticated call
-    (or, with a shared store holding a usable token, report that one); print the expiry,
-    never the token."""
+    """Validate and probe every credential profile: log in once against its upstream and
+    make one cheap authenticated call (or, with a shared store holding a usable token, report
+    that one); print the expiry, never the token. Exit 1 names each profile that failed."""
+    several = len(settings.profiles) > 1
+    failed = []
+    for profile in settings.profiles:
+        tag = f" [profile {profile.name}]" if several else ""
+        if await _check_profile(settings, profile, out, tag):
+            failed.append(profile.name)
+    if several:
+        out(f"{len(settings.profiles) - len(failed)} of {len(settings.profiles)} profiles ok"
+            + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+async def _check_profile(settings: Settings, profile: CredentialProfile, out: Print,
+                         tag: str) -> int:
     if settings.redis.redis_url:
-        code = await _check_store(settings, out)
+        code = await _check_store(settings, profile, out, tag)
         if code is not None:
             return code
     clock = SystemClock()
+    partner, auth = profile.partner, profile.side.auth
+    hints = _LOGIN_HINTS if profile.is_default else {
+        k: v.replace("REPAIRY_", f"REPAIRY_PROFILE_{profile.name.upper()}_")
+        for k, v in _LOGIN_HINTS.items()}
     async with auth_session(settings) as session:
-        client = auth_client(session, settings, clock)
+        client = auth_client(session, settings, clock, profile)
         try:
             ex = await client.login()
         except AuthError as exc:
-            hint = _LOGIN_HINTS.get(exc.reason)
-            out(f"check failed: login to {settings.partner.base_url} {exc.reason}: {exc.message}"
+            hint = hints.get(exc.reason)
+            out(f"check failed{tag}: login to {partner.base_url} {exc.reason}: {exc.message}"
                 + (f": {hint}" if hint else ""))
             return 1
         tok = token_from_exchange(ex, generation=1, via="login", previous=None,
-                                  default_ttl=settings.auth.access_token_default_ttl,
-                                  default_refresh_ttl=settings.auth.refresh_token_default_ttl)
-        if settings.auth.check_path:
+                                  default_ttl=auth.access_token_default_ttl,
+                                  default_refresh_ttl=auth.refresh_token_default_ttl)
+        if auth.check_path:
             probed = await client.probe(tok)
             if probed.outcome != "ok":
-                out(f"check failed: logged in, but {probed.detail}")
+                out(f"check failed{tag}: logged in, but {probed.detail}")
                 return 1
     stated = "stated" if ex.grant.expires_in is not None else "assumed (not in the response)"
-    out(f"ok: logged in to {settings.partner.base_url} as partner {settings.partner.partner_id}")
-    if settings.auth.check_path:
-        out(f"  GET {settings.auth.check_path} with the token: accepted (2xx or 404)")
+    out(f"ok{tag}: logged in to {partner.base_url} as partner {partner.partner_id}")
+    if auth.check_path:
+        out(f"  GET {auth.check_path} with the token: accepted (2xx or 404)")
     out(f"  access token fp:{tok.fingerprint} expires {_iso(tok.wall(tok.expires_at))} "
         f"(in {tok.lifetime:.0f}s, {stated})")
     if tok.refresh_expires_at is not None:
@@ -104,11 +126,38 @@ async def check(settings: Settings, out: Print) -> int:
     return 0
 
 
+async def _sample(http: aiohttp.ClientSession, url: str, path: str, profile: str | None,
+                  out: Print) -> int:
+    """One sample call through the gateway (as ``profile``, if named), printed."""
+    started = time.monotonic()
+    headers = {"X-Repairy-Credential": profile} if profile else {}
+    async with http.get(url + path, headers=headers) as resp:
+        body = await resp.read()
+    ms = (time.monotonic() - started) * 1000
+    try:
+        data = json.loads(body)["data"]
+        summary = (f"sent as partner {data['headers']['X-Partner-ID']}" if profile
+                   else f"{len(data)} services, first: {data[0]['name']!r}")
+    except (ValueError, KeyError, IndexError, TypeError):
+        summary = body[:200].decode(errors="replace")
+    out(f"sample{f' as {profile}' if profile else ''}: GET {path} -> {resp.status} in "
+        f"{ms:.0f} ms ({summary})")
+    return resp.status
+
+
 async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_port: int,
                once: bool, out: Print) -> int:
     """Sandbox + gateway on loopback, a sample call through the gateway, then serve."""
     async with Sandbox(config, port=sandbox_port) as sb:
-        settings = load_settings(overrides={
+        env = dict(os.environ)
+        names = [f"partner{n}" for n in range(2, len(config.more_partners) + 2)]
+        if names:  # the sandbox's further partners as profiles partner2, partner3...
+            env["GATEWAY_PROFILES"] = ",".join(names)
+            for name, cred in zip(names, config.more_partners, strict=True):
+                up = f"REPAIRY_PROFILE_{name.upper()}_"
+                env |= {up + "APP_KEY": cred.app_key, up + "APP_SECRET": cred.app_secret,
+                        up + "PARTNER_ID": cred.partner_id}
+        settings = load_settings(env, overrides={
             "base_url": sb.url, "app_key": config.app_key, "app_secret": config.app_secret,
             "partner_id": config.partner_id, "listen": listen, "admin_listen": admin_listen})
         setup_logging("info", settings.log.log_format)  # the file's format too, if one is set
@@ -130,18 +179,15 @@ async def demo(config: SandboxConfig, listen: str, admin_listen: str, sandbox_po
             out("try:")
             out(f"  curl -s {gw.url}{path}")
             out(f"  curl -s {sb.url}/__sandbox/requests?limit=1   # what the sandbox received")
-            started = time.monotonic()
-            async with aiohttp.ClientSession() as http, http.get(gw.url + path) as resp:
-                body = await resp.read()
-            ms = (time.monotonic() - started) * 1000
-            try:
-                items = json.loads(body)["data"]
-                summary = f"{len(items)} services, first: {items[0]['name']!r}"
-            except (ValueError, KeyError, IndexError, TypeError):
-                summary = body[:200].decode(errors="replace")
-            out(f"sample: GET {path} -> {resp.status} in {ms:.0f} ms ({summary})")
-            if resp.status != 200:
-                return 1
+            for name in names:
+                out(f"  curl -s -H 'X-Repairy-Credential: {name}' {gw.url}/__sandbox/echo"
+                    f"   # as {name}")
+            async with aiohttp.ClientSession() as http:
+                if await _sample(http, gw.url, path, None, out) != 200:
+                    return 1
+                for name in names:
+                    if await _sample(http, gw.url, "/__sandbox/echo", name, out) != 200:
+                        return 1
             if once:
                 return 0
             out("serving; Ctrl-C to stop")

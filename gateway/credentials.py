@@ -32,6 +32,7 @@ from gateway.settings import SPECS, Settings, SettingsError
 from gateway.state import GatewayState
 from gateway.tasks import cancel_and_wait, sleep_or_set
 from gateway.token.auth_client import AuthClient
+from gateway.token.config import DEFAULT_PROFILE, PartnerConfig
 
 log = logging.getLogger("gateway.credentials")
 CREDENTIAL_KEYS = ("app_key", "app_secret", "partner_id")
@@ -41,7 +42,7 @@ def _files_digest(settings: Settings) -> str:
     """A digest of the credential files (client keys are watched apart)."""
     digest = hashlib.sha256()
     for key, path in settings.secret_files:
-        if key not in CREDENTIAL_KEYS:
+        if key.rsplit(".", 1)[-1] not in CREDENTIAL_KEYS:  # profiles.<name>.app_key too
             continue
         digest.update(key.encode())
         try:
@@ -68,8 +69,17 @@ def _note_restart_needed(loaded: Settings, running: Settings) -> None:
                         "event": "settings_need_restart", "settings": changed}})
 
 
-def _same_credentials(a: Settings, b: Settings) -> bool:
-    return all(a.value(k) == b.value(k) for k in CREDENTIAL_KEYS)
+def _same(a: PartnerConfig, b: PartnerConfig) -> bool:
+    return all(getattr(a, k) == getattr(b, k) for k in CREDENTIAL_KEYS)
+
+
+def _with_partner(s: Settings, name: str, partner: PartnerConfig) -> Settings:
+    """``s`` with profile ``name``'s credentials replaced."""
+    if name == DEFAULT_PROFILE:
+        return dataclasses.replace(s, partner=partner)
+    more = tuple(dataclasses.replace(p, side=dataclasses.replace(p.side, partner=partner))
+                 if p.name == name else p for p in s.more_profiles)
+    return dataclasses.replace(s, more_profiles=more)
 
 
 class CredentialReloader:
@@ -137,9 +147,9 @@ class CredentialReloader:
         SIGHUP or a rotation, the probe runs again at once (a fix shows within one probe)."""
         force, self._force = self._force, False
         outcome = await self._check(force)
-        verdict = self._state.verdict
-        if verdict is not None and (force or outcome == "success"):
-            verdict.request_probe("rotation" if outcome == "success" else "sighup")
+        for held in self._state.profiles.values():
+            if held.verdict is not None and (force or outcome == "success"):
+                held.verdict.request_probe("rotation" if outcome == "success" else "sighup")
         return outcome
 
     async def _check(self, force: bool) -> str:
@@ -157,28 +167,41 @@ class CredentialReloader:
             self._retry_at = self._clock.monotonic() + current.token.login_retry_interval
             return self._outcome("failure", f"settings invalid: {exc}", digest)
         _note_restart_needed(loaded, current)
-        if _same_credentials(loaded, current):
+        running = {p.name: p for p in current.profiles}
+        changed = [p for p in loaded.profiles
+                   if p.name in running and not _same(p.partner, running[p.name].partner)]
+        if not changed:
             self._applied, self._failed, self._retry_at = digest, None, None
             return self._outcome("unchanged", None, None)
-        partner = dataclasses.replace(current.partner, app_key=loaded.partner.app_key,
-                                      app_secret=loaded.partner.app_secret,
-                                      partner_id=loaded.partner.partner_id)
-        try:
-            token = await self._state.manager.switch_credentials(partner, AuthClient(
-                self._session, partner, current.auth, self._clock,
-                current.upstream.connect_timeout))
-        except Exception as exc:  # AuthError, or anything unforeseen: the same slow retry
+        failed = []
+        for profile in changed:  # each profile's manager switches on its own
+            was = running[profile.name]
+            partner = dataclasses.replace(was.partner, app_key=profile.partner.app_key,
+                                          app_secret=profile.partner.app_secret,
+                                          partner_id=profile.partner.partner_id)
+            try:
+                token = await self._state.profiles[profile.name].manager.switch_credentials(
+                    partner, AuthClient(self._session, partner, was.side.auth, self._clock,
+                                        current.upstream.connect_timeout))
+            except Exception as exc:  # AuthError, or anything unforeseen: the same slow retry
+                reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
+                failed.append(f"{profile.name}: {reason}")
+                continue
+            self._state.settings = _with_partner(self._state.settings, profile.name, partner)
+            held = self._state.profiles[profile.name]
+            held.profile = dataclasses.replace(
+                held.profile, side=dataclasses.replace(held.profile.side, partner=partner))
+            log.info("credentials rotated", extra={"fields": {
+                "event": "credentials_rotated", "credential": profile.name,
+                "app_key_fp": partner.app_key.fingerprint,
+                "partner_id": partner.partner_id, "generation": token.generation,
+                "token_fp": token.fingerprint}})
+        if failed:
             self._failed = digest
             self._retry_at = self._clock.monotonic() + current.token.login_retry_interval
-            reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
-            return self._outcome("failure", f"login with the new credentials failed: "
-                                 f"{reason}", digest)
-        self._state.settings = dataclasses.replace(self._state.settings, partner=partner)
+            return self._outcome("failure", "login with the new credentials failed: "
+                                 + ", ".join(failed), digest)
         self._applied, self._failed, self._retry_at = digest, None, None
-        log.info("credentials rotated", extra={"fields": {
-            "event": "credentials_rotated", "app_key_fp": partner.app_key.fingerprint,
-            "partner_id": partner.partner_id, "generation": token.generation,
-            "token_fp": token.fingerprint}})
         return self._outcome("success", None, None)
 
     def _client_keys_path(self) -> str | None:

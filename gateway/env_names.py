@@ -9,10 +9,12 @@ from collections.abc import Mapping
 from typing import Final
 
 from gateway.settings import CONFIG_ENV, SPECS, closest
+from gateway.settings_profiles import PROFILES_ENV, is_profile_variable
 
-#: Every environment variable the gateway reads (``_FILE`` variants included).
+#: Every environment variable the gateway reads (``_FILE`` variants included), but a
+#: profile's ``REPAIRY_PROFILE_<NAME>_*`` (:func:`is_profile_variable`).
 KNOWN_VARIABLES: Final = frozenset(
-    {CONFIG_ENV, *(spec.env for spec in SPECS),
+    {CONFIG_ENV, PROFILES_ENV, *(spec.env for spec in SPECS),
      *(f"{spec.env}_FILE" for spec in SPECS if spec.file_variant)})
 _PREFIXES: Final = ("GATEWAY_", "REPAIRY_")
 #: Kubernetes service links: every Service in the namespace sets these in every pod (a Service
@@ -57,7 +59,7 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     found = []
     for name in sorted(env):
         if (name.startswith(_PREFIXES) and name not in KNOWN_VARIABLES
-                and not is_service_link(name, env[name])):
+                and not is_profile_variable(name) and not is_service_link(name, env[name])):
             prefix = name[:name.index("_") + 1]  # compare what follows the shared prefix
             rest = {k[len(prefix):]: k for k in KNOWN_VARIABLES if k.startswith(prefix)}
             close = closest(name[len(prefix):], list(rest))

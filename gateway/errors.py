@@ -5,10 +5,12 @@ become responses in one place above, :func:`gateway.proxy.headers.error_response
 
     GatewayError                    (status, stable ``code``)
     ├── BadRequest                  400 bad_request / invalid_target / invalid_path / …
+    ├── UnknownCredential           400 unknown_credential  (no client keys: no such profile)
     ├── ClientUnauthenticated       401 client_unauthenticated
     ├── ClientForbidden             403 client_forbidden
     ├── RouteForbidden              403 auth_route_forbidden
     ├── RouteNotAllowed             403 route_not_allowed
+    ├── CredentialNotAllowed        403 credential_not_allowed (not this client's, or none)
     ├── MethodNotAllowed            405 method_not_allowed
     ├── RequestTimeout              408 request_timeout
     ├── BodyTooLarge                413 body_too_large
@@ -85,6 +87,21 @@ class RouteForbidden(GatewayError):
 class RouteNotAllowed(GatewayError):
     status = 403
     default_code = "route_not_allowed"
+
+
+class CredentialNotAllowed(GatewayError):
+    """With client keys: the profile named in the credential header is not one this client
+    may use, or does not exist (the same answer, so names cannot be probed)."""
+
+    status = 403
+    default_code = "credential_not_allowed"
+
+
+class UnknownCredential(GatewayError):
+    """Without client keys: the credential header names no configured profile."""
+
+    status = 400
+    default_code = "unknown_credential"
 
 
 class MethodNotAllowed(GatewayError):

@@ -1,15 +1,15 @@
 """Prometheus metrics: every family the gateway exports, on an injected registry.
 
-:class:`Metrics` is also the token manager's event sink (``TokenEvents``). Label values come
-from fixed sets (renewal reasons, error kinds, route templates, standard methods, HTTP status
-codes): never a raw path, a token or a secret.
+The token, probe, fleet and upstream families carry a ``credential`` label, written through
+one profile's view (:meth:`Metrics.credential`, :mod:`gateway.metrics_credential`). Label
+values come from fixed sets (profiles, renewal reasons, error kinds, route templates,
+standard methods, HTTP status codes): never a raw path, a token or a secret.
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,8 +25,10 @@ from prometheus_client import (
 
 from gateway import __version__
 from gateway.metrics_counts import CountedCounter, CountedHistogram
+from gateway.metrics_credential import REFUSALS, CredentialMetrics
 from gateway.metrics_merge import merge_expositions
-from gateway.token.value import RenewalKind, Token
+
+__all__ = ["REFUSALS", "REQUEST_BUCKETS", "CredentialMetrics", "Metrics"]
 
 NS = "repairy_gateway"
 # The *_created series double the exposition for no alerting value; this process owns the
@@ -36,8 +38,6 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _RENEWAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: What callers feel, 5 ms to 30 s: the latency SLO's threshold is one of these boundaries.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: Refusals the probe can confirm (each exported from the start, 0 until confirmed).
-REFUSALS = ("partner_refused", "credentials_refused")
 
 
 class Metrics:
@@ -50,37 +50,40 @@ class Metrics:
             platform_collector.PlatformCollector(registry=r)
             gc_collector.GCCollector(registry=r)
         self.renewals = Counter(f"{NS}_token_renewals", "Token logins and refreshes by outcome.",
-                                ["kind", "outcome", "reason"], registry=r)
+                                ["credential", "kind", "outcome", "reason"], registry=r)
         self.renewal_duration = Histogram(
             f"{NS}_token_renewal_duration_seconds", "Duration of login and refresh calls.",
-            ["kind"], buckets=_RENEWAL_BUCKETS, registry=r)
+            ["credential", "kind"], buckets=_RENEWAL_BUCKETS, registry=r)
         self.token_expiry = Gauge(f"{NS}_token_expiry_timestamp_seconds",
                                   "Unix time the current access token expires (0: none).",
-                                  registry=r)
+                                  ["credential"], registry=r)
         self.refresh_expiry = Gauge(
             f"{NS}_refresh_token_expiry_timestamp_seconds",
-            "Unix time the current refresh token expires (0: none held).", registry=r)
+            "Unix time the current refresh token expires (0: none held).", ["credential"],
+            registry=r)
         self.token_generation = Gauge(f"{NS}_token_generation",
-                                      "Generation number of the current token.", registry=r)
+                                      "Generation number of the current token.",
+                                      ["credential"], registry=r)
         self.last_renewal_success = Gauge(
             f"{NS}_token_last_renewal_success_timestamp_seconds",
-            "Unix time of the last successful login or refresh.", registry=r)
+            "Unix time of the last successful login or refresh.", ["credential"], registry=r)
         self.invalidations = Counter(f"{NS}_token_invalidations",
-                                     "Tokens dropped before expiry, by reason.", ["reason"],
+                                     "Tokens dropped before expiry, by reason.",
+                                     ["credential", "reason"],
                                      registry=r)
         self.persistent_401 = Counter(
             f"{NS}_persistent_401", "Times a route was marked persistent 401 (it refused a "
             "brand-new token too; its 401s then pass back without renewing), by route template.",
-            ["route"], registry=r)
+            ["credential", "route"], registry=r)
         self.store_adoptions = Counter(
             f"{NS}_store_adoptions", "Tokens adopted from the shared store (renewed by another "
-            "replica).", registry=r)
+            "replica).", ["credential"], registry=r)
         self.store_lease_waits = Counter(
             f"{NS}_store_lease_waits", "Renewals this replica left to the replica holding the "
-            "fleet's lease.", registry=r)
+            "fleet's lease.", ["credential"], registry=r)
         self.store_errors = Counter(
             f"{NS}_store_errors", "Failed operations on the shared token store, by operation.",
-            ["op"], registry=r)
+            ["credential", "op"], registry=r)
         #: Registered on the first report of a store (absent without one: a 0 would read as
         #: "down" on a dashboard).
         self.store_up: Gauge | None = None
@@ -91,32 +94,35 @@ class Metrics:
         # The families every request touches are counted in plain Python (metrics_counts).
         self.upstream_requests = CountedCounter(
             f"{NS}_upstream_requests", "Upstream responses received (replays included).",
-            ["method", "route", "status"], r)
+            ["credential", "method", "route", "status"], r)
         self.upstream_duration = CountedHistogram(
             f"{NS}_upstream_request_duration_seconds",
             "Time from sending a request upstream to receiving its response headers.",
-            ["method", "route"], _LATENCY_BUCKETS, r)
+            ["credential", "method", "route"], _LATENCY_BUCKETS, r)
         self.upstream_errors = Counter(
             f"{NS}_upstream_errors",
             "Upstream failures: connect, timeout, tls, protocol, status_5xx, status_429, "
-            "status_401.", ["kind"], registry=r)
+            "status_401.", ["credential", "kind"], registry=r)
         self.replayed = Counter(f"{NS}_requests_replayed",
-                                "Requests sent again upstream, by reason.", ["reason"],
+                                "Requests sent again upstream, by reason.",
+                                ["credential", "reason"],
                                 registry=r)
         self.retries = Counter(
             f"{NS}_retries", "Upstream retries, by reason: connection_refused, "
             "connection_reset (a reused keep-alive connection failed before the status line), "
-            "status_<code> (GATEWAY_RETRY_ON_STATUS).", ["reason"], registry=r)
+            "status_<code> (GATEWAY_RETRY_ON_STATUS).", ["credential", "reason"], registry=r)
         self.retry_budget_exhausted = Counter(
             f"{NS}_retry_budget_exhausted", "Retries the policy allowed but the retry budget "
-            "refused (the first answer or error was passed back).", registry=r)
+            "refused (the first answer or error was passed back).", ["credential"],
+            registry=r)
         self.breaker_state = Gauge(
             f"{NS}_circuit_breaker_state", "Upstream circuit breaker: 0 closed, 1 half-open "
             "(probing), 2 open (answering 503 upstream_circuit_open). With workers: the most "
-            "open of them.", registry=r)
+            "open of them. A breaker guards a base URL: profiles sharing one show the same.",
+            ["credential"], registry=r)
         self.breaker_opened = Counter(
-            f"{NS}_circuit_breaker_opened", "Times the upstream circuit breaker opened.",
-            registry=r)
+            f"{NS}_circuit_breaker_opened", "Times the upstream circuit breaker opened (counted "
+            "for each profile on its base URL).", ["credential"], registry=r)
         self.limited = Counter(
             f"{NS}_limited_requests", "Requests refused by a gateway limit: rate (429), "
             "client_rate (429), client_concurrency (429 client_busy), upstream_slots (503 "
@@ -165,7 +171,8 @@ class Metrics:
             "worker is restarted), framing (the channel ended).", ["fault"], registry=r)
         self.upstream_slots_in_use = Gauge(
             f"{NS}_upstream_slots_in_use", "Upstream exchanges in progress (bounded by "
-            "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE).", registry=r)
+            "GATEWAY_UPSTREAM_CONCURRENCY or GATEWAY_POOL_SIZE, per profile).", ["credential"],
+            registry=r)
         self.responses = CountedCounter(
             f"{NS}_responses", "Responses to callers: source=upstream (passed through) or "
             "gateway (made by the gateway, with its error code).",
@@ -188,28 +195,30 @@ class Metrics:
         self.probes = Counter(
             f"{NS}_probes", "Probes of GATEWAY_CHECK_PATH by outcome: ok, partner_refused "
             "(403), token_refused (401), inconclusive (no answer, 5xx, 429, other).",
-            ["outcome"], registry=r)
+            ["credential", "outcome"], registry=r)
         self.upstream_refused = Gauge(
             f"{NS}_upstream_refused", "1 while the probe confirms that Repairy refuses the "
-            "configuration (/readyz is 503 with this reason).", ["reason"], registry=r)
-        for reason in REFUSALS:
-            self.upstream_refused.labels(reason).set(0)
+            "configuration (/readyz is 503 with this reason).", ["credential", "reason"],
+            registry=r)
         self.credential_contention = Counter(
             f"{NS}_credential_contention", "Times credential contention began: tokens revoked "
-            "by logins elsewhere (someone else uses these credentials).", registry=r)
+            "by logins elsewhere (someone else uses these credentials).", ["credential"],
+            registry=r)
         self.credential_contention_active = Gauge(
             f"{NS}_credential_contention_active", "1 while credential contention lasts "
-            "(logins slowed to one per GATEWAY_LOGIN_RETRY_INTERVAL).", registry=r)
+            "(logins slowed to one per GATEWAY_LOGIN_RETRY_INTERVAL).", ["credential"],
+            registry=r)
+        self.credential_ready = Gauge(
+            f"{NS}_credential_ready", "1 while the profile holds a usable token and the probe "
+            "confirms no refusal (readiness waits only for required profiles).",
+            ["credential"], registry=r)
         build = Gauge(f"{NS}_build_info", "Build information.", ["version", "python_version"],
                       registry=r)
         build.labels(__version__, platform.python_version()).set(1)
-        self.token_expiry.set(0)
-        self.refresh_expiry.set(0)
         self._sources: list[Callable[[], list[str]]] = []
         # Label children by label values (all from bounded sets: methods, route templates,
         # statuses, error codes, configured client names).
-        self._upstream_children: dict[tuple[str, str, int],
-                                      tuple[list[float], list[float], Any]] = {}
+        self._credentials: dict[str, CredentialMetrics] = {}
         self._response_children: dict[tuple[str, int, str], list[float]] = {}
         self._client_children: dict[str, list[float]] = {}
         self._request_children: dict[tuple[str, str, int], list[float]] = {}
@@ -217,8 +226,12 @@ class Metrics:
     def bind_ready(self, is_ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
 
-    def bind_contention(self, contended: Callable[[], bool]) -> None:
-        self.credential_contention_active.set_function(lambda: 1.0 if contended() else 0.0)
+    def credential(self, name: str) -> CredentialMetrics:
+        """The view of one credential profile (made once: its label children are kept)."""
+        view = self._credentials.get(name)
+        if view is None:
+            view = self._credentials[name] = CredentialMetrics(self, name)
+        return view
 
     def add_source(self, source: Callable[[], list[str]]) -> None:
         """Expositions of other processes (workers) to add into :meth:`render`."""
@@ -230,86 +243,6 @@ class Metrics:
         if not texts:
             return own
         return merge_expositions([own.decode(), *texts])  # with workers: once per scrape
-
-    # -- TokenEvents ---------------------------------------------------------------------------
-    def renewal(self, kind: RenewalKind, ok: bool, reason: str, seconds: float) -> None:
-        self.renewals.labels(kind, "success" if ok else "failure", reason).inc()
-        self.renewal_duration.labels(kind).observe(seconds)
-
-    def token_changed(self, token: Token | None) -> None:
-        if token is None:
-            self.token_expiry.set(0)
-            self.refresh_expiry.set(0)
-            return
-        self.token_expiry.set(token.wall(token.expires_at))
-        self.refresh_expiry.set(token.wall(token.refresh_expires_at)
-                                if token.refresh_expires_at is not None else 0)
-        self.token_generation.set(token.generation)
-        self.last_renewal_success.set(token.obtained_wall)
-
-    def invalidated(self, reason: str) -> None:
-        self.invalidations.labels(reason).inc()
-
-    def contention(self, began: bool) -> None:
-        if began:
-            self.credential_contention.inc()
-
-    # -- VerdictEvents -------------------------------------------------------------------------
-    def probed(self, outcome: str) -> None:
-        self.probes.labels(outcome).inc()
-
-    def refusal(self, reason: str | None) -> None:
-        for known in REFUSALS:
-            self.upstream_refused.labels(known).set(1 if known == reason else 0)
-
-    # -- FleetEvents ---------------------------------------------------------------------------
-    def adopted(self) -> None:
-        self.store_adoptions.inc()
-
-    def lease_wait(self) -> None:
-        self.store_lease_waits.inc()
-
-    def store_error(self, op: str) -> None:
-        self.store_errors.labels(op).inc()
-
-    def store_is_up(self, up: bool) -> None:
-        if self.store_up is None:
-            self.store_up = Gauge(f"{NS}_store_up", "1 while the shared token store answers "
-                                  "(0: down; absent without a store).", registry=self.registry)
-        self.store_up.set(1 if up else 0)
-        self._mismatch_gauge()
-
-    def _mismatch_gauge(self) -> Gauge:
-        if self.store_key_mismatch is None:
-            self.store_key_mismatch = Gauge(
-                f"{NS}_store_key_mismatch", "1 while the fleet's token entry is live but "
-                "sealed with another GATEWAY_STORE_KEY (this replica answers 503 "
-                "store_key_mismatch and never logs in; absent without a store).",
-                registry=self.registry)
-        return self.store_key_mismatch
-
-    def key_mismatch(self, on: bool) -> None:
-        self._mismatch_gauge().set(1 if on else 0)
-
-    # -- proxy (per request: label children are looked up once, then cached) -----------------
-    def upstream_response(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        children = self._upstream_children.get(key)
-        if children is None:
-            kind = ("status_5xx" if status >= 500 else
-                    f"status_{status}" if status in (401, 429) else None)
-            children = self._upstream_children[key] = (
-                self.upstream_requests.cell(method, route, str(status)),
-                self.upstream_duration.cell(method, route),
-                self.upstream_errors.labels(kind) if kind else None)
-        count, duration, error = children
-        count[0] += 1
-        self.upstream_duration.observe(duration, seconds)
-        if error is not None:
-            error.inc()
-
-    def upstream_error(self, kind: str) -> None:
-        self.upstream_errors.labels(kind).inc()
 
     def response(self, source: str, status: int, code: str) -> None:
         key = (source, status, code)

@@ -37,7 +37,15 @@ from gateway.proxy.config import (
 from gateway.proxy.idempotency import LEASE_MARGIN, leader_deadline
 from gateway.redact import fingerprint
 from gateway.serving import ServerConfig
-from gateway.token.config import AuthConfig, PartnerConfig, TokenConfig, TokenSide
+from gateway.settings_profiles import load_profiles, profile_problems
+from gateway.token.config import (
+    DEFAULT_PROFILE,
+    AuthConfig,
+    CredentialProfile,
+    PartnerConfig,
+    TokenConfig,
+    TokenSide,
+)
 from gateway.tracing import TracingConfig
 
 __all__ = ["CONFIG_ENV", "SPECS", "Settings", "SettingsError", "Source", "Spec", "load_settings"]
@@ -106,6 +114,15 @@ class Settings:
     #: Per setting: its key, where its value came from (default, the file, the environment, a
     #: ``*_FILE``, an override) and its text as given, a fingerprint for secrets.
     sources: tuple[Source, ...] = field(default=(), compare=False)
+    #: The credential profiles, ``default`` (the ``REPAIRY_*`` settings) first.
+    more_profiles: tuple[CredentialProfile, ...] = field(default=())
+
+    @property
+    def profiles(self) -> tuple[CredentialProfile, ...]:
+        """Every credential profile, ``default`` first (built from the current ``partner``,
+        so a rotation of the default credentials shows here too)."""
+        return (CredentialProfile(DEFAULT_PROFILE, self.token_side(), True),
+                *self.more_profiles)
 
     def value(self, key: str) -> Any:
         """A setting's value by its file key (for generic code: comparing, printing)."""
@@ -114,7 +131,9 @@ class Settings:
     def request_path(self) -> RequestPathConfig:
         """What the request path reads."""
         return RequestPathConfig(self.partner.base_url,
-                                 (self.auth.auth_token_path, self.auth.auth_refresh_path),
+                                 tuple(dict.fromkeys(path for p in self.profiles for path in (
+                                     p.side.auth.auth_token_path,
+                                     p.side.auth.auth_refresh_path))),
                                  self.token.token_wait_timeout, self.upstream, self.proxy,
                                  self.inbound, self.idempotency)
 
@@ -149,8 +168,9 @@ def closest(name: str, known: Sequence[str]) -> str | None:
     return close[0] if close else None
 
 
-def _load_file(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """The file's ``[gateway]`` table, and a problem for each key that is not a setting."""
+def _load_file(path: str) -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, str]]]:
+    """The file's ``[gateway]`` table, its ``[profiles.<name>]`` tables, and a problem for
+    each key that is not a setting."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -158,16 +178,19 @@ def _load_file(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         raise SettingsError(CONFIG_ENV, f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(CONFIG_ENV, f"{path} is not valid TOML: {exc}") from None
-    table = data.get("gateway", data)
-    if not isinstance(table, dict):
+    table = dict(data.get("gateway", data))
+    if not isinstance(data.get("gateway", data), dict):
         raise SettingsError(CONFIG_ENV, f"{path}: [gateway] must be a table")
+    profiles = table.pop("profiles", None) or data.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise SettingsError(CONFIG_ENV, f"{path}: [profiles] must hold a table per profile")
     unknown = []
     for key in table:
         if key not in _BY_KEY:
             close = closest(key, list(_BY_KEY))
             unknown.append((f"{key} (in {path})", "unknown setting"
                             + (f"; did you mean {close}?" if close else "")))
-    return {k: v for k, v in table.items() if k in _BY_KEY}, unknown
+    return {k: v for k, v in table.items() if k in _BY_KEY}, profiles, unknown
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | None = None,
@@ -178,7 +201,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
     """
     env = os.environ if env is None else env
     config_file = config_file or env.get(CONFIG_ENV) or None
-    from_file, problems = _load_file(config_file) if config_file else ({}, [])
+    from_file, tables, problems = _load_file(config_file) if config_file else ({}, {}, [])
     values: dict[str, Any] = {}
     sources: list[Source] = []
     secret_files: list[tuple[str, str]] = []
@@ -213,16 +236,25 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
         except (ValueError, TypeError) as exc:
             problems.append((origin, str(exc) or "invalid value"))
         sources.append(Source(spec.key, source, detail, _shown(spec, raw)))
+    more = None
+    if {s.key for c in (PartnerConfig, AuthConfig, TokenConfig) for s in specs_of(c)} <= (
+            values.keys()):  # the default profile is whole: the others build on it
+        v = values
+        default = CredentialProfile(DEFAULT_PROFILE, TokenSide(
+            build(PartnerConfig, v), build(AuthConfig, v), build(TokenConfig, v)), True)
+        more = load_profiles(default, tables, env, str(config_file), problems)
     if problems:  # every one at once: fixing them one run at a time is no fun
         raise SettingsError(*problems[0], more=problems[1:])
+    assert more is not None
     v = values
     settings = Settings(
         build(PartnerConfig, v), build(UpstreamConfig, v), build(GuardConfig, v),
         build(CacheConfig, v), build(IdempotencyConfig, v), build(AuthConfig, v),
         build(TokenConfig, v), build(RedisConfig, v), build(ProxyConfig, v),
         build(InboundConfig, v), build(ServerConfig, v), build(LogConfig, v),
-        build(TracingConfig, v), config_file=config_file, secret_files=tuple(secret_files),
-        sources=tuple(sources))
+        build(TracingConfig, v), config_file=config_file,
+        secret_files=(*secret_files, *more.secret_files), sources=tuple(sources),
+        more_profiles=more.profiles[1:])
     problems = _problems(settings)
     if problems:
         raise SettingsError(*problems[0], more=problems[1:])
@@ -231,8 +263,22 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
 
 def _problems(s: Settings) -> list[tuple[str, str]]:
     """Every cross-field problem (single-field ones are the parsers')."""
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str]] = profile_problems(s.profiles,
+                                                    s.upstream.allow_insecure_upstream)
     add = found.append
+    names = {p.name for p in s.profiles}
+    clients = {k.name for k in s.inbound.client_keys}
+    if s.inbound.client_profiles and not clients:
+        add(("GATEWAY_CLIENT_PROFILES", "needs GATEWAY_CLIENT_KEYS: without client keys any "
+             "profile may be chosen"))
+    for client, allowed in s.inbound.client_profiles:
+        for name in allowed:
+            if name not in names:
+                add(("GATEWAY_CLIENT_PROFILES", f"client {client!r}: no profile named "
+                     f"{name!r} (profiles: {', '.join(sorted(names))})"))
+        if client != "*" and clients and client not in clients:
+            add(("GATEWAY_CLIENT_PROFILES", f"{client!r} is not a client of "
+                 "GATEWAY_CLIENT_KEYS"))
     if s.token.renew_retry_min > s.token.renew_retry_max:
         add(("GATEWAY_RENEW_RETRY_MIN", "must not exceed GATEWAY_RENEW_RETRY_MAX"))
     if s.token.renew_jitter_fraction >= s.token.renew_at_fraction:

@@ -4,15 +4,30 @@ context (:class:`~gateway.proxy.context.ProxyContext`) and what the admin side a
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from gateway.proxy.context import ProxyContext
 from gateway.settings import Settings
+from gateway.token.config import CredentialProfile
 from gateway.token.manager import TokenManager
 from gateway.token.verdict import UpstreamVerdict
+
+
+@dataclass(eq=False)
+class ProfileState:
+    """One credential profile where its token manager lives: the manager and the probe's
+    verdict on it."""
+
+    profile: CredentialProfile
+    manager: TokenManager
+    verdict: UpstreamVerdict | None = None
+
+    def ready(self) -> bool:
+        """A usable token, and no refusal the probe confirmed."""
+        return self.manager.ready() and (self.verdict is None or self.verdict.ready())
 
 
 @dataclass(kw_only=True)
@@ -28,12 +43,19 @@ class GatewayState(ProxyContext):
     verdict: UpstreamVerdict | None = None
     #: Before a scrape renders: fetch what other processes (workers) counted so far.
     collect: Callable[[], Awaitable[None]] | None = None
+    #: Every profile's manager and verdict, by name (where the managers live; empty in a
+    #: worker). ``manager`` and ``verdict`` are the default profile's.
+    profiles: dict[str, ProfileState] = field(default_factory=dict)
 
     def ready(self) -> bool:
-        """Ready for three reasons only: a usable token, no refusal the probe confirmed, not
-        draining."""
-        return not self.draining and self.tokens.ready() and (
-            self.verdict is None or self.verdict.ready())
+        """Ready for three reasons only: every *required* profile holds a usable token and
+        has no refusal the probe confirmed, and not draining (an optional profile's outage
+        never takes the pod out of its Service)."""
+        if self.draining:
+            return False
+        if not self.profiles:
+            return self.tokens.ready() and (self.verdict is None or self.verdict.ready())
+        return all(p.ready() for p in self.profiles.values() if p.profile.required)
 
     @property
     def manager(self) -> TokenManager:

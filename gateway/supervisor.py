@@ -8,12 +8,12 @@ channel its call came by, so nothing meant for a dead worker reaches its success
 worker that stops reading (its channel overflows) is killed and restarted like a dead one.
 
 It answers the workers' token requests from its one :class:`~gateway.token.manager.
-TokenManager` (so only one login or refresh ever runs, by construction), forwards their
-401s as invalidations, pushes every new token and client-key change to all of them, and
-keeps each worker's latest metrics for the admin listener's totals. Workers stay in the
-supervisor's process group and session, exit when it does (end of their channel), and one
-that dies is logged and restarted, with a delay that doubles (up to
-:data:`MAX_RESTART_DELAY`) while it keeps dying young.
+TokenManager` per credential profile (so only one login or refresh of a profile ever runs, by
+construction), forwards their 401s as invalidations of the profile they name, pushes every new
+token and client-key change to all of them, and keeps each worker's latest metrics for the
+admin listener's totals. Workers stay in the supervisor's process group and session, exit when
+it does (end of their channel), and one that dies is logged and restarted, with a delay that
+doubles (up to :data:`MAX_RESTART_DELAY`) while it keeps dying young.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -41,6 +41,7 @@ from gateway.proxy.access import ClientKey
 from gateway.proxy.idempotency_remote import serve_remote
 from gateway.proxy.idempotency_store import LocalStore
 from gateway.tasks import cancel_and_wait
+from gateway.token.config import DEFAULT_PROFILE
 from gateway.token.manager import TokenManager
 from gateway.token.renewal import token_to_wire
 from gateway.token.value import Token
@@ -97,14 +98,16 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, count: int, listener: socket.socket, manager: TokenManager,
+    def __init__(self, count: int, listener: socket.socket, managers: Mapping[str, TokenManager],
                  idempotency: LocalStore | None = None, *, max_queued: int = MAX_QUEUED,
                  stall: float = STALL_AFTER, on_fault: Callable[[Fault], None] | None = None,
-                 on_traffic: Callable[[int, int], None] | None = None,
+                 on_traffic: Callable[[str, int, int], None] | None = None,
                  command: Sequence[str] = (sys.executable, "-m", "gateway.worker")) -> None:
         self._listener = listener
         self._command = tuple(command)  # run with the listener's and the channel's fds
-        self._manager = manager
+        #: Each credential profile's token manager, by name (messages name their profile;
+        #: none: ``default``).
+        self._managers = dict(managers)
         self._idempotency = idempotency
         self._max_queued = max_queued
         self._stall = stall
@@ -143,19 +146,22 @@ class WorkerPool:
     def _handle(self, worker: _Worker, life: _Incarnation, message: Message) -> None:
         """One message from one incarnation; what it asks is answered on its own channel."""
         doc = message.fields
+        name = str(doc.get("profile") or DEFAULT_PROFILE)
+        if name not in self._managers:  # never from our workers: they know our profiles
+            raise ValueError(f"no credential profile {name!r}")
         if message.kind == "get":
-            self._track(self._answer(life.channel, int(doc["newer_than"])))
+            self._track(self._answer(life.channel, name, int(doc["newer_than"])))
         elif message.kind == "idem":
             if self._idempotency is None:
                 raise ValueError("no Idempotency-Key store here")
             self._track(self._idem(life, message))
         elif message.kind == "invalidate":
-            self._manager.invalidate(int(doc["generation"]), str(doc.get("reason", "")))
+            self._managers[name].invalidate(int(doc["generation"]), str(doc.get("reason", "")))
         elif message.kind == "route_explained":
-            self._manager.route_explained(int(doc["generation"]))
+            self._managers[name].route_explained(int(doc["generation"]))
         elif message.kind == "traffic":
             if self._on_traffic is not None:
-                self._on_traffic(int(doc["calls"]), int(doc["refused"]))
+                self._on_traffic(name, int(doc["calls"]), int(doc["refused"]))
         elif message.kind == "metrics":
             if worker.life is life:
                 worker.metrics = str(doc["text"])
@@ -170,15 +176,18 @@ class WorkerPool:
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 
-    async def _answer(self, channel: Channel, newer_than: int) -> None:
+    async def _answer(self, channel: Channel, name: str, newer_than: int) -> None:
+        manager = self._managers[name]
         try:
-            tok = await self._manager.get(newer_than)
+            tok = await manager.get(newer_than)
         except TokenUnavailable as exc:
-            channel.send("error", {"newer_than": newer_than, "code": exc.code,
-                                   "message": exc.message, "retry_after": exc.retry_after})
+            channel.send("error", {"profile": name, "newer_than": newer_than,
+                                   "code": exc.code, "message": exc.message,
+                                   "retry_after": exc.retry_after})
         else:
-            channel.send("token", {"newer_than": newer_than, "token": token_to_wire(tok),
-                                   "contended_for": self._manager.status().contended_for})
+            channel.send("token", {"profile": name, "newer_than": newer_than,
+                                   "token": token_to_wire(tok),
+                                   "contended_for": manager.status().contended_for})
 
     async def _idem(self, life: _Incarnation, message: Message) -> None:
         assert self._idempotency is not None
@@ -222,13 +231,14 @@ class WorkerPool:
             worker.restarts += 1
             await self._spawn(worker)
 
-    def broadcast_token(self, tok: Token | None, contended_for: float = 0.0) -> None:
-        """Each worker's channel takes it without waiting: a stalled one overflows and is
-        restarted, never holding up the others. ``contended_for``: how long credential
-        contention lasts from now (0: none)."""
+    def broadcast_token(self, name: str, tok: Token | None, contended_for: float = 0.0) -> None:
+        """Profile ``name``'s token, to every worker: each channel takes it without waiting
+        (a stalled one overflows and is restarted, never holding up the others).
+        ``contended_for``: how long credential contention lasts from now (0: none)."""
         if tok is None:
             return
-        message = {"token": token_to_wire(tok), "contended_for": contended_for}
+        message = {"profile": name, "token": token_to_wire(tok),
+                   "contended_for": contended_for}
         for worker in self._workers:
             if worker.life is not None:
                 worker.life.channel.send("token", message)

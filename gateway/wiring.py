@@ -11,13 +11,15 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import aiohttp
+from yarl import URL
 
 from gateway.clock import Clock
 from gateway.coordination.redis_client import redis_client
-from gateway.metrics import Metrics
+from gateway.metrics import CredentialMetrics, Metrics
 from gateway.proxy.access import AccessPolicy
 from gateway.proxy.cache import GetCache
 from gateway.proxy.cache_shared import SharedCache
@@ -26,6 +28,7 @@ from gateway.proxy.handler import Proxy
 from gateway.proxy.idempotency_redis import RedisStore as RedisIdempotency
 from gateway.proxy.idempotency_store import IdempotencyStore, LocalStore
 from gateway.proxy.inbound import ProxyServer
+from gateway.proxy.lanes import Lane, Lanes
 from gateway.proxy.limits import (
     BreakerConfig,
     BreakerState,
@@ -38,6 +41,10 @@ from gateway.proxy.upstream import attempt_timeout, create_session
 from gateway.settings import Settings
 from gateway.state import GatewayState
 from gateway.token.auth_client import AuthClient, create_auth_session
+from gateway.token.config import DEFAULT_PROFILE, CredentialProfile, PartnerConfig
+from gateway.token.file import load_token, save_token
+from gateway.token.fleet import Fleet
+from gateway.token.manager import TokenManager
 from gateway.token.route_401 import Persistent401
 from gateway.token.source import TokenSource
 from gateway.token.store import RedisStore, store_for
@@ -53,13 +60,55 @@ def auth_session(s: Settings) -> aiohttp.ClientSession:
     return create_auth_session(up.upstream_ca_file, up.egress_proxy, up.egress_proxy_password)
 
 
-def auth_client(session: aiohttp.ClientSession, s: Settings, clock: Clock) -> AuthClient:
-    return AuthClient(session, s.partner, s.auth, clock, s.upstream.connect_timeout)
+def auth_client(session: aiohttp.ClientSession, s: Settings, clock: Clock,
+                profile: CredentialProfile | None = None) -> AuthClient:
+    """The auth calls of one profile (the default one unless named)."""
+    side = s.token_side() if profile is None else profile.side
+    return AuthClient(session, side.partner, side.auth, clock, s.upstream.connect_timeout)
 
 
-def token_store(s: Settings, timeout: float) -> RedisStore:
-    """The fleet's token store for these credentials (GATEWAY_REDIS_URL)."""
-    return store_for(s.redis, s.token_side().owner, timeout)
+def token_store(s: Settings, timeout: float,
+                profile: CredentialProfile | None = None) -> RedisStore:
+    """The fleet's token store for one profile's credentials (GATEWAY_REDIS_URL)."""
+    side = s.token_side() if profile is None else profile.side
+    return store_for(s.redis, side.owner, timeout)
+
+
+def build_token_manager(s: Settings, profile: CredentialProfile,
+                        session: aiohttp.ClientSession, clock: Clock, events: TokenObservers,
+                        rng: random.Random) -> TokenManager:
+    """One profile's token manager: its auth client, and its fleet entry (GATEWAY_REDIS_URL)
+    or its token file."""
+    side = profile.side
+    initial, persist = None, None
+    fleet = build_fleet(s, profile, clock, events.metrics, rng)
+    if side.token.token_file and fleet is not None:
+        log.info("GATEWAY_REDIS_URL is set: the token lives in the shared store, not in "
+                 "its token file", extra={"fields": {"event": "token_file_unused",
+                                                      "credential": profile.name}})
+    elif side.token.token_file:
+        path = Path(side.token.token_file)
+        initial = load_token(path, side, clock)
+
+        def persist(token: Token, partner: PartnerConfig) -> None:
+            save_token(path, token, partner)
+
+    return TokenManager(auth_client(session, s, clock, profile), side, clock, events, rng=rng,
+                        initial=initial, persist=persist, fleet=fleet)
+
+
+def build_fleet(s: Settings, profile: CredentialProfile, clock: Clock,
+                events: CredentialMetrics, rng: random.Random) -> Fleet | None:
+    """One profile's entry in the shared token store, when GATEWAY_REDIS_URL is set (redis
+    imported only then)."""
+    if not s.redis.redis_url:
+        return None
+    store = token_store(s, min(2.0, s.redis.redis_lease_ttl / 2), profile)
+    log.info("sharing the token through Redis", extra={"fields": {
+        "event": "store_configured", "replica": store.replica, "owner": store.owner,
+        "encrypted": s.redis.store_key is not None, "credential": profile.name}})
+    return Fleet(store, lease_ttl=s.redis.redis_lease_ttl,
+                 down_policy=s.redis.redis_down_policy, clock=clock, events=events, rng=rng)
 
 
 def build_proxy_server(state: GatewayState) -> ProxyServer:
@@ -76,44 +125,91 @@ def build_proxy_server(state: GatewayState) -> ProxyServer:
                        access_log=None)
 
 
-def build_upstream(s: Settings, clock: Clock, metrics: Metrics,
-                   rng: random.Random | None = None) -> Upstream:
-    """The upstream session with its guards: retry policy, breaker, slots (per process).
-    The retry back-off's jitter draws from ``rng`` (injected; a fresh one by default)."""
-    session = create_session(s.upstream)
-    g, up = s.guards, s.upstream
+def _breaker(s: Settings, clock: Clock, views: list[CredentialMetrics]) -> CircuitBreaker:
+    """The breaker of one base URL; its transitions are counted for each profile on it."""
+    g = s.guards
 
     def on_breaker(state: BreakerState, why: str) -> None:
+        names = [view.name for view in views]
         if state is BreakerState.OPEN:
-            metrics.breaker_opened.inc()
+            for view in views:
+                view.breaker_opened()
             log.warning("circuit breaker open: answering 503 upstream_circuit_open for %gs "
-                        "(%s)", s.guards.breaker_cooldown, why, extra={"fields": {
+                        "(%s)", g.breaker_cooldown, why, extra={"fields": {
                             "event": "circuit_open", "why": why,
-                            "cooldown_s": s.guards.breaker_cooldown}})
+                            "cooldown_s": g.breaker_cooldown, "credentials": names}})
         else:
             log.info("circuit breaker %s (%s)", state.name.lower().replace("_", "-"), why,
-                     extra={"fields": {"event": f"circuit_{state.name.lower()}", "why": why}})
+                     extra={"fields": {"event": f"circuit_{state.name.lower()}", "why": why,
+                                       "credentials": names}})
 
-    breaker = CircuitBreaker(BreakerConfig(
+    return CircuitBreaker(BreakerConfig(
         g.breaker_failures, g.breaker_failure_ratio, g.breaker_min_requests, g.breaker_window,
         g.breaker_cooldown, g.breaker_probes), clock, on_breaker)
-    metrics.breaker_state.set_function(lambda: float(breaker.observed_state))
+
+
+def _lane_upstream(s: Settings, clock: Clock, session: aiohttp.ClientSession,
+                   breaker: CircuitBreaker, view: CredentialMetrics,
+                   rng: random.Random) -> Upstream:
+    """One profile's upstream: its base URL's session and breaker, its own slots and retry
+    budget (Repairy's quotas are per partner)."""
+    g, up = s.guards, s.upstream
+    view.bind_breaker(lambda: float(breaker.observed_state))
     if g.upstream_concurrency:
         slots = UpstreamSlots(g.upstream_concurrency, up.connect_timeout,
                               reason="GATEWAY_UPSTREAM_CONCURRENCY")
     else:
         slots = UpstreamSlots(up.pool_size, up.connect_timeout, reason="GATEWAY_POOL_SIZE")
-    metrics.upstream_slots_in_use.set_function(lambda: float(slots.in_use))
+    view.bind_slots(lambda: float(slots.in_use))
     budget = RetryBudget(g.retry_budget_ratio, g.retry_budget_min_per_second,
                          g.retry_budget_window, clock)
     retry = RetryPolicy(
         session, RetryConfig(g.retry_attempts, g.retry_on_status, g.retry_backoff_min,
                              g.retry_backoff_max, g.retry_after_max, up.connect_timeout),
         budget, clock, timeout=functools.partial(attempt_timeout, up),
-        on_retry=lambda reason: metrics.retries.labels(reason).inc(),
-        on_budget_exhausted=metrics.retry_budget_exhausted.inc,
-        rand=(rng or random.Random()).random)
+        on_retry=view.retried, on_budget_exhausted=view.budget_exhausted, rand=rng.random)
     return Upstream(session, retry, breaker, slots)
+
+
+def build_upstream(s: Settings, clock: Clock, metrics: Metrics,
+                   rng: random.Random | None = None) -> Upstream:
+    """The default profile's upstream session with its guards: retry policy, breaker, slots
+    (per process). The retry back-off's jitter draws from ``rng`` (injected; a fresh one by
+    default)."""
+    view = metrics.credential(DEFAULT_PROFILE)
+    return _lane_upstream(s, clock, create_session(s.upstream), _breaker(s, clock, [view]),
+                          view, rng or random.Random())
+
+
+def build_lanes(s: Settings, tokens: Mapping[str, TokenSource], clock: Clock,
+                metrics: Metrics, limits: ClientLimits,
+                rng: random.Random | None = None) -> Lanes:
+    """One lane per credential profile: a session and a breaker per base URL, the rest per
+    profile (token source, slots, retry budget, rate limit, persistent-401 routes)."""
+    rng = rng or random.Random()
+    by_url: dict[str, list[CredentialProfile]] = {}
+    for profile in s.profiles:
+        by_url.setdefault(str(profile.partner.base_url), []).append(profile)
+    lanes = []
+    for url, profiles in by_url.items():
+        views = [metrics.credential(p.name) for p in profiles]
+        session, breaker = create_session(s.upstream), _breaker(s, clock, views)
+        for profile, view in zip(profiles, views, strict=True):
+            source = tokens[profile.name]
+            lanes.append(Lane(profile.name, URL(url), source,
+                              _lane_upstream(s, clock, session, breaker, view, rng),
+                              route_401_tracker(s, clock, view, source), view,
+                              rate=limits.bucket()))
+    order = [p.name for p in s.profiles]
+    lanes.sort(key=lambda lane: order.index(lane.name))
+    return Lanes(lanes, s.inbound.client_profiles)
+
+
+async def close_lanes(lanes: Lanes) -> None:
+    """Close each base URL's session once."""
+    sessions = {id(lane.upstream.session): lane.upstream.session for lane in lanes}
+    for session in sessions.values():
+        await session.close()
 
 
 def build_limits(s: Settings, clock: Clock, metrics: Metrics) -> ClientLimits:
@@ -175,18 +271,19 @@ def build_idempotency(s: Settings, clock: Clock, metrics: Metrics,
     return build_local_idempotency(s, clock, metrics)
 
 
-def build_state(s: Settings, tokens: TokenSource, clock: Clock, metrics: Metrics,
-                idempotency: IdempotencyStore | None = None,
+def build_state(s: Settings, tokens: TokenSource | Mapping[str, TokenSource], clock: Clock,
+                metrics: Metrics, idempotency: IdempotencyStore | None = None,
                 tracing: Tracing | None = None,
                 rng: random.Random | None = None) -> GatewayState:
-    """The state a proxy listener needs (in the gateway process or a worker)."""
-    upstream = build_upstream(s, clock, metrics, rng)
-    return GatewayState(settings=s, config=s.request_path(), tokens=tokens, upstream=upstream,
-                        metrics=metrics, access=build_access_policy(s),
-                        route_401=route_401_tracker(s, clock, metrics, tokens),
-                        limits=build_limits(s, clock, metrics), clock=clock,
-                        cache=build_cache(s, clock, metrics), idempotency=idempotency,
-                        tracing=tracing)
+    """The state a proxy listener needs (in the gateway process or a worker): ``tokens`` by
+    profile name (a single source: the default profile's)."""
+    by_name = tokens if isinstance(tokens, Mapping) else {DEFAULT_PROFILE: tokens}
+    limits = build_limits(s, clock, metrics)
+    return GatewayState(settings=s, config=s.request_path(),
+                        lanes=build_lanes(s, by_name, clock, metrics, limits, rng),
+                        metrics=metrics, access=build_access_policy(s), limits=limits,
+                        clock=clock, cache=build_cache(s, clock, metrics),
+                        idempotency=idempotency, tracing=tracing)
 
 
 async def close_stores(state: GatewayState) -> None:
@@ -205,13 +302,14 @@ def build_access_policy(s: Settings) -> AccessPolicy:
     return AccessPolicy(i.client_keys, i.allowed_cidrs, i.allowed_routes, i.client_key_header)
 
 
-def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics,
+def route_401_tracker(s: Settings, clock: Clock, view: CredentialMetrics,
                       tokens: TokenSource | None = None) -> Persistent401:
     def on_mark(route: str, cooldown: float) -> None:
-        metrics.persistent_401.labels(route).inc()
+        view.marked_persistent_401(route)
         log.warning("route %s refuses a brand-new token too: passing its 401s back without "
                     "renewing for %gs", route, cooldown, extra={"fields": {
-                        "event": "persistent_401", "route": route, "cooldown_s": cooldown}})
+                        "event": "persistent_401", "route": route, "cooldown_s": cooldown,
+                        "credential": view.name}})
 
     # A replay gets its verdict within the token wait (plus the login it may wait for).
     t = s.token
@@ -222,9 +320,10 @@ def route_401_tracker(s: Settings, clock: Clock, metrics: Metrics,
 
 
 class TokenObservers:
-    """Metrics, spans, and a callback on each new token (the worker pool's broadcast)."""
+    """One profile's metrics, spans, and a callback on each new token (the worker pool's
+    broadcast)."""
 
-    def __init__(self, metrics: Metrics, tracing: Tracing | None) -> None:
+    def __init__(self, metrics: CredentialMetrics, tracing: Tracing | None) -> None:
         self.metrics = metrics
         self.tracing = tracing
         self.on_token: Callable[[Token | None], None] | None = None

@@ -23,6 +23,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -41,11 +42,12 @@ from gateway.logs import setup_audit, setup_logging
 from gateway.metrics import Metrics
 from gateway.proxy.access import AccessPolicy, ClientKey
 from gateway.proxy.idempotency_remote import RemoteStore
+from gateway.proxy.lanes import Lanes
 from gateway.settings import Settings, load_settings
 from gateway.state import GatewayState
 from gateway.tasks import cancel_and_wait, log_task_failure
+from gateway.token.config import DEFAULT_PROFILE, CredentialProfile
 from gateway.token.renewal import token_from_dict
-from gateway.token.traffic import Tally
 from gateway.token.value import Token, is_usable
 from gateway.tracing import tracing_for
 
@@ -56,11 +58,15 @@ STORE_CALL_TIMEOUT = 5.0
 
 
 class RemoteTokens:
-    """A worker's view of the supervisor's token manager (a ``TokenSource``)."""
+    """A worker's view of the supervisor's token manager of one credential profile (a
+    ``TokenSource``): its messages name the profile."""
 
-    def __init__(self, channel: Channel, settings: Settings, clock: Clock) -> None:
+    def __init__(self, channel: Channel, settings: Settings, clock: Clock,
+                 profile: CredentialProfile | None = None) -> None:
         self._channel = channel
-        self._s = settings
+        self._profile = profile or settings.profiles[0]
+        self._name = self._profile.name
+        self._token = self._profile.side.token
         self._clock = clock
         self._current: Token | None = None
         self._waiting: dict[int, asyncio.Future[Token]] = {}  # newer_than -> answer
@@ -74,31 +80,31 @@ class RemoteTokens:
     def partner_id(self) -> str:
         """The partner of the supervisor's latest token (it follows a rotation there)."""
         tok = self._current
-        return self._s.partner.partner_id if tok is None else tok.partner_id
+        return self._profile.partner.partner_id if tok is None else tok.partner_id
 
     def ready(self) -> bool:
-        return is_usable(self._current, self._clock.monotonic(), self._s.token.token_expiry_margin)
+        return is_usable(self._current, self._clock.monotonic(), self._token.token_expiry_margin)
 
     def usable(self) -> Token | None:
         tok = self._current
         if tok is not None and is_usable(tok, self._clock.monotonic(),
-                                         self._s.token.token_expiry_margin):
+                                         self._token.token_expiry_margin):
             return tok
         return None
 
     async def get(self, newer_than: int = 0) -> Token:
         tok = self._current
         if tok is not None and tok.generation > newer_than and is_usable(
-                tok, self._clock.monotonic(), self._s.token.token_expiry_margin):
+                tok, self._clock.monotonic(), self._token.token_expiry_margin):
             return tok
         future = self._waiting.get(newer_than)
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._waiting[newer_than] = future
-            self._channel.send("get", {"newer_than": newer_than})
+            self._channel.send("get", {"profile": self._name, "newer_than": newer_than})
         try:
             return await asyncio.wait_for(asyncio.shield(future),
-                                          self._s.token.token_wait_timeout + 1)
+                                          self._token.token_wait_timeout + 1)
         except TimeoutError:
             self._waiting.pop(newer_than, None)
             raise TokenUnavailable("timed out waiting for an access token",
@@ -115,11 +121,12 @@ class RemoteTokens:
         tok = self._current
         if tok is None or tok.generation != generation:
             return False
-        self._channel.send("invalidate", {"generation": generation, "reason": reason})
+        self._channel.send("invalidate", {"profile": self._name, "generation": generation,
+                                          "reason": reason})
         return True
 
     def route_explained(self, generation: int) -> None:
-        self._channel.send("route_explained", {"generation": generation})
+        self._channel.send("route_explained", {"profile": self._name, "generation": generation})
 
     def on_token(self, tok: Token, newer_than: int | None, contended_for: float = 0.0) -> None:
         self._contended_until = self._clock.monotonic() + min(max(contended_for, 0.0), 86400.0)
@@ -143,15 +150,16 @@ class RemoteTokens:
         future.exception()  # consumed here too: nobody may be waiting any more
 
 
-def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
+def _control(message: Message, tokens: Mapping[str, RemoteTokens], state: GatewayState,
              calls: Calls, channel: Channel) -> None:
     """One message from the supervisor (one that raises is counted and skipped)."""
     doc = message.fields
-    if message.kind == "token":
-        tokens.on_token(token_from_dict(doc["token"]), doc.get("newer_than"),
-                        float(doc.get("contended_for") or 0.0))
+    if message.kind == "token":  # only the waiters of the profile it names
+        tokens[str(doc.get("profile") or DEFAULT_PROFILE)].on_token(
+            token_from_dict(doc["token"]), doc.get("newer_than"),
+            float(doc.get("contended_for") or 0.0))
     elif message.kind == "error":
-        tokens.on_error(int(doc["newer_than"]), doc)
+        tokens[str(doc.get("profile") or DEFAULT_PROFILE)].on_error(int(doc["newer_than"]), doc)
     elif message.kind == "idem_reply":
         calls.settle(message)
     elif message.kind == "metrics_pull":  # a scrape waits: this second's counts, now
@@ -164,17 +172,25 @@ def _control(message: Message, tokens: RemoteTokens, state: GatewayState,
                                     s.inbound.client_key_header)
 
 
-async def _push_metrics(channel: Channel, metrics: Metrics, tally: Tally) -> None:
+async def _push_metrics(channel: Channel, metrics: Metrics, lanes: Lanes) -> None:
     while not channel.closed:
         channel.send("metrics", {"text": metrics.render().decode()})
-        calls, refused = tally.take()
-        if calls:
-            channel.send("traffic", {"calls": calls, "refused": refused})
+        for lane in lanes:
+            calls, refused = lane.tally.take()
+            if calls:
+                channel.send("traffic", {"profile": lane.name, "calls": calls,
+                                         "refused": refused})
         await asyncio.sleep(METRICS_EVERY)
 
 
 async def run(listen_fd: int, control_fd: int) -> int:
-    from gateway.wiring import build_idempotency, build_proxy_server, build_state, close_stores
+    from gateway.wiring import (
+        build_idempotency,
+        build_proxy_server,
+        build_state,
+        close_lanes,
+        close_stores,
+    )
 
     settings = load_settings()
     setup_logging(settings.log.log_level, settings.log.log_format)
@@ -185,7 +201,7 @@ async def run(listen_fd: int, control_fd: int) -> int:
         socket.socket(fileno=control_fd), peer="supervisor",
         on_fault=lambda fault: metrics.channel_faults.labels(fault).inc())
     clock = SystemClock()
-    tokens = RemoteTokens(channel, settings, clock)
+    tokens = {p.name: RemoteTokens(channel, settings, clock, p) for p in settings.profiles}
     calls = Calls(channel, "idem")
     remote = RemoteStore(calls, lambda key, owner: channel.send(
         "idem", {"id": 0, "op": "release", "key": key, "owner": owner}),
@@ -205,10 +221,11 @@ async def run(listen_fd: int, control_fd: int) -> int:
     await web.SockSite(runner, listener).start()
     background = [asyncio.create_task(channel.serve(
                       lambda message: _control(message, tokens, state, calls, channel))),
-                  asyncio.create_task(_push_metrics(channel, metrics, state.tally))]
+                  asyncio.create_task(_push_metrics(channel, metrics, state.lanes))]
     for task, what in zip(background, ("worker channel", "worker metrics push"), strict=True):
         task.add_done_callback(functools.partial(log_task_failure, log=log, what=what))
-    channel.send("get", {"newer_than": 0})  # the current token, at once
+    for name in tokens:  # each profile's current token, at once
+        channel.send("get", {"profile": name, "newer_than": 0})
     await ended.wait()
     state.draining = True
     await runner.cleanup()  # stop accepting, let requests in flight finish
@@ -218,7 +235,7 @@ async def run(listen_fd: int, control_fd: int) -> int:
     await channel.flush(1.0)
     with contextlib.suppress(Exception):
         await cancel_and_wait(background[0])
-    await state.upstream.close()
+    await close_lanes(state.lanes)
     await close_stores(state)
     flush_logs()
     return 0

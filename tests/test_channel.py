@@ -222,7 +222,8 @@ async def test_channel_a_stalled_worker_is_restarted_and_blocks_no_broadcast() -
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     faults: list[Fault] = []
-    pool = WorkerPool(2, listener, cast(TokenManager, None), None, max_queued=64 * 1024,
+    pool = WorkerPool(2, listener, {"default": cast(TokenManager, None)}, None,
+                      max_queued=64 * 1024,
                       on_fault=faults.append,
                       command=(sys.executable, "-m", "tests.stalled_worker"))
     await pool.start()
@@ -232,7 +233,7 @@ async def test_channel_a_stalled_worker_is_restarted_and_blocks_no_broadcast() -
         generation = 0
         while faults.count("overflow") < 2 and generation < 20_000:
             generation += 1
-            pool.broadcast_token(_token(generation))
+            pool.broadcast_token("default", _token(generation))
         assert time.monotonic() - started < 5
         assert faults.count("overflow") == 2
 

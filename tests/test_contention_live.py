@@ -14,6 +14,7 @@ import aiohttp
 from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.prometheus_helpers import firing, prometheus
 from tests.sandbox_helpers import faults, stats
 
@@ -23,7 +24,7 @@ LOGIN_EVERY = 2.0
 
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
-    value = gw.metrics.registry.get_sample_value(f"repairy_gateway_{name}", labels)
+    value = metric_value(gw.metrics.registry, f"repairy_gateway_{name}", labels)
     return value or 0.0
 
 

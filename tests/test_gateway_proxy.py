@@ -19,6 +19,7 @@ from gateway.errors import GATEWAY_ERROR_HEADER
 from gateway.redact import fingerprint
 from gateway.sandbox import Sandbox, pattern_bytes
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.sandbox_helpers import faults, stats
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
@@ -388,7 +389,7 @@ async def test_proxy_small_body_broken_upstream_is_a_clean_502(
     async with http.get(gateway.url + "/bookings/abc") as resp:
         assert resp.status == 502
         assert (await resp.json())["error"]["code"] == "upstream_invalid_response"
-    assert gateway.metrics.registry.get_sample_value(
+    assert metric_value(gateway.metrics.registry,
         "repairy_gateway_upstream_errors_total", {"kind": "protocol"}) == 1
 
 

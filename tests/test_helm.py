@@ -493,3 +493,54 @@ def test_helm_pod_labels_cannot_break_the_selector(helm_bin: str) -> None:
     labels = deployment["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "repairy-gateway" and labels["team"] == "x"
     assert deployment["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_helm_several_credentials_each_from_its_own_secret(helm_bin: str,
+                                                          tmp_path: Path) -> None:
+    """Further credential profiles: each Secret mounted apart, the settings naming them (and
+    loading: every profile read from its files), an egress rule per profile with a base URL
+    of its own, which the chart refuses to render without its CIDRs."""
+    profiles: list[dict[str, Any]] = [{"name": "eu", "existingSecret": "repairy-eu",
+                                       "required": True,
+                 "baseUrl": "https://eu.repairy.example", "upstreamCidrs": ["198.51.100.0/24"]},
+                {"name": "au_west", "existingSecret": "repairy-au"}]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({**REQUIRED_VALUES, "credentials": {
+        **REQUIRED_VALUES["credentials"], "profiles": profiles},
+        "inbound": {"allowedCidrs": ["10.0.0.0/8"], "clientProfiles": []},
+        "networkPolicy": {"enabled": True, "ingressFrom": [{"podSelector": {}}],
+                          "upstreamCidrs": ["203.0.113.0/24"]}}))
+    docs = render(helm_bin, "-f", str(values))
+    env = by_kind(docs, "ConfigMap")["data"]
+    assert env["GATEWAY_PROFILES"] == "eu,au_west"
+    assert env["REPAIRY_PROFILE_EU_REQUIRED"] == "true"
+    assert env["REPAIRY_PROFILE_EU_BASE_URL"] == "https://eu.repairy.example"
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets["repairy-profile-eu"] == "repairy-eu"
+    assert secrets["repairy-profile-au-west"] == "repairy-au"
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/etc/repairy-gateway/profiles/eu", "/etc/repairy-gateway/profiles/au_west"} <= mounts
+    egress = by_kind(docs, "NetworkPolicy")["spec"]["egress"]
+    assert {"ipBlock": {"cidr": "198.51.100.0/24"}} in [to for rule in egress
+                                                        for to in rule.get("to", [])]
+    # The rendered settings load, each profile from the files its Secret would hold.
+    files = {}
+    for name, value in env.items():
+        if name.endswith("_FILE") and "/etc/repairy-gateway/" in value:
+            path = tmp_path / value.strip("/").replace("/", "_")
+            path.write_text(f"{name.lower()}-value")
+            files[name] = str(path)
+    from gateway.settings import load_settings
+    loaded = load_settings({**{k: v for k, v in env.items() if "TOKEN_FILE" not in k},
+                            **files, "GATEWAY_AUDIT_LOG": "off"})
+    assert [(p.name, p.required) for p in loaded.profiles] == [
+        ("default", True), ("eu", True), ("au_west", False)]
+    assert loaded.profiles[2].partner.partner_id == (
+        "repairy_profile_au_west_partner_id_file-value")
+    # A profile with a base URL of its own needs its CIDRs under the NetworkPolicy.
+    profiles[0] = {k: v for k, v in profiles[0].items() if k != "upstreamCidrs"}
+    values.write_text(yaml.safe_dump({**yaml.safe_load(values.read_text()), "credentials": {
+        **REQUIRED_VALUES["credentials"], "profiles": profiles}}))
+    result = helm(helm_bin, "template", "demo", str(CHART), "-f", str(values))
+    assert result.returncode != 0 and "credentials.profiles[eu].upstreamCidrs" in result.stderr

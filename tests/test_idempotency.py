@@ -183,12 +183,13 @@ async def test_idempotency_try_again_answers_are_not_kept(
 async def test_idempotency_unreachable_upstream_releases_the_key(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     gw = await started(settings_for(sandbox))
-    try:  # settings are frozen: point the proxy's target at a closed port, then back
-        url, port = gw.state.config.base_url, closed_port()
-        object.__setattr__(gw.state.config, "base_url", url.with_port(port))
+    try:  # point the default profile's target at a closed port, then back
+        lane = gw.state.lanes.default
+        url, port = lane.base_url, closed_port()
+        lane.base_url = url.with_port(port)
         status, _, body = await book(http, gw.url, "refused")
         assert status == 502 and body["error"]["code"] == "upstream_unreachable"
-        object.__setattr__(gw.state.config, "base_url", url)
+        lane.base_url = url
         assert (await book(http, gw.url, "refused"))[0] == 201
         assert bookings(sandbox) == 1
     finally:

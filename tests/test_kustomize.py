@@ -155,3 +155,26 @@ def test_kustomize_the_sidecar_steps_in_the_deployment_guide_render(kubectl: str
     assert config["data"]["REPAIRY_BASE_URL"] == "https://partners.repairy.example"
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["initContainers"][0]["image"].startswith("registry.example/repairy-gateway:")
+
+
+def test_kustomize_profile_component_adds_a_credential_from_its_own_secret(
+        kubectl: str, tmp_path: Path) -> None:
+    """The profile component on the fleet overlay: the profile's Secret mounted beside the
+    default's, its settings merged into the gateway's ConfigMap."""
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [deploy/kustomize/overlays/fleet]\n"
+        "components: [deploy/kustomize/components/profile-eu]\n")
+    docs = render(kubectl, tmp_path)
+    pod = one(docs, "Deployment", "repairy-gateway")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets["repairy-credentials"] == "repairy-credentials"
+    assert secrets["repairy-profile-eu"] == "repairy-credentials-eu"
+    (container,) = pod["containers"]
+    assert "/etc/repairy-gateway/profiles/eu" in {m["mountPath"]
+                                                  for m in container["volumeMounts"]}
+    (data,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"
+               and "GATEWAY_LISTEN" in d.get("data", {})]
+    assert data["GATEWAY_PROFILES"] == "eu"
+    assert data["REPAIRY_PROFILE_EU_APP_KEY_FILE"] == "/etc/repairy-gateway/profiles/eu/app-key"
+    assert data["GATEWAY_REDIS_URL"]  # the fleet's settings kept (merged, not replaced)

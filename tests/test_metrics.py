@@ -20,13 +20,14 @@ from gateway.metrics_merge import merge_expositions
 from gateway.proxy.routes import method_label, route_template
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.sandbox_helpers import faults
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
 
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
-    value = gw.metrics.registry.get_sample_value(name, labels)
+    value = metric_value(gw.metrics.registry, name, labels)
     return 0.0 if value is None else value
 
 
@@ -74,7 +75,7 @@ async def test_metrics_login_sets_renewal_counters_and_expiry_gauges(
     assert refresh == pytest.approx(now + 14 * 86400, abs=5)
     assert sample(gateway, "repairy_gateway_ready") == 1
     assert sample(gateway, "repairy_gateway_token_generation") == 1
-    assert gateway.metrics.registry.get_sample_value(
+    assert metric_value(gateway.metrics.registry,
         "repairy_gateway_build_info",
         {"version": __version__, "python_version": platform.python_version()}) == 1
 
@@ -220,12 +221,12 @@ def test_metrics_merge_shows_the_most_open_breaker_and_sums_slots() -> None:
     """With workers, the breaker gauge is the largest of the processes' (any open one shows),
     upstream slots in use add up, and the supervisor's own token gauges win."""
     supervisor, one, two = Metrics(), Metrics(), Metrics()
-    supervisor.token_generation.set(7)
-    one.breaker_state.set(2)
-    two.breaker_state.set(0)
-    one.upstream_slots_in_use.set(3)
-    two.upstream_slots_in_use.set(4)
-    two.token_generation.set(1)
+    supervisor.token_generation.labels("default").set(7)
+    one.breaker_state.labels("default").set(2)
+    two.breaker_state.labels("default").set(0)
+    one.upstream_slots_in_use.labels("default").set(3)
+    two.upstream_slots_in_use.labels("default").set(4)
+    two.token_generation.labels("default").set(1)
     merged = merge_expositions([generate_latest(m.registry).decode()
                                 for m in (supervisor, one, two)]).decode()
     values = {s.name: s.value for fam in text_string_to_metric_families(merged)
@@ -240,9 +241,9 @@ def test_metrics_store_up_is_absent_without_a_store() -> None:
     """No shared store: no store_up series at all (a 0 would read as "store down")."""
     metrics = Metrics()
     assert b"repairy_gateway_store_up" not in metrics.render()
-    metrics.store_is_up(True)
+    metrics.credential("default").store_is_up(True)
     assert b"repairy_gateway_store_up 1.0" in metrics.render()
-    metrics.store_is_up(False)
+    metrics.credential("default").store_is_up(False)
     assert b"repairy_gateway_store_up 0.0" in metrics.render()
 
 
@@ -254,7 +255,7 @@ def test_metrics_every_exported_family_is_in_the_docs() -> None:
 
     readme = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
     metrics = Metrics()
-    metrics.store_is_up(True)  # registered only with a store
+    metrics.credential("default").store_is_up(True)  # registered only with a store
     families = {fam.name: fam.type for fam in text_string_to_metric_families(
         metrics.render().decode())}
     missing = [name + ("_total" if kind == "counter" else "")

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.app import GatewayServer
 from tests.gateway_helpers import SERVICES, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.prometheus_helpers import RULES, prometheus, query
 from tests.tools import require_binary
 
@@ -32,7 +33,7 @@ def test_prometheus_alert_rules_pass_promtool_check(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "31 rules found" in result.stdout
+    assert "32 rules found" in result.stdout
 
 
 def test_prometheus_alert_rules_unit_tests_pass(promtool: str) -> None:
@@ -81,7 +82,7 @@ async def test_prometheus_server_scrapes_token_expiry_and_upstream_counter(
                              "repairy_gateway_token_expiry_timestamp_seconds")
     value = expiry["value"]
     assert isinstance(value, list)
-    local = gateway.metrics.registry.get_sample_value(
+    local = metric_value(gateway.metrics.registry,
         "repairy_gateway_token_expiry_timestamp_seconds")
     assert float(value[1]) == pytest.approx(local, abs=0.01)
     (requests,) = await query(http, prometheus_server, counter)
@@ -94,7 +95,8 @@ async def test_prometheus_server_scrapes_token_expiry_and_upstream_counter(
 
 DASHBOARD = ROOT / "config" / "grafana" / "repairy-gateway.json"
 #: Grafana's variables, as Grafana would substitute them ("All" selected).
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*",
+                     "$credential": ".*"}
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -123,7 +125,7 @@ def test_prometheus_dashboard_is_well_formed() -> None:
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in board["templating"]["list"]}
-    assert variables == {"datasource", "job", "instance"}
+    assert variables == {"datasource", "job", "instance", "credential"}
     for panel in board["panels"]:
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
         for target in panel.get("targets", []):

@@ -18,13 +18,14 @@ from gateway.sandbox import Sandbox
 from gateway.settings import Settings
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.sandbox_helpers import faults, stats
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
 
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
-    value = gw.metrics.registry.get_sample_value(f"repairy_gateway_{name}", labels)
+    value = metric_value(gw.metrics.registry, f"repairy_gateway_{name}", labels)
     return value or 0.0
 
 

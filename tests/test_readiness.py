@@ -16,6 +16,7 @@ from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox
 from gateway.token.verdict import UpstreamVerdict
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.sandbox_helpers import faults, stats
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
@@ -24,7 +25,7 @@ CHECK = "/bookings/000000000000000000000000"
 
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
-    value = gw.metrics.registry.get_sample_value(f"repairy_gateway_{name}", labels)
+    value = metric_value(gw.metrics.registry, f"repairy_gateway_{name}", labels)
     return value or 0.0
 
 

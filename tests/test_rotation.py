@@ -16,6 +16,7 @@ from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.settings import Settings
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
 
@@ -100,7 +101,7 @@ async def test_rotation_switches_only_after_new_login_works_without_failed_reque
             assert set(statuses) == {200}
             assert await last_partner(http, sb) == "partner-2"
             assert gw.state.settings.partner.partner_id == "partner-2"
-            assert gw.metrics.registry.get_sample_value(
+            assert metric_value(gw.metrics.registry,
                 "repairy_gateway_credential_reloads_total", {"outcome": "success"}) == 1
 
 
@@ -119,7 +120,7 @@ async def test_rotation_failed_login_keeps_old_credentials_then_retries(
         async with GatewayServer(load(), reload_settings=load) as gw:
             await wait_until(gw.state.tokens.ready)
             mount.update(NEW)
-            await wait_until(lambda: (gw.metrics.registry.get_sample_value(
+            await wait_until(lambda: (metric_value(gw.metrics.registry,
                 "repairy_gateway_credential_reloads_total", {"outcome": "failure"}) or 0) >= 1)
             assert generation(gw) == 1
             assert gw.state.tokens.ready()
@@ -150,9 +151,9 @@ async def test_rotation_rejected_login_retries_only_every_interval_and_is_no_ren
             mount.update(NEW)
             await asyncio.sleep(1.6)  # 32 polls, two retry intervals
             logins = sb.state.control.counters["token_requests"] - 1
-            failures = gw.metrics.registry.get_sample_value(
+            failures = metric_value(gw.metrics.registry,
                 "repairy_gateway_credential_reloads_total", {"outcome": "failure"})
-            rejected = gw.metrics.registry.get_sample_value(
+            rejected = metric_value(gw.metrics.registry,
                 "repairy_gateway_token_renewals_total",
                 {"kind": "login", "outcome": "failure", "reason": "invalid_credentials"})
             assert gw.state.tokens.ready()

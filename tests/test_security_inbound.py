@@ -15,6 +15,7 @@ from gateway.sandbox import Sandbox
 from gateway.settings import SettingsError
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
 
@@ -67,7 +68,7 @@ async def test_security_client_keys_admit_named_clients_only(
         async with http.get(url, headers={"X-Gateway-Key": "client-key-crm-000002"}) as resp:
             assert resp.status == 200
         assert "x-gateway-key" not in await last_headers(http, sandbox)
-        assert gw.metrics.registry.get_sample_value(
+        assert metric_value(gw.metrics.registry,
             "repairy_gateway_client_requests_total", {"client": "crm"}) == 1
         assert sandbox.state.control.counters["api_requests"] == 1
     assert any('"client": "crm"' in line for line in log_capture.lines)

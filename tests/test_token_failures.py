@@ -21,6 +21,7 @@ from gateway.errors import GATEWAY_ERROR_HEADER
 from gateway.sandbox import Sandbox, SandboxConfig
 from tests.conftest import LogCapture
 from tests.gateway_helpers import SERVICES, settings_for, wait_until
+from tests.metrics_helpers import value as metric_value
 from tests.sandbox_helpers import faults, stats
 
 CATEGORY = "integration"  # unit, integration or system: tests/conftest.py
@@ -29,7 +30,7 @@ BOOKING = "/bookings/000000000000000000000000"
 
 
 def sample(gw: GatewayServer, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+    return metric_value(gw.metrics.registry, name, labels) or 0.0
 
 
 def auth_calls(s: dict[str, Any]) -> int:

@@ -131,7 +131,8 @@ async def test_workers_metrics_are_collected_at_scrape_time_and_their_403s_ask_a
             await gw.ready(http)
 
             async def probes() -> float:
-                return await metric(http, gw, 'repairy_gateway_probes_total{outcome="ok"}')
+                return await metric(http, gw, 'repairy_gateway_probes_total{credential="default",'
+                                              'outcome="ok"}')
 
             await wait_until(lambda: probes())  # the start-up probe
             assert await probes() == 1

@@ -12,6 +12,8 @@ token newer than a generation), ``invalidate`` (the upstream refused generation 
 ``id``), ``traffic`` (a second's upstream answers and 401/403 among them), ``idem`` (a call on
 the supervisor's Idempotency-Key store). Supervisor → worker: ``token``, ``error`` (no token
 can be had), ``client_keys``, ``metrics_pull`` (a scrape is waiting), ``idem_reply``.
+The token messages and ``traffic`` name their credential profile in ``"profile"`` (absent:
+``default``): a profile's token reaches only that profile's waiters in the worker.
 
 **Invariants.**
 

@@ -61,6 +61,30 @@ def parse_client_keys(value: object) -> tuple[ClientKey, ...]:
     return tuple(keys.values())
 
 
+#: ``client=profile|profile`` (the first one is the client's default); ``*`` for every client
+#: not listed. A client listed nowhere may use ``default`` only.
+ClientProfiles = tuple[tuple[str, tuple[str, ...]], ...]
+_ENTRY = re.compile(r"^([A-Za-z0-9_.\-]{1,64}|\*)=([a-z][a-z0-9_]{0,31}(\|[a-z][a-z0-9_]{0,31})*)$")
+
+
+def parse_client_profiles(value: object) -> ClientProfiles:
+    """``client=eu|au, web=default, *=default`` (commas or newlines between entries)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for raw in re.split(r"[,\n]", str(value)):
+        entry = re.sub(r"\s*([=|])\s*", r"\1", raw.strip())
+        if not entry or entry.startswith("#"):
+            continue
+        match = _ENTRY.match(entry)
+        if match is None:
+            raise ValueError(f"{entry!r} is not 'client=profile|profile' (the first profile "
+                             "is the client's default; '*' for every other client)")
+        client, names = match.group(1), tuple(dict.fromkeys(match.group(2).split("|")))
+        if client in found:
+            raise ValueError(f"client {client!r} is listed twice")
+        found[client] = names
+    return tuple(found.items())
+
+
 def parse_cidrs(value: object) -> tuple[IPNetwork, ...]:
     nets = []
     for raw in str(value).split(","):

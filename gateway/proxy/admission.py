@@ -1,6 +1,6 @@
 """Admission: the checks a request passes before its body is read, in order: the inbound
-checks, who is calling and which route, ``Expect`` and a declared size, the circuit breaker and
-the rate limits."""
+checks, who is calling and which route, which credential profile (its lane), ``Expect`` and a
+declared size, the lane's circuit breaker and the rate limits."""
 
 from __future__ import annotations
 
@@ -28,12 +28,17 @@ def admit(ctx: ProxyContext, request: web.BaseRequest, outcome: Outcome) -> bool
     access.check_route(request.method, decoded)
     outcome.route = route_template(decoded)
     outcome.path = decoded
+    requested = request.headers.get(config.inbound.credential_header)
+    if requested is not None or access.keys:  # else the default lane, set already
+        lane = outcome.lane = ctx.lanes.choose(requested, outcome.client, bool(access.keys))
+        outcome.metrics = lane.metrics
+    lane = outcome.lane
     expect = request.headers.get(hdrs.EXPECT)
     if expect is not None and expect.strip().lower() != "100-continue":
         raise ExpectationFailed("only 'Expect: 100-continue' is supported")
     check_declared_size(request, config.proxy.max_body_size)
-    ctx.upstream.breaker.check()  # open: 503 at once, before any body is read
+    lane.upstream.breaker.check()  # open: 503 at once, before any body is read
     if ctx.limits.active:
-        ctx.limits.admit(outcome.client)
+        ctx.limits.admit(outcome.client, lane.rate)
         outcome.counted = True
     return expect is not None

@@ -31,8 +31,9 @@ class CachePath:
         rule = cache.rule_for(outcome.path)
         if rule is None:
             return None
-        outcome.partner = self.ctx.tokens.partner_id
-        outcome.cache_key = cache_key(outcome.partner, request.raw_path)
+        lane = outcome.lane  # each profile's keys apart (the default's as before profiles)
+        outcome.partner = lane.tokens.partner_id
+        outcome.cache_key = cache_key(outcome.partner + lane.scope, request.raw_path)
         asked = directives(request.headers)
         if "no-store" in asked:  # RFC 9111 §5.2.1.5: neither answered from nor stored
             metrics.cache_requests.labels("bypass").inc()

@@ -30,10 +30,12 @@ from gateway.config_values import (
 from gateway.declare import setting
 from gateway.proxy.access import (
     ClientKey,
+    ClientProfiles,
     IPNetwork,
     RouteRule,
     parse_cidrs,
     parse_client_keys,
+    parse_client_profiles,
     parse_header_names,
     parse_routes,
 )
@@ -267,6 +269,15 @@ class InboundConfig:
     client_key_header: str = setting(
         "GATEWAY_CLIENT_KEY_HEADER", parse_name, "X-Gateway-Key",
         "Header in which callers present their client key (never forwarded).")
+    client_profiles: ClientProfiles = setting(
+        "GATEWAY_CLIENT_PROFILES", parse_client_profiles, "",
+        "Which credential profiles each client key may use: 'client=eu|au' (the first is its "
+        "default), '*=...' for clients not listed; a client listed nowhere may use 'default' "
+        "only. Needs GATEWAY_CLIENT_KEYS (without keys, any profile may be chosen).")
+    credential_header: str = setting(
+        "GATEWAY_CREDENTIAL_HEADER", parse_name, "X-Repairy-Credential",
+        "Header in which a caller names the credential profile to use (never forwarded; "
+        "absent: the client's default).")
     allowed_cidrs: tuple[IPNetwork, ...] = setting(
         "GATEWAY_ALLOWED_CIDRS", parse_cidrs, "",
         "Comma-separated CIDRs allowed to call the proxy (empty: any that can connect).")
@@ -299,7 +310,7 @@ class RequestPathConfig:
 
     base_url: URL
     #: The auth endpoints' paths: never proxied.
-    auth_paths: tuple[str, str]
+    auth_paths: tuple[str, ...]
     token_wait_timeout: float
     upstream: UpstreamConfig
     proxy: ProxyConfig

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from multidict import CIMultiDict
@@ -20,6 +20,7 @@ from gateway.proxy.cache import GetCache
 from gateway.proxy.config import RequestPathConfig
 from gateway.proxy.guards import Upstream
 from gateway.proxy.idempotency_store import IdempotencyStore
+from gateway.proxy.lanes import Lanes
 from gateway.proxy.limits import ClientLimits
 from gateway.token.route_401 import Persistent401
 from gateway.token.source import TokenSource
@@ -33,11 +34,10 @@ class ProxyContext:
     use: a client key rotation replaces ``access``."""
 
     config: RequestPathConfig
-    tokens: TokenSource
-    upstream: Upstream
+    #: One lane per credential profile; a request uses the one admission chose.
+    lanes: Lanes
     metrics: Metrics
     access: AccessPolicy
-    route_401: Persistent401
     limits: ClientLimits
     clock: Clock
     cache: GetCache
@@ -46,8 +46,24 @@ class ProxyContext:
     #: OpenTelemetry spans (None: off, the default).
     tracing: Tracing | None = None
     draining: bool = False
-    #: Upstream answers passed back, and the 401/403 among them (the probe's verdict reads it).
-    tally: Tally = field(default_factory=Tally)
+
+    # The default profile's lane (the only one of a gateway without profiles).
+    @property
+    def tokens(self) -> TokenSource:
+        return self.lanes.default.tokens
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.lanes.default.upstream
+
+    @property
+    def route_401(self) -> Persistent401:
+        return self.lanes.default.route_401
+
+    @property
+    def tally(self) -> Tally:
+        """Upstream answers passed back, and the 401/403 among them (the probe reads it)."""
+        return self.lanes.default.tally
 
 
 class InFlight:

@@ -14,12 +14,12 @@ from yarl import URL
 from gateway.errors import (
     CredentialContention,
     CredentialsRotated,
-    GatewayError,
     UpstreamBusy,
     UpstreamError,
 )
 from gateway.proxy.context import Outbound, ProxyContext
 from gateway.proxy.headers import with_credentials
+from gateway.proxy.lanes import Lane
 from gateway.proxy.limits import Outcome as BreakerOutcome
 from gateway.proxy.outcome import Outcome
 from gateway.proxy.retry import Attempts
@@ -42,19 +42,19 @@ class UpstreamExchange:
         """A token (within GATEWAY_TOKEN_WAIT_TIMEOUT) and an upstream slot (within the
         connect timeout), for the same partner as the request's key scope. The caller hands
         the slot back with :meth:`release`."""
-        ctx = self.ctx
-        token = ctx.tokens.usable() or await ctx.tokens.get()
+        tokens = outcome.lane.tokens
+        token = tokens.usable() or await tokens.get()
         same_partner(outcome, token)
-        if not ctx.upstream.slots.try_acquire():
+        if not outcome.lane.upstream.slots.try_acquire():
             await self._wait_slot(outcome)
         return token
 
-    def release(self) -> None:
-        self.ctx.upstream.slots.release()
+    def release(self, outcome: Outcome) -> None:
+        outcome.lane.upstream.slots.release()
 
     async def _wait_slot(self, outcome: Outcome) -> None:
         try:
-            await self.ctx.upstream.slots.acquire()
+            await outcome.lane.upstream.slots.acquire()
         except UpstreamBusy:
             self.ctx.metrics.limited.labels("upstream_slots", outcome.client).inc()
             raise
@@ -63,14 +63,14 @@ class UpstreamExchange:
                     outcome: Outcome) -> aiohttp.ClientResponse:
         """The exchange with its retries, and at most one replay after an upstream 401 (the
         caller holds an upstream slot)."""
-        ctx = self.ctx
-        upstream, total = ctx.upstream, ctx.config.upstream.total_timeout
+        ctx, lane = self.ctx, outcome.lane
+        upstream, total = lane.upstream, ctx.config.upstream.total_timeout
         body = out.body
         outcome.attempts = attempts = Attempts(
             method=outcome.method, replayable=body.replayable,
             deadline=(ctx.clock.monotonic() + total) if total else None,
             caller_gone=caller_gone, on_attempt=outcome.answered,
-            body_error=out.reader.failed, on_failure=self._upstream_failed)
+            body_error=out.reader.failed, on_failure=lane.upstream_failed)
         try:
             upstream.retry.budget.request()
             # Under a breaker ticket until the upstream answered (its status line) or
@@ -92,7 +92,7 @@ class UpstreamExchange:
             if resp.status == 401:
                 return await self._after_401(out.url, out.headers, body.data, body.replayable,
                                              token, resp, attempts, outcome)
-            ctx.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
+            lane.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
             return resp
         finally:
             # The attempts are over: drop the callback that closes the cycle outcome ->
@@ -120,70 +120,67 @@ class UpstreamExchange:
         persistent 401 (then, and for streamed bodies, the 401 is passed back). While someone
         else logs in with our credentials, a caller whose token died (and whose replay's
         token died too, or who cannot be replayed) gets 503 credential_contention."""
-        ctx = self.ctx
+        ctx, lane = self.ctx, outcome.lane
+        tokens = lane.tokens
         try:
-            verdict = await self._judge_401(outcome.route, token.generation)
+            verdict = await self._judge_401(lane, outcome.route, token.generation)
         except BaseException:
             resp.release()
             raise
         if verdict is None:  # contention: that token may have died; nothing was acted on
             resp.release()
-            ctx.tokens.invalidate(token.generation, "upstream_401")
+            tokens.invalidate(token.generation, "upstream_401")
             raise _contention()
         if not verdict:
             return resp
         # A streamed body is not replayed, so its route gets no verdict: its invalidation
         # renews all the same, but never counts toward contention.
-        ctx.tokens.invalidate(token.generation,
-                              "upstream_401" if replayable else "upstream_401_streamed")
+        tokens.invalidate(token.generation,
+                          "upstream_401" if replayable else "upstream_401_streamed")
         if not replayable:
-            if ctx.tokens.contended():
+            if tokens.contended():
                 resp.release()
                 raise _contention()
             return resp
         resp.release()
-        token = await ctx.tokens.get(newer_than=token.generation)
+        token = await tokens.get(newer_than=token.generation)
         same_partner(outcome, token)  # a 401 acted on nothing: the key is released
         outcome.replayed = True
-        ctx.metrics.replayed.labels("upstream_401").inc()
+        lane.metrics.replayed("upstream_401")
         outcome.generation, outcome.sent_partner = token.generation, token.partner_id
         sent_at = ctx.clock.monotonic()
-        resp = await ctx.upstream.retry.send(
+        resp = await lane.upstream.retry.send(
             url, with_credentials(headers, token.access, token.partner_id), data, attempts)
         if resp.status != 401:
-            ctx.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
+            lane.route_401.answered(outcome.route, token.generation, sent_at, resp.status)
             return resp
         # No second replay: judge the route, and pass the 401 back (under contention the
         # route is only suspected, and the caller is told of the contention instead).
         try:
-            verdict = await self._judge_401(outcome.route, token.generation)
+            verdict = await self._judge_401(lane, outcome.route, token.generation)
         except BaseException:
             resp.release()
             raise
-        if verdict is not False and ctx.tokens.contended():
+        if verdict is not False and tokens.contended():
             resp.release()
-            ctx.tokens.invalidate(token.generation, "upstream_401")
+            tokens.invalidate(token.generation, "upstream_401")
             raise _contention()
         return resp
 
-    async def _judge_401(self, route: str, generation: int) -> bool | None:
+    async def _judge_401(self, lane: Lane, route: str, generation: int) -> bool | None:
         """A 401 on ``route`` with ``generation``: True to invalidate the token (and replay),
         False to pass it back (the route is marked persistent 401), None when the route is
         only suspected (contention: someone else's login may have revoked that token). A
         verdict on the route counts only while that token is still the newest, here and in
         the fleet."""
-        r401 = self.ctx.route_401
+        r401 = lane.route_401
         if r401.would_mark(route, generation):
-            if not await self.ctx.tokens.still_current(generation):
+            if not await lane.tokens.still_current(generation):
                 r401.forget(route)  # replaced meanwhile (a fleet peer): it says nothing
-            elif self.ctx.tokens.contended():
+            elif lane.tokens.contended():
                 r401.suspect(route, generation)
                 return None
         return r401.unauthorized(route, generation)
-
-    def _upstream_failed(self, error: GatewayError) -> None:
-        if isinstance(error, UpstreamError):
-            self.ctx.metrics.upstream_error(error.kind)
 
 
 def _after_the_exchange(resp: aiohttp.ClientResponse, seconds: float) -> None:

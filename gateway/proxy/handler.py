@@ -53,6 +53,7 @@ class Proxy:
         self.ctx = ctx
         config = ctx.config
         self._internal = frozenset({config.inbound.client_key_header.lower(),
+                                    config.inbound.credential_header.lower(),
                                     *config.upstream.strip_headers})
         self._inflight = InFlight()
         self._exchange = UpstreamExchange(ctx)
@@ -80,7 +81,9 @@ class Proxy:
         rid = request_id_of(request.headers)
         started = time.monotonic()
         method = request.method
-        outcome = Outcome(metrics=ctx.metrics, method=method, request_id=rid, started=started,
+        default = ctx.lanes.default
+        outcome = Outcome(lane=default, metrics=default.metrics, method=method,
+                          request_id=rid, started=started,
                           peer=(request.remote or "unix") if method in MUTATING else "")
         ctx.metrics.inflight_count += 1
         try:
@@ -125,7 +128,7 @@ class Proxy:
                                          time.monotonic() - started)
                 if outcome.error is None and outcome.source == "upstream" and (
                         outcome.upstream_status is not None):  # an upstream answer passed back
-                    ctx.tally.answered(status)
+                    outcome.lane.tally.answered(status)
             log_request(request, rid, outcome, started,
                         ours.event_loop if ours is not None else None)
 
@@ -163,7 +166,7 @@ class Proxy:
                 config.proxy.max_body_size, caller_gone)
             body = NO_BODY if not request.body_exists else await take_body(
                 request, reader, config.proxy.replay_body_limit)
-            url = target_url(config.base_url, request.raw_path)
+            url = target_url(outcome.lane.base_url, request.raw_path)
             if not body.replayable and request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
             out = Outbound(url, headers, body, reader)
@@ -175,7 +178,7 @@ class Proxy:
                 audit(outcome, status=resp.status, location=resp.headers.get("Location"))
                 return await self._responder.answer(request, resp, rid, outcome)
             finally:
-                self._exchange.release()
+                self._exchange.release(outcome)
         finally:
             if outcome.counted:
                 ctx.limits.done(outcome.client)

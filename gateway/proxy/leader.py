@@ -61,7 +61,6 @@ class IdempotencyLeader:
         self.ctx, self._exchange, self._responder = ctx, exchange, responder
         self._inflight = inflight
         config = ctx.config
-        self._upstream = str(config.base_url)
         #: How long a leader may work on its key (it is cut off there), and the lease its
         #: claim carries: past it, repeats count a claim that was sending as "unknown".
         self._deadline = leader_deadline(config.token_wait_timeout,
@@ -97,8 +96,10 @@ class IdempotencyLeader:
         fp = fingerprint(request.method, request.raw_path, data or b"")
         # Scoped per upstream and partner, the current one (it follows a rotation), not per
         # App Key: a retry across an App Key rotation must still find its answer.
-        outcome.partner = ctx.tokens.partner_id
-        scope = f"{self._upstream}|{outcome.partner}"
+        # Each profile's keys apart (the default's as before profiles existed).
+        lane = outcome.lane
+        outcome.partner = lane.tokens.partner_id
+        scope = f"{lane.base_url}|{outcome.partner}{lane.scope}"
         key = storage_key(scope, outcome.client, key_text)
         counted = ctx.metrics.idempotency_requests
         for _ in range(CLAIM_ROUNDS):  # released while a repeat waited: claim it again
@@ -234,7 +235,7 @@ class IdempotencyLeader:
                     limit = config.idempotency.idempotency_max_body
                     body = b""
                     if resp.content_length is None or resp.content_length <= limit:
-                        body = await self._responder.read_up_to(resp, limit)
+                        body = await self._responder.read_up_to(resp, limit, outcome)
                     audit(outcome, status=resp.status, location=resp.headers.get("Location"),
                           body=body if len(body) <= limit else None)
             except TimeoutError:
@@ -243,10 +244,10 @@ class IdempotencyLeader:
                     raise IdempotencyUnavailable(
                         "the Idempotency-Key store was too slow for the request's deadline: "
                         "nothing was sent", retry_after=1.0) from None
-                ctx.metrics.upstream_error("timeout")
+                outcome.lane.metrics.upstream_error("timeout")
                 raise UpstreamTimeout("the request's deadline passed") from None
             finally:
-                self._exchange.release()
+                self._exchange.release(outcome)
             if len(body) > limit or (resp.content_length or 0) > limit:
                 later = True
                 return resp, body, False, (None if state is None else claim.settled(

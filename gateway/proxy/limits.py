@@ -278,7 +278,7 @@ class ClientLimits:
                  client_burst: int, client_concurrency: int,
                  on_reject: Callable[[str, str], None]) -> None:
         self._clock = clock
-        self._global = TokenBucket(rate, default_burst(rate, burst), clock) if rate else None
+        self._rate, self._burst = rate, default_burst(rate, burst)
         self._client_rate = client_rate
         self._client_burst = default_burst(client_rate, client_burst)
         self._client_concurrency = client_concurrency
@@ -286,12 +286,16 @@ class ClientLimits:
         self._inflight: dict[str, int] = {}
         self._on_reject = on_reject
         #: Any limit at all (else admission skips this object).
-        self.active = bool(self._global or client_rate or client_concurrency)
+        self.active = bool(rate or client_rate or client_concurrency)
 
 
-    def admit(self, client: str) -> None:
-        """Raise 429 if ``client`` (or everyone) is over a limit; else count it in flight
-        (call :meth:`done` after)."""
+    def bucket(self) -> TokenBucket | None:
+        """A fresh overall bucket (GATEWAY_RATE_LIMIT): one per credential profile."""
+        return TokenBucket(self._rate, self._burst, self._clock) if self._rate else None
+
+    def admit(self, client: str, overall: TokenBucket | None) -> None:
+        """Raise 429 if ``client`` is over its limits, or the profile's ``overall`` bucket is
+        empty; else count it in flight (call :meth:`done` after)."""
         if self._client_concurrency and self._inflight.get(client, 0) >= (
                 self._client_concurrency):
             self._on_reject("client_concurrency", client)
@@ -307,11 +311,11 @@ class ClientLimits:
                 self._on_reject("client_rate", client)
                 raise RateLimited(f"client {client!r} is over its rate limit of "
                                   f"{self._client_rate:g} requests/s", retry_after=wait)
-        if self._global is not None:
-            wait = self._global.take()
+        if overall is not None:
+            wait = overall.take()
             if wait is not None:
                 self._on_reject("rate", client)
-                raise RateLimited(f"over the gateway's rate limit of {self._global.rate:g} "
+                raise RateLimited(f"over the gateway's rate limit of {overall.rate:g} "
                                   "requests/s", retry_after=wait)
         if self._client_concurrency:
             self._inflight[client] = self._inflight.get(client, 0) + 1

@@ -16,11 +16,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.logs import access_sink, fast_iso_ms
-from gateway.metrics import Metrics
+from gateway.metrics_credential import CredentialMetrics
 from gateway.proxy.access import ANONYMOUS
 from gateway.proxy.body import BodyReader
 from gateway.proxy.cache import CacheRule
 from gateway.proxy.idempotency import settle_status
+from gateway.proxy.lanes import Lane
 from gateway.proxy.retry import Attempts
 from gateway.proxy.routes import method_label
 
@@ -54,7 +55,9 @@ class Outcome:
     sent_partner: str = ""
     cache_leader: bool = False  # leads the single flight for cache_key (to land)
     source: str = "upstream"
-    metrics: Metrics | None = None
+    #: The request's credential profile (the default until admission chose), and its metrics.
+    lane: Lane = None  # type: ignore[assignment]  # always given: Outcome(lane=...)
+    metrics: CredentialMetrics | None = None
     method: str = "GET"
     idempotency: str | None = None  # new, replayed, or the refusal's code
     # -- for the audit trail (:mod:`gateway.proxy.audit`) --

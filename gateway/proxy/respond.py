@@ -56,24 +56,26 @@ class Responder:
         try:
             body = await resp.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._broken_body(exc) from exc
+            raise self._broken_body(exc, outcome) from exc
         finally:
             resp.release()
         return await self.whole(request, resp, body, rid, outcome)
 
-    async def read_up_to(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    async def read_up_to(self, resp: aiohttp.ClientResponse, limit: int,
+                         outcome: Outcome) -> bytes:
         """The answer's body, or its first ``limit`` + 1 bytes if it is longer."""
         try:
             return await read_up_to(resp, limit)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._broken_body(exc) from exc
+            raise self._broken_body(exc, outcome) from exc
 
-    def _broken_body(self, exc: BaseException) -> UpstreamError:
+    def _broken_body(self, exc: BaseException, outcome: Outcome) -> UpstreamError:
         """The error (counted) for an upstream answer whose body stalled or broke."""
+        metrics = outcome.lane.metrics
         if isinstance(exc, TimeoutError):
-            self.ctx.metrics.upstream_error("timeout")
+            metrics.upstream_error("timeout")
             return UpstreamTimeout("the upstream's answer stalled")
-        self.ctx.metrics.upstream_error("protocol")
+        metrics.upstream_error("protocol")
         return UpstreamInvalidResponse("the upstream response body broke")
 
     async def whole(self, request: web.BaseRequest, resp: aiohttp.ClientResponse, body: bytes,
@@ -150,7 +152,7 @@ class Responder:
                 "event": "stream_deadline", "request_id": rid}})
         else:
             if isinstance(exc, aiohttp.ClientPayloadError | TimeoutError):
-                self.ctx.metrics.upstream_error(
+                outcome.lane.metrics.upstream_error(
                     "timeout" if isinstance(exc, TimeoutError) else "protocol")
             outcome.error = "stream_broken"
             log.warning("response body broke mid-stream", extra={"fields": {

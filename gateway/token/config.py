@@ -185,6 +185,30 @@ class TokenSide:
                              attempt_timeout=2 * self.auth.auth_timeout + 1)
 
 
+#: The profile the ``REPAIRY_*`` settings make (the only one of a gateway without others).
+DEFAULT_PROFILE = "default"
+
+
+@dataclass(frozen=True)
+class CredentialProfile:
+    """One credential profile: its name, its token side (partner, auth calls, renewal policy
+    with its own token file), and whether readiness waits for it. ``default`` is the
+    ``REPAIRY_*`` settings; further ones come from ``[profiles.<name>]`` tables and
+    ``REPAIRY_PROFILE_<NAME>_*`` variables (:mod:`gateway.settings_profiles`)."""
+
+    name: str
+    side: TokenSide
+    required: bool
+
+    @property
+    def partner(self) -> PartnerConfig:
+        return self.side.partner
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == DEFAULT_PROFILE
+
+
 def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
     """A short, stable name for whose token this is (no secret: the App Key's fingerprint)."""
     raw = json.dumps([upstream, app_key_fp, partner_id]).encode()

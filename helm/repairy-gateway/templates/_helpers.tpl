@@ -90,6 +90,30 @@ GATEWAY_SHUTDOWN_GRACE: {{ printf "%vs" $v.gateway.shutdownGraceSeconds | quote 
 {{- if and $v.gateway.persistToken (not $v.redis.url) }}
 GATEWAY_TOKEN_FILE: "/var/lib/repairy-gateway/token.json"
 {{- end }}
+{{- with $v.credentials.profiles }}
+{{- $names := list }}
+{{- range . }}{{ $names = append $names .name }}{{ end }}
+GATEWAY_PROFILES: {{ join "," $names | quote }}
+{{- end }}
+{{- range $v.credentials.profiles }}
+{{- $up := upper .name }}
+{{- $dir := printf "/etc/repairy-gateway/profiles/%s" .name }}
+REPAIRY_PROFILE_{{ $up }}_APP_KEY_FILE: {{ printf "%s/app-key" $dir | quote }}
+REPAIRY_PROFILE_{{ $up }}_APP_SECRET_FILE: {{ printf "%s/app-secret" $dir | quote }}
+REPAIRY_PROFILE_{{ $up }}_PARTNER_ID_FILE: {{ printf "%s/partner-id" $dir | quote }}
+{{- with .baseUrl }}
+REPAIRY_PROFILE_{{ $up }}_BASE_URL: {{ . | quote }}
+{{- end }}
+{{- if .required }}
+REPAIRY_PROFILE_{{ $up }}_REQUIRED: "true"
+{{- end }}
+{{- if and $v.gateway.persistToken (not $v.redis.url) }}
+REPAIRY_PROFILE_{{ $up }}_TOKEN_FILE: {{ printf "/var/lib/repairy-gateway/token-%s.json" .name | quote }}
+{{- end }}
+{{- end }}
+{{- with $v.inbound.clientProfiles }}
+GATEWAY_CLIENT_PROFILES: {{ join "," . | quote }}
+{{- end }}
 {{- if $v.redis.url }}
 GATEWAY_REDIS_URL: {{ $v.redis.url | quote }}
 GATEWAY_REDIS_DOWN_POLICY: {{ $v.redis.downPolicy | quote }}
@@ -208,6 +232,11 @@ One gateway container (a list item). Dict arguments:
     - name: repairy-credentials
       mountPath: /etc/repairy-gateway/credentials
       readOnly: true
+    {{- range $v.credentials.profiles }}
+    - name: {{ printf "repairy-profile-%s" (.name | replace "_" "-") }}
+      mountPath: {{ printf "/etc/repairy-gateway/profiles/%s" .name }}
+      readOnly: true
+    {{- end }}
     {{- if .clientKeys }}
     - name: repairy-client-keys
       mountPath: /etc/repairy-gateway/client-keys
@@ -256,6 +285,19 @@ One gateway container (a list item). Dict arguments:
         path: app-secret
       - key: {{ $v.credentials.secretKeys.partnerId }}
         path: partner-id
+{{- range $v.credentials.profiles }}
+- name: {{ printf "repairy-profile-%s" (.name | replace "_" "-") }}
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 288
+    items:
+      - key: {{ $v.credentials.secretKeys.appKey }}
+        path: app-key
+      - key: {{ $v.credentials.secretKeys.appSecret }}
+        path: app-secret
+      - key: {{ $v.credentials.secretKeys.partnerId }}
+        path: partner-id
+{{- end }}
 {{- if .clientKeysSecret }}
 - name: repairy-client-keys
   secret:

@@ -1,0 +1,220 @@
+"""Credential profiles beyond ``default``: read, validate and compose them.
+
+``default`` is the ``REPAIRY_*`` settings, unchanged. A further profile is named in a
+``[profiles.<name>]`` table of the config file, or in ``GATEWAY_PROFILES`` (comma-separated
+names); its values come from that table and from ``REPAIRY_PROFILE_<NAME>_<FIELD>`` variables
+(``<NAME>`` upper-cased; the environment wins, ``*_FILE`` for the secrets). Fields:
+
+=========================  ===================================================================
+``base_url``               optional: the default profile's ``REPAIRY_BASE_URL``
+``app_key``, ``app_secret`` required (``_FILE`` variants: a Kubernetes secret mount)
+``partner_id``             required (``_FILE`` too)
+``token_file``             optional: where this profile's token is kept (empty: memory only)
+``auth_token_path`` ...    optional: the ``REPAIRY_AUTH_*`` paths and fields, where they differ
+``required``               optional, false: readiness waits for this profile too
+=========================  ===================================================================
+
+Every problem, of every profile, is reported with the others (``SettingsError``), each named
+by the variable or the file key it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from gateway.config_values import (
+    parse_base_url,
+    parse_bool,
+    parse_name,
+    parse_optional_path,
+    parse_path,
+    parse_secret,
+)
+from gateway.redact import Secret
+from gateway.token.config import (
+    DEFAULT_PROFILE,
+    AuthConfig,
+    CredentialProfile,
+    PartnerConfig,
+    TokenSide,
+)
+
+PROFILES_ENV: Final = "GATEWAY_PROFILES"
+ENV_PREFIX: Final = "REPAIRY_PROFILE_"
+#: A profile's name: what callers send in the credential header, and a metric label value.
+NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: At most this many profiles (each holds a token, a pool and labels on the metrics).
+MAX_PROFILES: Final = 32
+
+Problems = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: str
+    parse: Callable[[object], Any]
+    required: bool = False
+    file_variant: bool = False
+    secret: bool = False
+
+    def env(self, name: str) -> str:
+        return f"{ENV_PREFIX}{name.upper()}_{self.key.upper()}"
+
+
+_AUTH_FIELDS: Final = ("auth_token_path", "auth_refresh_path", "auth_app_key_field",
+                       "auth_app_secret_field", "auth_refresh_token_field")
+FIELDS: Final = (
+    _Field("base_url", parse_base_url),
+    _Field("app_key", parse_secret, True, True, True),
+    _Field("app_secret", parse_secret, True, True, True),
+    _Field("partner_id", parse_name, True, True),
+    _Field("token_file", parse_optional_path),
+    _Field("auth_token_path", parse_path), _Field("auth_refresh_path", parse_path),
+    _Field("auth_app_key_field", parse_name), _Field("auth_app_secret_field", parse_name),
+    _Field("auth_refresh_token_field", parse_name),
+    _Field("required", parse_bool),
+)
+_BY_KEY: Final = {f.key: f for f in FIELDS}
+#: Every ``REPAIRY_PROFILE_<NAME>_<SUFFIX>`` suffix, longest first (``APP_KEY_FILE`` before
+#: ``APP_KEY``), for telling a variable's profile from its field.
+SUFFIXES: Final = tuple(sorted({*(f.key.upper() for f in FIELDS), *(
+    f"{f.key.upper()}_FILE" for f in FIELDS if f.file_variant)}, key=len, reverse=True))
+
+
+def is_profile_variable(name: str) -> bool:
+    """``REPAIRY_PROFILE_<NAME>_<FIELD>``, of any profile name (the loader reports those of
+    an undeclared profile)."""
+    if not name.startswith(ENV_PREFIX):
+        return False
+    rest = name[len(ENV_PREFIX):]
+    return any(rest.endswith("_" + suffix) and NAME.match(rest[:-len(suffix) - 1].lower())
+               for suffix in SUFFIXES)
+
+
+@dataclass(frozen=True)
+class LoadedProfiles:
+    profiles: tuple[CredentialProfile, ...]
+    #: (``profiles.<name>.<key>``, path) for every value read from a ``*_FILE``.
+    secret_files: tuple[tuple[str, str], ...]
+
+
+def declared_names(tables: Mapping[str, Any], env: Mapping[str, str],
+                   problems: Problems, where: str) -> list[str]:
+    """The further profiles' names: the file's tables, then ``GATEWAY_PROFILES``."""
+    names: list[str] = []
+    for name in [*tables, *(n.strip() for n in env.get(PROFILES_ENV, "").split(",")
+                            if n.strip())]:
+        origin = f"profiles.{name} (in {where})" if name in tables else PROFILES_ENV
+        if name == DEFAULT_PROFILE:
+            problems.append((origin, "'default' is the REPAIRY_* settings: name the others "
+                                     "differently"))
+        elif not NAME.match(name):
+            problems.append((origin, f"{name!r} is not a profile name: a lower-case letter, "
+                                     "then up to 31 of a-z 0-9 _"))
+        elif name not in names:
+            names.append(name)
+    if len(names) + 1 > MAX_PROFILES:
+        problems.append((PROFILES_ENV, f"at most {MAX_PROFILES} profiles, default included"))
+    return names
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().rstrip("\r\n")
+
+
+def load_profiles(default: CredentialProfile, tables: Mapping[str, Any],
+                  env: Mapping[str, str], where: str, problems: Problems) -> LoadedProfiles:
+    """``default`` and every further profile, in declaration order; problems are appended
+    to ``problems`` (nothing is raised here)."""
+    names = declared_names(tables, env, problems, where)
+    for var in sorted(env):
+        if is_profile_variable(var) and not any(
+                var.startswith(f"{ENV_PREFIX}{n.upper()}_") for n in names):
+            problems.append((var, "names no declared profile: list it in GATEWAY_PROFILES "
+                                  "or give it a [profiles.<name>] table"))
+    profiles, files = [default], []
+    for name in names:
+        table = tables.get(name, {})
+        if not isinstance(table, dict):
+            problems.append((f"profiles.{name} (in {where})", "must be a table"))
+            continue
+        for key in table:
+            if key not in _BY_KEY:
+                problems.append((f"profiles.{name}.{key} (in {where})",
+                                 "unknown profile field; known: " + ", ".join(_BY_KEY)))
+        values: dict[str, Any] = {}
+        for f in FIELDS:
+            raw: object | None = table.get(f.key)
+            origin = f"profiles.{name}.{f.key} (in {where})"
+            var = f.env(name)
+            if f.file_variant and env.get(var + "_FILE"):
+                if env.get(var):
+                    problems.append((var, f"set either {var} or {var}_FILE, not both"))
+                    continue
+                try:
+                    raw = _read(env[var + "_FILE"])
+                except OSError as exc:
+                    problems.append((var + "_FILE", f"cannot read {env[var + '_FILE']}: "
+                                                    f"{exc.strerror}"))
+                    continue
+                origin = var + "_FILE"
+                files.append((f"profiles.{name}.{f.key}", env[var + "_FILE"]))
+            elif env.get(var, "") != "":
+                raw, origin = env[var], var
+            if raw is None:
+                if f.required:
+                    problems.append((var, f"required for profile {name!r}; set {var}"
+                                          + (f" (or {var}_FILE)" if f.file_variant else "")
+                                          + f" or {f.key} in [profiles.{name}]"))
+                continue
+            try:
+                values[f.key] = f.parse(raw)
+            except (ValueError, TypeError) as exc:
+                problems.append((origin, str(exc) or "invalid value"))
+        if all(f.key in values for f in FIELDS if f.required):
+            profiles.append(_compose(name, default, values))
+    return LoadedProfiles(tuple(profiles), tuple(files))
+
+
+def _compose(name: str, default: CredentialProfile, v: Mapping[str, Any]) -> CredentialProfile:
+    side = default.side
+    app_key: Secret = v["app_key"]
+    partner = PartnerConfig(v.get("base_url", side.partner.base_url), app_key,
+                            v["app_secret"], v["partner_id"])
+    auth: AuthConfig = dataclasses.replace(side.auth, **{k: v[k] for k in _AUTH_FIELDS
+                                                         if k in v})
+    token = dataclasses.replace(side.token, token_file=v.get("token_file", ""))
+    return CredentialProfile(name, TokenSide(partner, auth, token), bool(v.get("required")))
+
+
+def profile_problems(profiles: tuple[CredentialProfile, ...],
+                     allow_insecure: bool) -> Problems:
+    """Problems across profiles: two must not share a token (same owner: the fleet's entry
+    would be fought over) or a token file."""
+    found: Problems = []
+    owners: dict[str, str] = {}
+    files: dict[str, str] = {}
+    for p in profiles:
+        where = "REPAIRY_PARTNER_ID" if p.is_default else f"{ENV_PREFIX}{p.name.upper()}_APP_KEY"
+        other = owners.setdefault(p.side.owner, p.name)
+        if other != p.name:
+            found.append((where, f"profile {p.name!r} has the same base URL, App Key and "
+                                 f"Partner ID as {other!r}: one profile per credential"))
+        path = p.side.token.token_file
+        if path:
+            seen = files.setdefault(os.path.abspath(path), p.name)
+            if seen != p.name:
+                found.append((f"{ENV_PREFIX}{p.name.upper()}_TOKEN_FILE",
+                              f"the same file as profile {seen!r}'s token: give each its own"))
+        if p.partner.base_url.scheme == "http" and p.partner.base_url.host not in (
+                "127.0.0.1", "localhost", "::1") and not p.is_default and not allow_insecure:
+            found.append((f"{ENV_PREFIX}{p.name.upper()}_BASE_URL", "http:// would send "
+                          "the token in clear: use https://, or set "
+                          "GATEWAY_ALLOW_INSECURE_UPSTREAM=true"))
+    return found

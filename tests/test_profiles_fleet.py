@@ -1,0 +1,169 @@
+"""Several credential profiles over real processes: 3 gateway replicas sharing one real
+redis-server, 2 worker processes each, against a sandbox with three partners, one live token
+per credential and 6 s access tokens.
+
+Invariants checked (each would fail if profiles shared anything):
+
+* a profile's calls carry only its own token and Partner ID: the sandbox counts every call
+  whose token belongs to another partner (0), and every echoed answer names the caller's
+  partner (an answer reaches only its own caller);
+* one login per profile for the whole fleet, and at most one refresh per renewal window;
+* revoking one profile's tokens costs that profile one login, the others none;
+* an optional profile whose credentials are refused answers its callers 503 with its reason,
+  and the others serve; readiness stays 200;
+* the same Idempotency-Key under two profiles makes two bookings, one per partner; a GET
+  cached (and shared through Redis) under one profile is never served to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.sandbox.state import numbered_partner
+from tests.fleet_helpers import GatewayProcess, RedisServer
+from tests.sandbox_helpers import faults, stats
+from tests.test_profiles import BOOKING, HEADER, profiles_env
+
+CATEGORY = "integration"
+
+PARTNERS = {"default": "sandbox-partner", "eu": "sandbox-partner-2",
+            "au": "sandbox-partner-3"}
+ACCESS_TTL = 6.0
+RATE = 300  # requests a second, over the replicas and the three profiles
+
+
+@dataclass
+class Paced:
+    ok: int = 0
+    failed: list[tuple[str, int, str]] = field(default_factory=list)
+    crossed: list[tuple[str, str]] = field(default_factory=list)  # (profile, partner seen)
+
+
+async def paced_load(http: aiohttp.ClientSession, gateways: list[GatewayProcess],
+                     seconds: float, load: Paced) -> None:
+    """``RATE`` requests a second for ``seconds``, request i to replica i % 3 under profile
+    (i // 3) % 3 (each replica sees every profile), each checked for its partner."""
+    names = list(PARTNERS)
+    started = time.monotonic()
+    tasks = []
+
+    async def one(gw: GatewayProcess, name: str) -> None:
+        try:
+            async with http.get(gw.url + "/__sandbox/echo", headers={HEADER: name}) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    load.failed.append((name, resp.status, str(body)[:120]))
+                    return
+        except (aiohttp.ClientError, ValueError) as exc:
+            load.failed.append((name, 0, type(exc).__name__))
+            return
+        seen = {k.lower(): v for k, v in body["data"]["headers"].items()}["x-partner-id"]
+        if seen != PARTNERS[name]:
+            load.crossed.append((name, seen))
+        load.ok += 1
+
+    for i in range(int(seconds * RATE)):
+        delay = started + i / RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(gateways[i % len(gateways)],
+                                             names[(i // len(gateways)) % len(names)])))
+    await asyncio.gather(*tasks)
+
+
+def partner_counts(s: dict[str, Any], what: str) -> dict[str, int]:
+    return {name: s["partners"].get(partner, {}).get(what, 0)
+            for name, partner in PARTNERS.items()}
+
+
+async def test_three_profiles_three_replicas_two_workers_one_redis(
+        redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
+    config = SandboxConfig(access_ttl=ACCESS_TTL, refresh_ttl=120, single_token=True,
+                           more_partners=(numbered_partner(2), numbered_partner(3)))
+    async with Sandbox(config) as sb:
+        env = profiles_env(sb, ("eu", "au", "nz"), REPAIRY_PROFILE_NZ_APP_SECRET="refused",
+                           GATEWAY_REDIS_URL=redis_server.url, GATEWAY_WORKERS="2",
+                           GATEWAY_CACHE_ROUTES="GET /bookings/*=60s",
+                           GATEWAY_CACHE_SHARED="true", GATEWAY_LOGIN_RETRY_INTERVAL="30s")
+        gateways = [GatewayProcess(sb, env) for _ in range(3)]
+        for gw in gateways:
+            await gw.start()
+        try:
+            for gw in gateways:
+                await gw.ready(http, within=30)
+            before = await stats(http, sb)
+            load = Paced()
+            await paced_load(http, gateways, 30.0, load)
+            during = await stats(http, sb)
+            readyz = []
+            for gw in gateways:
+                async with http.get(gw.admin + "/readyz") as resp:
+                    readyz.append((resp.status, await resp.json()))
+
+            # Revoke one profile's tokens under load: one login for it, none for the others.
+            revoke = Paced()
+            loading = asyncio.create_task(paced_load(http, gateways, 8.0, revoke))
+            await asyncio.sleep(2.0)
+            await faults(http, sb, {"revoke_tokens": PARTNERS["eu"]})
+            await loading
+            after = await stats(http, sb)
+
+            # The refused optional profile: 503 with its reason, on every replica.
+            refused = []
+            for gw in gateways:
+                async with http.get(gw.url + "/__sandbox/echo", headers={HEADER: "nz"}) as resp:
+                    refused.append((resp.status, (await resp.json())["error"]["code"]))
+
+            # The same Idempotency-Key under two profiles, through different replicas.
+            ids: dict[str, str] = {}
+            for i, name in enumerate(("default", "eu", "default", "eu")):
+                async with http.post(gateways[i % 3].url + "/bookings", json=BOOKING, headers={
+                        HEADER: name, "Idempotency-Key": "one-key-two-partners"}) as resp:
+                    assert resp.status in (200, 201), await resp.text()
+                    got = (await resp.json())["data"]["id"]
+                assert ids.setdefault(name, got) == got, name
+            # A GET cached under default (and shared through Redis), asked under eu
+            # through another replica: eu's own call, which its partner cannot see.
+            path = f"/bookings/{ids['default']}"
+            for gw in gateways[:2]:
+                async with http.get(gw.url + path) as resp:
+                    assert resp.status == 200
+            cached = resp.headers.get("X-Cache")
+            async with http.get(gateways[2].url + path, headers={HEADER: "eu"}) as resp:
+                other = (resp.status, resp.headers.get("X-Cache"))
+        finally:
+            codes = await asyncio.gather(*(gw.stop() for gw in gateways))
+            logs = [gw.logs() for gw in gateways]
+    assert all(c in (0, None) for c in codes), (codes, logs[0][-3000:])
+    for text in logs:
+        assert "sbx_at_" not in text and "sandbox-app-secret" not in text
+
+    # 30 s at 300 requests/s over 3 profiles: nothing failed, nothing crossed.
+    assert load.failed == [], load.failed[:5]
+    assert load.crossed == []
+    assert load.ok == 30 * RATE
+    assert partner_counts(during, "wrong_partner_calls") == {n: 0 for n in PARTNERS}
+    assert partner_counts(during, "logins") == {n: 1 for n in PARTNERS}
+    refreshes = {n: partner_counts(during, "refreshes")[n] - partner_counts(before,
+                                                                            "refreshes")[n]
+                 for n in PARTNERS}
+    assert all(1 <= r <= 30 / (0.75 * ACCESS_TTL) + 2 for r in refreshes.values()), refreshes
+    # The refused optional profile never takes a replica out of its Service.
+    assert [status for status, _ in readyz] == [200, 200, 200], readyz
+    assert all(body["profiles"]["nz"]["codes"] == ["no_usable_token"] for _, body in readyz)
+
+    assert revoke.failed == [] and revoke.crossed == [], revoke.failed[:5]
+    assert {n: partner_counts(after, "logins")[n] - partner_counts(during, "logins")[n]
+            for n in PARTNERS} == {"default": 0, "eu": 1, "au": 0}
+    assert partner_counts(after, "wrong_partner_calls") == {n: 0 for n in PARTNERS}
+
+    assert refused == [(503, "credentials_rejected")] * 3
+    assert ids["default"] != ids["eu"]
+    assert cached == "HIT"
+    assert other == (404, "MISS")
