@@ -80,6 +80,17 @@ def render_effective(settings: Settings, ignored: Iterable[tuple[str, str | None
         line = f"{spec.key} = {_toml(source.shown)}  # {_comment(origin)}"
         # A secret is commented out: fed back, the file must not set it to its redaction.
         lines.append(f"# {line}" if spec.secret and source.shown else line)
+    for profile in settings.more_profiles:  # secrets by fingerprint only, commented out
+        side, partner = profile.side, profile.partner
+        lines += ["", f"[profiles.{profile.name}]",
+                  f"base_url = {_toml(str(partner.base_url))}",
+                  f"# app_key = \"<redacted fp:{partner.app_key.fingerprint}>\"",
+                  "# app_secret = \"<redacted>\"",
+                  f"partner_id = {_toml(partner.partner_id)}",
+                  f"token_file = {_toml(side.token.token_file)}",
+                  f"auth_token_path = {_toml(side.auth.auth_token_path)}",
+                  f"auth_refresh_path = {_toml(side.auth.auth_refresh_path)}",
+                  f"required = {'true' if profile.required else 'false'}"]
     ignored = list(ignored)
     if ignored:
         lines += ["", "# Not settings of repairy-gateway (ignored):"]

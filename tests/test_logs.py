@@ -149,7 +149,8 @@ _opt_texts = st.none() | st.text()
 
 @settings(max_examples=300, deadline=None)
 @given(created=st.floats(min_value=0, max_value=4e9, allow_nan=False), msg=st.text(),
-       line=st.builds(AccessLine, st.text(), st.text(), st.text(), st.text(), _opt_ints,
+       line=st.builds(AccessLine, st.text(), st.text(), st.text(), st.text(), st.text(),
+                      _opt_ints,
                       _opt_ints, _opt_texts, st.floats(), st.integers(min_value=0),
                       st.integers(min_value=0), _opt_ints, st.booleans(), st.booleans(),
                       _opt_texts, _opt_texts, _opt_texts),

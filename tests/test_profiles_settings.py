@@ -154,3 +154,18 @@ def test_choice_costs_at_most_five_microseconds() -> None:
             lanes.choose("au", "billing", True)
         best = min(best, (time.perf_counter() - started) / rounds)
     assert best < 5e-6, f"{best * 1e6:.2f} µs"
+
+
+def test_profiles_in_the_effective_settings_without_their_secrets() -> None:
+    """``repairy-gateway config`` lists each further profile as a TOML table (valid TOML),
+    secrets commented out with the App Key's fingerprint only."""
+    import tomllib
+
+    from gateway.settings_docs import render_effective
+
+    s = load_settings({**BASE, **EU, "REPAIRY_PROFILE_EU_REQUIRED": "yes"})
+    text = render_effective(s)
+    assert "secret-eu" not in text and "key-eu" not in text
+    table = tomllib.loads(text)["profiles"]["eu"]
+    assert table["partner_id"] == "p-eu" and table["required"] is True
+    assert f"fp:{s.profiles[1].partner.app_key.fingerprint}" in text

@@ -69,6 +69,7 @@ def audit(outcome: Outcome, *, status: int | None, code: str | None = None,
              extra={"fields": {
                  "event": "audit", "request_id": outcome.request_id,
                  "client": outcome.client if outcome.client != "anonymous" else outcome.peer,
+                 "credential": outcome.lane.name,
                  "method": outcome.method, "route": outcome.route,
                  "idempotency_key_sha256": None if outcome.idempotency_key is None
                  else key_hash(outcome.idempotency_key),

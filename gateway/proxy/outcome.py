@@ -87,7 +87,8 @@ def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: f
     attempts = outcome.attempts
     retried = attempts.retried if attempts is not None else None
     line = AccessLine(
-        rid, outcome.client, request.method[:16], outcome.route, outcome.status,
+        rid, outcome.client, outcome.lane.name, request.method[:16], outcome.route,
+        outcome.status,
         outcome.upstream_status, outcome.error, round((time.monotonic() - started) * 100_000) / 100,
         outcome.reader.bytes_in if outcome.reader else 0, outcome.bytes_out,
         outcome.generation, outcome.replayed, bool(retried),
@@ -106,6 +107,7 @@ class AccessLine(NamedTuple):
 
     request_id: str
     client: str
+    credential: str
     method: str
     route: str
     status: int | None
@@ -141,7 +143,8 @@ def _parts(msg: str, f: AccessLine) -> tuple[str, str, str]:
     head = (f'", "level": "info", "logger": "gateway.proxy", "msg": {_str(msg)}, '
             '"event": "request", "request_id": ')
     middle = (
-        f', "client": {_str(f.client)}, "method": {_str(f.method)}, "route": {_str(f.route)}, '
+        f', "client": {_str(f.client)}, "credential": {_str(f.credential)}, '
+        f'"method": {_str(f.method)}, "route": {_str(f.route)}, '
         f'"status": {"null" if status is None else int.__repr__(status)}, '
         f'"upstream_status": {"null" if upstream is None else int.__repr__(upstream)}, '
         f'"error": {"null" if f.error is None else _str(f.error)}, "duration_ms": ')
@@ -159,7 +162,7 @@ def access_line(created: float, msg: str, f: AccessLine) -> str:
     """``json_line(created, "info", "gateway.proxy", msg, f.fields())``, byte for byte (a
     property test holds it to that), without building the dict or walking it: the parts that
     repeat are made once (:data:`_PARTS`)."""
-    key = (msg, f.client, f.method, f.route, f.status, f.upstream_status, f.error,
+    key = (msg, f.client, f.credential, f.method, f.route, f.status, f.upstream_status, f.error,
            f.token_generation, f.replayed, f.retried, f.retries, f.cache, f.idempotency)
     parts = _PARTS.get(key)
     if parts is None:
