@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -201,3 +202,41 @@ async def test_revoking_one_profile_relogs_that_profile_only(
                     assert resp.status == 200, (name, await resp.text())
         logins = {p: c["logins"] for p, c in three.state.control.stats()["partners"].items()}
         assert logins == {"sandbox-partner": 1, "sandbox-partner-2": 2, "sandbox-partner-3": 1}
+
+
+async def test_rotating_one_profiles_secret_files_switches_that_profile_only(
+        three: Sandbox, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """A profile's *_FILE credentials change (Kubernetes updated its Secret): that profile
+    logs in with them and switches; the other profiles keep their tokens, no login."""
+    from tests.test_rotation import SecretMount
+
+    eu = numbered_partner(2)
+    mount = SecretMount(tmp_path, {"app-key": eu.app_key, "app-secret": eu.app_secret,
+                                   "partner-id": eu.partner_id})
+    env = profiles_env(three, ("eu",))
+    for field in ("app-key", "app-secret", "partner-id"):
+        var = f"REPAIRY_PROFILE_EU_{field.upper().replace('-', '_')}"
+        del env[var]
+        env[var + "_FILE"] = str(tmp_path / field)
+
+    def load() -> Any:
+        return settings_for(three, env, secrets_poll_interval="0.1s")
+
+    async with GatewayServer(load(), reload_settings=load) as gw:
+        await wait_until(lambda: _all_ready(gw))
+        default_token = gw.state.profiles["default"].manager.current
+        async with http.post(f"{three.url}/__sandbox/credentials", json={"replace": {
+                "app_key": "eu-key-2", "app_secret": "eu-secret-2",
+                "partner_id": eu.partner_id}}) as resp:
+            assert resp.status == 200
+        mount.update({"app-key": "eu-key-2", "app-secret": "eu-secret-2",
+                      "partner-id": eu.partner_id})
+        eu_manager = gw.state.profiles["eu"].manager
+        await wait_until(lambda: eu_manager.current is not None
+                         and eu_manager.current.generation == 2, within=5)
+        assert gw.state.profiles["default"].manager.current is default_token
+        async with http.get(f"{gw.url}/__sandbox/echo", headers={HEADER: "eu"}) as resp:
+            assert resp.status == 200
+        logins = {p: c["logins"] for p, c in three.state.control.stats()["partners"].items()}
+        assert logins == {"sandbox-partner": 1, "sandbox-partner-2": 2}
+        assert gw.state.settings.profiles[1].partner.app_key.reveal() == "eu-key-2"
