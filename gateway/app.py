@@ -157,6 +157,12 @@ class GatewayServer:
             view.bind_ready(held.ready)
         state.verdict = state.profiles[DEFAULT_PROFILE].verdict
         self.metrics.bind_ready(state.ready)
+        clients = {key.name for key in s.inbound.client_keys}
+        unknown = [c for c, _ in s.inbound.client_profiles if c != "*" and c not in clients]
+        if unknown:  # not an error: a revoked key must not stop the next start or reload
+            log.warning("GATEWAY_CLIENT_PROFILES names clients without a client key: %s",
+                        ", ".join(unknown), extra={"fields": {
+                            "event": "client_profiles_unknown_clients", "clients": unknown}})
         for held in state.profiles.values():
             await held.manager.start()
             assert held.verdict is not None

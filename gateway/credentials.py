@@ -63,6 +63,13 @@ def _note_restart_needed(loaded: Settings, running: Settings) -> None:
                and loaded.value(spec.key) != running.value(spec.key)]
     changed += [f"{spec.env}_FILE" for spec in SPECS if spec.file_variant
                 and paths.get(spec.key) != loaded_paths.get(spec.key)]
+    def shape(s: Settings) -> list[object]:  # what a profile is, but its credentials
+        return [(p.name, str(p.partner.base_url), p.required, p.side.auth,
+                 p.side.token.token_file) for p in s.profiles]
+
+    if shape(loaded) != shape(running):
+        changed.append("the credential profiles (added, removed, or a base URL, auth "
+                       "setting, token file or required flag)")
     if changed:
         log.warning("settings changed but need a restart to take effect: %s",
                     ", ".join(changed), extra={"fields": {

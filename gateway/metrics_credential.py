@@ -127,25 +127,26 @@ class CredentialMetrics:
         self.f.store_errors.labels(self.name, op).inc()
 
     def store_is_up(self, up: bool) -> None:
-        """The store's Redis answers (one Redis for every profile: no label)."""
+        """The store answers this profile's fleet (registered on the first report: absent
+        without a store, where a 0 would read as "down")."""
         if self.f.store_up is None:
             self.f.store_up = Gauge(f"{NS}_store_up", "1 while the shared token store "
                                     "answers (0: down; absent without a store).",
-                                    registry=self.f.registry)
-        self.f.store_up.set(1 if up else 0)
+                                    ["credential"], registry=self.f.registry)
+        self.f.store_up.labels(self.name).set(1 if up else 0)
         self._mismatch_gauge()
 
     def _mismatch_gauge(self) -> Gauge:
         if self.f.store_key_mismatch is None:
             self.f.store_key_mismatch = Gauge(
-                f"{NS}_store_key_mismatch", "1 while a fleet token entry is live but "
-                "sealed with another GATEWAY_STORE_KEY (this replica answers 503 "
-                "store_key_mismatch and never logs in; absent without a store).",
-                registry=self.f.registry)
+                f"{NS}_store_key_mismatch", "1 while the profile's fleet token entry is live "
+                "but sealed with another GATEWAY_STORE_KEY (this replica answers 503 "
+                "store_key_mismatch for it and never logs in; absent without a store).",
+                ["credential"], registry=self.f.registry)
         return self.f.store_key_mismatch
 
     def key_mismatch(self, on: bool) -> None:
-        self._mismatch_gauge().set(1 if on else 0)
+        self._mismatch_gauge().labels(self.name).set(1 if on else 0)
 
     # -- upstream (per request: label children are looked up once, then kept) ---------------
     def upstream_response(self, method: str, route: str, status: int, seconds: float) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.config_values import (
+    TcpAddress,
     parse_base_url,
     parse_bool,
     parse_name,
@@ -35,6 +36,7 @@ from gateway.config_values import (
     parse_path,
     parse_secret,
 )
+from gateway.proxy.access import is_loopback
 from gateway.redact import Secret
 from gateway.token.config import (
     DEFAULT_PROFILE,
@@ -86,14 +88,23 @@ SUFFIXES: Final = tuple(sorted({*(f.key.upper() for f in FIELDS), *(
     f"{f.key.upper()}_FILE" for f in FIELDS if f.file_variant)}, key=len, reverse=True))
 
 
+def profile_of(name: str) -> str | None:
+    """The profile a ``REPAIRY_PROFILE_<NAME>_<FIELD>`` variable names (lower case), or None
+    when it is not one (``<FIELD>`` is matched longest first: ``APP_KEY_FILE`` before
+    ``APP_KEY``, so ``EU_WEST_APP_KEY`` names ``eu_west``, never ``eu``)."""
+    if not name.startswith(ENV_PREFIX):
+        return None
+    rest = name[len(ENV_PREFIX):]
+    for suffix in SUFFIXES:
+        if rest.endswith("_" + suffix) and NAME.match(rest[:-len(suffix) - 1].lower()):
+            return rest[:-len(suffix) - 1].lower()
+    return None
+
+
 def is_profile_variable(name: str) -> bool:
     """``REPAIRY_PROFILE_<NAME>_<FIELD>``, of any profile name (the loader reports those of
     an undeclared profile)."""
-    if not name.startswith(ENV_PREFIX):
-        return False
-    rest = name[len(ENV_PREFIX):]
-    return any(rest.endswith("_" + suffix) and NAME.match(rest[:-len(suffix) - 1].lower())
-               for suffix in SUFFIXES)
+    return profile_of(name) is not None
 
 
 @dataclass(frozen=True)
@@ -128,17 +139,19 @@ def _read(path: str) -> str:
         return fh.read().rstrip("\r\n")
 
 
-def load_profiles(default: CredentialProfile, tables: Mapping[str, Any],
+def load_profiles(default: CredentialProfile | None, tables: Mapping[str, Any],
                   env: Mapping[str, str], where: str, problems: Problems) -> LoadedProfiles:
     """``default`` and every further profile, in declaration order; problems are appended
-    to ``problems`` (nothing is raised here)."""
+    to ``problems`` (nothing is raised here). Without ``default`` (its own settings have
+    problems) the further profiles are only checked, so every problem shows at once."""
     names = declared_names(tables, env, problems, where)
     for var in sorted(env):
-        if is_profile_variable(var) and not any(
-                var.startswith(f"{ENV_PREFIX}{n.upper()}_") for n in names):
+        named = profile_of(var)
+        if named is not None and named not in names:
             problems.append((var, "names no declared profile: list it in GATEWAY_PROFILES "
                                   "or give it a [profiles.<name>] table"))
-    profiles, files = [default], []
+    profiles: list[CredentialProfile] = [] if default is None else [default]
+    files: list[tuple[str, str]] = []
     for name in names:
         table = tables.get(name, {})
         if not isinstance(table, dict):
@@ -177,7 +190,7 @@ def load_profiles(default: CredentialProfile, tables: Mapping[str, Any],
                 values[f.key] = f.parse(raw)
             except (ValueError, TypeError) as exc:
                 problems.append((origin, str(exc) or "invalid value"))
-        if all(f.key in values for f in FIELDS if f.required):
+        if default is not None and all(f.key in values for f in FIELDS if f.required):
             profiles.append(_compose(name, default, values))
     return LoadedProfiles(tuple(profiles), tuple(files))
 
@@ -212,8 +225,9 @@ def profile_problems(profiles: tuple[CredentialProfile, ...],
             if seen != p.name:
                 found.append((f"{ENV_PREFIX}{p.name.upper()}_TOKEN_FILE",
                               f"the same file as profile {seen!r}'s token: give each its own"))
-        if p.partner.base_url.scheme == "http" and p.partner.base_url.host not in (
-                "127.0.0.1", "localhost", "::1") and not p.is_default and not allow_insecure:
+        url = p.partner.base_url
+        if url.scheme == "http" and not is_loopback(TcpAddress(url.host or "", 0)) and (
+                not p.is_default and not allow_insecure):  # the default's: settings.py
             found.append((f"{ENV_PREFIX}{p.name.upper()}_BASE_URL", "http:// would send "
                           "the token in clear: use https://, or set "
                           "GATEWAY_ALLOW_INSECURE_UPSTREAM=true"))

@@ -193,7 +193,8 @@ def build_lanes(s: Settings, tokens: Mapping[str, TokenSource], clock: Clock,
     lanes = []
     for url, profiles in by_url.items():
         views = [metrics.credential(p.name) for p in profiles]
-        session, breaker = create_session(s.upstream), _breaker(s, clock, views)
+        session = create_session(s.upstream, sharers=len(profiles))
+        breaker = _breaker(s, clock, views)
         for profile, view in zip(profiles, views, strict=True):
             source = tokens[profile.name]
             lanes.append(Lane(profile.name, URL(url), source,

@@ -16,7 +16,8 @@ CREDENTIAL_FAMILIES: Final = re.compile(
     r"store_adoptions|store_lease_waits|store_errors|upstream_requests|"
     r"upstream_request_duration_seconds|upstream_errors|requests_replayed|retries|"
     r"retry_budget_exhausted|circuit_breaker_state|circuit_breaker_opened|"
-    r"upstream_slots_in_use|probes|upstream_refused|credential_contention|"
+    r"upstream_slots_in_use|probes|upstream_refused|credential_contention|store_up|"
+    r"store_key_mismatch|"
     r"credential_contention_active|credential_ready)(_total|_count|_sum|_bucket|_created)?$")
 
 

@@ -242,9 +242,9 @@ def test_metrics_store_up_is_absent_without_a_store() -> None:
     metrics = Metrics()
     assert b"repairy_gateway_store_up" not in metrics.render()
     metrics.credential("default").store_is_up(True)
-    assert b"repairy_gateway_store_up 1.0" in metrics.render()
+    assert b'repairy_gateway_store_up{credential="default"} 1.0' in metrics.render()
     metrics.credential("default").store_is_up(False)
-    assert b"repairy_gateway_store_up 0.0" in metrics.render()
+    assert b'repairy_gateway_store_up{credential="default"} 0.0' in metrics.render()
 
 
 @pytest.mark.unit

@@ -4,6 +4,7 @@ records and cached answers, one profile's refusal, readiness, /tokenz and the me
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.sandbox.state import numbered_partner
+from gateway.sandbox.tokens import Credential
 from tests.gateway_helpers import get_json, settings_for, wait_until
 from tests.sandbox_helpers import faults
 
@@ -240,3 +242,62 @@ async def test_rotating_one_profiles_secret_files_switches_that_profile_only(
         logins = {p: c["logins"] for p, c in three.state.control.stats()["partners"].items()}
         assert logins == {"sandbox-partner": 1, "sandbox-partner-2": 2}
         assert gw.state.settings.profiles[1].partner.app_key.reveal() == "eu-key-2"
+
+
+async def test_two_profiles_of_one_partner_keep_their_keys_apart(
+        http: aiohttp.ClientSession) -> None:
+    """Two profiles with the same Partner ID (another App Key): still two bookings for one
+    Idempotency-Key, and a GET cached under one is fetched afresh under the other."""
+    alt = Credential("sandbox-app-key-alt", "sandbox-app-secret-alt", "sandbox-partner")
+    async with Sandbox(SandboxConfig(more_partners=(alt,))) as sb:
+        env = {"GATEWAY_PROFILES": "alt", "REPAIRY_PROFILE_ALT_APP_KEY": alt.app_key,
+               "REPAIRY_PROFILE_ALT_APP_SECRET": alt.app_secret,
+               "REPAIRY_PROFILE_ALT_PARTNER_ID": alt.partner_id,
+               "GATEWAY_CACHE_ROUTES": "GET /bookings/*=60s"}
+        async with GatewayServer(settings_for(sb, env)) as gw:
+            await wait_until(lambda: _all_ready(gw))
+            ids = []
+            for name in ("default", "alt"):
+                async with http.post(f"{gw.url}/bookings", json=BOOKING, headers={
+                        HEADER: name, "Idempotency-Key": "shared-partner-key"}) as resp:
+                    assert resp.status == 201, await resp.text()
+                    ids.append((await resp.json())["data"]["id"])
+            assert ids[0] != ids[1] and len(sb.state.data.bookings) == 2
+            caches = []
+            for name in ("default", "default", "alt"):
+                async with http.get(f"{gw.url}/bookings/{ids[0]}",
+                                    headers={HEADER: name}) as resp:
+                    assert resp.status == 200
+                    caches.append(resp.headers.get("X-Cache"))
+            assert caches == ["MISS", "HIT", "MISS"]
+
+
+async def test_a_busy_profile_leaves_the_others_their_connections_and_breaker(
+        three: Sandbox, http: aiohttp.ClientSession) -> None:
+    """One profile's upstream slots full (its calls held at the sandbox): the others still
+    get connections at once, their breaker stays closed; the busy one answers 503
+    upstream_busy beyond its slots."""
+    env = profiles_env(three, GATEWAY_POOL_SIZE="2", GATEWAY_CONNECT_TIMEOUT="0.5s")
+    async with GatewayServer(settings_for(three, env)) as gw:
+        await wait_until(lambda: _all_ready(gw))
+        await faults(http, three, {"hold": "eu-gate", "partner": "sandbox-partner-2",
+                                   "scope": "api", "persistent": True})
+
+        async def call(name: str) -> tuple[int, str | None]:
+            async with http.get(f"{gw.url}/__sandbox/echo", headers={HEADER: name}) as resp:
+                body = await resp.json()
+                return resp.status, body.get("error", {}).get("code")
+
+        held = [asyncio.create_task(call("eu")) for _ in range(2)]
+        await wait_until(lambda: three.state.control.holding["eu-gate"] == 2)
+        assert await asyncio.wait_for(call("eu"), 5) == (503, "upstream_busy")
+        others = await asyncio.wait_for(asyncio.gather(
+            *(call(name) for name in ("default", "au", "default", "au", "default"))), 5)
+        assert others == [(200, None)] * 5
+        assert three.state.control.holding["eu-gate"] == 2  # still held meanwhile
+        async with http.post(f"{three.url}/__sandbox/gates/eu-gate"):
+            pass
+        assert [await task for task in held] == [(200, None)] * 2
+        text = gw.metrics.render().decode()
+        for name in ("default", "eu", "au"):
+            assert f'repairy_gateway_circuit_breaker_state{{credential="{name}"}} 0.0' in text

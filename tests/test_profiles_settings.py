@@ -90,8 +90,9 @@ def test_profiles_cross_checks() -> None:
     with pytest.raises(SettingsError, match="GATEWAY_CLIENT_PROFILES: needs GATEWAY_CLIENT_KEYS"):
         load_settings({**BASE, **EU, "GATEWAY_CLIENT_PROFILES": "*=eu"})
     keys = {"GATEWAY_CLIENT_KEYS": "web=client-key-web-0123456789"}
-    with pytest.raises(SettingsError, match="'app' is not a client"):
-        load_settings({**BASE, **EU, **keys, "GATEWAY_CLIENT_PROFILES": "app=eu"})
+    # A grant for a client without a key (revoked from the key file, or not issued yet) is
+    # no error: a revocation must never stop the next reload or start.
+    load_settings({**BASE, **EU, **keys, "GATEWAY_CLIENT_PROFILES": "app=eu"})
     s = load_settings({**BASE, **EU, **keys, "GATEWAY_CLIENT_PROFILES": "web=eu|default"})
     assert s.inbound.client_profiles == (("web", ("eu", "default")),)
 
@@ -169,3 +170,37 @@ def test_profiles_in_the_effective_settings_without_their_secrets() -> None:
     table = tomllib.loads(text)["profiles"]["eu"]
     assert table["partner_id"] == "p-eu" and table["required"] is True
     assert f"fp:{s.profiles[1].partner.app_key.fingerprint}" in text
+
+
+def test_profiles_problems_show_with_the_default_profiles_own(tmp_path: Path) -> None:
+    """An incomplete default profile does not hide the others' problems; a variable of an
+    undeclared profile whose name starts with a declared one's is still reported."""
+    env = {**BASE, **EU, "REPAIRY_PROFILE_EU_WEST_APP_KEY": "k", "GATEWAY_PROFILES": "eu,au"}
+    del env["REPAIRY_APP_SECRET"]
+    with pytest.raises(SettingsError) as err:
+        load_settings(env)
+    named = dict(err.value.problems)
+    assert {"REPAIRY_APP_SECRET", "REPAIRY_PROFILE_EU_WEST_APP_KEY",
+            "REPAIRY_PROFILE_AU_APP_KEY", "REPAIRY_PROFILE_AU_PARTNER_ID"} <= named.keys()
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('gateway = "x"\n', "[gateway] must be a table"),
+    ('profiles = "x"\n', "must hold a table per profile"),
+    ('[gateway.profiles.eu]\npartner_id = "a"\n[profiles.au]\npartner_id = "b"\n',
+     "both [profiles] and [gateway.profiles]"),
+])
+def test_profiles_file_shapes_are_errors_naming_the_file(tmp_path: Path, text: str,
+                                                          problem: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    with pytest.raises(SettingsError) as err:
+        load_settings(BASE, config_file=str(config))
+    assert err.value.setting == "GATEWAY_CONFIG" and problem in str(err.value)
+
+
+def test_profiles_plain_http_only_on_loopback() -> None:
+    env = {**BASE, **EU, "REPAIRY_PROFILE_EU_BASE_URL": "http://127.0.0.2:8090/"}
+    assert load_settings(env).profiles[1].partner.base_url.port == 8090
+    with pytest.raises(SettingsError, match="REPAIRY_PROFILE_EU_BASE_URL: http://"):
+        load_settings({**env, "REPAIRY_PROFILE_EU_BASE_URL": "http://eu.example/"})

@@ -94,7 +94,8 @@ async def misconfiguration(http: aiohttp.ClientSession, access_ttl: float,
                 status, body = await readyz(http, wrong)
                 assert status == 503 and body["reasons"][0].startswith("store_key_mismatch")
                 async with http.get(wrong.admin + "/metrics") as resp:
-                    assert "repairy_gateway_store_key_mismatch 1.0" in await resp.text()
+                    assert ('repairy_gateway_store_key_mismatch{credential="default"} 1.0'
+                            in await resp.text())
                 assert "GATEWAY_STORE_KEY" in wrong.logs()
                 assert '"event": "store_key_mismatch"' in wrong.logs()
                 assert (await readyz(http, right))[0] == 200

@@ -64,7 +64,7 @@ class UpstreamConfig:
         "GATEWAY_IDEMPOTENCY_ROUTES is on). At least 100ms.")
     pool_size: int = setting(
         "GATEWAY_POOL_SIZE", parse_positive_int, "100",
-        "Most simultaneous upstream connections (keep-alive pool).")
+        "Most simultaneous upstream connections (keep-alive pool), per credential profile.")
     keepalive_timeout: float = setting(
         "GATEWAY_KEEPALIVE_TIMEOUT", parse_duration, "4s",
         "How long an idle upstream connection is kept for reuse (keep it below the "

@@ -64,9 +64,12 @@ class PassThroughRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _SKIPPED  # read only: a body's Content-Type is skipped too
 
 
-def create_session(up: UpstreamConfig) -> aiohttp.ClientSession:
-    """The one upstream session of a process (create inside the running loop)."""
-    connector = ReuseMarkingConnector(limit=up.pool_size,
+def create_session(up: UpstreamConfig, sharers: int = 1) -> aiohttp.ClientSession:
+    """The upstream session of one base URL in a process (create inside the running loop):
+    its pool holds ``GATEWAY_POOL_SIZE`` connections for each of the ``sharers`` (credential
+    profiles on that URL, each bounded by slots of its own), so one busy profile never
+    leaves another waiting for a connection."""
+    connector = ReuseMarkingConnector(limit=up.pool_size * sharers,
                                       ssl=upstream_tls(up.upstream_ca_file),
                                       keepalive_timeout=up.keepalive_timeout)
     session = egress_session(up.egress_proxy, up.egress_proxy_password,
