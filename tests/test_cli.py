@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from gateway.env_names import unknown_variables
-from gateway.sandbox import Sandbox
+from gateway.sandbox import Sandbox, SandboxConfig
+from gateway.sandbox.state import numbered_partner
 from tests.gateway_helpers import SERVICES, wait_until
 from tests.sandbox_helpers import faults, stats
 
@@ -147,6 +148,30 @@ async def test_cli_check_fails_on_rejected_credentials(sandbox: Sandbox) -> None
     assert "wrong-secret-xyz" not in out + err
 
 
+async def test_cli_check_probes_every_profile_and_names_the_one_that_failed() -> None:
+    """check with three profiles, one refused: each is logged in and probed, the refused one
+    is named with its own variables, exit 1; its secret is never printed."""
+    partners = (numbered_partner(2), numbered_partner(3))
+    async with Sandbox(SandboxConfig(more_partners=partners)) as sb:
+        env = sandbox_env(sb, GATEWAY_PROFILES="eu,au")
+        for name, cred in zip(("EU", "AU"), partners, strict=True):
+            env |= {f"REPAIRY_PROFILE_{name}_APP_KEY": cred.app_key,
+                    f"REPAIRY_PROFILE_{name}_APP_SECRET": cred.app_secret,
+                    f"REPAIRY_PROFILE_{name}_PARTNER_ID": cred.partner_id}
+        code, out, err = await run("check", env=env)
+        assert code == 0, out + err
+        assert "ok [profile eu]: logged in" in out and "3 of 3 profiles ok" in out
+        code, out, err = await run("check", env=env | {
+            "REPAIRY_PROFILE_AU_APP_SECRET": "wrong-secret-xyz"})
+        partners_seen = sb.state.control.stats()["partners"]
+    assert code == 1
+    assert "check failed [profile au]: login to" in out and "invalid_credentials" in out
+    assert "REPAIRY_PROFILE_AU_APP_KEY and REPAIRY_PROFILE_AU_APP_SECRET" in out
+    assert "2 of 3 profiles ok; failed: au" in out
+    assert "wrong-secret-xyz" not in out + err
+    assert partners_seen["sandbox-partner-2"]["calls"] == 2  # each check probed eu once
+
+
 async def test_cli_demo_once_serves_a_sample_request() -> None:
     """demo --once starts sandbox and gateway, proxies a sample call (200), exits 0."""
     code, out, err = await run("demo", "--once", "--listen", "127.0.0.1:0",
@@ -154,6 +179,10 @@ async def test_cli_demo_once_serves_a_sample_request() -> None:
     assert code == 0, out + err
     assert "curl -s http://127.0.0.1:" in out
     assert "-> 200" in out
+    # The demo shows a second credential profile: the sandbox's partner 2, by its header.
+    assert "X-Repairy-Credential: partner2" in out
+    assert "sample as partner2: GET /__sandbox/echo -> 200" in out
+    assert "(sent as partner sandbox-partner-2)" in out
     # GATEWAY_LOG_FORMAT=auto (the default): not a terminal here, so JSON lines.
     logged = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert any(doc.get("event") == "listening" or "msg" in doc for doc in logged)

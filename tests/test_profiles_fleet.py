@@ -82,6 +82,11 @@ def partner_counts(s: dict[str, Any], what: str) -> dict[str, int]:
             for name, partner in PARTNERS.items()}
 
 
+def refreshes_of(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    return {n: partner_counts(after, "refreshes")[n] - partner_counts(before, "refreshes")[n]
+            for n in PARTNERS}
+
+
 async def test_three_profiles_three_replicas_two_workers_one_redis(
         redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
     config = SandboxConfig(access_ttl=ACCESS_TTL, refresh_ttl=120, single_token=True,
@@ -144,15 +149,17 @@ async def test_three_profiles_three_replicas_two_workers_one_redis(
     for text in logs:
         assert "sbx_at_" not in text and "sandbox-app-secret" not in text
 
+    print(f"figures: {load.ok} ok of {30 * RATE}; logins {partner_counts(during, 'logins')}; "
+          f"refreshes in the 30 s {refreshes_of(before, during)}; wrong-partner calls "
+          f"{partner_counts(during, 'wrong_partner_calls')}; revoke: {revoke.ok} ok, logins "
+          f"{partner_counts(after, 'logins')}")
     # 30 s at 300 requests/s over 3 profiles: nothing failed, nothing crossed.
     assert load.failed == [], load.failed[:5]
     assert load.crossed == []
     assert load.ok == 30 * RATE
     assert partner_counts(during, "wrong_partner_calls") == {n: 0 for n in PARTNERS}
     assert partner_counts(during, "logins") == {n: 1 for n in PARTNERS}
-    refreshes = {n: partner_counts(during, "refreshes")[n] - partner_counts(before,
-                                                                            "refreshes")[n]
-                 for n in PARTNERS}
+    refreshes = refreshes_of(before, during)
     assert all(1 <= r <= 30 / (0.75 * ACCESS_TTL) + 2 for r in refreshes.values()), refreshes
     # The refused optional profile never takes a replica out of its Service.
     assert [status for status, _ in readyz] == [200, 200, 200], readyz
