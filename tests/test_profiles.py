@@ -301,3 +301,22 @@ async def test_a_busy_profile_leaves_the_others_their_connections_and_breaker(
         text = gw.metrics.render().decode()
         for name in ("default", "eu", "au"):
             assert f'repairy_gateway_circuit_breaker_state{{credential="{name}"}} 0.0' in text
+
+
+async def test_each_profile_keeps_its_token_in_its_own_file(
+        three: Sandbox, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Token files per profile: a restart reuses every profile's own token (no login), and
+    each file holds its own partner's."""
+    env = profiles_env(three, ("eu",), REPAIRY_PROFILE_EU_TOKEN_FILE=str(tmp_path / "eu.json"))
+    s = settings_for(three, env, token_file=str(tmp_path / "default.json"))
+    for _ in range(2):
+        async with GatewayServer(s) as gw:
+            await wait_until(lambda: _all_ready(gw))
+            for name in ("default", "eu"):
+                async with http.get(f"{gw.url}/__sandbox/echo",
+                                    headers={HEADER: name}) as resp:
+                    assert resp.status == 200
+    logins = {p: c["logins"] for p, c in three.state.control.stats()["partners"].items()}
+    assert logins == {"sandbox-partner": 1, "sandbox-partner-2": 1}
+    assert "sandbox-partner-2" in (tmp_path / "eu.json").read_text()
+    assert "sandbox-partner-2" not in (tmp_path / "default.json").read_text()
