@@ -63,6 +63,13 @@ async def startz(request: web.Request) -> web.Response:
     return web.json_response({"started": True})
 
 
+def fix_of(refusal: str, name: str) -> str:
+    """The variables that fix a refusal, named as this profile's."""
+    fix = FIX[refusal]
+    return fix if name == DEFAULT_PROFILE else fix.replace(
+        "REPAIRY_", f"REPAIRY_PROFILE_{name.upper()}_")
+
+
 def _not_ready(held: ProfileState) -> tuple[list[str], list[str]]:
     """Why one profile cannot serve: (codes, reasons); empty when it can."""
     reasons: list[str] = []
@@ -70,7 +77,8 @@ def _not_ready(held: ProfileState) -> tuple[list[str], list[str]]:
     verdict = held.verdict
     if verdict is not None and verdict.refusal is not None:
         codes.append(verdict.refusal)
-        reasons.append(f"{verdict.refusal}: {verdict.detail}; fix {FIX[verdict.refusal]}, "
+        reasons.append(f"{verdict.refusal}: {verdict.detail}; fix "
+                       f"{fix_of(verdict.refusal, held.profile.name)}, "
                        "then SIGHUP (or wait for the next probe)")
     status = held.manager.status()
     fleet = held.manager.fleet

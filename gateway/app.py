@@ -40,8 +40,6 @@ from gateway.state import GatewayState, ProfileState
 from gateway.supervisor import WorkerPool, bind_listener
 from gateway.tasks import cancel_and_wait, log_task_failure
 from gateway.token.config import DEFAULT_PROFILE
-from gateway.token.manager import TokenManager
-from gateway.token.value import Token
 from gateway.token.verdict import UpstreamVerdict, VerdictPolicy
 from gateway.tracing import tracing_for
 from gateway.wiring import (
@@ -53,6 +51,7 @@ from gateway.wiring import (
     build_token_manager,
     close_lanes,
     close_stores,
+    warn_unknown_grants,
 )
 
 log = logging.getLogger("gateway.app")
@@ -157,17 +156,18 @@ class GatewayServer:
             view.bind_ready(held.ready)
         state.verdict = state.profiles[DEFAULT_PROFILE].verdict
         self.metrics.bind_ready(state.ready)
-        clients = {key.name for key in s.inbound.client_keys}
-        unknown = [c for c, _ in s.inbound.client_profiles if c != "*" and c not in clients]
-        if unknown:  # not an error: a revoked key must not stop the next start or reload
-            log.warning("GATEWAY_CLIENT_PROFILES names clients without a client key: %s",
-                        ", ".join(unknown), extra={"fields": {
-                            "event": "client_profiles_unknown_clients", "clients": unknown}})
+        warn_unknown_grants(s)
         for held in state.profiles.values():
-            await held.manager.start()
-            assert held.verdict is not None
-            task = asyncio.create_task(held.verdict.run(),
-                                       name=f"upstream-verdict-{held.profile.name}")
+            # With several profiles, each one's background work logs under its name.
+            mark = logs.CREDENTIAL.set(held.profile.name) if len(state.profiles) > 1 else None
+            try:
+                await held.manager.start()
+                assert held.verdict is not None
+                task = asyncio.create_task(held.verdict.run(),
+                                           name=f"upstream-verdict-{held.profile.name}")
+            finally:
+                if mark is not None:
+                    logs.CREDENTIAL.reset(mark)
             task.add_done_callback(lambda task: log_task_failure(task, log, "upstream verdict"))
             self._verdict_tasks.append(task)
         self.reloader = CredentialReloader(self._state, self._auth_session, self.clock,
@@ -246,8 +246,8 @@ class GatewayServer:
             on_traffic=on_traffic)
         for name, held in state.profiles.items():
             events, manager = self._observers[name], held.manager
-            events.on_token = functools.partial(_broadcast, pool, name, manager)
-            events.on_contention = functools.partial(_broadcast, pool, name, manager, None)
+            events.on_token = functools.partial(pool.broadcast_of, name, manager)
+            events.on_contention = functools.partial(pool.broadcast_of, name, manager, None)
         assert self.reloader is not None
         self.reloader.on_client_keys = pool.broadcast_client_keys
         self.metrics.add_source(pool.metrics_texts)
@@ -323,13 +323,6 @@ class GatewayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _broadcast(pool: WorkerPool, name: str, manager: TokenManager, tok: Token | None) -> None:
-    """Tell the workers of a profile's token (None: the manager's current one) and how long
-    contention lasts."""
-    pool.broadcast_token(name, manager.current if tok is None else tok,
-                         manager.status().contended_for)
 
 
 async def wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:

@@ -27,6 +27,7 @@ import aiohttp
 
 from gateway.clock import Clock
 from gateway.errors import AuthError
+from gateway.logs import CREDENTIAL
 from gateway.proxy.access import AccessPolicy, ClientKey, parse_client_keys
 from gateway.settings import SPECS, Settings, SettingsError
 from gateway.state import GatewayState
@@ -36,6 +37,8 @@ from gateway.token.config import DEFAULT_PROFILE, PartnerConfig
 
 log = logging.getLogger("gateway.credentials")
 CREDENTIAL_KEYS = ("app_key", "app_secret", "partner_id")
+_PROFILE_AUTH = ("auth_token_path", "auth_refresh_path", "auth_app_key_field",
+                 "auth_app_secret_field", "auth_refresh_token_field")
 
 
 def _files_digest(settings: Settings) -> str:
@@ -63,9 +66,10 @@ def _note_restart_needed(loaded: Settings, running: Settings) -> None:
                and loaded.value(spec.key) != running.value(spec.key)]
     changed += [f"{spec.env}_FILE" for spec in SPECS if spec.file_variant
                 and paths.get(spec.key) != loaded_paths.get(spec.key)]
-    def shape(s: Settings) -> list[object]:  # what a profile is, but its credentials
-        return [(p.name, str(p.partner.base_url), p.required, p.side.auth,
-                 p.side.token.token_file) for p in s.profiles]
+    def shape(s: Settings) -> list[object]:  # what a further profile is, but its credentials
+        return [(p.name, str(p.partner.base_url), p.required, p.side.token.token_file,
+                 *(getattr(p.side.auth, key) for key in _PROFILE_AUTH))
+                for p in s.more_profiles]
 
     if shape(loaded) != shape(running):
         changed.append("the credential profiles (added, removed, or a base URL, auth "
@@ -186,6 +190,7 @@ class CredentialReloader:
             partner = dataclasses.replace(was.partner, app_key=profile.partner.app_key,
                                           app_secret=profile.partner.app_secret,
                                           partner_id=profile.partner.partner_id)
+            mark = CREDENTIAL.set(profile.name) if len(running) > 1 else None
             try:
                 token = await self._state.profiles[profile.name].manager.switch_credentials(
                     partner, AuthClient(self._session, partner, was.side.auth, self._clock,
@@ -194,6 +199,9 @@ class CredentialReloader:
                 reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
                 failed.append(f"{profile.name}: {reason}")
                 continue
+            finally:
+                if mark is not None:
+                    CREDENTIAL.reset(mark)
             self._state.settings = _with_partner(self._state.settings, profile.name, partner)
             held = self._state.profiles[profile.name]
             held.profile = dataclasses.replace(

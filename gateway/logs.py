@@ -15,6 +15,7 @@ the line ``JsonFormatter`` would make.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -230,6 +231,12 @@ def flush() -> None:
         _installed.flush()
 
 
+#: The credential profile a line is about, where a gateway has several: set for each request
+#: (admission) and around each profile's background work; every line then says
+#: ``"credential"`` (unless its fields name one). Unset with one profile: lines as before.
+CREDENTIAL: Final = contextvars.ContextVar[str | None]("credential", default=None)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -241,6 +248,9 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
+        credential = CREDENTIAL.get()
+        if credential is not None:
+            out.setdefault("credential", credential)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -257,6 +267,9 @@ class TextFormatter(logging.Formatter):
             extras = " ".join(f"{k}={v}" for k, v in fields.items()
                               if v is not None and k != "event")
             line = f"{line} {extras}" if extras else line
+        credential = CREDENTIAL.get()
+        if credential is not None and not (isinstance(fields, dict) and "credential" in fields):
+            line = f"{line} credential={credential}"
         return line
 
 

@@ -127,7 +127,9 @@ def declared_names(tables: Mapping[str, Any], env: Mapping[str, str],
         elif not NAME.match(name):
             problems.append((origin, f"{name!r} is not a profile name: a lower-case letter, "
                                      "then up to 31 of a-z 0-9 _"))
-        elif name not in names:
+        elif name in names:
+            problems.append((origin, f"profile {name!r} is named twice"))
+        else:
             names.append(name)
     if len(names) + 1 > MAX_PROFILES:
         problems.append((PROFILES_ENV, f"at most {MAX_PROFILES} profiles, default included"))
@@ -180,6 +182,10 @@ def load_profiles(default: CredentialProfile | None, tables: Mapping[str, Any],
                 files.append((f"profiles.{name}.{f.key}", env[var + "_FILE"]))
             elif env.get(var, "") != "":
                 raw, origin = env[var], var
+            if raw is not None and not isinstance(raw, str | bool | int | float):
+                problems.append((origin, "must be a string" + (
+                    " or true/false" if f.key == "required" else "")))
+                continue
             if raw is None:
                 if f.required:
                     problems.append((var, f"required for profile {name!r}; set {var}"
@@ -215,10 +221,18 @@ def profile_problems(profiles: tuple[CredentialProfile, ...],
     files: dict[str, str] = {}
     for p in profiles:
         where = "REPAIRY_PARTNER_ID" if p.is_default else f"{ENV_PREFIX}{p.name.upper()}_APP_KEY"
-        other = owners.setdefault(p.side.owner, p.name)
+        # The same credential with the base URL written another way (a trailing slash) is the
+        # same token: compare them as Repairy would see them.
+        same = (str(p.partner.base_url).rstrip("/"), p.partner.app_key.fingerprint,
+                p.partner.partner_id)
+        other = owners.setdefault(repr(same), p.name)
         if other != p.name:
             found.append((where, f"profile {p.name!r} has the same base URL, App Key and "
                                  f"Partner ID as {other!r}: one profile per credential"))
+        auth = p.side.auth
+        if not p.is_default and auth.auth_token_path == auth.auth_refresh_path:
+            found.append((f"{ENV_PREFIX}{p.name.upper()}_AUTH_REFRESH_PATH",
+                          "must differ from the login path"))
         path = p.side.token.token_file
         if path:
             seen = files.setdefault(os.path.abspath(path), p.name)

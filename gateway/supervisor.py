@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config_values import ListenAddress, UnixAddress
 from gateway.coordination.channel import MAX_QUEUED, STALL_AFTER, Channel, Fault, Message
 from gateway.errors import TokenUnavailable
+from gateway.logs import CREDENTIAL
 from gateway.metrics_merge import counters_only, merge_expositions
 from gateway.proxy.access import ClientKey
 from gateway.proxy.idempotency_remote import serve_remote
@@ -149,14 +151,20 @@ class WorkerPool:
         name = str(doc.get("profile") or DEFAULT_PROFILE)
         if name not in self._managers:  # never from our workers: they know our profiles
             raise ValueError(f"no credential profile {name!r}")
+        context = None
+        if len(self._managers) > 1:  # what this call makes the manager do logs under its name
+            context = contextvars.copy_context()
+            context.run(CREDENTIAL.set, name)
         if message.kind == "get":
-            self._track(self._answer(life.channel, name, int(doc["newer_than"])))
+            self._track(self._answer(life.channel, name, int(doc["newer_than"])), context)
         elif message.kind == "idem":
             if self._idempotency is None:
                 raise ValueError("no Idempotency-Key store here")
             self._track(self._idem(life, message))
         elif message.kind == "invalidate":
-            self._managers[name].invalidate(int(doc["generation"]), str(doc.get("reason", "")))
+            invalidate = functools.partial(self._managers[name].invalidate,
+                                           int(doc["generation"]), str(doc.get("reason", "")))
+            _ = invalidate() if context is None else context.run(invalidate)
         elif message.kind == "route_explained":
             self._managers[name].route_explained(int(doc["generation"]))
         elif message.kind == "traffic":
@@ -171,8 +179,8 @@ class WorkerPool:
         else:
             raise ValueError(f"{message.kind} is not for the supervisor")
 
-    def _track(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def _track(self, coro: Any, context: contextvars.Context | None = None) -> None:
+        task = asyncio.create_task(coro, context=context)
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 
@@ -242,6 +250,12 @@ class WorkerPool:
         for worker in self._workers:
             if worker.life is not None:
                 worker.life.channel.send("token", message)
+
+    def broadcast_of(self, name: str, manager: TokenManager, tok: Token | None) -> None:
+        """Profile ``name``'s token (None: its manager's current one), with how long its
+        contention lasts."""
+        self.broadcast_token(name, manager.current if tok is None else tok,
+                             manager.status().contended_for)
 
     def broadcast_client_keys(self, keys: tuple[ClientKey, ...]) -> None:
         message = {"keys": [[k.name, k.digest.hex()] for k in keys]}

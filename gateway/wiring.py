@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
-from yarl import URL
 
 from gateway.clock import Clock
 from gateway.coordination.redis_client import redis_client
@@ -188,16 +187,16 @@ def build_lanes(s: Settings, tokens: Mapping[str, TokenSource], clock: Clock,
     profile (token source, slots, retry budget, rate limit, persistent-401 routes)."""
     rng = rng or random.Random()
     by_url: dict[str, list[CredentialProfile]] = {}
-    for profile in s.profiles:
-        by_url.setdefault(str(profile.partner.base_url), []).append(profile)
+    for profile in s.profiles:  # one session and breaker per upstream, however it is written
+        by_url.setdefault(str(profile.partner.base_url).rstrip("/"), []).append(profile)
     lanes = []
-    for url, profiles in by_url.items():
+    for profiles in by_url.values():
         views = [metrics.credential(p.name) for p in profiles]
         session = create_session(s.upstream, sharers=len(profiles))
         breaker = _breaker(s, clock, views)
         for profile, view in zip(profiles, views, strict=True):
             source = tokens[profile.name]
-            lanes.append(Lane(profile.name, URL(url), source,
+            lanes.append(Lane(profile.name, profile.partner.base_url, source,
                               _lane_upstream(s, clock, session, breaker, view, rng),
                               route_401_tracker(s, clock, view, source), view,
                               rate=limits.bucket()))
@@ -296,6 +295,17 @@ async def close_stores(state: GatewayState) -> None:
         await state.cache.shared.close()
     if state.tracing is not None:
         await asyncio.to_thread(state.tracing.shutdown)
+
+
+def warn_unknown_grants(s: Settings) -> None:
+    """GATEWAY_CLIENT_PROFILES naming clients without a key: a warning, not an error (a key
+    revoked from the key file must not stop the next start or reload)."""
+    clients = {key.name for key in s.inbound.client_keys}
+    unknown = [c for c, _ in s.inbound.client_profiles if c != "*" and c not in clients]
+    if unknown:
+        log.warning("GATEWAY_CLIENT_PROFILES names clients without a client key: %s",
+                    ", ".join(unknown), extra={"fields": {
+                        "event": "client_profiles_unknown_clients", "clients": unknown}})
 
 
 def build_access_policy(s: Settings) -> AccessPolicy:

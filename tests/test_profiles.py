@@ -17,6 +17,7 @@ from gateway.app import GatewayServer
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.sandbox.state import numbered_partner
 from gateway.sandbox.tokens import Credential
+from tests.conftest import LogCapture
 from tests.gateway_helpers import get_json, settings_for, wait_until
 from tests.sandbox_helpers import faults
 
@@ -162,7 +163,8 @@ async def test_a_cached_get_never_crosses_profiles(
 
 @pytest.mark.parametrize("required", [False, True])
 async def test_one_profile_refused_others_serve_and_readiness_follows_required(
-        three: Sandbox, http: aiohttp.ClientSession, required: bool) -> None:
+        three: Sandbox, http: aiohttp.ClientSession, required: bool,
+        log_capture: LogCapture) -> None:
     env = profiles_env(three, REPAIRY_PROFILE_AU_APP_SECRET="wrong-secret",
                        REPAIRY_PROFILE_AU_REQUIRED=str(required).lower())
     async with GatewayServer(settings_for(three, env)) as gw:
@@ -190,6 +192,14 @@ async def test_one_profile_refused_others_serve_and_readiness_follows_required(
         assert 'repairy_gateway_credential_ready{credential="au"} 0.0' in text
         assert 'repairy_gateway_credential_ready{credential="eu"} 1.0' in text
         assert f"repairy_gateway_ready {1.0 if not required else 0.0}" in text
+    # Its log lines say which profile (its background work logs under its name; so does
+    # each request of a gateway with several profiles).
+    failed = [json.loads(line) for line in log_capture.lines if line.startswith("{")
+              and '"token login failed"' in line]
+    assert failed and {doc["credential"] for doc in failed} == {"au"}
+    answered = [json.loads(line) for line in log_capture.lines if line.startswith("{")
+                and '"event": "request"' in line]
+    assert {doc["credential"] for doc in answered} == {"default", "eu", "au"}
 
 
 async def test_revoking_one_profile_relogs_that_profile_only(

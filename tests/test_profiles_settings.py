@@ -204,3 +204,25 @@ def test_profiles_plain_http_only_on_loopback() -> None:
     assert load_settings(env).profiles[1].partner.base_url.port == 8090
     with pytest.raises(SettingsError, match="REPAIRY_PROFILE_EU_BASE_URL: http://"):
         load_settings({**env, "REPAIRY_PROFILE_EU_BASE_URL": "http://eu.example/"})
+
+
+def test_profiles_more_checks(tmp_path: Path) -> None:
+    """A name given twice; the same credential behind a base URL written with a trailing
+    slash; a file value that is not text; a profile whose refresh path is its login path;
+    a client key pasted into the grants is never echoed."""
+    slash = {**BASE, **EU, "REPAIRY_PROFILE_EU_BASE_URL": "https://api.example.test",
+             "REPAIRY_PROFILE_EU_APP_KEY": "key-1", "REPAIRY_PROFILE_EU_PARTNER_ID": "partner-1"}
+    with pytest.raises(SettingsError, match="one profile per credential"):
+        load_settings(slash)
+    with pytest.raises(SettingsError, match="'eu' is named twice"):
+        load_settings({**BASE, **EU, "GATEWAY_PROFILES": "eu,eu"})
+    with pytest.raises(SettingsError, match="REPAIRY_PROFILE_EU_AUTH_REFRESH_PATH: must differ"):
+        load_settings({**BASE, **EU, "REPAIRY_PROFILE_EU_AUTH_REFRESH_PATH": "/auth/token"})
+    config = tmp_path / "gateway.toml"
+    config.write_text('[profiles.au]\napp_key = ["k"]\napp_secret = "s"\npartner_id = "p"\n')
+    with pytest.raises(SettingsError, match=r"profiles\.au\.app_key .*must be a string"):
+        load_settings(BASE, config_file=str(config))
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, **EU, "GATEWAY_CLIENT_KEYS": "web=client-key-web-0123456789",
+                       "GATEWAY_CLIENT_PROFILES": "web=client-key-web-0123456789"})
+    assert "client-key-web" not in str(err.value)

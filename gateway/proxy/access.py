@@ -76,8 +76,9 @@ def parse_client_profiles(value: object) -> ClientProfiles:
             continue
         match = _ENTRY.match(entry)
         if match is None:
-            raise ValueError(f"{entry!r} is not 'client=profile|profile' (the first profile "
-                             "is the client's default; '*' for every other client)")
+            # Never echoed: a client key pasted here by mistake must not reach a log.
+            raise ValueError("entries are 'client=profile|profile' (the first profile is the "
+                             "client's default; '*' for every other client)")
         client, names = match.group(1), tuple(dict.fromkeys(match.group(2).split("|")))
         if client in found:
             raise ValueError(f"client {client!r} is listed twice")

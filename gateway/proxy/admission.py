@@ -7,6 +7,7 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 
 from gateway.errors import ExpectationFailed
+from gateway.logs import CREDENTIAL
 from gateway.proxy.body import check_declared_size
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.inbound import check_request
@@ -33,6 +34,8 @@ def admit(ctx: ProxyContext, request: web.BaseRequest, outcome: Outcome) -> bool
         lane = outcome.lane = ctx.lanes.choose(requested, outcome.client, bool(access.keys))
         outcome.metrics = lane.metrics
     lane = outcome.lane
+    if not ctx.lanes.single:  # this request's log lines (and tasks it starts) name it
+        CREDENTIAL.set(lane.name)
     expect = request.headers.get(hdrs.EXPECT)
     if expect is not None and expect.strip().lower() != "100-continue":
         raise ExpectationFailed("only 'Expect: 100-continue' is supported")

@@ -149,12 +149,12 @@ class GuardConfig:
         "Requests let through at once to probe a recovering upstream (half-open).")
     upstream_concurrency: int = setting(
         "GATEWAY_UPSTREAM_CONCURRENCY", bounded_int(0, 100000), "0",
-        "Most upstream exchanges at once; callers wait up to GATEWAY_CONNECT_TIMEOUT, then "
-        "503 upstream_busy (0: GATEWAY_POOL_SIZE bounds it).")
+        "Most upstream exchanges at once, per credential profile; callers wait up to "
+        "GATEWAY_CONNECT_TIMEOUT, then 503 upstream_busy (0: GATEWAY_POOL_SIZE bounds it).")
     rate_limit: float = setting(
         "GATEWAY_RATE_LIMIT", bounded_number(0.0, 1e6), "0",
-        "Requests a second let through to the upstream, all callers together (429 "
-        "rate_limited above; 0: no limit).")
+        "Requests a second let through to the upstream, all callers together, per "
+        "credential profile (429 rate_limited above; 0: no limit).")
     rate_limit_burst: int = setting(
         "GATEWAY_RATE_LIMIT_BURST", bounded_int(0, 10**7), "0",
         "Requests allowed at once above the rate (0: one second's worth).")
