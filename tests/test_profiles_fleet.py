@@ -26,7 +26,9 @@ import aiohttp
 
 from gateway.sandbox import Sandbox, SandboxConfig
 from gateway.sandbox.state import numbered_partner
+from gateway.sandbox.tokens import Credential
 from tests.fleet_helpers import GatewayProcess, RedisServer
+from tests.gateway_helpers import wait_until
 from tests.sandbox_helpers import faults, stats
 from tests.test_profiles import BOOKING, HEADER, profiles_env
 
@@ -75,6 +77,26 @@ async def paced_load(http: aiohttp.ClientSession, gateways: list[GatewayProcess]
         tasks.append(asyncio.create_task(one(gateways[i % len(gateways)],
                                              names[(i // len(gateways)) % len(names)])))
     await asyncio.gather(*tasks)
+
+
+async def ready_but(http: aiohttp.ClientSession, gw: GatewayProcess,
+                    refused: str) -> tuple[int, Any]:
+    """/readyz once every profile but ``refused`` can serve and ``refused`` has been tried
+    (polled, up to 30 s)."""
+    async def settled() -> bool:
+        try:
+            async with http.get(gw.admin + "/readyz") as resp:
+                states = (await resp.json()).get("profiles", {})
+        except aiohttp.ClientError:
+            return False
+        if not states:
+            return False
+        others = all(state["ready"] for name, state in states.items() if name != refused)
+        return others and states[refused]["reasons"] not in ([], ["no usable token yet"])
+
+    await wait_until(settled, within=30)
+    async with http.get(gw.admin + "/readyz") as resp:
+        return resp.status, await resp.json()
 
 
 def partner_counts(s: dict[str, Any], what: str) -> dict[str, int]:
@@ -174,3 +196,62 @@ async def test_three_profiles_three_replicas_two_workers_one_redis(
     assert ids["default"] != ids["eu"]
     assert cached == "HIT"
     assert other == (404, "MISS")
+
+
+#: The default's partner with another App Key: a profile only its scope keeps apart.
+ALT = Credential("sandbox-app-key-alt", "sandbox-app-secret-alt", "sandbox-partner")
+
+
+async def test_profiles_of_one_partner_and_a_required_refusal_over_processes(
+        redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
+    """Two replicas, two workers each, one Redis (its shared GET cache too): the default
+    profile and `alt` (the same Partner ID, another App Key) keep Idempotency-Key records and
+    cached GETs apart, every booking in its account; a *required* profile whose credentials
+    are refused makes every replica unready, naming it, while the others serve."""
+    config = SandboxConfig(more_partners=(numbered_partner(2), ALT))
+    async with Sandbox(config) as sb:
+        env = profiles_env(sb, ("eu", "nz"), REPAIRY_PROFILE_NZ_APP_SECRET="refused",
+                           REPAIRY_PROFILE_NZ_REQUIRED="true",
+                           GATEWAY_PROFILES="eu,nz,alt", REPAIRY_PROFILE_ALT_APP_KEY=ALT.app_key,
+                           REPAIRY_PROFILE_ALT_APP_SECRET=ALT.app_secret,
+                           REPAIRY_PROFILE_ALT_PARTNER_ID=ALT.partner_id,
+                           GATEWAY_REDIS_URL=redis_server.url, GATEWAY_WORKERS="2",
+                           GATEWAY_CACHE_ROUTES="GET /bookings/*=60s",
+                           GATEWAY_CACHE_SHARED="true", GATEWAY_LOGIN_RETRY_INTERVAL="30s")
+        gateways = [GatewayProcess(sb, env) for _ in range(2)]
+        for gw in gateways:
+            await gw.start()
+        try:
+            readyz = [await ready_but(http, gw, "nz") for gw in gateways]
+            ids: dict[str, str] = {}
+            for i, name in enumerate(("default", "alt", "eu", "default", "alt", "eu")):
+                async with http.post(gateways[i % 2].url + "/bookings", json=BOOKING, headers={
+                        HEADER: name, "Idempotency-Key": "one-key-three-profiles"}) as resp:
+                    assert resp.status == 201, await resp.text()
+                    got = (await resp.json())["data"]["id"]
+                assert ids.setdefault(name, got) == got, name
+            accounts = {b["id"]: b["partnerId"] for b in sb.state.data.bookings.values()}
+            path = f"/bookings/{ids['default']}"
+            caches = []
+            for gw, name in zip((gateways[0], gateways[1], gateways[1], gateways[0]),
+                                ("default", "default", "alt", "alt"), strict=True):
+                async with http.get(gw.url + path, headers={HEADER: name}) as resp:
+                    assert resp.status == 200
+                    caches.append(resp.headers.get("X-Cache"))
+            async with http.get(gateways[1].url + "/__sandbox/echo",
+                                headers={HEADER: "nz"}) as resp:
+                refused = (resp.status, (await resp.json())["error"]["code"])
+        finally:
+            codes = await asyncio.gather(*(gw.stop() for gw in gateways))
+    assert all(c in (0, None) for c in codes), codes
+    assert len(set(ids.values())) == 3, ids
+    assert accounts == {ids["default"]: "sandbox-partner", ids["alt"]: "sandbox-partner",
+                        ids["eu"]: "sandbox-partner-2"}
+    # alt never gets default's cached answer, in its replica or through Redis (the others
+    # may or may not be hits: the shared store is written after the answer).
+    assert caches[0] == "MISS" and caches[2] == "MISS", caches
+    assert refused == (503, "credentials_rejected")
+    for status, body in readyz:
+        assert status == 503 and body["codes"] == ["no_usable_token"]
+        assert body["reasons"][0].startswith("profile nz: no usable token")
+        assert body["profiles"]["eu"]["ready"] and body["profiles"]["alt"]["ready"]
