@@ -501,7 +501,7 @@ def test_helm_several_credentials_each_from_its_own_secret(helm_bin: str,
     loading: every profile read from its files), an egress rule per profile with a base URL
     of its own, which the chart refuses to render without its CIDRs."""
     profiles: list[dict[str, Any]] = [{"name": "eu", "existingSecret": "repairy-eu",
-                                       "required": True,
+                                       "required": True, "upstreamPort": 8443,
                  "baseUrl": "https://eu.repairy.example", "upstreamCidrs": ["198.51.100.0/24"]},
                 {"name": "au_west", "existingSecret": "repairy-au"}]
     values = tmp_path / "values.yaml"
@@ -522,8 +522,9 @@ def test_helm_several_credentials_each_from_its_own_secret(helm_bin: str,
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {"/etc/repairy-gateway/profiles/eu", "/etc/repairy-gateway/profiles/au_west"} <= mounts
     egress = by_kind(docs, "NetworkPolicy")["spec"]["egress"]
-    assert {"ipBlock": {"cidr": "198.51.100.0/24"}} in [to for rule in egress
-                                                        for to in rule.get("to", [])]
+    (own,) = [rule for rule in egress
+              if {"ipBlock": {"cidr": "198.51.100.0/24"}} in rule.get("to", [])]
+    assert own["ports"] == [{"port": 8443, "protocol": "TCP"}]
     # The rendered settings load, each profile from the files its Secret would hold.
     files = {}
     for name, value in env.items():
@@ -544,3 +545,9 @@ def test_helm_several_credentials_each_from_its_own_secret(helm_bin: str,
         **REQUIRED_VALUES["credentials"], "profiles": profiles}}))
     result = helm(helm_bin, "template", "demo", str(CHART), "-f", str(values))
     assert result.returncode != 0 and "credentials.profiles[eu].upstreamCidrs" in result.stderr
+    # A name listed twice is refused (its volumes and variables would collide).
+    twice = [{"name": "eu", "existingSecret": "a"}, {"name": "eu", "existingSecret": "b"}]
+    values.write_text(yaml.safe_dump({**REQUIRED_VALUES, "credentials": {
+        **REQUIRED_VALUES["credentials"], "profiles": twice}}))
+    result = helm(helm_bin, "template", "demo", str(CHART), "-f", str(values))
+    assert result.returncode != 0 and "eu is listed twice" in result.stderr

@@ -92,7 +92,10 @@ GATEWAY_TOKEN_FILE: "/var/lib/repairy-gateway/token.json"
 {{- end }}
 {{- with $v.credentials.profiles }}
 {{- $names := list }}
-{{- range . }}{{ $names = append $names .name }}{{ end }}
+{{- range . }}
+{{- if has .name $names }}{{ fail (printf "credentials.profiles: %s is listed twice" .name) }}{{ end }}
+{{- $names = append $names .name }}
+{{- end }}
 GATEWAY_PROFILES: {{ join "," $names | quote }}
 {{- end }}
 {{- range $v.credentials.profiles }}
