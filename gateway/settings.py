@@ -267,19 +267,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
 
 def _problems(s: Settings) -> list[tuple[str, str]]:
     """Every cross-field problem (single-field ones are the parsers')."""
-    found: list[tuple[str, str]] = profile_problems(s.profiles,
-                                                    s.upstream.allow_insecure_upstream)
+    found: list[tuple[str, str]] = profile_problems(
+        s.profiles, s.upstream.allow_insecure_upstream, s.inbound.client_profiles,
+        bool(s.inbound.client_keys))
     add = found.append
-    names = {p.name for p in s.profiles}
-    clients = {k.name for k in s.inbound.client_keys}
-    if s.inbound.client_profiles and not clients:
-        add(("GATEWAY_CLIENT_PROFILES", "needs GATEWAY_CLIENT_KEYS: without client keys any "
-             "profile may be chosen"))
-    for client, allowed in s.inbound.client_profiles:
-        for name in allowed:
-            if name not in names:
-                add(("GATEWAY_CLIENT_PROFILES", f"client {client!r}: no profile named "
-                     f"{name!r} (profiles: {', '.join(sorted(names))})"))
     if s.token.renew_retry_min > s.token.renew_retry_max:
         add(("GATEWAY_RENEW_RETRY_MIN", "must not exceed GATEWAY_RENEW_RETRY_MAX"))
     if s.token.renew_jitter_fraction >= s.token.renew_at_fraction:

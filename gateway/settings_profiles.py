@@ -212,11 +212,23 @@ def _compose(name: str, default: CredentialProfile, v: Mapping[str, Any]) -> Cre
     return CredentialProfile(name, TokenSide(partner, auth, token), bool(v.get("required")))
 
 
-def profile_problems(profiles: tuple[CredentialProfile, ...],
-                     allow_insecure: bool) -> Problems:
+def profile_problems(profiles: tuple[CredentialProfile, ...], allow_insecure: bool,
+                     grants: tuple[tuple[str, tuple[str, ...]], ...] = (),
+                     keyed: bool = False) -> Problems:
     """Problems across profiles: two must not share a token (same owner: the fleet's entry
-    would be fought over) or a token file."""
+    would be fought over) or a token file; the client grants (GATEWAY_CLIENT_PROFILES) name
+    configured profiles, and need client keys. A grant for a client without a key is no
+    problem here (a revoked key must not stop a reload): the gateway warns at start."""
     found: Problems = []
+    names = {p.name for p in profiles}
+    if grants and not keyed:
+        found.append(("GATEWAY_CLIENT_PROFILES", "needs GATEWAY_CLIENT_KEYS: without client "
+                      "keys any profile may be chosen"))
+    for client, allowed in grants:
+        for name in allowed:
+            if name not in names:
+                found.append(("GATEWAY_CLIENT_PROFILES", f"client {client!r}: no profile "
+                              f"named {name!r} (profiles: {', '.join(sorted(names))})"))
     owners: dict[str, str] = {}
     files: dict[str, str] = {}
     for p in profiles:
