@@ -202,7 +202,7 @@ def build_lanes(s: Settings, tokens: Mapping[str, TokenSource], clock: Clock,
                               rate=limits.bucket()))
     order = [p.name for p in s.profiles]
     lanes.sort(key=lambda lane: order.index(lane.name))
-    return Lanes(lanes, s.inbound.client_profiles)
+    return Lanes(lanes, s.inbound.client_profiles, s.inbound.credential_header)
 
 
 async def close_lanes(lanes: Lanes) -> None:

@@ -29,7 +29,7 @@ def admit(ctx: ProxyContext, request: web.BaseRequest, outcome: Outcome) -> bool
     access.check_route(request.method, decoded)
     outcome.route = route_template(decoded)
     outcome.path = decoded
-    requested = request.headers.get(config.inbound.credential_header) or None  # empty: none
+    requested = request.headers.get(ctx.lanes.header) or None  # empty: none
     if requested is not None or access.keys:  # else the default lane, set already
         lane = outcome.lane = ctx.lanes.choose(requested, outcome.client, bool(access.keys))
         outcome.metrics = lane.metrics

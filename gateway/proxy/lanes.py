@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from multidict import istr
 from yarl import URL
 
 from gateway.errors import CredentialNotAllowed, GatewayError, UnknownCredential, UpstreamError
@@ -57,7 +58,10 @@ class Lane:
 class Lanes:
     """The lanes of one process, and which one a request uses."""
 
-    def __init__(self, lanes: Sequence[Lane], grants: ClientProfiles = ()) -> None:
+    def __init__(self, lanes: Sequence[Lane], grants: ClientProfiles = (),
+                 header: str = "X-Repairy-Credential") -> None:
+        #: The credential header's name, made case-insensitive once (a lookup per request).
+        self.header = istr(header)
         self.by_name = {lane.name: lane for lane in lanes}
         self.default = self.by_name[DEFAULT_PROFILE]
         self.single = len(self.by_name) == 1
