@@ -330,3 +330,27 @@ async def test_each_profile_keeps_its_token_in_its_own_file(
     assert logins == {"sandbox-partner": 1, "sandbox-partner-2": 1}
     assert "sandbox-partner-2" in (tmp_path / "eu.json").read_text()
     assert "sandbox-partner-2" not in (tmp_path / "default.json").read_text()
+
+
+async def test_rate_limit_and_persistent_401_are_each_profiles_own(
+        three: Sandbox, http: aiohttp.ClientSession) -> None:
+    """GATEWAY_RATE_LIMIT holds per profile (one profile's burst spent, the others pass);
+    a route that refuses one profile's brand-new token too is marked persistent 401 for that
+    profile only."""
+    env = profiles_env(three, GATEWAY_RATE_LIMIT="0.1", GATEWAY_RATE_LIMIT_BURST="3")
+    async with GatewayServer(settings_for(three, env)) as gw:
+        await wait_until(lambda: _all_ready(gw))
+        await faults(http, three, {"status": 401, "path": "/bookings/*", "persistent": True,
+                                   "partner": "sandbox-partner-2", "scope": "api"})
+        statuses = []
+        for name in ("eu", "eu", "eu", "eu", "default", "au"):
+            async with http.get(f"{gw.url}/bookings/000000000000000000000000",
+                                headers={HEADER: name}) as resp:
+                statuses.append(resp.status)
+        # eu: a 401 (the route refused its renewed token too), then two more, then its
+        # burst of 3 is spent; default and au are each within their own.
+        assert statuses == [401, 401, 401, 429, 404, 404]
+        _, tokenz = await get_json(http, gw.admin_url + "/tokenz")
+        marked = {name: body["persistent_401_routes"]
+                  for name, body in tokenz["profiles"].items()}
+        assert list(marked["eu"]) and not marked["default"] and not marked["au"]
