@@ -248,6 +248,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
         default = CredentialProfile(DEFAULT_PROFILE, TokenSide(
             build(PartnerConfig, v), build(AuthConfig, v), build(TokenConfig, v)), True)
     more = load_profiles(default, tables, env, str(config_file), problems)
+    if default is not None:  # the profiles' cross checks, with the single-field problems
+        problems += profile_problems(more.profiles,
+                                     bool(values.get("allow_insecure_upstream")),
+                                     values.get("client_profiles", ()),
+                                     bool(values.get("client_keys")))
     if problems:  # every one at once: fixing them one run at a time is no fun
         raise SettingsError(*problems[0], more=problems[1:])
     v = values
@@ -267,9 +272,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, config_file: str | No
 
 def _problems(s: Settings) -> list[tuple[str, str]]:
     """Every cross-field problem (single-field ones are the parsers')."""
-    found: list[tuple[str, str]] = profile_problems(
-        s.profiles, s.upstream.allow_insecure_upstream, s.inbound.client_profiles,
-        bool(s.inbound.client_keys))
+    found: list[tuple[str, str]] = []  # (the profiles' own: load_settings, with the others)
     add = found.append
     if s.token.renew_retry_min > s.token.renew_retry_max:
         add(("GATEWAY_RENEW_RETRY_MIN", "must not exceed GATEWAY_RENEW_RETRY_MAX"))

@@ -116,10 +116,14 @@ class LoadedProfiles:
 
 def declared_names(tables: Mapping[str, Any], env: Mapping[str, str],
                    problems: Problems, where: str) -> list[str]:
-    """The further profiles' names: the file's tables, then ``GATEWAY_PROFILES``."""
+    """The further profiles' names: the file's tables, then ``GATEWAY_PROFILES`` (a name in
+    both is one profile: its table and its variables; only a repeat within the variable is
+    a problem)."""
     names: list[str] = []
-    for name in [*tables, *(n.strip() for n in env.get(PROFILES_ENV, "").split(",")
-                            if n.strip())]:
+    listed = [n.strip() for n in env.get(PROFILES_ENV, "").split(",") if n.strip()]
+    for name in sorted({n for n in listed if listed.count(n) > 1}):
+        problems.append((PROFILES_ENV, f"profile {name!r} is named twice"))
+    for name in dict.fromkeys([*tables, *listed]):  # in both: one profile
         origin = f"profiles.{name} (in {where})" if name in tables else PROFILES_ENV
         if name == DEFAULT_PROFILE:
             problems.append((origin, "'default' is the REPAIRY_* settings: name the others "
@@ -127,8 +131,6 @@ def declared_names(tables: Mapping[str, Any], env: Mapping[str, str],
         elif not NAME.match(name):
             problems.append((origin, f"{name!r} is not a profile name: a lower-case letter, "
                                      "then up to 31 of a-z 0-9 _"))
-        elif name in names:
-            problems.append((origin, f"profile {name!r} is named twice"))
         else:
             names.append(name)
     if len(names) + 1 > MAX_PROFILES:
@@ -233,16 +235,18 @@ def profile_problems(profiles: tuple[CredentialProfile, ...], allow_insecure: bo
     files: dict[str, str] = {}
     for p in profiles:
         where = "REPAIRY_PARTNER_ID" if p.is_default else f"{ENV_PREFIX}{p.name.upper()}_APP_KEY"
-        # The same credential with the base URL written another way (a trailing slash) is the
-        # same token: compare them as Repairy would see them.
-        same = (str(p.partner.base_url).rstrip("/"), p.partner.app_key.fingerprint,
+        # One credential on one Repairy (whatever path or trailing slash its base URL has) is
+        # one token: with one live token per credential, two profiles would revoke each other.
+        same = (str(p.partner.base_url.origin()), p.partner.app_key.fingerprint,
                 p.partner.partner_id)
         other = owners.setdefault(repr(same), p.name)
         if other != p.name:
-            found.append((where, f"profile {p.name!r} has the same base URL, App Key and "
+            found.append((where, f"profile {p.name!r} has the same upstream, App Key and "
                                  f"Partner ID as {other!r}: one profile per credential"))
-        auth = p.side.auth
-        if not p.is_default and auth.auth_token_path == auth.auth_refresh_path:
+        auth, default_auth = p.side.auth, profiles[0].side.auth
+        if not p.is_default and auth.auth_token_path == auth.auth_refresh_path and (
+                (auth.auth_token_path, auth.auth_refresh_path) != (
+                    default_auth.auth_token_path, default_auth.auth_refresh_path)):
             found.append((f"{ENV_PREFIX}{p.name.upper()}_AUTH_REFRESH_PATH",
                           "must differ from the login path"))
         path = p.side.token.token_file

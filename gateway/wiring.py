@@ -136,11 +136,12 @@ def _breaker(s: Settings, clock: Clock, views: list[CredentialMetrics]) -> Circu
             log.warning("circuit breaker open: answering 503 upstream_circuit_open for %gs "
                         "(%s)", g.breaker_cooldown, why, extra={"fields": {
                             "event": "circuit_open", "why": why,
-                            "cooldown_s": g.breaker_cooldown, "credentials": names}})
+                            "cooldown_s": g.breaker_cooldown, "credentials": names,
+                            "credential": None}})  # not the tripping request's alone
         else:
             log.info("circuit breaker %s (%s)", state.name.lower().replace("_", "-"), why,
                      extra={"fields": {"event": f"circuit_{state.name.lower()}", "why": why,
-                                       "credentials": names}})
+                                       "credentials": names, "credential": None}})
 
     return CircuitBreaker(BreakerConfig(
         g.breaker_failures, g.breaker_failure_ratio, g.breaker_min_requests, g.breaker_window,

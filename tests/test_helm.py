@@ -503,7 +503,8 @@ def test_helm_several_credentials_each_from_its_own_secret(helm_bin: str,
     profiles: list[dict[str, Any]] = [{"name": "eu", "existingSecret": "repairy-eu",
                                        "required": True, "upstreamPort": 8443,
                  "baseUrl": "https://eu.repairy.example", "upstreamCidrs": ["198.51.100.0/24"]},
-                {"name": "au_west", "existingSecret": "repairy-au"}]
+                {"name": "au_west", "existingSecret": "repairy-au",
+                 "baseUrl": "https://au.repairy.example:9443", "upstreamCidrs": ["192.0.2.0/24"]}]
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({**REQUIRED_VALUES, "credentials": {
         **REQUIRED_VALUES["credentials"], "profiles": profiles},
@@ -525,6 +526,9 @@ def test_helm_several_credentials_each_from_its_own_secret(helm_bin: str,
     (own,) = [rule for rule in egress
               if {"ipBlock": {"cidr": "198.51.100.0/24"}} in rule.get("to", [])]
     assert own["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    (west,) = [rule for rule in egress
+               if {"ipBlock": {"cidr": "192.0.2.0/24"}} in rule.get("to", [])]
+    assert west["ports"] == [{"port": 9443, "protocol": "TCP"}]  # the port its baseUrl names
     # The rendered settings load, each profile from the files its Secret would hold.
     files = {}
     for name, value in env.items():

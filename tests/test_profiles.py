@@ -333,7 +333,7 @@ async def test_each_profile_keeps_its_token_in_its_own_file(
 
 
 async def test_rate_limit_and_persistent_401_are_each_profiles_own(
-        three: Sandbox, http: aiohttp.ClientSession) -> None:
+        three: Sandbox, http: aiohttp.ClientSession, log_capture: LogCapture) -> None:
     """GATEWAY_RATE_LIMIT holds per profile (one profile's burst spent, the others pass);
     a route that refuses one profile's brand-new token too is marked persistent 401 for that
     profile only."""
@@ -354,3 +354,7 @@ async def test_rate_limit_and_persistent_401_are_each_profiles_own(
         marked = {name: body["persistent_401_routes"]
                   for name, body in tokenz["profiles"].items()}
         assert list(marked["eu"]) and not marked["default"] and not marked["au"]
+    # What a request makes the token side log names the request's profile.
+    invalidated = [json.loads(line) for line in log_capture.lines
+                   if line.startswith("{") and '"token invalidated"' in line]
+    assert invalidated and {doc.get("credential") for doc in invalidated} == {"eu"}

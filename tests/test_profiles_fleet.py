@@ -18,6 +18,7 @@ Invariants checked (each would fail if profiles shared anything):
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,11 @@ async def test_three_profiles_three_replicas_two_workers_one_redis(
     assert all(c in (0, None) for c in codes), (codes, logs[0][-3000:])
     for text in logs:
         assert "sbx_at_" not in text and "sandbox-app-secret" not in text
+    # What workers' 401s make each supervisor's managers log names the profile.
+    invalidated = [json.loads(line) for text in logs for line in text.splitlines()
+                   if line.startswith("{") and '"token invalidated"' in line]
+    assert invalidated and {doc.get("credential") for doc in invalidated} <= set(PARTNERS)
+    assert "eu" in {doc.get("credential") for doc in invalidated}  # the revocation
 
     print(f"figures: {load.ok} ok of {30 * RATE}; logins {partner_counts(during, 'logins')}; "
           f"refreshes in the 30 s {refreshes_of(before, during)}; wrong-partner calls "

@@ -226,3 +226,26 @@ def test_profiles_more_checks(tmp_path: Path) -> None:
         load_settings({**BASE, **EU, "GATEWAY_CLIENT_KEYS": "web=client-key-web-0123456789",
                        "GATEWAY_CLIENT_PROFILES": "web=client-key-web-0123456789"})
     assert "client-key-web" not in str(err.value)
+
+
+def test_profiles_a_table_named_in_gateway_profiles_is_one_profile(tmp_path: Path) -> None:
+    """A profile with a table and listed in GATEWAY_PROFILES too (as the chart lists it, with
+    a file from 'repairy-gateway config') is one profile; the same credential under another
+    path of one upstream is refused; the default's equal auth paths are reported once; a
+    cross-profile problem shows beside a single field's."""
+    config = tmp_path / "gateway.toml"
+    config.write_text('[profiles.eu]\npartner_id = "p-eu"\n')
+    s = load_settings({**BASE, **EU}, config_file=str(config))
+    assert [p.name for p in s.profiles] == ["default", "eu"]
+    with pytest.raises(SettingsError, match="same upstream, App Key and Partner ID"):
+        load_settings({**BASE, **EU, "REPAIRY_PROFILE_EU_BASE_URL": "https://api.example.test/v2",
+                       "REPAIRY_PROFILE_EU_APP_KEY": "key-1",
+                       "REPAIRY_PROFILE_EU_PARTNER_ID": "partner-1"})
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, **EU, "REPAIRY_AUTH_REFRESH_PATH": "/auth/token"})
+    assert [name for name, _ in err.value.problems] == ["REPAIRY_AUTH_REFRESH_PATH"]
+    token = str(tmp_path / "token.json")
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, **EU, "GATEWAY_TOKEN_FILE": token, "GATEWAY_POOL_SIZE": "x",
+                       "REPAIRY_PROFILE_EU_TOKEN_FILE": token})
+    assert {"GATEWAY_POOL_SIZE", "REPAIRY_PROFILE_EU_TOKEN_FILE"} <= dict(err.value.problems).keys()

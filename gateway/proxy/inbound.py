@@ -18,6 +18,7 @@ the grace, then what is left is cancelled at once (aiohttp alone waits the timeo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import logging
@@ -176,8 +177,9 @@ class HeaderDeadlines:
         if conn in self._waiting:
             return
         self._waiting[conn] = loop.time() + self.timeout
-        if self._timer is None:
-            self._timer = loop.call_later(self._every, self._sweep)
+        if self._timer is None:  # an empty context: a request's log fields must not follow
+            self._timer = loop.call_later(self._every, self._sweep,
+                                          context=contextvars.Context())
 
     def done(self, conn: GatewayRequestHandler) -> None:
         self._waiting.pop(conn, None)
@@ -191,7 +193,8 @@ class HeaderDeadlines:
             del self._waiting[conn]
             conn._headers_too_slow()
         if self._waiting:
-            self._timer = loop.call_later(self._every, self._sweep)
+            self._timer = loop.call_later(self._every, self._sweep,
+                                          context=contextvars.Context())
 
     def close(self) -> None:
         if self._timer is not None:
