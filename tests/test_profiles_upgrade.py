@@ -7,7 +7,10 @@ own."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +42,30 @@ async def _restore(redis: RedisServer, records: list[dict[str, Any]]) -> None:
     await client.aclose()
 
 
+async def _sandbox_on_the_recorded_port(config: SandboxConfig) -> Sandbox:
+    """The sandbox on the port the records name (their scopes hold the upstream's URL); while
+    another run holds it, wait for it (up to a minute), then fail naming it."""
+    deadline = time.monotonic() + 60
+    while True:
+        sb = Sandbox(config, port=RECORDS["sandbox_port"])
+        try:
+            await sb.start()
+            return sb
+        except OSError as exc:
+            await sb.stop()  # what start set up before the bind failed
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise AssertionError(f"port {RECORDS['sandbox_port']} is taken: this test "
+                                     "needs it (the recorded scopes name it)") from exc
+            await asyncio.sleep(0.5)
+
+
 async def test_records_of_the_previous_release_are_read_after_the_upgrade(
         redis_server: RedisServer, http: aiohttp.ClientSession) -> None:
     await _restore(redis_server, RECORDS["records"])
     config = SandboxConfig(access_ttl=TEN_YEARS, refresh_ttl=TEN_YEARS,
                            more_partners=(numbered_partner(2),))
-    async with Sandbox(config, port=RECORDS["sandbox_port"]) as sb:
+    sb = await _sandbox_on_the_recorded_port(config)
+    try:
         eu = numbered_partner(2)
         env = {"GATEWAY_PROFILES": "eu", "REPAIRY_PROFILE_EU_APP_KEY": eu.app_key,
                "REPAIRY_PROFILE_EU_APP_SECRET": eu.app_secret,
@@ -80,6 +101,8 @@ async def test_records_of_the_previous_release_are_read_after_the_upgrade(
         client = await redis_server.client()
         keys = sorted(await client.keys("*"))
         await client.aclose()
+    finally:
+        await sb.stop()
     old = {r["key"] for r in RECORDS["records"]}
     assert old <= set(keys)  # nothing of the previous release's was replaced or renamed
     assert len([k for k in keys if k.endswith(":state")]) == 2  # one token entry per profile
