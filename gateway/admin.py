@@ -63,13 +63,6 @@ async def startz(request: web.Request) -> web.Response:
     return web.json_response({"started": True})
 
 
-def fix_of(refusal: str, name: str) -> str:
-    """The variables that fix a refusal, named as this profile's."""
-    fix = FIX[refusal]
-    return fix if name == DEFAULT_PROFILE else fix.replace(
-        "REPAIRY_", f"REPAIRY_PROFILE_{name.upper()}_")
-
-
 def _not_ready(held: ProfileState) -> tuple[list[str], list[str]]:
     """Why one profile cannot serve: (codes, reasons); empty when it can."""
     reasons: list[str] = []
@@ -78,7 +71,7 @@ def _not_ready(held: ProfileState) -> tuple[list[str], list[str]]:
     if verdict is not None and verdict.refusal is not None:
         codes.append(verdict.refusal)
         reasons.append(f"{verdict.refusal}: {verdict.detail}; fix "
-                       f"{fix_of(verdict.refusal, held.profile.name)}, "
+                       f"{held.profile.own_variables(FIX[verdict.refusal])}, "
                        "then SIGHUP (or wait for the next probe)")
     status = held.manager.status()
     fleet = held.manager.fleet
@@ -191,9 +184,10 @@ async def tokenz(request: web.Request) -> web.Response:
     each (its partner and base URL too)."""
     gw = request.app[GATEWAY]
     bodies = {}
+    current = {p.name: p for p in gw.settings.profiles}  # as rotated since the start
     for name, held in gw.profiles.items():
         bodies[name] = _token_body(gw, held, gw.lanes.by_name[name].route_401)
-        partner = held.profile.partner
+        partner = current[name].partner
         bodies[name]["credential"] = {"name": name, "required": held.profile.required,
                                       "partner_id": partner.partner_id,
                                       "upstream": str(partner.base_url),

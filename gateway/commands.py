@@ -92,11 +92,7 @@ async def _check_profile(settings: Settings, profile: CredentialProfile, out: Pr
             return code
     clock = SystemClock()
     partner, auth = profile.partner, profile.side.auth
-    own = f"REPAIRY_PROFILE_{profile.name.upper()}_"
-    hints = _LOGIN_HINTS if profile.is_default else {  # this profile's variables
-        k: v.replace("REPAIRY_APP_", own + "APP_").replace("REPAIRY_AUTH_", own + "AUTH_")
-        .replace("REPAIRY_BASE_URL", f"{own}BASE_URL (or REPAIRY_BASE_URL, if it has none)")
-        for k, v in _LOGIN_HINTS.items()}
+    hints = {k: profile.own_variables(v) for k, v in _LOGIN_HINTS.items()}
     async with auth_session(settings) as session:
         client = auth_client(session, settings, clock, profile)
         try:

@@ -203,9 +203,6 @@ class CredentialReloader:
                 if mark is not None:
                     CREDENTIAL.reset(mark)
             self._state.settings = _with_partner(self._state.settings, profile.name, partner)
-            held = self._state.profiles[profile.name]
-            held.profile = dataclasses.replace(
-                held.profile, side=dataclasses.replace(held.profile.side, partner=partner))
             log.info("credentials rotated", extra={"fields": {
                 "event": "credentials_rotated", "credential": profile.name,
                 "app_key_fp": partner.app_key.fingerprint,

@@ -19,7 +19,8 @@ from gateway.token.verdict import UpstreamVerdict
 @dataclass(eq=False)
 class ProfileState:
     """One credential profile where its token manager lives: the manager and the probe's
-    verdict on it."""
+    verdict on it (``profile`` as started: its credentials as rotated since are in
+    ``GatewayState.settings``)."""
 
     profile: CredentialProfile
     manager: TokenManager

@@ -151,10 +151,11 @@ class WorkerPool:
         name = str(doc.get("profile") or DEFAULT_PROFILE)
         if name not in self._managers:  # never from our workers: they know our profiles
             raise ValueError(f"no credential profile {name!r}")
-        context = None
+        manager, context = self._managers[name], None
         if len(self._managers) > 1:  # what this call makes the manager do logs under its name
             context = contextvars.copy_context()
             context.run(CREDENTIAL.set, name)
+        run = _call if context is None else context.run
         if message.kind == "get":
             self._track(self._answer(life.channel, name, int(doc["newer_than"])), context)
         elif message.kind == "idem":
@@ -162,11 +163,9 @@ class WorkerPool:
                 raise ValueError("no Idempotency-Key store here")
             self._track(self._idem(life, message))
         elif message.kind == "invalidate":
-            invalidate = functools.partial(self._managers[name].invalidate,
-                                           int(doc["generation"]), str(doc.get("reason", "")))
-            _ = invalidate() if context is None else context.run(invalidate)
+            run(manager.invalidate, int(doc["generation"]), str(doc.get("reason", "")))
         elif message.kind == "route_explained":
-            self._managers[name].route_explained(int(doc["generation"]))
+            run(manager.route_explained, int(doc["generation"]))
         elif message.kind == "traffic":
             if self._on_traffic is not None:
                 self._on_traffic(name, int(doc["calls"]), int(doc["refused"]))
@@ -321,6 +320,11 @@ class WorkerPool:
             if worker.life is not None:
                 worker.life.channel.close()
         self._listener.close()
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the current context (``Context.run``'s shape)."""
+    return fn(*args)
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

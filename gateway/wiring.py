@@ -201,8 +201,6 @@ def build_lanes(s: Settings, tokens: Mapping[str, TokenSource], clock: Clock,
                               _lane_upstream(s, clock, session, breaker, view, rng),
                               route_401_tracker(s, clock, view, source), view,
                               rate=limits.bucket()))
-    order = [p.name for p in s.profiles]
-    lanes.sort(key=lambda lane: order.index(lane.name))
     return Lanes(lanes, s.inbound.client_profiles, s.inbound.credential_header)
 
 

@@ -36,11 +36,16 @@ def profiles_env(sb: Sandbox, names: tuple[str, ...] = ("eu", "au"),
     """Profiles ``names`` as partners 2, 3... of ``sb``."""
     env = {"GATEWAY_PROFILES": ",".join(names)}
     for n, name in enumerate(names, start=2):
-        cred, up = numbered_partner(n), name.upper()
-        env |= {f"REPAIRY_PROFILE_{up}_APP_KEY": cred.app_key,
-                f"REPAIRY_PROFILE_{up}_APP_SECRET": cred.app_secret,
-                f"REPAIRY_PROFILE_{up}_PARTNER_ID": cred.partner_id}
+        env |= profile_vars(name, numbered_partner(n))
     return env | extra
+
+
+def profile_vars(name: str, cred: Credential) -> dict[str, str]:
+    """Profile ``name``'s credential variables."""
+    up = name.upper()
+    return {f"REPAIRY_PROFILE_{up}_APP_KEY": cred.app_key,
+            f"REPAIRY_PROFILE_{up}_APP_SECRET": cred.app_secret,
+            f"REPAIRY_PROFILE_{up}_PARTNER_ID": cred.partner_id}
 
 
 @pytest.fixture

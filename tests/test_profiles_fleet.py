@@ -31,7 +31,7 @@ from gateway.sandbox.tokens import Credential
 from tests.fleet_helpers import GatewayProcess, RedisServer
 from tests.gateway_helpers import wait_until
 from tests.sandbox_helpers import faults, stats
-from tests.test_profiles import BOOKING, HEADER, profiles_env
+from tests.test_profiles import BOOKING, HEADER, profile_vars, profiles_env
 
 CATEGORY = "integration"
 
@@ -46,6 +46,19 @@ class Paced:
     ok: int = 0
     failed: list[tuple[str, int, str]] = field(default_factory=list)
     crossed: list[tuple[str, str]] = field(default_factory=list)  # (profile, partner seen)
+
+
+async def start_fleet(sb: Sandbox, redis: RedisServer, env: dict[str, str],
+                      replicas: int) -> list[GatewayProcess]:
+    """``replicas`` gateway processes on one Redis, two workers each, the GET cache shared
+    through Redis; logins refused are retried every 30 s (a refused profile stays refused)."""
+    env = {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_WORKERS": "2",
+           "GATEWAY_CACHE_ROUTES": "GET /bookings/*=60s", "GATEWAY_CACHE_SHARED": "true",
+           "GATEWAY_LOGIN_RETRY_INTERVAL": "30s", **env}
+    gateways = [GatewayProcess(sb, env) for _ in range(replicas)]
+    for gw in gateways:
+        await gw.start()
+    return gateways
 
 
 async def paced_load(http: aiohttp.ClientSession, gateways: list[GatewayProcess],
@@ -115,13 +128,8 @@ async def test_three_profiles_three_replicas_two_workers_one_redis(
     config = SandboxConfig(access_ttl=ACCESS_TTL, refresh_ttl=120, single_token=True,
                            more_partners=(numbered_partner(2), numbered_partner(3)))
     async with Sandbox(config) as sb:
-        env = profiles_env(sb, ("eu", "au", "nz"), REPAIRY_PROFILE_NZ_APP_SECRET="refused",
-                           GATEWAY_REDIS_URL=redis_server.url, GATEWAY_WORKERS="2",
-                           GATEWAY_CACHE_ROUTES="GET /bookings/*=60s",
-                           GATEWAY_CACHE_SHARED="true", GATEWAY_LOGIN_RETRY_INTERVAL="30s")
-        gateways = [GatewayProcess(sb, env) for _ in range(3)]
-        for gw in gateways:
-            await gw.start()
+        env = profiles_env(sb, ("eu", "au", "nz"), REPAIRY_PROFILE_NZ_APP_SECRET="refused")
+        gateways = await start_fleet(sb, redis_server, env, 3)
         try:
             for gw in gateways:
                 await gw.ready(http, within=30)
@@ -217,16 +225,9 @@ async def test_profiles_of_one_partner_and_a_required_refusal_over_processes(
     config = SandboxConfig(more_partners=(numbered_partner(2), ALT))
     async with Sandbox(config) as sb:
         env = profiles_env(sb, ("eu", "nz"), REPAIRY_PROFILE_NZ_APP_SECRET="refused",
-                           REPAIRY_PROFILE_NZ_REQUIRED="true",
-                           GATEWAY_PROFILES="eu,nz,alt", REPAIRY_PROFILE_ALT_APP_KEY=ALT.app_key,
-                           REPAIRY_PROFILE_ALT_APP_SECRET=ALT.app_secret,
-                           REPAIRY_PROFILE_ALT_PARTNER_ID=ALT.partner_id,
-                           GATEWAY_REDIS_URL=redis_server.url, GATEWAY_WORKERS="2",
-                           GATEWAY_CACHE_ROUTES="GET /bookings/*=60s",
-                           GATEWAY_CACHE_SHARED="true", GATEWAY_LOGIN_RETRY_INTERVAL="30s")
-        gateways = [GatewayProcess(sb, env) for _ in range(2)]
-        for gw in gateways:
-            await gw.start()
+                           REPAIRY_PROFILE_NZ_REQUIRED="true", GATEWAY_PROFILES="eu,nz,alt",
+                           **profile_vars("alt", ALT))
+        gateways = await start_fleet(sb, redis_server, env, 2)
         try:
             readyz = [await ready_but(http, gw, "nz") for gw in gateways]
             ids: dict[str, str] = {}

@@ -31,8 +31,7 @@ def admit(ctx: ProxyContext, request: web.BaseRequest, outcome: Outcome) -> bool
     outcome.path = decoded
     requested = request.headers.get(ctx.lanes.header) or None  # empty: none
     if requested is not None or access.keys:  # else the default lane, set already
-        lane = outcome.lane = ctx.lanes.choose(requested, outcome.client, bool(access.keys))
-        outcome.metrics = lane.metrics
+        outcome.lane = ctx.lanes.choose(requested, outcome.client, bool(access.keys))
     lane = outcome.lane
     if not ctx.lanes.single:  # this request's log lines (and tasks it starts) name it
         CREDENTIAL.set(lane.name)

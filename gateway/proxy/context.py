@@ -24,7 +24,6 @@ from gateway.proxy.lanes import Lanes
 from gateway.proxy.limits import ClientLimits
 from gateway.token.route_401 import Persistent401
 from gateway.token.source import TokenSource
-from gateway.token.traffic import Tally
 from gateway.tracing import Tracing
 
 
@@ -59,11 +58,6 @@ class ProxyContext:
     @property
     def route_401(self) -> Persistent401:
         return self.lanes.default.route_401
-
-    @property
-    def tally(self) -> Tally:
-        """Upstream answers passed back, and the 401/403 among them (the probe reads it)."""
-        return self.lanes.default.tally
 
 
 class InFlight:

@@ -81,9 +81,7 @@ class Proxy:
         rid = request_id_of(request.headers)
         started = time.monotonic()
         method = request.method
-        default = ctx.lanes.default
-        outcome = Outcome(lane=default, metrics=default.metrics, method=method,
-                          request_id=rid, started=started,
+        outcome = Outcome(lane=ctx.lanes.default, method=method, request_id=rid, started=started,
                           peer=(request.remote or "unix") if method in MUTATING else "")
         ctx.metrics.inflight_count += 1
         try:

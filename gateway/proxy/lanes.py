@@ -42,17 +42,17 @@ class Lane:
     rate: TokenBucket | None = None
     #: Upstream answers passed back, and the 401/403 among them (this profile's probe).
     tally: Tally = field(default_factory=Tally)
+    #: What this profile adds to the Idempotency-Key scope and the cache keys: nothing for
+    #: ``default`` (the keys of releases before profiles), ``|profile:<name>`` otherwise.
+    scope: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scope = "" if self.name == DEFAULT_PROFILE else f"|profile:{self.name}"
 
     def upstream_failed(self, error: GatewayError) -> None:
         """An attempt failed upstream (the retries' ``on_failure``): counted as this lane's."""
         if isinstance(error, UpstreamError):
             self.metrics.upstream_error(error.kind)
-
-    @property
-    def scope(self) -> str:
-        """What this profile adds to the Idempotency-Key scope and the cache keys: nothing for
-        ``default`` (the keys of releases before profiles), ``|profile:<name>`` otherwise."""
-        return "" if self.name == DEFAULT_PROFILE else f"|profile:{self.name}"
 
 
 class Lanes:

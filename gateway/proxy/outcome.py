@@ -16,7 +16,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.logs import access_sink, fast_iso_ms
-from gateway.metrics_credential import CredentialMetrics
 from gateway.proxy.access import ANONYMOUS
 from gateway.proxy.body import BodyReader
 from gateway.proxy.cache import CacheRule
@@ -32,6 +31,9 @@ log = logging.getLogger("gateway.proxy")
 class Outcome:
     """What happened to one request, for its log line and metrics."""
 
+    #: The request's credential profile (the default until admission chose): its upstream
+    #: answers are counted in its metrics.
+    lane: Lane
     route: str = "other"
     client: str = ANONYMOUS
     status: int | None = None
@@ -55,9 +57,6 @@ class Outcome:
     sent_partner: str = ""
     cache_leader: bool = False  # leads the single flight for cache_key (to land)
     source: str = "upstream"
-    #: The request's credential profile (the default until admission chose), and its metrics.
-    lane: Lane = None  # type: ignore[assignment]  # always given: Outcome(lane=...)
-    metrics: CredentialMetrics | None = None
     method: str = "GET"
     idempotency: str | None = None  # new, replayed, or the refusal's code
     # -- for the audit trail (:mod:`gateway.proxy.audit`) --
@@ -74,9 +73,8 @@ class Outcome:
         if resp.status >= 500 and self.attempts is not None and settle_status(
                 resp.status) == "unknown":
             self.attempts.maybe_acted = True
-        if self.metrics is not None:
-            self.metrics.upstream_response(method_label(self.method), self.route, resp.status,
-                                           seconds)
+        self.lane.metrics.upstream_response(method_label(self.method), self.route,
+                                            resp.status, seconds)
 
 
 def log_request(request: web.BaseRequest, rid: str, outcome: Outcome, started: float,

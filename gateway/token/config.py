@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -207,6 +208,16 @@ class CredentialProfile:
     @property
     def is_default(self) -> bool:
         return self.name == DEFAULT_PROFILE
+
+    def own_variables(self, text: str) -> str:
+        """``text`` (advice naming the ``REPAIRY_*`` variables) with this profile's own
+        ``REPAIRY_PROFILE_<NAME>_*`` instead; its base URL may be the default's."""
+        if self.is_default:
+            return text
+        own = f"REPAIRY_PROFILE_{self.name.upper()}_"
+        text = re.sub(r"REPAIRY_(APP_KEY|APP_SECRET|PARTNER_ID|AUTH_)", own + r"\1", text)
+        return text.replace("REPAIRY_BASE_URL",
+                            f"{own}BASE_URL (or REPAIRY_BASE_URL, if it has none)")
 
 
 def owner_key(upstream: str, app_key_fp: str, partner_id: str) -> str:
